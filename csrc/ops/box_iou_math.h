@@ -1,0 +1,203 @@
+#pragma once
+// The IoU family for one pair of (x1, y1, x2, y2) boxes, shared by the CPU and CUDA kernels so both backends evaluate
+// the same expression in the same order. T is the accumulation type (float for float16/bfloat16/float32 inputs,
+// double for float64).
+//
+// The formulas follow torchvision.ops exactly, including its conventions at the edges, because fastdet promises the
+// same numbers:
+//   * areas are (x2 - x1) * (y2 - y1) without clamping, so a degenerate box has a negative or zero area;
+//   * intersection and enclosure sides are clamped at zero; IoU = inter / union may be NaN when union == 0;
+//   * DIoU and CIoU add eps only to the squared enclosure diagonal; CIoU treats alpha as a constant under autograd.
+// The backward mirrors what torch's autograd does for those expressions: clamp(min=0) passes the gradient where the
+// input is >= 0, and a tie in an elementwise min/max splits the gradient evenly between both arguments.
+#include <c10/macros/Macros.h>
+
+namespace fastdet {
+namespace iou {
+
+enum Variant : int64_t { kIoU = 0, kGIoU = 1, kDIoU = 2, kCIoU = 3 };
+
+template <typename T>
+struct Box {
+  T x1, y1, x2, y2;
+};
+
+template <typename T>
+C10_HOST_DEVICE inline T clamp_min_zero(T v) {
+  return v < T(0) ? T(0) : v;  // NaN stays NaN, as in torch.clamp
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T maximum(T a, T b) {
+  return a > b ? a : b;
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T minimum(T a, T b) {
+  return a < b ? a : b;
+}
+
+// 4/pi^2, the CIoU aspect-ratio constant.
+template <typename T>
+C10_HOST_DEVICE inline T ciou_k() {
+  return T(0.40528473456935108578);
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T pair_forward(const Box<T>& a, const Box<T>& b, int64_t variant, T eps) {
+  const T area_a = (a.x2 - a.x1) * (a.y2 - a.y1);
+  const T area_b = (b.x2 - b.x1) * (b.y2 - b.y1);
+  const T iw = clamp_min_zero(minimum(a.x2, b.x2) - maximum(a.x1, b.x1));
+  const T ih = clamp_min_zero(minimum(a.y2, b.y2) - maximum(a.y1, b.y1));
+  const T inter = iw * ih;
+  const T uni = area_a + area_b - inter;
+  const T iou = inter / uni;
+  if (variant == kIoU) {
+    return iou;
+  }
+  const T cw = clamp_min_zero(maximum(a.x2, b.x2) - minimum(a.x1, b.x1));
+  const T ch = clamp_min_zero(maximum(a.y2, b.y2) - minimum(a.y1, b.y1));
+  if (variant == kGIoU) {
+    const T enclosure = cw * ch;
+    return iou - (enclosure - uni) / enclosure;
+  }
+  const T diag = cw * cw + ch * ch + eps;
+  const T dx = (a.x1 + a.x2) / T(2) - (b.x1 + b.x2) / T(2);
+  const T dy = (a.y1 + a.y2) / T(2) - (b.y1 + b.y2) / T(2);
+  const T diou = iou - (dx * dx + dy * dy) / diag;
+  if (variant == kDIoU) {
+    return diou;
+  }
+  const T dtheta = ::atan((a.x2 - a.x1) / (a.y2 - a.y1)) - ::atan((b.x2 - b.x1) / (b.y2 - b.y1));
+  const T v = ciou_k<T>() * dtheta * dtheta;
+  const T alpha = v / (T(1) - iou + v + eps);
+  return diou - alpha * v;
+}
+
+// Gradient of g * pair_forward(a, b) with respect to both boxes (written into ga and gb, order x1, y1, x2, y2).
+template <typename T>
+C10_HOST_DEVICE inline void pair_backward(const Box<T>& a, const Box<T>& b, int64_t variant, T eps, T g, T ga[4],
+                                          T gb[4]) {
+  const T wa = a.x2 - a.x1, ha = a.y2 - a.y1;
+  const T wb = b.x2 - b.x1, hb = b.y2 - b.y1;
+  const T area_a = wa * ha, area_b = wb * hb;
+  const T iw_raw = minimum(a.x2, b.x2) - maximum(a.x1, b.x1);
+  const T ih_raw = minimum(a.y2, b.y2) - maximum(a.y1, b.y1);
+  const T iw = clamp_min_zero(iw_raw), ih = clamp_min_zero(ih_raw);
+  const T inter = iw * ih;
+  const T uni = area_a + area_b - inter;
+  const T iou = inter / uni;
+
+  // Gradients with respect to the intermediate quantities.
+  const T g_iou = g;
+  T g_inter = g_iou / uni;
+  T g_union = -g_iou * inter / (uni * uni);
+  T g_cw = T(0), g_ch = T(0);           // enclosure sides (after clamping)
+  T g_dx = T(0), g_dy = T(0);           // centre offsets (a minus b)
+  T g_wa = T(0), g_ha = T(0), g_wb = T(0), g_hb = T(0);  // box sides, besides their use in the areas
+
+  T cw = T(0), ch = T(0), cw_raw = T(0), ch_raw = T(0);
+  if (variant != kIoU) {
+    cw_raw = maximum(a.x2, b.x2) - minimum(a.x1, b.x1);
+    ch_raw = maximum(a.y2, b.y2) - minimum(a.y1, b.y1);
+    cw = clamp_min_zero(cw_raw);
+    ch = clamp_min_zero(ch_raw);
+  }
+  if (variant == kGIoU) {
+    // giou = iou - (C - U) / C
+    const T enclosure = cw * ch;
+    const T g_enclosure = -g * uni / (enclosure * enclosure);
+    g_union += g / enclosure;
+    g_cw += g_enclosure * ch;
+    g_ch += g_enclosure * cw;
+  } else if (variant == kDIoU || variant == kCIoU) {
+    // diou = iou - rho2 / D, D = cw^2 + ch^2 + eps, rho2 = dx^2 + dy^2
+    const T diag = cw * cw + ch * ch + eps;
+    const T dx = (a.x1 + a.x2) / T(2) - (b.x1 + b.x2) / T(2);
+    const T dy = (a.y1 + a.y2) / T(2) - (b.y1 + b.y2) / T(2);
+    const T rho2 = dx * dx + dy * dy;
+    const T g_rho2 = -g / diag;
+    const T g_diag = g * rho2 / (diag * diag);
+    g_cw += g_diag * T(2) * cw;
+    g_ch += g_diag * T(2) * ch;
+    g_dx += g_rho2 * T(2) * dx;
+    g_dy += g_rho2 * T(2) * dy;
+    if (variant == kCIoU) {
+      // ciou = diou - alpha * v with alpha held constant; v = k * (atan(wa/ha) - atan(wb/hb))^2
+      const T ra = wa / ha, rb = wb / hb;
+      const T dtheta = ::atan(ra) - ::atan(rb);
+      const T v = ciou_k<T>() * dtheta * dtheta;
+      const T alpha = v / (T(1) - iou + v + eps);
+      const T g_v = -g * alpha;
+      const T g_dtheta = g_v * ciou_k<T>() * T(2) * dtheta;
+      const T g_ra = g_dtheta / (T(1) + ra * ra);
+      const T g_rb = -g_dtheta / (T(1) + rb * rb);
+      g_wa += g_ra / ha;
+      g_ha += -g_ra * wa / (ha * ha);
+      g_wb += g_rb / hb;
+      g_hb += -g_rb * wb / (hb * hb);
+    }
+  }
+
+  // union = area_a + area_b - inter
+  g_inter -= g_union;
+  g_wa += g_union * ha;
+  g_ha += g_union * wa;
+  g_wb += g_union * hb;
+  g_hb += g_union * wb;
+
+  // inter = iw * ih, each clamped at zero (gradient passes where the raw value is >= 0)
+  const T g_iw = iw_raw >= T(0) ? g_inter * ih : T(0);
+  const T g_ih = ih_raw >= T(0) ? g_inter * iw : T(0);
+
+  for (int k = 0; k < 4; ++k) {
+    ga[k] = T(0);
+    gb[k] = T(0);
+  }
+  // Elementwise min/max: the gradient goes to the chosen argument, split evenly on a tie.
+  auto route = [](T va, T vb, bool pick_larger, T grad, T& to_a, T& to_b) {
+    if (va == vb) {
+      to_a += grad / T(2);
+      to_b += grad / T(2);
+    } else if ((va > vb) == pick_larger) {
+      to_a += grad;
+    } else {
+      to_b += grad;
+    }
+  };
+  // iw = min(a.x2, b.x2) - max(a.x1, b.x1)
+  route(a.x2, b.x2, false, g_iw, ga[2], gb[2]);
+  route(a.x1, b.x1, true, -g_iw, ga[0], gb[0]);
+  route(a.y2, b.y2, false, g_ih, ga[3], gb[3]);
+  route(a.y1, b.y1, true, -g_ih, ga[1], gb[1]);
+  if (variant != kIoU) {
+    const T g_cw_raw = cw_raw >= T(0) ? g_cw : T(0);
+    const T g_ch_raw = ch_raw >= T(0) ? g_ch : T(0);
+    // cw = max(a.x2, b.x2) - min(a.x1, b.x1)
+    route(a.x2, b.x2, true, g_cw_raw, ga[2], gb[2]);
+    route(a.x1, b.x1, false, -g_cw_raw, ga[0], gb[0]);
+    route(a.y2, b.y2, true, g_ch_raw, ga[3], gb[3]);
+    route(a.y1, b.y1, false, -g_ch_raw, ga[1], gb[1]);
+  }
+  // dx = (a.x1 + a.x2) / 2 - (b.x1 + b.x2) / 2
+  ga[0] += g_dx / T(2);
+  ga[2] += g_dx / T(2);
+  gb[0] -= g_dx / T(2);
+  gb[2] -= g_dx / T(2);
+  ga[1] += g_dy / T(2);
+  ga[3] += g_dy / T(2);
+  gb[1] -= g_dy / T(2);
+  gb[3] -= g_dy / T(2);
+  // widths and heights
+  ga[2] += g_wa;
+  ga[0] -= g_wa;
+  ga[3] += g_ha;
+  ga[1] -= g_ha;
+  gb[2] += g_wb;
+  gb[0] -= g_wb;
+  gb[3] += g_hb;
+  gb[1] -= g_hb;
+}
+
+}  // namespace iou
+}  // namespace fastdet

@@ -1,0 +1,191 @@
+"""Box utilities and the pairwise IoU family.
+
+All boxes are ``(x1, y1, x2, y2)`` unless a ``fmt`` argument says otherwise, with ``x1 <= x2`` and ``y1 <= y2`` for
+well-formed boxes. Degenerate boxes (``x2 < x1``) are accepted and follow torchvision's arithmetic: their area is
+negative, intersections are clamped at zero.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastdet.ops._registry import native, register_autograd, register_fake
+
+__all__ = [
+    "box_area",
+    "box_convert",
+    "box_iou",
+    "clip_boxes_to_image",
+    "complete_box_iou",
+    "distance_box_iou",
+    "generalized_box_iou",
+    "remove_small_boxes",
+]
+
+_IOU, _GIOU, _DIOU, _CIOU = 0, 1, 2, 3
+_AXIS_ALIGNED_FORMATS = ("xyxy", "xywh", "cxcywh")
+
+
+def _check_box_tensor(boxes: Tensor, name: str, min_dim: int = 1) -> None:
+    if not isinstance(boxes, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(boxes).__name__}")
+    if not boxes.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {boxes.dtype}")
+    if boxes.dim() < min_dim or boxes.shape[-1] != 4:
+        raise ValueError(f"{name} must have shape [..., 4], got {tuple(boxes.shape)}")
+
+
+def _check_format(fmt: str, name: str) -> None:
+    if fmt not in _AXIS_ALIGNED_FORMATS:
+        raise ValueError(f"{name} must be one of {_AXIS_ALIGNED_FORMATS}, got {fmt!r}")
+
+
+def box_convert(boxes: Tensor, in_fmt: str, out_fmt: str) -> Tensor:
+    """Convert ``boxes (Tensor[..., 4])`` between ``'xyxy'``, ``'xywh'`` (corner, size) and ``'cxcywh'`` (centre,
+    size). Returns a new tensor (a copy when the formats are equal), as torchvision does. Rotated formats are not
+    supported."""
+    _check_box_tensor(boxes, "boxes")
+    _check_format(in_fmt, "in_fmt")
+    _check_format(out_fmt, "out_fmt")
+    if in_fmt == out_fmt:
+        return boxes.clone()
+    a, b, c, d = boxes.unbind(-1)
+    if in_fmt == "xywh":
+        a, b, c, d = a, b, a + c, b + d
+    elif in_fmt == "cxcywh":
+        a, b, c, d = a - 0.5 * c, b - 0.5 * d, a + 0.5 * c, b + 0.5 * d
+    # now xyxy
+    if out_fmt == "xywh":
+        a, b, c, d = a, b, c - a, d - b
+    elif out_fmt == "cxcywh":
+        a, b, c, d = (a + c) / 2, (b + d) / 2, c - a, d - b
+    return torch.stack((a, b, c, d), dim=-1)
+
+
+def box_area(boxes: Tensor, fmt: str = "xyxy") -> Tensor:
+    """Area of ``boxes (Tensor[..., 4])`` -> ``Tensor[...]``. float16/bfloat16 boxes give float32 areas (as
+    torchvision), so large boxes do not overflow."""
+    _check_box_tensor(boxes, "boxes")
+    _check_format(fmt, "fmt")
+    if boxes.dtype not in (torch.float32, torch.float64):
+        boxes = boxes.float()
+    if fmt == "xyxy":
+        return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+    return boxes[..., 2] * boxes[..., 3]
+
+
+def clip_boxes_to_image(boxes: Tensor, size: tuple[int, int]) -> Tensor:
+    """Clip ``boxes (Tensor[..., 4])`` (xyxy) to an image of ``size = (height, width)``. NaN coordinates stay NaN."""
+    _check_box_tensor(boxes, "boxes")
+    if len(size) != 2:
+        raise ValueError(f"size must be (height, width), got {size!r}")
+    height, width = size
+    if height < 0 or width < 0:
+        raise ValueError(f"size must be non-negative (height, width), got {size!r}")
+    upper = boxes.new_tensor([width, height, width, height])
+    return torch.minimum(boxes.clamp(min=0), upper)
+
+
+def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
+    """Indices (``Tensor[K]`` int64) of the boxes ``(Tensor[N, 4])`` whose width and height are both >= ``min_size``.
+    Boxes with NaN sides are removed."""
+    _check_box_tensor(boxes, "boxes")
+    ws = boxes[..., 2] - boxes[..., 0]
+    hs = boxes[..., 3] - boxes[..., 1]
+    return torch.where((ws >= min_size) & (hs >= min_size))[0]
+
+
+def _to_xyxy(boxes: Tensor, fmt: str) -> Tensor:
+    return boxes if fmt == "xyxy" else box_convert(boxes, fmt, "xyxy")
+
+
+def _pairwise(boxes1: Tensor, boxes2: Tensor, variant: int, eps: float) -> Tensor:
+    """Run the native pairwise kernel on ``[..., N, 4] x [..., M, 4]``; leading dims broadcast like torchvision's."""
+    _check_box_tensor(boxes1, "boxes1", min_dim=2)
+    _check_box_tensor(boxes2, "boxes2", min_dim=2)
+    if boxes1.device != boxes2.device:
+        raise ValueError(f"boxes1 and boxes2 must be on the same device, got {boxes1.device} and {boxes2.device}")
+    if boxes1.dtype != boxes2.dtype:
+        # torchvision promotes; do the same rather than fail on e.g. float32 vs float64
+        dtype = torch.promote_types(boxes1.dtype, boxes2.dtype)
+        boxes1, boxes2 = boxes1.to(dtype), boxes2.to(dtype)
+    op = native("pairwise_box_iou")
+    if boxes1.dim() == 2 and boxes2.dim() == 2:
+        return op(boxes1, boxes2, variant, eps)
+    lead1, lead2 = boxes1.shape[:-2], boxes2.shape[:-2]
+    try:
+        lead = torch.broadcast_shapes(lead1, lead2)
+    except RuntimeError:
+        raise ValueError(
+            f"leading (batch) dimensions of boxes1 {tuple(lead1)} and boxes2 {tuple(lead2)} do not broadcast"
+        ) from None
+    n, m = boxes1.shape[-2], boxes2.shape[-2]
+    b1 = boxes1.expand(*lead, n, 4).reshape(-1, n, 4)
+    b2 = boxes2.expand(*lead, m, 4).reshape(-1, m, 4)
+    return op(b1, b2, variant, eps).reshape(*lead, n, m)
+
+
+def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy") -> Tensor:
+    """Pairwise intersection-over-union.
+
+    Args:
+        boxes1 (Tensor[..., N, 4]): first set of boxes.
+        boxes2 (Tensor[..., M, 4]): second set of boxes; leading dims broadcast against boxes1's, and a batch
+            ``[B, N, 4] x [B, M, 4]`` runs in one kernel launch.
+        fmt (str): ``'xyxy'`` (default), ``'xywh'`` or ``'cxcywh'``.
+
+    Returns:
+        Tensor[..., N, M]: float32 for float16/bfloat16/float32 inputs (computed in float32, as torchvision does),
+        float64 for float64. IoU is NaN where the union is 0 (two zero-area boxes), as in torchvision.
+        Differentiable with respect to both inputs.
+    """
+    _check_format(fmt, "fmt")
+    return _pairwise(_to_xyxy(boxes1, fmt), _to_xyxy(boxes2, fmt), _IOU, 0.0)
+
+
+def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """Pairwise generalised IoU: ``IoU - (C - U) / C`` with ``C`` the area of the smallest enclosing box.
+    Shapes and dtypes as :func:`box_iou`; boxes are xyxy."""
+    return _pairwise(boxes1, boxes2, _GIOU, 0.0)
+
+
+def distance_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tensor:
+    """Pairwise distance IoU: ``IoU - d^2 / (c^2 + eps)`` with ``d`` the distance between centres and ``c`` the
+    diagonal of the enclosing box. Shapes and dtypes as :func:`box_iou`; boxes are xyxy."""
+    return _pairwise(boxes1, boxes2, _DIOU, float(eps))
+
+
+def complete_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tensor:
+    """Pairwise complete IoU: DIoU minus ``alpha * v``, the aspect-ratio term, with ``alpha`` treated as a constant
+    in the backward pass (as torchvision and the CIoU paper do). Shapes and dtypes as :func:`box_iou`."""
+    return _pairwise(boxes1, boxes2, _CIOU, float(eps))
+
+
+# Fake kernel: output shape [.., N, M] and dtype are known from the inputs, so torch.compile can trace through.
+@register_fake("pairwise_box_iou")
+def _pairwise_box_iou_fake(boxes1, boxes2, variant, eps):
+    torch._check(boxes1.dim() == boxes2.dim() and boxes1.dim() in (2, 3))
+    dtype = torch.float64 if boxes1.dtype == torch.float64 else torch.float32
+    return boxes1.new_empty((*boxes1.shape[:-1], boxes2.shape[-2]), dtype=dtype)
+
+
+@register_fake("_pairwise_box_iou_backward")
+def _pairwise_box_iou_backward_fake(grad, boxes1, boxes2, variant, eps):
+    return torch.empty_like(boxes1), torch.empty_like(boxes2)
+
+
+def _pairwise_setup_context(ctx, inputs, output):
+    boxes1, boxes2, variant, eps = inputs
+    ctx.save_for_backward(boxes1, boxes2)
+    ctx.variant, ctx.eps = variant, eps
+
+
+def _pairwise_backward(ctx, grad):
+    boxes1, boxes2 = ctx.saved_tensors
+    g1, g2 = torch.ops.fastdet._pairwise_box_iou_backward(grad, boxes1, boxes2, ctx.variant, ctx.eps)
+    return g1, g2, None, None
+
+
+# Autograd through a registered backward op, so compiled graphs and export see the backward as one op too.
+register_autograd("pairwise_box_iou", _pairwise_backward, _pairwise_setup_context)
