@@ -10,8 +10,10 @@ from fastdet.ops.boxes import (
     generalized_box_iou,
     remove_small_boxes,
 )
+from fastdet.ops.nms import batched_nms, multiclass_nms, nms, nms_fixed
 
 __all__ = [
+    "batched_nms",
     "box_area",
     "box_convert",
     "box_iou",
@@ -19,5 +21,8 @@ __all__ = [
     "complete_box_iou",
     "distance_box_iou",
     "generalized_box_iou",
+    "multiclass_nms",
+    "nms",
+    "nms_fixed",
     "remove_small_boxes",
 ]

@@ -1,0 +1,216 @@
+"""Non-maximum suppression: torchvision-compatible ``nms`` / ``batched_nms`` and the fixed-size, synchronisation-free
+``nms_fixed`` / ``multiclass_nms`` for compiled graphs, CUDA graphs and export.
+
+Semantics shared by every function here (and by :mod:`fastdet.ops.reference`):
+
+* Boxes are ``(x1, y1, x2, y2)``. Candidates are visited by decreasing score; tied scores are visited by increasing
+  index (a stable sort), so the result is the same on CPU and GPU. NaN scores sort first, as ``torch.sort`` puts
+  them (``multiclass_nms`` drops them instead, since they fail the score threshold).
+* A visited candidate is kept unless a kept candidate of the same category overlaps it with IoU > ``iou_threshold``
+  (strictly greater, compared exactly against the float64 threshold, as torchvision's CPU kernel does).
+* IoU is computed in float32 for float16/bfloat16/float32 boxes and in float64 for float64 boxes. A pair with NaN
+  IoU (NaN coordinates, or two zero-area boxes) never suppresses; degenerate boxes (x2 < x1) follow the same
+  arithmetic as torchvision (negative area, intersection clamped at zero).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastdet.ops._registry import native, register_fake
+
+__all__ = ["batched_nms", "multiclass_nms", "nms", "nms_fixed"]
+
+
+def _check_tensor(t, name: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_threshold(value, name: str) -> float:
+    value = float(value)
+    if not value >= 0.0:  # also rejects NaN
+        raise ValueError(f"{name} must be a non-negative number, got {value}")
+    return value
+
+
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """Greedy non-maximum suppression, a drop-in for ``torchvision.ops.nms``.
+
+    Args:
+        boxes (Tensor[N, 4]): ``(x1, y1, x2, y2)`` boxes, float16/bfloat16/float32/float64.
+        scores (Tensor[N]): a score per box.
+        iou_threshold (float): boxes overlapping a kept, higher-scoring box with IoU > iou_threshold are discarded.
+
+    Returns:
+        Tensor[K] int64: indices of the kept boxes, by decreasing score (ties: increasing index).
+
+    The number of kept boxes depends on the data, so on CUDA this synchronises once to size the output;
+    :func:`nms_fixed` never does. The suppression itself runs on the device.
+    """
+    _check_tensor(boxes, "boxes")
+    _check_tensor(scores, "scores")
+    return native("nms")(boxes, scores, _check_threshold(iou_threshold, "iou_threshold"))
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """NMS within each category, a drop-in for ``torchvision.ops.batched_nms``.
+
+    Args:
+        boxes (Tensor[N, 4]): ``(x1, y1, x2, y2)`` boxes.
+        scores (Tensor[N]): a score per box.
+        idxs (Tensor[N]): integer category of each box; boxes of different categories never suppress each other.
+        iou_threshold (float): IoU above which a lower-scoring box of the same category is discarded.
+
+    Returns:
+        Tensor[K] int64: kept indices by decreasing score (ties: increasing index).
+
+    Unlike torchvision, categories are separated inside the kernel rather than by offsetting coordinates (which loses
+    precision in float16 and for large coordinates), and there is no Python loop over categories. Memory on CUDA grows
+    with the sum over categories of (boxes in the category)^2 / 8 bytes.
+    """
+    _check_tensor(boxes, "boxes")
+    _check_tensor(scores, "scores")
+    _check_tensor(idxs, "idxs")
+    return native("batched_nms")(boxes, scores, idxs, _check_threshold(iou_threshold, "iou_threshold"))
+
+
+def nms_fixed(
+    boxes: Tensor, scores: Tensor, idxs: Tensor | None, iou_threshold: float, max_output: int
+) -> tuple[Tensor, Tensor]:
+    """Fixed-size NMS with no device-to-host synchronisation (for ``torch.compile``, CUDA graphs and export).
+
+    Args:
+        boxes (Tensor[N, 4] or Tensor[B, N, 4]): ``(x1, y1, x2, y2)`` boxes; a leading B runs B images at once.
+        scores (Tensor[N] or Tensor[B, N]): a score per box.
+        idxs (Tensor[N] or Tensor[B, N], optional): integer categories (as :func:`batched_nms`); None = one category.
+        iou_threshold (float): as :func:`nms`.
+        max_output (int): length of the output.
+
+    Returns:
+        keep (Tensor[max_output] or Tensor[B, max_output] int64): the first ``max_output`` indices that
+        :func:`batched_nms` would return, padded with -1.
+        num_kept (Tensor[] or Tensor[B] int64): how many entries of ``keep`` are real.
+
+    On CUDA this uses a dense N x N bit mask (N^2 / 8 bytes per image), so pre-select candidates (top-k) first when N
+    is large.
+    """
+    _check_tensor(boxes, "boxes")
+    _check_tensor(scores, "scores")
+    if idxs is not None:
+        _check_tensor(idxs, "idxs")
+    if isinstance(max_output, bool) or not isinstance(max_output, int) or max_output < 0:
+        raise ValueError(f"max_output must be a non-negative int, got {max_output!r}")
+    return native("nms_fixed")(boxes, scores, idxs, _check_threshold(iou_threshold, "iou_threshold"), max_output)
+
+
+def multiclass_nms(
+    boxes: Tensor,
+    scores: Tensor,
+    score_threshold: float,
+    iou_threshold: float,
+    max_detections: int,
+    pre_nms_top_k: int,
+    class_agnostic: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Batched multi-class detection post-processing with fixed-size outputs and no host synchronisation (the design of
+    TensorRT's EfficientNMS).
+
+    Args:
+        boxes (Tensor[B, N, 4] or Tensor[B, N, C, 4]): ``(x1, y1, x2, y2)`` boxes, shared by all classes or per class.
+        scores (Tensor[B, N, C]): per-class scores (already activated, e.g. sigmoid or softmax).
+        score_threshold (float): candidates need score > score_threshold (NaN scores never pass).
+        iou_threshold (float): as :func:`nms`.
+        max_detections (int): K, the number of output slots per image.
+        pre_nms_top_k (int): only the best ``pre_nms_top_k`` candidates of each image (over all classes) enter NMS.
+        class_agnostic (bool): if True, boxes of different classes suppress each other.
+
+    Returns:
+        boxes (Tensor[B, K, 4]), scores (Tensor[B, K]), labels (Tensor[B, K] int64), num_detections (Tensor[B] int64).
+        Slots past ``num_detections`` hold boxes 0, scores 0 and labels -1.
+
+    Candidates of an image are the (box, class) pairs ordered by decreasing score, ties by the flat index
+    ``box * C + class``; NMS keeps the same survivors :func:`batched_nms` would, in that order.
+    """
+    _check_tensor(boxes, "boxes")
+    _check_tensor(scores, "scores")
+    if scores.dim() != 3:
+        raise ValueError(f"scores must have shape [B, N, C], got {tuple(scores.shape)}")
+    if not scores.is_floating_point():
+        raise TypeError(f"scores must be a floating-point tensor, got {scores.dtype}")
+    B, N, C = scores.shape
+    per_class = boxes.dim() == 4
+    expected = (B, N, C, 4) if per_class else (B, N, 4)
+    if tuple(boxes.shape) != expected:
+        raise ValueError(
+            f"boxes must have shape [B, N, 4] or [B, N, C, 4] matching scores {tuple(scores.shape)}, "
+            f"got {tuple(boxes.shape)}"
+        )
+    if not boxes.is_floating_point():
+        raise TypeError(f"boxes must be a floating-point tensor, got {boxes.dtype}")
+    if boxes.device != scores.device:
+        raise ValueError(f"boxes and scores must be on the same device, got {boxes.device} and {scores.device}")
+    for name, value in (("max_detections", max_detections), ("pre_nms_top_k", pre_nms_top_k)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    score_threshold = float(score_threshold)
+    if score_threshold != score_threshold:
+        raise ValueError("score_threshold must not be NaN")
+    iou_threshold = _check_threshold(iou_threshold, "iou_threshold")
+
+    # Pre-selection: the best pre_nms_top_k (box, class) candidates per image. Failing candidates are pushed to the
+    # end with -inf; a stable sort keeps ties in flat-index order.
+    flat_scores = scores.reshape(B, N * C)
+    passing = flat_scores > score_threshold
+    ranked = torch.where(passing, flat_scores, torch.full_like(flat_scores, float("-inf")))
+    top = min(pre_nms_top_k, N * C)
+    order = torch.sort(ranked, dim=1, descending=True, stable=True).indices[:, :top]
+    cand_scores = ranked.gather(1, order)
+    cand_passing = passing.gather(1, order)
+    if per_class:
+        cand_boxes = boxes.reshape(B, N * C, 4).gather(1, order.unsqueeze(-1).expand(-1, -1, 4))
+    else:
+        cand_boxes = boxes.gather(1, (order // max(C, 1)).unsqueeze(-1).expand(-1, -1, 4))
+    cand_labels = order % C if C > 0 else order
+    categories = None if class_agnostic else cand_labels
+
+    keep, _ = nms_fixed(cand_boxes, cand_scores, categories, iou_threshold, max_detections)
+    # Failing candidates come after every passing one, so the passing survivors are a prefix of keep.
+    valid = keep >= 0
+    safe = keep.clamp(min=0)
+    valid = valid & cand_passing.gather(1, safe)
+    num_detections = valid.sum(dim=1)
+    det_boxes = torch.where(valid.unsqueeze(-1), cand_boxes.gather(1, safe.unsqueeze(-1).expand(-1, -1, 4)), 0)
+    det_scores = torch.where(valid, scores.reshape(B, N * C).gather(1, order).gather(1, safe), 0)
+    det_labels = torch.where(valid, cand_labels.gather(1, safe), -1)
+    return det_boxes.to(boxes.dtype), det_scores.to(scores.dtype), det_labels, num_detections
+
+
+# Fake kernels. nms / batched_nms return a data-dependent number of indices: an unbacked symint bounded by N.
+@register_fake("nms")
+def _nms_fake(boxes, scores, iou_threshold):
+    torch._check(boxes.dim() == 2 and boxes.shape[-1] == 4)
+    k = torch.library.get_ctx().new_dynamic_size(max=boxes.shape[0])
+    return boxes.new_empty((k,), dtype=torch.int64)
+
+
+@register_fake("batched_nms")
+def _batched_nms_fake(boxes, scores, idxs, iou_threshold):
+    torch._check(boxes.dim() == 2 and boxes.shape[-1] == 4)
+    k = torch.library.get_ctx().new_dynamic_size(max=boxes.shape[0])
+    return boxes.new_empty((k,), dtype=torch.int64)
+
+
+@register_fake("nms_fixed")
+def _nms_fixed_fake(boxes, scores, idxs, iou_threshold, max_output):
+    lead = boxes.shape[:-2]
+    return (
+        boxes.new_empty((*lead, max_output), dtype=torch.int64),
+        boxes.new_empty(tuple(lead), dtype=torch.int64),
+    )
+
+
+@register_fake("_nms_keep_flags")
+def _nms_keep_flags_fake(boxes, categories, iou_threshold, sync_free):
+    return boxes.new_empty(boxes.shape[:-1], dtype=torch.bool)
