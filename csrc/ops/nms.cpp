@@ -53,6 +53,32 @@ void check_keep_flags_args(const at::Tensor& boxes, const std::optional<at::Tens
   }
 }
 
+at::Tensor find_segments(const std::optional<at::Tensor>& categories, int64_t B, int64_t N) {
+  std::vector<int64_t> seg;
+  if (!categories.has_value()) {
+    for (int64_t b = 0; b < B; ++b) {
+      seg.insert(seg.end(), {b, 0, N});
+    }
+  } else {
+    auto cats = categories->contiguous();
+    const int64_t* c = cats.const_data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t* row = c + b * N;
+      int64_t start = 0;
+      for (int64_t i = 1; i <= N; ++i) {
+        if (i == N || row[i] != row[start]) {
+          TORCH_CHECK(i == N || row[i] > row[start], "categories must be sorted within each image");
+          seg.insert(seg.end(), {b, start, i});
+          start = i;
+        }
+      }
+    }
+  }
+  auto out = at::empty({static_cast<int64_t>(seg.size() / 3), 3}, at::kLong);
+  std::copy(seg.begin(), seg.end(), out.mutable_data_ptr<int64_t>());
+  return out;
+}
+
 ScoreOrderedFlags nms_keep_flags_by_score(const at::Tensor& boxes, const at::Tensor& scores,
                                           const std::optional<at::Tensor>& categories, double iou_threshold,
                                           bool sync_free) {

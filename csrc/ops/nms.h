@@ -24,6 +24,10 @@ ScoreOrderedFlags nms_keep_flags_by_score(const at::Tensor& boxes, const at::Ten
 void check_keep_flags_args(const at::Tensor& boxes, const std::optional<at::Tensor>& categories,
                            double iou_threshold);
 
+// Segments of equal category as a CPU int64 tensor [S, 3] of (image, begin, end), in visit order; one segment per
+// image when categories is nullopt. categories must be on the CPU here.
+at::Tensor find_segments(const std::optional<at::Tensor>& categories, int64_t B, int64_t N);
+
 at::Tensor nms_impl(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold);
 at::Tensor batched_nms_impl(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& idxs,
                             double iou_threshold);

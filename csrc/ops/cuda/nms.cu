@@ -1,0 +1,264 @@
+// CUDA keep-flag kernel of the NMS family.
+//
+// Two kernels, after the classic bit-mask design but with the sequential part kept on the device:
+//   1. nms_mask_kernel: for every candidate row r of a segment and every block of 64 later candidates, a 64-bit word
+//      whose bit k says "r suppresses candidate 64 * block + k". One CUDA block computes one 64 x 64 tile.
+//   2. nms_scan_kernel: one CUDA block per segment walks the rows in visit order. Rows are resolved 64 at a time by a
+//      single thread using the tile's diagonal words (in shared memory); the kept rows' words are then OR-ed into the
+//      segment's "removed" bitmap by all threads, one word each. No mask ever travels to the host.
+// A segment is a run of candidates of one category within one image. With sync_free=false and categories present,
+// the segment table is built on the host (one device-to-host copy of the categories, allowed because the output of
+// nms / batched_nms is data-sized anyway), so memory is the sum over categories of n^2 / 8 bytes. With sync_free=true,
+// each image is one dense segment whose mask tests categories inside the kernel: N^2 / 8 bytes per image, no copies.
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "ops/nms.h"
+#include "ops/nms_math.h"
+
+namespace fastdet {
+namespace {
+
+constexpr int kBlockBits = 64;
+constexpr int kScanThreads = 256;
+constexpr int64_t kMaxBlocks = 1 << 20;
+
+// Rows (or columns) of a 64-wide block that exist in a segment of `count` candidates.
+__device__ __forceinline__ int block_extent(int64_t count, int64_t block) {
+  const int64_t left = count - block * kBlockBits;
+  return static_cast<int>(left < kBlockBits ? left : kBlockBits);
+}
+
+// Segment table columns (int64 each) for the category-segmented layout.
+enum SegmentField { kImage = 0, kBegin, kCount, kWords, kMaskOffset, kRemovedOffset, kTileOffset, kFields };
+
+struct Segment {
+  int64_t flat_begin;      // position of the segment's first candidate in the flattened [B * N] arrays
+  int64_t count;           // candidates in the segment
+  int64_t words;           // 64-bit words per mask row = ceil(count / 64)
+  int64_t mask_offset;     // first word of the segment's mask
+  int64_t removed_offset;  // first word of the segment's removed bitmap
+  int64_t tile_offset;     // first tile (64 x 64 block pair) of the segment
+};
+
+// Either a table of segments or, when table == nullptr, one dense segment per image of n_dense candidates.
+struct SegmentSource {
+  const int64_t* table;
+  int64_t num_segments;
+  int64_t n_dense;
+
+  __device__ Segment get(int64_t s) const {
+    if (table == nullptr) {
+      const int64_t words = (n_dense + kBlockBits - 1) / kBlockBits;
+      return {s * n_dense, n_dense, words, s * n_dense * words, s * words, s * words * words};
+    }
+    const int64_t* row = table + s * kFields;
+    return {row[kImage] * n_dense + row[kBegin], row[kCount], row[kWords], row[kMaskOffset], row[kRemovedOffset],
+            row[kTileOffset]};
+  }
+
+  // The segment owning a tile: direct for the dense layout, binary search over tile offsets otherwise.
+  __device__ int64_t segment_of_tile(int64_t tile) const {
+    if (table == nullptr) {
+      const int64_t words = (n_dense + kBlockBits - 1) / kBlockBits;
+      return tile / (words * words);
+    }
+    int64_t lo = 0, hi = num_segments - 1;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi + 1) / 2;
+      if (table[mid * kFields + kTileOffset] <= tile) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    return lo;
+  }
+};
+
+template <typename T>
+__global__ void nms_mask_kernel(const T* __restrict__ boxes, const T* __restrict__ area,
+                                const int64_t* __restrict__ categories, SegmentSource segments, int64_t total_tiles,
+                                T threshold, uint64_t* __restrict__ mask) {
+  __shared__ T col_box[kBlockBits][5];
+  __shared__ int64_t col_category[kBlockBits];
+  for (int64_t tile = blockIdx.x; tile < total_tiles; tile += gridDim.x) {
+    const Segment seg = segments.get(segments.segment_of_tile(tile));
+    const int64_t local = tile - seg.tile_offset;
+    const int64_t row_block = local / seg.words;
+    const int64_t col_block = local % seg.words;
+    if (col_block < row_block) {
+      continue;  // below the diagonal: never read by the scan (uniform across the block)
+    }
+    const int rows = block_extent(seg.count, row_block);
+    const int cols = block_extent(seg.count, col_block);
+    __syncthreads();  // the previous tile's readers are done with the shared arrays
+    if (threadIdx.x < cols) {
+      const int64_t j = seg.flat_begin + col_block * kBlockBits + threadIdx.x;
+      col_box[threadIdx.x][0] = boxes[4 * j + 0];
+      col_box[threadIdx.x][1] = boxes[4 * j + 1];
+      col_box[threadIdx.x][2] = boxes[4 * j + 2];
+      col_box[threadIdx.x][3] = boxes[4 * j + 3];
+      col_box[threadIdx.x][4] = area[j];
+      col_category[threadIdx.x] = categories != nullptr ? categories[j] : 0;
+    }
+    __syncthreads();
+    if (threadIdx.x < rows) {
+      const int64_t local_row = row_block * kBlockBits + threadIdx.x;
+      const int64_t i = seg.flat_begin + local_row;
+      const T x1 = boxes[4 * i + 0], y1 = boxes[4 * i + 1], x2 = boxes[4 * i + 2], y2 = boxes[4 * i + 3];
+      const T a = area[i];
+      const int64_t category = categories != nullptr ? categories[i] : 0;
+      uint64_t bits = 0;
+      const int first = row_block == col_block ? threadIdx.x + 1 : 0;  // only later candidates can be suppressed
+      for (int k = first; k < cols; ++k) {
+        if (col_category[k] == category &&
+            nms::iou_above<T>(x1, y1, x2, y2, a, col_box[k][0], col_box[k][1], col_box[k][2], col_box[k][3],
+                              col_box[k][4], threshold)) {
+          bits |= 1ULL << k;
+        }
+      }
+      mask[seg.mask_offset + local_row * seg.words + col_block] = bits;
+    }
+  }
+}
+
+__global__ void nms_scan_kernel(const uint64_t* __restrict__ mask, SegmentSource segments,
+                                uint64_t* __restrict__ removed_all, bool* __restrict__ keep) {
+  __shared__ uint64_t diagonal[kBlockBits];
+  __shared__ uint64_t kept_in_block;
+  for (int64_t s = blockIdx.x; s < segments.num_segments; s += gridDim.x) {
+    const Segment seg = segments.get(s);
+    const uint64_t* m = mask + seg.mask_offset;
+    uint64_t* removed = removed_all + seg.removed_offset;
+    for (int64_t block = 0; block < seg.words; ++block) {
+      const int rows = block_extent(seg.count, block);
+      if (threadIdx.x < rows) {
+        diagonal[threadIdx.x] = m[(block * kBlockBits + threadIdx.x) * seg.words + block];
+      }
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        // The sequential heart of greedy NMS, 64 candidates at a time, entirely in registers and shared memory.
+        uint64_t gone = removed[block];
+        uint64_t kept = 0;
+        for (int k = 0; k < rows; ++k) {
+          if (!((gone >> k) & 1ULL)) {
+            kept |= 1ULL << k;
+            gone |= diagonal[k];
+          }
+        }
+        kept_in_block = kept;
+      }
+      __syncthreads();
+      const uint64_t kept = kept_in_block;
+      if (threadIdx.x < rows) {
+        keep[seg.flat_begin + block * kBlockBits + threadIdx.x] = (kept >> threadIdx.x) & 1ULL;
+      }
+      // Each thread owns whole words of the removed bitmap, so there are no write conflicts.
+      for (int64_t word = block + 1 + threadIdx.x; word < seg.words; word += blockDim.x) {
+        uint64_t acc = removed[word];
+        uint64_t pending = kept;
+        while (pending) {
+          const int k = __ffsll(static_cast<long long>(pending)) - 1;
+          pending &= pending - 1;
+          acc |= m[(block * kBlockBits + k) * seg.words + word];
+        }
+        removed[word] = acc;
+      }
+      __syncthreads();  // removed[block + 1] and the shared arrays are read in the next round
+    }
+  }
+}
+
+at::Tensor nms_keep_flags_cuda(const at::Tensor& boxes, const std::optional<at::Tensor>& categories,
+                               double iou_threshold, bool sync_free) {
+  check_keep_flags_args(boxes, categories, iou_threshold);
+  c10::cuda::CUDAGuard device_guard(boxes.device());
+  const int64_t B = boxes.size(0), N = boxes.size(1);
+  auto keep = at::zeros({B, N}, boxes.options().dtype(at::kBool));
+  if (B == 0 || N == 0) {
+    return keep;
+  }
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto acc = boxes.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto coords = boxes.to(acc).contiguous();
+  // Areas come from separate elementwise kernels (no fused multiply-add), so they are bitwise equal to the CPU's.
+  auto area = coords.select(2, 2).sub(coords.select(2, 0)).mul(coords.select(2, 3).sub(coords.select(2, 1))).contiguous();
+
+  SegmentSource source{nullptr, B, N};
+  at::Tensor table;  // keeps the device copy of the segment table alive
+  const int64_t* category_ptr = nullptr;
+  at::Tensor categories_contig;
+  int64_t total_tiles, total_words, total_removed;
+  if (categories.has_value() && !sync_free) {
+    // One device-to-host copy of the categories to size each category's own mask.
+    auto segments = find_segments(categories->cpu(), B, N);
+    const int64_t S = segments.size(0);
+    auto host = at::empty({S, kFields}, segments.options());
+    const int64_t* seg = segments.const_data_ptr<int64_t>();
+    int64_t* row = host.mutable_data_ptr<int64_t>();
+    total_tiles = total_words = total_removed = 0;
+    for (int64_t s = 0; s < S; ++s, row += kFields) {
+      const int64_t count = seg[3 * s + 2] - seg[3 * s + 1];
+      const int64_t words = (count + kBlockBits - 1) / kBlockBits;
+      row[kImage] = seg[3 * s];
+      row[kBegin] = seg[3 * s + 1];
+      row[kCount] = count;
+      row[kWords] = words;
+      row[kMaskOffset] = total_words;
+      row[kRemovedOffset] = total_removed;
+      row[kTileOffset] = total_tiles;
+      total_words += count * words;
+      total_removed += words;
+      total_tiles += words * words;
+    }
+    table = host.to(boxes.device());
+    source = SegmentSource{table.const_data_ptr<int64_t>(), S, N};
+  } else {
+    if (categories.has_value()) {
+      categories_contig = categories->contiguous();
+      category_ptr = categories_contig.const_data_ptr<int64_t>();
+    }
+    const int64_t words = (N + kBlockBits - 1) / kBlockBits;
+    total_tiles = B * words * words;
+    total_words = B * N * words;
+    total_removed = B * words;
+  }
+
+  auto mask = at::empty({total_words}, boxes.options().dtype(at::kLong));
+  auto removed = at::zeros({total_removed}, boxes.options().dtype(at::kLong));
+  auto* mask_ptr = reinterpret_cast<uint64_t*>(mask.mutable_data_ptr<int64_t>());
+  auto* removed_ptr = reinterpret_cast<uint64_t*>(removed.mutable_data_ptr<int64_t>());
+
+  AT_DISPATCH_FLOATING_TYPES(acc, "nms_keep_flags_cuda", [&] {
+    const scalar_t threshold = acc == at::kDouble ? static_cast<scalar_t>(iou_threshold)
+                                                  : static_cast<scalar_t>(nms::threshold_as_float(iou_threshold));
+    const auto grid = static_cast<unsigned int>(std::min<int64_t>(total_tiles, kMaxBlocks));
+    nms_mask_kernel<scalar_t><<<grid, kBlockBits, 0, stream>>>(coords.const_data_ptr<scalar_t>(),
+                                                               area.const_data_ptr<scalar_t>(), category_ptr, source,
+                                                               total_tiles, threshold, mask_ptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  const auto scan_grid = static_cast<unsigned int>(std::min<int64_t>(source.num_segments, kMaxBlocks));
+  nms_scan_kernel<<<scan_grid, kScanThreads, 0, stream>>>(mask_ptr, source, removed_ptr,
+                                                          keep.mutable_data_ptr<bool>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return keep;
+}
+
+}  // namespace
+}  // namespace fastdet
+
+TORCH_LIBRARY_IMPL(fastdet, CUDA, m) {
+  m.impl("_nms_keep_flags", &fastdet::nms_keep_flags_cuda);
+}
