@@ -1,0 +1,3 @@
+from fastdet.cli import main
+
+raise SystemExit(main())
