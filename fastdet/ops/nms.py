@@ -35,6 +35,23 @@ def _check_threshold(value, name: str) -> float:
     return value
 
 
+def _strictly_above(values: Tensor, threshold: float) -> Tensor:
+    """``values > threshold`` decided exactly, as if both were float64.
+
+    ``tensor > python_float`` rounds the threshold to the tensor's dtype first (0.3 becomes 0.30005 in float16), which
+    can flip decisions. float16/bfloat16 values are widened to float32 (exactly), and the threshold is replaced by the
+    largest float32 not above it: for a float32 x, ``x > t`` then matches the exact comparison.
+    """
+    if values.dtype == torch.float64:
+        return values > threshold
+    values = values.float()
+    t = torch.tensor(threshold, dtype=torch.float64)
+    t32 = t.float()
+    if t32.double() > t:
+        t32 = torch.nextafter(t32, torch.tensor(float("-inf")))
+    return values > float(t32)  # exactly representable in float32, so no further rounding
+
+
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """Greedy non-maximum suppression, a drop-in for ``torchvision.ops.nms``.
 
@@ -162,7 +179,7 @@ def multiclass_nms(
     # Pre-selection: the best pre_nms_top_k (box, class) candidates per image. Failing candidates are pushed to the
     # end with -inf; a stable sort keeps ties in flat-index order.
     flat_scores = scores.reshape(B, N * C)
-    passing = flat_scores > score_threshold
+    passing = _strictly_above(flat_scores, score_threshold)
     ranked = torch.where(passing, flat_scores, torch.full_like(flat_scores, float("-inf")))
     top = min(pre_nms_top_k, N * C)
     order = torch.sort(ranked, dim=1, descending=True, stable=True).indices[:, :top]
