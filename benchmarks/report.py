@@ -187,8 +187,8 @@ def build_sections(data: dict, note: str | None = None) -> dict[str, str]:
 
 
 def gpu_placeholder() -> str:
-    return ("## GPU\n\nNot measured yet: no benchmark run on a GPU has been recorded. Run `bash benchmarks/run_gpu.sh` on "
-            "a machine with a CUDA GPU and merge its RESULTS.md section here.\n")
+    return ("## GPU\n\nNot measured yet: no benchmark run on a GPU has been recorded. `bash benchmarks/run_gpu.sh` on a "
+            "machine with a CUDA GPU writes this file with its GPU section added; copy that file over this one.\n")
 
 
 def merge(existing: str, new_sections: dict[str, str]) -> str:
