@@ -8,8 +8,10 @@
 //   * areas are (x2 - x1) * (y2 - y1) without clamping, so a degenerate box has a negative or zero area;
 //   * intersection and enclosure sides are clamped at zero; IoU = inter / union may be NaN when union == 0;
 //   * DIoU and CIoU add eps only to the squared enclosure diagonal; CIoU treats alpha as a constant under autograd.
-// The backward mirrors what torch's autograd does for those expressions: clamp(min=0) passes the gradient where the
-// input is >= 0, and a tie in an elementwise min/max splits the gradient evenly between both arguments.
+// The backward mirrors what torch's autograd (torch 2.14, the pinned version) does for those expressions:
+// clamp(min=0) with a scalar bound passes the gradient only where the input is > 0 (an input exactly at the bound,
+// e.g. two boxes touching along an edge, gets none), and a tie in an elementwise min/max splits the gradient evenly
+// between both arguments.
 #include <c10/macros/Macros.h>
 
 namespace fastdet {
@@ -69,7 +71,7 @@ C10_HOST_DEVICE inline T pair_forward(const Box<T>& a, const Box<T>& b, int64_t 
     return diou;
   }
   const T dtheta = ::atan((a.x2 - a.x1) / (a.y2 - a.y1)) - ::atan((b.x2 - b.x1) / (b.y2 - b.y1));
-  const T v = ciou_k<T>() * dtheta * dtheta;
+  const T v = ciou_k<T>() * (dtheta * dtheta);  // k * dtheta^2, rounded in the same order as torchvision
   const T alpha = v / (T(1) - iou + v + eps);
   return diou - alpha * v;
 }
@@ -126,7 +128,7 @@ C10_HOST_DEVICE inline void pair_backward(const Box<T>& a, const Box<T>& b, int6
       // ciou = diou - alpha * v with alpha held constant; v = k * (atan(wa/ha) - atan(wb/hb))^2
       const T ra = wa / ha, rb = wb / hb;
       const T dtheta = ::atan(ra) - ::atan(rb);
-      const T v = ciou_k<T>() * dtheta * dtheta;
+      const T v = ciou_k<T>() * (dtheta * dtheta);
       const T alpha = v / (T(1) - iou + v + eps);
       const T g_v = -g * alpha;
       const T g_dtheta = g_v * ciou_k<T>() * T(2) * dtheta;
@@ -146,9 +148,9 @@ C10_HOST_DEVICE inline void pair_backward(const Box<T>& a, const Box<T>& b, int6
   g_wb += g_union * hb;
   g_hb += g_union * wb;
 
-  // inter = iw * ih, each clamped at zero (gradient passes where the raw value is >= 0)
-  const T g_iw = iw_raw >= T(0) ? g_inter * ih : T(0);
-  const T g_ih = ih_raw >= T(0) ? g_inter * iw : T(0);
+  // inter = iw * ih, each clamped at zero (gradient passes where the raw value is > 0, see the header comment)
+  const T g_iw = iw_raw > T(0) ? g_inter * ih : T(0);
+  const T g_ih = ih_raw > T(0) ? g_inter * iw : T(0);
 
   for (int k = 0; k < 4; ++k) {
     ga[k] = T(0);
@@ -171,8 +173,8 @@ C10_HOST_DEVICE inline void pair_backward(const Box<T>& a, const Box<T>& b, int6
   route(a.y2, b.y2, false, g_ih, ga[3], gb[3]);
   route(a.y1, b.y1, true, -g_ih, ga[1], gb[1]);
   if (variant != kIoU) {
-    const T g_cw_raw = cw_raw >= T(0) ? g_cw : T(0);
-    const T g_ch_raw = ch_raw >= T(0) ? g_ch : T(0);
+    const T g_cw_raw = cw_raw > T(0) ? g_cw : T(0);
+    const T g_ch_raw = ch_raw > T(0) ? g_ch : T(0);
     // cw = max(a.x2, b.x2) - min(a.x1, b.x1)
     route(a.x2, b.x2, true, g_cw_raw, ga[2], gb[2]);
     route(a.x1, b.x1, false, -g_cw_raw, ga[0], gb[0]);

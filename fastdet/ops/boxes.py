@@ -7,6 +7,8 @@ negative, intersections are clamped at zero.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -83,8 +85,15 @@ def clip_boxes_to_image(boxes: Tensor, size: tuple[int, int]) -> Tensor:
     height, width = size
     if height < 0 or width < 0:
         raise ValueError(f"size must be non-negative (height, width), got {size!r}")
-    upper = boxes.new_tensor([width, height, width, height])
-    return torch.minimum(boxes.clamp(min=0), upper)
+    # Scalar-bound clamps, one per coordinate: an elementwise minimum against a bounds tensor would split the
+    # gradient half-and-half for a coordinate lying exactly on the border (common for already-clipped boxes), where
+    # torchvision's scalar clamp gives a definite value.
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    return torch.stack(
+        (x1.clamp(min=0, max=width), y1.clamp(min=0, max=height), x2.clamp(min=0, max=width),
+         y2.clamp(min=0, max=height)),
+        dim=-1,
+    )
 
 
 def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
@@ -97,7 +106,13 @@ def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
 
 
 def _to_xyxy(boxes: Tensor, fmt: str) -> Tensor:
-    return boxes if fmt == "xyxy" else box_convert(boxes, fmt, "xyxy")
+    if fmt == "xyxy":
+        return boxes
+    if boxes.dtype in (torch.float16, torch.bfloat16):
+        # The kernel computes in float32; converting first would round x + w to the low-precision dtype (at x = 1000
+        # a float16 box of width 0.3 would get width 0.5).
+        boxes = boxes.float()
+    return box_convert(boxes, fmt, "xyxy")
 
 
 def _pairwise(boxes1: Tensor, boxes2: Tensor, variant: int, eps: float) -> Tensor:
@@ -121,8 +136,9 @@ def _pairwise(boxes1: Tensor, boxes2: Tensor, variant: int, eps: float) -> Tenso
             f"leading (batch) dimensions of boxes1 {tuple(lead1)} and boxes2 {tuple(lead2)} do not broadcast"
         ) from None
     n, m = boxes1.shape[-2], boxes2.shape[-2]
-    b1 = boxes1.expand(*lead, n, 4).reshape(-1, n, 4)
-    b2 = boxes2.expand(*lead, m, 4).reshape(-1, m, 4)
+    batch = math.prod(lead)  # not reshape(-1, ...): with N or M == 0 the -1 would be ambiguous and raise
+    b1 = boxes1.expand(*lead, n, 4).reshape(batch, n, 4)
+    b2 = boxes2.expand(*lead, m, 4).reshape(batch, m, 4)
     return op(b1, b2, variant, eps).reshape(*lead, n, m)
 
 
@@ -136,11 +152,20 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy") -> Tensor:
         fmt (str): ``'xyxy'`` (default), ``'xywh'`` or ``'cxcywh'``.
 
     Returns:
-        Tensor[..., N, M]: float32 for float16/bfloat16/float32 inputs (computed in float32, as torchvision does),
+        Tensor[..., N, M]: float32 for float16/bfloat16/float32 inputs (computed in float32; see below),
         float64 for float64. IoU is NaN where the union is 0 (two zero-area boxes), as in torchvision.
         Differentiable with respect to both inputs.
+
+    Differences from torchvision: float16/bfloat16 boxes are converted to float32 before anything else, where
+    torchvision forms ``x + w`` and the corner differences in the low-precision dtype. For ``'xywh'``/``'cxcywh'``
+    the area is recomputed from the converted corners, ``((x + w) - x) * ((y + h) - y)``, where torchvision
+    multiplies ``w * h``; in float32/float64 the two can differ by the rounding of ``x + w`` (up to half an ulp of
+    ``x + w``, relative to ``w``).
     """
     _check_format(fmt, "fmt")
+    # checked here, before the format conversion, so that errors name boxes1/boxes2 rather than box_convert's "boxes"
+    _check_box_tensor(boxes1, "boxes1", min_dim=2)
+    _check_box_tensor(boxes2, "boxes2", min_dim=2)
     return _pairwise(_to_xyxy(boxes1, fmt), _to_xyxy(boxes2, fmt), _IOU, 0.0)
 
 

@@ -1,0 +1,80 @@
+"""Shared test set-up: device parametrisation, CUDA skipping, fresh random seeds, and a hard stop on a broken build."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+import fastdet
+from fastdet import _extension
+
+NO_CUDA_REASON = "no CUDA device available"
+NO_CUDA_KERNELS_REASON = (
+    "a CUDA device is present but fastdet._C was built without CUDA kernels (FASTDET_CUDA=0 or no nvcc at build time)"
+)
+
+
+def cpu_and_cuda():
+    """The device list every device-parametrised test uses. CUDA cases are always collected and then skipped, with a
+    reason, by :func:`pytest_collection_modifyitems` where they cannot run; they are never dropped from the list."""
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.fixture(params=cpu_and_cuda())
+def device(request) -> str:
+    """Any test that takes ``device`` runs once per entry of :func:`cpu_and_cuda`."""
+    return request.param
+
+
+@pytest.fixture
+def seed() -> int:
+    """A fresh seed for every test, so each run draws new inputs. Put it in assertion messages; set
+    FASTDET_TEST_SEED=<seed> to replay a failure."""
+    fixed = os.environ.get("FASTDET_TEST_SEED")
+    return int(fixed) if fixed else random.SystemRandom().randrange(2**31)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    # Every failure of a seeded test names its seed, whichever assertion tripped.
+    report = yield
+    if report.failed and "seed" in getattr(item, "funcargs", {}):
+        seed = item.funcargs["seed"]
+        report.sections.append(("random seed", f"seed={seed}; replay with FASTDET_TEST_SEED={seed}"))
+    return report
+
+
+def pytest_sessionstart(session):
+    # The tests compare fastdet's native kernels with the reference. If the extension did not load, every native test
+    # would fail one by one (or worse, someone would add a skip); a broken build must instead stop the run loudly.
+    if not fastdet.extension_available:
+        pytest.exit(
+            f"fastdet's native extension is not usable, so the test suite cannot run: {_extension.LOAD_ERROR} "
+            f"{_extension.REBUILD_HINT}",
+            returncode=pytest.ExitCode.INTERNAL_ERROR,
+        )
+
+
+def pytest_report_header(config):
+    return [
+        f"fastdet: {os.path.dirname(fastdet.__file__)} (extension loaded: {fastdet.extension_available}, "
+        f"CUDA kernels: {_extension.WITH_CUDA})",
+        f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}",
+    ]
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        reason = NO_CUDA_REASON
+    elif not _extension.WITH_CUDA:
+        reason = NO_CUDA_KERNELS_REASON
+    else:
+        reason = None
+    if reason is not None:
+        skip_cuda = pytest.mark.skip(reason=reason)
+        for item in items:
+            if item.get_closest_marker("cuda") is not None:
+                item.add_marker(skip_cuda)
