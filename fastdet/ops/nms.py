@@ -15,6 +15,7 @@ Semantics shared by every function here (and by :mod:`fastdet.ops.reference`):
 
 from __future__ import annotations
 
+import numpy
 import torch
 from torch import Tensor
 
@@ -26,6 +27,14 @@ __all__ = ["batched_nms", "multiclass_nms", "nms", "nms_fixed"]
 def _check_tensor(t, name: str) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_same_device(**tensors: Tensor | None) -> None:
+    named = [(name, t) for name, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{first_name} and {name} must be on the same device, got {first.device} and {t.device}")
 
 
 def _check_threshold(value, name: str) -> float:
@@ -44,11 +53,11 @@ def _strictly_above(values: Tensor, threshold: float) -> Tensor:
     """
     if values.dtype == torch.float64:
         return values > threshold
+    # Plain Python/numpy arithmetic on the threshold keeps this free of tensor-valued branches under torch.compile.
+    t32 = numpy.float32(threshold)
+    if float(t32) > threshold:
+        t32 = numpy.nextafter(t32, numpy.float32(-numpy.inf))
     values = values.float()
-    t = torch.tensor(threshold, dtype=torch.float64)
-    t32 = t.float()
-    if t32.double() > t:
-        t32 = torch.nextafter(t32, torch.tensor(float("-inf")))
     return values > float(t32)  # exactly representable in float32, so no further rounding
 
 
@@ -68,6 +77,7 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """
     _check_tensor(boxes, "boxes")
     _check_tensor(scores, "scores")
+    _check_same_device(boxes=boxes, scores=scores)
     return native("nms")(boxes, scores, _check_threshold(iou_threshold, "iou_threshold"))
 
 
@@ -90,6 +100,7 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     _check_tensor(boxes, "boxes")
     _check_tensor(scores, "scores")
     _check_tensor(idxs, "idxs")
+    _check_same_device(boxes=boxes, scores=scores, idxs=idxs)
     return native("batched_nms")(boxes, scores, idxs, _check_threshold(iou_threshold, "iou_threshold"))
 
 
@@ -119,6 +130,7 @@ def nms_fixed(
         _check_tensor(idxs, "idxs")
     if isinstance(max_output, bool) or not isinstance(max_output, int) or max_output < 0:
         raise ValueError(f"max_output must be a non-negative int, got {max_output!r}")
+    _check_same_device(boxes=boxes, scores=scores, idxs=idxs)
     return native("nms_fixed")(boxes, scores, idxs, _check_threshold(iou_threshold, "iou_threshold"), max_output)
 
 
