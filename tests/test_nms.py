@@ -359,3 +359,16 @@ def test_bad_input_raises_clear_errors(call, message):
     boxes, scores, idxs = _opcheck_samples()
     with pytest.raises((ValueError, TypeError, RuntimeError), match=message):
         call(boxes, scores, idxs)
+
+
+def test_top_k_stable_matches_a_stable_sort_with_ties_at_the_boundary():
+    from fastdet.ops.nms import _top_k_stable
+
+    g = torch.Generator().manual_seed(fresh_seed())
+    for _ in range(50):
+        n = int(torch.randint(1, 300, (1,), generator=g))
+        k = int(torch.randint(0, n + 1, (1,), generator=g))
+        values = (torch.rand(3, n, generator=g) * 4).floor()  # few distinct values: ties everywhere
+        values[0, ::3] = float("-inf")
+        expected = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :k]
+        assert torch.equal(_top_k_stable(values, k), expected), (n, k)

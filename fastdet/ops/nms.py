@@ -61,6 +61,31 @@ def _strictly_above(values: Tensor, threshold: float) -> Tensor:
     return values > float(t32)  # exactly representable in float32, so no further rounding
 
 
+def _top_k_stable(values: Tensor, k: int) -> Tensor:
+    """Indices of the k largest entries of each row of ``values`` ([B, n], no NaN), ordered by value descending and,
+    among equal values, by index ascending: the first k of a stable descending sort, without sorting all n.
+
+    ``torch.topk`` alone does not say which of several equal values at the boundary it picks. So: find each row's
+    k-th largest value v, pick everything above v plus the lowest-index entries equal to v (a top-k over unique
+    integer keys), and stably sort those k by value.
+    """
+    n = values.shape[1]
+    if k == 0:
+        return torch.empty(values.shape[0], 0, dtype=torch.int64, device=values.device)
+    if k >= n:
+        return torch.sort(values, dim=1, descending=True, stable=True).indices
+    kth = values.topk(k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+    # Integer keys ranking every entry above v before every entry equal to v, each group by ascending index; a top-k
+    # over these unique keys picks exactly the entries a stable sort would put first.
+    positions = torch.arange(n, device=values.device).expand_as(values)
+    lowest = torch.iinfo(torch.int64).min
+    keys = torch.where(values > kth, -positions, torch.where(values == kth, -positions - n, lowest))
+    top_keys = keys.topk(k, dim=1).values
+    chosen = torch.where(top_keys > -n, -top_keys, -top_keys - n)
+    by_value = torch.sort(values.gather(1, chosen), dim=1, descending=True, stable=True).indices
+    return chosen.gather(1, by_value)
+
+
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """Greedy non-maximum suppression, a drop-in for ``torchvision.ops.nms``.
 
@@ -189,12 +214,12 @@ def multiclass_nms(
     iou_threshold = _check_threshold(iou_threshold, "iou_threshold")
 
     # Pre-selection: the best pre_nms_top_k (box, class) candidates per image. Failing candidates are pushed to the
-    # end with -inf; a stable sort keeps ties in flat-index order.
+    # end with -inf; ties are broken by flat index.
     flat_scores = scores.reshape(B, N * C)
     passing = _strictly_above(flat_scores, score_threshold)
     ranked = torch.where(passing, flat_scores, torch.full_like(flat_scores, float("-inf")))
     top = min(pre_nms_top_k, N * C)
-    order = torch.sort(ranked, dim=1, descending=True, stable=True).indices[:, :top]
+    order = _top_k_stable(ranked, top)
     cand_scores = ranked.gather(1, order)
     cand_passing = passing.gather(1, order)
     if per_class:

@@ -19,9 +19,9 @@ int64_t grain_for(int64_t inner) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(inner, 1));
 }
 
-template <typename T>
-void pairwise_forward_kernel(const T* b1, const T* b2_planes, T* out, int64_t B, int64_t N, int64_t M,
-                             int64_t variant, T eps) {
+// The variant is a template parameter so the inner loop has no branches left and the compiler can vectorise it.
+template <typename T, int64_t variant>
+void pairwise_forward_kernel(const T* b1, const T* b2_planes, T* out, int64_t B, int64_t N, int64_t M, T eps) {
   at::parallel_for(0, B * N, grain_for(M), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / N;
@@ -85,9 +85,23 @@ at::Tensor pairwise_box_iou_cpu(const at::Tensor& boxes1, const at::Tensor& boxe
   if (out.numel() > 0) {
     auto planes = args.boxes2.transpose(1, 2).contiguous();  // [B, 4, M]
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "pairwise_box_iou_cpu", [&] {
-      pairwise_forward_kernel<scalar_t>(args.boxes1.const_data_ptr<scalar_t>(), planes.const_data_ptr<scalar_t>(),
-                                        out.mutable_data_ptr<scalar_t>(), B, N, M, variant,
-                                        static_cast<scalar_t>(eps));
+      const scalar_t* b1 = args.boxes1.const_data_ptr<scalar_t>();
+      const scalar_t* b2 = planes.const_data_ptr<scalar_t>();
+      scalar_t* o = out.mutable_data_ptr<scalar_t>();
+      const auto e = static_cast<scalar_t>(eps);
+      switch (variant) {
+        case iou::kIoU:
+          pairwise_forward_kernel<scalar_t, iou::kIoU>(b1, b2, o, B, N, M, e);
+          break;
+        case iou::kGIoU:
+          pairwise_forward_kernel<scalar_t, iou::kGIoU>(b1, b2, o, B, N, M, e);
+          break;
+        case iou::kDIoU:
+          pairwise_forward_kernel<scalar_t, iou::kDIoU>(b1, b2, o, B, N, M, e);
+          break;
+        default:
+          pairwise_forward_kernel<scalar_t, iou::kCIoU>(b1, b2, o, B, N, M, e);
+      }
     });
   }
   return args.batched ? out : out.squeeze(0);

@@ -193,7 +193,8 @@ at::Tensor nms_keep_flags_cuda(const at::Tensor& boxes, const std::optional<at::
   const auto acc = boxes.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto coords = boxes.to(acc).contiguous();
   // Areas come from separate elementwise kernels (no fused multiply-add), so they are bitwise equal to the CPU's.
-  auto area = coords.select(2, 2).sub(coords.select(2, 0)).mul(coords.select(2, 3).sub(coords.select(2, 1))).contiguous();
+  auto width = coords.select(2, 2).sub(coords.select(2, 0));
+  auto area = width.mul(coords.select(2, 3).sub(coords.select(2, 1))).contiguous();
 
   SegmentSource source{nullptr, B, N};
   at::Tensor table;  // keeps the device copy of the segment table alive
