@@ -15,6 +15,7 @@ from fastdet.ops.reference.boxes import (
     remove_small_boxes,
 )
 from fastdet.ops.reference.nms import batched_nms, multiclass_nms, nms, nms_fixed
+from fastdet.ops.reference.roi import multi_scale_roi_align, roi_align, roi_pool
 
 __all__ = [
     "batched_nms",
@@ -25,8 +26,11 @@ __all__ = [
     "complete_box_iou",
     "distance_box_iou",
     "generalized_box_iou",
+    "multi_scale_roi_align",
     "multiclass_nms",
     "nms",
     "nms_fixed",
     "remove_small_boxes",
+    "roi_align",
+    "roi_pool",
 ]

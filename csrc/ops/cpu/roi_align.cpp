@@ -1,0 +1,356 @@
+// CPU kernels of roi_align and multi_scale_roi_align (one implementation; a single-level call is a one-level table).
+//
+// Forward: one task per (RoI, block of channels). A task first tabulates the bilinear samples of its RoI separably:
+// for every bin row ph the valid y-samples (row offsets and weights), for every bin column pw the valid x-samples.
+// A sample of bin (ph, pw) is one y entry times one x entry, so the tables cost O(PH * grid_h + PW * grid_w) and are
+// reused by every channel of the block; the channel loop is innermost, which for channels-last features is a
+// contiguous sweep. Per channel the samples are summed in torchvision's order, so float32/float64 results are
+// bitwise torchvision's.
+//
+// Backward: one task per (image, block of channels). A task visits the RoIs of its image in index order and scatters
+// into the gradient planes of its own channels only, so no two threads ever write the same element, no atomics are
+// needed, and every gradient element receives its contributions in one fixed order (RoI, bin, sample, corner) -- the
+// order of torchvision's sequential CPU loop. The result is deterministic for any thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+#include "ops/checks.h"
+#include "ops/roi_align.h"
+#include "ops/roi_align_math.h"
+
+namespace fastdet {
+namespace {
+
+constexpr int64_t kForwardBlock = 32;   // channels per forward task
+constexpr int64_t kBackwardBlock = 16;  // channels per backward task
+
+struct Strides {
+  int64_t n, c, h, w;
+};
+
+Strides strides_of(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+template <typename P>
+struct Level {
+  P* data;
+  int64_t height, width;
+  Strides s;
+  double scale;
+};
+
+template <typename T>
+struct AxisEntry {
+  int64_t off_low, off_high;  // pixel index times the axis stride
+  T l, h;
+};
+
+// Valid samples of every bin along one axis: bin p owns entries [begin[p], begin[p + 1]).
+template <typename T>
+struct AxisTable {
+  std::vector<AxisEntry<T>> entries;
+  std::vector<int64_t> begin;
+
+  void build(T start, T bin, int64_t pooled, int64_t grid, int64_t size, int64_t stride) {
+    entries.clear();
+    begin.assign(pooled + 1, 0);
+    for (int64_t p = 0; p < pooled; ++p) {
+      begin[p] = static_cast<int64_t>(entries.size());
+      int64_t first = 0, last = 0;
+      roi::sample_range(start, bin, p, grid, size, &first, &last);
+      for (int64_t i = first; i < last; ++i) {
+        const auto s = roi::axis_sample(roi::sample_coord(start, bin, p, i, grid), size);
+        if (s.valid) {
+          entries.push_back({s.low * stride, s.high * stride, s.l, s.h});
+        }
+      }
+    }
+    begin[pooled] = static_cast<int64_t>(entries.size());
+  }
+};
+
+// Batch index (and level) of every RoI, checked here so the kernels never index out of bounds. On the CPU the check
+// costs nothing extra, so an invalid index is a clear error.
+std::vector<int64_t> checked_batch_indices(const at::Tensor& rois, int64_t N) {
+  const int64_t K = rois.size(0);
+  std::vector<int64_t> batch(K);
+  AT_DISPATCH_FLOATING_TYPES(rois.scalar_type(), "roi_batch_index", [&] {
+    const auto* r = rois.const_data_ptr<scalar_t>();
+    for (int64_t k = 0; k < K; ++k) {
+      batch[k] = roi::batch_index(r[k * 5], N);
+      TORCH_CHECK(batch[k] >= 0, "rois[", k, ", 0] = ", r[k * 5], " is not a valid batch index for an input of ",
+                  "batch size ", N, " (expected a value in [0, ", N, "))");
+    }
+  });
+  return batch;
+}
+
+std::vector<int64_t> checked_levels(const std::optional<at::Tensor>& levels, int64_t K, int64_t L) {
+  std::vector<int64_t> out(K, 0);
+  if (levels.has_value()) {
+    const auto* lv = levels->const_data_ptr<int64_t>();
+    for (int64_t k = 0; k < K; ++k) {
+      TORCH_CHECK(lv[k] >= 0 && lv[k] < L, "levels[", k, "] = ", lv[k], " is not a valid level (expected [0, ", L,
+                  "))");
+      out[k] = lv[k];
+    }
+  }
+  return out;
+}
+
+template <typename scalar_t>
+void align_forward_kernel(const std::vector<Level<const scalar_t>>& levels, const at::Tensor& rois,
+                          const std::vector<int64_t>& batch, const std::vector<int64_t>& level_of, int64_t C,
+                          int64_t PH, int64_t PW, int64_t sampling_ratio, bool aligned, scalar_t* out,
+                          Strides os) {
+  using T = at::opmath_type<scalar_t>;
+  const T* rois_ptr = rois.const_data_ptr<T>();
+  const int64_t K = rois.size(0);
+  const int64_t blocks = (C + kForwardBlock - 1) / kForwardBlock;
+  at::parallel_for(0, K * blocks, 1, [&](int64_t begin, int64_t end) {
+    AxisTable<T> ytab, xtab;
+    T acc[kForwardBlock];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t k = item / blocks;
+      const int64_t c0 = (item % blocks) * kForwardBlock;
+      const int64_t nc = std::min(kForwardBlock, C - c0);
+      const auto& lv = levels[level_of[k]];
+      const auto g = roi::align_geometry<T>(rois_ptr + k * 5 + 1, static_cast<T>(lv.scale), PH, PW, sampling_ratio,
+                                            aligned);
+      scalar_t* out_k = out + k * os.n + c0 * os.c;
+      if (g.valid) {
+        ytab.build(g.start_h, g.bin_h, PH, g.grid_h, lv.height, lv.s.h);
+        xtab.build(g.start_w, g.bin_w, PW, g.grid_w, lv.width, lv.s.w);
+      }
+      const scalar_t* base = lv.data + batch[k] * lv.s.n + c0 * lv.s.c;
+      const int64_t sc = lv.s.c;
+      for (int64_t ph = 0; ph < PH; ++ph) {
+        for (int64_t pw = 0; pw < PW; ++pw) {
+          for (int64_t c = 0; c < nc; ++c) {
+            acc[c] = T(0);
+          }
+          if (g.valid) {
+            for (int64_t iy = ytab.begin[ph]; iy < ytab.begin[ph + 1]; ++iy) {
+              const auto& ey = ytab.entries[iy];
+              for (int64_t ix = xtab.begin[pw]; ix < xtab.begin[pw + 1]; ++ix) {
+                const auto& ex = xtab.entries[ix];
+                const T w1 = ey.h * ex.h, w2 = ey.h * ex.l, w3 = ey.l * ex.h, w4 = ey.l * ex.l;
+                const int64_t o1 = ey.off_low + ex.off_low, o2 = ey.off_low + ex.off_high;
+                const int64_t o3 = ey.off_high + ex.off_low, o4 = ey.off_high + ex.off_high;
+                const scalar_t* p = base;
+                for (int64_t c = 0; c < nc; ++c, p += sc) {
+                  acc[c] += w1 * static_cast<T>(p[o1]) + w2 * static_cast<T>(p[o2]) + w3 * static_cast<T>(p[o3]) +
+                            w4 * static_cast<T>(p[o4]);
+                }
+              }
+            }
+          }
+          scalar_t* o = out_k + ph * os.h + pw * os.w;
+          for (int64_t c = 0; c < nc; ++c) {
+            o[c * os.c] = static_cast<scalar_t>(acc[c] / g.count);
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void align_backward_kernel(const std::vector<Level<at::opmath_type<scalar_t>>>& grads, const at::Tensor& grad,
+                           const at::Tensor& rois, const std::vector<int64_t>& batch,
+                           const std::vector<int64_t>& level_of, int64_t N, int64_t C, int64_t PH, int64_t PW,
+                           int64_t sampling_ratio, bool aligned) {
+  using T = at::opmath_type<scalar_t>;
+  const T* rois_ptr = rois.const_data_ptr<T>();
+  const scalar_t* grad_ptr = grad.const_data_ptr<scalar_t>();
+  const Strides gs = strides_of(grad);
+  const int64_t K = rois.size(0);
+  // RoIs of each image, in index order (a stable counting sort).
+  std::vector<int64_t> first(N + 1, 0), order(K);
+  for (int64_t k = 0; k < K; ++k) {
+    ++first[batch[k] + 1];
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    first[n + 1] += first[n];
+  }
+  {
+    std::vector<int64_t> fill(first.begin(), first.end() - 1);
+    for (int64_t k = 0; k < K; ++k) {
+      order[fill[batch[k]]++] = k;
+    }
+  }
+  const int64_t blocks = (C + kBackwardBlock - 1) / kBackwardBlock;
+  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+    AxisTable<T> ytab, xtab;
+    T gv[kBackwardBlock];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / blocks;
+      const int64_t c0 = (item % blocks) * kBackwardBlock;
+      const int64_t nc = std::min(kBackwardBlock, C - c0);
+      for (int64_t j = first[n]; j < first[n + 1]; ++j) {
+        const int64_t k = order[j];
+        const auto& lv = grads[level_of[k]];
+        const auto g = roi::align_geometry<T>(rois_ptr + k * 5 + 1, static_cast<T>(lv.scale), PH, PW,
+                                              sampling_ratio, aligned);
+        if (!g.valid) {
+          continue;
+        }
+        ytab.build(g.start_h, g.bin_h, PH, g.grid_h, lv.height, lv.s.h);
+        xtab.build(g.start_w, g.bin_w, PW, g.grid_w, lv.width, lv.s.w);
+        T* base = lv.data + n * lv.s.n + c0 * lv.s.c;
+        const int64_t sc = lv.s.c;
+        for (int64_t ph = 0; ph < PH; ++ph) {
+          for (int64_t pw = 0; pw < PW; ++pw) {
+            const scalar_t* gk = grad_ptr + k * gs.n + c0 * gs.c + ph * gs.h + pw * gs.w;
+            for (int64_t c = 0; c < nc; ++c) {
+              gv[c] = static_cast<T>(gk[c * gs.c]);
+            }
+            for (int64_t iy = ytab.begin[ph]; iy < ytab.begin[ph + 1]; ++iy) {
+              const auto& ey = ytab.entries[iy];
+              for (int64_t ix = xtab.begin[pw]; ix < xtab.begin[pw + 1]; ++ix) {
+                const auto& ex = xtab.entries[ix];
+                const T w1 = ey.h * ex.h, w2 = ey.h * ex.l, w3 = ey.l * ex.h, w4 = ey.l * ex.l;
+                const int64_t o1 = ey.off_low + ex.off_low, o2 = ey.off_low + ex.off_high;
+                const int64_t o3 = ey.off_high + ex.off_low, o4 = ey.off_high + ex.off_high;
+                T* p = base;
+                for (int64_t c = 0; c < nc; ++c, p += sc) {
+                  // (grad * w) / count, torchvision's association
+                  const T gc = gv[c];
+                  const T g1 = gc * w1 / g.count, g2 = gc * w2 / g.count;
+                  const T g3 = gc * w3 / g.count, g4 = gc * w4 / g.count;
+                  p[o1] += g1;
+                  p[o2] += g2;
+                  p[o3] += g3;
+                  p[o4] += g4;
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+at::Tensor align_forward(const std::vector<at::Tensor>& features, const std::vector<double>& scales,
+                         const at::Tensor& rois_in, const std::optional<at::Tensor>& levels, int64_t PH, int64_t PW,
+                         int64_t sampling_ratio, bool aligned) {
+  const at::Tensor& f0 = features[0];
+  const auto rois = prepare_rois(rois_in, f0);
+  const int64_t K = rois.size(0), N = f0.size(0), C = f0.size(1);
+  const auto batch = checked_batch_indices(rois, N);
+  const auto level_of = checked_levels(levels, K, static_cast<int64_t>(features.size()));
+  auto out = at::empty({K, C, PH, PW}, f0.options().memory_format(roi_memory_format(f0)));
+  if (out.numel() == 0) {
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f0.scalar_type(), "roi_align_cpu", [&] {
+    std::vector<Level<const scalar_t>> lv;
+    for (size_t l = 0; l < features.size(); ++l) {
+      const auto& f = features[l];
+      lv.push_back({f.const_data_ptr<scalar_t>(), f.size(2), f.size(3), strides_of(f), scales[l]});
+    }
+    align_forward_kernel<scalar_t>(lv, rois, batch, level_of, C, PH, PW, sampling_ratio, aligned,
+                                   out.mutable_data_ptr<scalar_t>(), strides_of(out));
+  });
+  return out;
+}
+
+std::vector<at::Tensor> align_backward(const at::Tensor& grad, const at::Tensor& rois_in,
+                                       const std::optional<at::Tensor>& levels, const std::vector<double>& scales,
+                                       int64_t PH, int64_t PW, int64_t N, int64_t C,
+                                       const std::vector<int64_t>& heights, const std::vector<int64_t>& widths,
+                                       int64_t sampling_ratio, bool aligned, bool channels_last) {
+  check_floating(grad, "grad");
+  check_roi_grad(grad, rois_in, C, PH, PW);
+  const auto rois = prepare_rois(rois_in, grad.new_empty({0, 0, 0, 0}));
+  const int64_t K = rois.size(0);
+  const int64_t L = static_cast<int64_t>(heights.size());
+  const auto acc = roi_acc_type(grad.scalar_type());
+  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  std::vector<at::Tensor> bufs;
+  for (int64_t l = 0; l < L; ++l) {
+    bufs.push_back(at::zeros({N, C, heights[l], widths[l]}, grad.options().dtype(acc).memory_format(fmt)));
+  }
+  if (K > 0 && C > 0) {
+    const auto batch = checked_batch_indices(rois, N);
+    const auto level_of = checked_levels(levels, K, L);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_backward_cpu", [&] {
+      using T = at::opmath_type<scalar_t>;
+      std::vector<Level<T>> lv;
+      for (int64_t l = 0; l < L; ++l) {
+        lv.push_back({bufs[l].mutable_data_ptr<T>(), heights[l], widths[l], strides_of(bufs[l]), scales[l]});
+      }
+      align_backward_kernel<scalar_t>(lv, grad, rois, batch, level_of, N, C, PH, PW, sampling_ratio, aligned);
+    });
+  }
+  for (auto& b : bufs) {
+    b = b.to(grad.scalar_type());
+  }
+  return bufs;
+}
+
+at::Tensor roi_align_cpu(const at::Tensor& input, const at::Tensor& rois, double spatial_scale, int64_t PH,
+                         int64_t PW, int64_t sampling_ratio, bool aligned) {
+  check_roi_feature(input, "input");
+  check_output_size(PH, PW);
+  check_spatial_scale(spatial_scale, "spatial_scale");
+  return align_forward({input}, {spatial_scale}, rois, std::nullopt, PH, PW, sampling_ratio, aligned);
+}
+
+at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois, double spatial_scale, int64_t PH,
+                                  int64_t PW, int64_t N, int64_t C, int64_t H, int64_t W, int64_t sampling_ratio,
+                                  bool aligned, bool channels_last) {
+  check_output_size(PH, PW);
+  check_spatial_scale(spatial_scale, "spatial_scale");
+  return align_backward(grad, rois, std::nullopt, {spatial_scale}, PH, PW, N, C, {H}, {W}, sampling_ratio, aligned,
+                        channels_last)[0];
+}
+
+at::Tensor multi_scale_roi_align_cpu(at::TensorList features, const at::Tensor& rois, const at::Tensor& levels,
+                                     at::ArrayRef<double> spatial_scales, int64_t PH, int64_t PW,
+                                     int64_t sampling_ratio, bool aligned) {
+  std::vector<at::Tensor> feats(features.begin(), features.end());
+  std::vector<double> scales(spatial_scales.begin(), spatial_scales.end());
+  check_output_size(PH, PW);
+  TORCH_CHECK(!feats.empty(), "features must hold at least one level");
+  check_floating(rois, "rois");
+  const auto lv = check_multi_scale_args(feats, rois, levels, scales);
+  return align_forward(feats, scales, rois, lv, PH, PW, sampling_ratio, aligned);
+}
+
+std::vector<at::Tensor> multi_scale_roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois,
+                                                           const at::Tensor& levels,
+                                                           at::ArrayRef<double> spatial_scales, int64_t PH,
+                                                           int64_t PW, int64_t N, int64_t C,
+                                                           at::IntArrayRef heights, at::IntArrayRef widths,
+                                                           int64_t sampling_ratio, bool aligned, bool channels_last) {
+  const auto L = static_cast<int64_t>(spatial_scales.size());
+  TORCH_CHECK(L >= 1 && L <= roi::kMaxLevels && static_cast<int64_t>(heights.size()) == L &&
+                  static_cast<int64_t>(widths.size()) == L,
+              "spatial_scales, heights and widths must have one entry per level (1 to ", roi::kMaxLevels, ")");
+  TORCH_CHECK(levels.scalar_type() == at::kLong && levels.dim() == 1 && levels.size(0) == rois.size(0),
+              "levels must be an int64 tensor of shape [K]");
+  check_output_size(PH, PW);
+  return align_backward(grad, rois, levels.contiguous(), std::vector<double>(spatial_scales.begin(), spatial_scales.end()),
+                        PH, PW, N, C, heights.vec(), widths.vec(), sampling_ratio, aligned, channels_last);
+}
+
+}  // namespace
+}  // namespace fastdet
+
+TORCH_LIBRARY_IMPL(fastdet, CPU, m) {
+  m.impl("roi_align", &fastdet::roi_align_cpu);
+  m.impl("_roi_align_backward", &fastdet::roi_align_backward_cpu);
+  m.impl("multi_scale_roi_align", &fastdet::multi_scale_roi_align_cpu);
+  m.impl("_multi_scale_roi_align_backward", &fastdet::multi_scale_roi_align_backward_cpu);
+}

@@ -1,0 +1,174 @@
+// CPU kernels of roi_pool. Forward: one task per (RoI, block of channels); each bin's pixel range is computed once
+// per task and reused by the block's channels. Backward: one task per (image, block of channels), visiting the
+// image's RoIs in index order, so every gradient element is written by one thread in one fixed order (deterministic,
+// no atomics) -- the order of torchvision's sequential loop.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "ops/checks.h"
+#include "ops/roi_align.h"
+#include "ops/roi_pool.h"
+
+namespace fastdet {
+namespace {
+
+constexpr int64_t kBlock = 16;
+
+std::vector<int64_t> checked_batch(const at::Tensor& rois, int64_t N) {
+  const int64_t K = rois.size(0);
+  std::vector<int64_t> batch(K);
+  AT_DISPATCH_FLOATING_TYPES(rois.scalar_type(), "roi_pool_batch_index", [&] {
+    const auto* r = rois.const_data_ptr<scalar_t>();
+    for (int64_t k = 0; k < K; ++k) {
+      batch[k] = roi::batch_index(r[k * 5], N);
+      TORCH_CHECK(batch[k] >= 0, "rois[", k, ", 0] = ", r[k * 5], " is not a valid batch index for an input of ",
+                  "batch size ", N, " (expected a value in [0, ", N, "))");
+    }
+  });
+  return batch;
+}
+
+std::tuple<at::Tensor, at::Tensor> roi_pool_cpu(const at::Tensor& input, const at::Tensor& rois_in,
+                                                double spatial_scale, int64_t PH, int64_t PW) {
+  check_roi_feature(input, "input");
+  check_output_size(PH, PW);
+  check_spatial_scale(spatial_scale, "spatial_scale");
+  const auto rois = prepare_rois(rois_in, input);
+  const int64_t K = rois.size(0), N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  const auto fmt = roi_memory_format(input);
+  auto out = at::empty({K, C, PH, PW}, input.options().memory_format(fmt));
+  auto argmax = at::empty({K, C, PH, PW}, input.options().dtype(at::kLong).memory_format(fmt));
+  if (out.numel() == 0) {
+    return {out, argmax};
+  }
+  const auto batch = checked_batch(rois, N);
+  const int64_t blocks = (C + kBlock - 1) / kBlock;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "roi_pool_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const T* r = rois.const_data_ptr<T>();
+    const scalar_t* in = input.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    int64_t* am = argmax.mutable_data_ptr<int64_t>();
+    const int64_t isn = input.stride(0), isc = input.stride(1), ish = input.stride(2), isw = input.stride(3);
+    const int64_t osn = out.stride(0), osc = out.stride(1), osh = out.stride(2), osw = out.stride(3);
+    at::parallel_for(0, K * blocks, 1, [&](int64_t begin, int64_t end) {
+      T best[kBlock];
+      int64_t where[kBlock];
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t k = item / blocks;
+        const int64_t c0 = (item % blocks) * kBlock;
+        const int64_t nc = std::min(kBlock, C - c0);
+        const auto g = roi::pool_geometry<T>(r + k * 5 + 1, static_cast<T>(spatial_scale), PH, PW);
+        const scalar_t* base = in + batch[k] * isn + c0 * isc;
+        for (int64_t ph = 0; ph < PH; ++ph) {
+          int64_t h0 = 0, h1 = 0;
+          roi::pool_bin_range(g.start_h, g.bin_h, ph, H, &h0, &h1);
+          for (int64_t pw = 0; pw < PW; ++pw) {
+            int64_t w0 = 0, w1 = 0;
+            roi::pool_bin_range(g.start_w, g.bin_w, pw, W, &w0, &w1);
+            const bool empty = !g.valid || h1 <= h0 || w1 <= w0;
+            for (int64_t c = 0; c < nc; ++c) {
+              best[c] = empty ? T(0) : roi::pool_init<T>();
+              where[c] = -1;
+            }
+            if (!empty) {
+              for (int64_t h = h0; h < h1; ++h) {
+                for (int64_t w = w0; w < w1; ++w) {
+                  const scalar_t* p = base + h * ish + w * isw;
+                  for (int64_t c = 0; c < nc; ++c) {
+                    const T v = static_cast<T>(p[c * isc]);
+                    if (v > best[c]) {
+                      best[c] = v;
+                      where[c] = h * W + w;
+                    }
+                  }
+                }
+              }
+            }
+            const int64_t off = k * osn + c0 * osc + ph * osh + pw * osw;
+            for (int64_t c = 0; c < nc; ++c) {
+              o[off + c * osc] = static_cast<scalar_t>(best[c]);
+              am[off + c * osc] = where[c];
+            }
+          }
+        }
+      }
+    });
+  });
+  return {out, argmax};
+}
+
+at::Tensor roi_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& rois_in, const at::Tensor& argmax_in,
+                                 double spatial_scale, int64_t N, int64_t C, int64_t H, int64_t W,
+                                 bool channels_last) {
+  TORCH_CHECK(rois_in.dim() == 2 && rois_in.size(1) == 5, "rois must have shape [K, 5], got ", rois_in.sizes());
+  check_roi_grad(grad, rois_in, C, grad.dim() == 4 ? grad.size(2) : 0, grad.dim() == 4 ? grad.size(3) : 0);
+  TORCH_CHECK(argmax_in.scalar_type() == at::kLong && argmax_in.sizes() == grad.sizes(),
+              "argmax must be an int64 tensor shaped like grad ", grad.sizes(), ", got ", argmax_in.scalar_type(), " ",
+              argmax_in.sizes());
+  const auto rois = rois_in.to(roi_acc_type(grad.scalar_type())).contiguous();
+  const auto acc = roi_acc_type(grad.scalar_type());
+  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  auto buf = at::zeros({N, C, H, W}, grad.options().dtype(acc).memory_format(fmt));
+  const int64_t K = rois.size(0), PH = grad.size(2), PW = grad.size(3);
+  if (K > 0 && C > 0 && PH > 0 && PW > 0) {
+    const auto batch = checked_batch(rois, N);
+    std::vector<int64_t> first(N + 1, 0), order(K);
+    for (int64_t k = 0; k < K; ++k) ++first[batch[k] + 1];
+    for (int64_t n = 0; n < N; ++n) first[n + 1] += first[n];
+    {
+      std::vector<int64_t> fill(first.begin(), first.end() - 1);
+      for (int64_t k = 0; k < K; ++k) order[fill[batch[k]]++] = k;
+    }
+    const int64_t blocks = (C + kBlock - 1) / kBlock;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_pool_backward_cpu", [&] {
+      using T = at::opmath_type<scalar_t>;
+      const scalar_t* g = grad.const_data_ptr<scalar_t>();
+      const int64_t* am = argmax_in.const_data_ptr<int64_t>();
+      T* gi = buf.mutable_data_ptr<T>();
+      const int64_t gsn = grad.stride(0), gsc = grad.stride(1), gsh = grad.stride(2), gsw = grad.stride(3);
+      const int64_t asn = argmax_in.stride(0), asc = argmax_in.stride(1), ash = argmax_in.stride(2),
+                    asw = argmax_in.stride(3);
+      const int64_t bsn = buf.stride(0), bsc = buf.stride(1), bsh = buf.stride(2), bsw = buf.stride(3);
+      at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t n = item / blocks;
+          const int64_t c0 = (item % blocks) * kBlock;
+          const int64_t c1 = std::min(C, c0 + kBlock);
+          for (int64_t j = first[n]; j < first[n + 1]; ++j) {
+            const int64_t k = order[j];
+            for (int64_t c = c0; c < c1; ++c) {
+              for (int64_t ph = 0; ph < PH; ++ph) {
+                for (int64_t pw = 0; pw < PW; ++pw) {
+                  const int64_t a = am[k * asn + c * asc + ph * ash + pw * asw];
+                  if (a < 0 || a >= H * W) {
+                    continue;  // empty bin (or an argmax that does not belong to this map): no gradient
+                  }
+                  gi[n * bsn + c * bsc + (a / W) * bsh + (a % W) * bsw] +=
+                      static_cast<T>(g[k * gsn + c * gsc + ph * gsh + pw * gsw]);
+                }
+              }
+            }
+          }
+        }
+      });
+    });
+  }
+  return buf.to(grad.scalar_type());
+}
+
+}  // namespace
+}  // namespace fastdet
+
+TORCH_LIBRARY_IMPL(fastdet, CPU, m) {
+  m.impl("roi_pool", &fastdet::roi_pool_cpu);
+  m.impl("_roi_pool_backward", &fastdet::roi_pool_backward_cpu);
+}
