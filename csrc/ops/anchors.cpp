@@ -82,8 +82,10 @@ Levels check_ssd_default_boxes_args(const at::Tensor& wh_pairs, c10::IntArrayRef
 }
 
 Levels check_grid_priors_args(const at::Tensor& wh, c10::IntArrayRef priors_per_level, c10::IntArrayRef grid_sizes,
-                              c10::ArrayRef<double> strides, double offset) {
-  check_table(wh, 2, "wh");
+                              c10::ArrayRef<double> strides, double offset, at::ScalarType dtype) {
+  TORCH_CHECK(wh.scalar_type() == at::kDouble && wh.dim() == 2 && wh.size(1) == 2,
+              "wh must be a float64 tensor of shape [K, 2], got ", wh.scalar_type(), " ", wh.sizes());
+  TORCH_CHECK(at::isFloatingType(dtype), "dtype must be a floating-point dtype, got ", dtype);
   TORCH_CHECK(std::isfinite(offset), "offset must be finite, got ", offset);
   return make_levels(priors_per_level, grid_sizes, strides, wh.size(0), "wh");
 }
@@ -100,8 +102,9 @@ TORCH_LIBRARY_FRAGMENT(fastdet, m) {
   // image_size (height, width), dtype of the feature maps. Returns [sum H W P, 4] xyxy in promote(dtype, float32).
   m.def("ssd_default_boxes(Tensor wh_pairs, int[] boxes_per_level, SymInt[] grid_sizes, float[] divisors, "
         "int[] image_size, ScalarType dtype) -> Tensor");
-  // YOLO-style priors: wh [sum P_l, 2] (prior sizes in pixels), strides (sy0, sx0, ...), centre offset in cells.
-  // Returns [sum H W P, 4] as (cx, cy, w, h), or (x1, y1, x2, y2) if xyxy.
+  // YOLO-style priors: wh [sum P_l, 2] float64 (prior sizes in pixels), strides (sy0, sx0, ...), centre offset in
+  // cells. Returns [sum H W P, 4] in dtype as (cx, cy, w, h), or (x1, y1, x2, y2) if xyxy, formed in float64 and
+  // rounded once.
   m.def("grid_priors(Tensor wh, int[] priors_per_level, SymInt[] grid_sizes, float[] strides, float offset, "
-        "bool xyxy) -> Tensor");
+        "bool xyxy, ScalarType dtype) -> Tensor");
 }

@@ -53,6 +53,17 @@ C10_HOST_DEVICE inline Cell locate(const Levels& lv, int64_t n) {
   return Cell{l, cell % lv.width[l], cell / lv.width[l], lv.table_start[l] + a};
 }
 
+// Rounds a value formed in double to T. float16/bfloat16 go through float32 (as torch's own conversions of float64
+// data to them do), so every backend and the reference agree on the double rounding.
+template <typename T>
+C10_HOST_DEVICE inline T round_to(double v) {
+  return static_cast<T>(static_cast<float>(v));
+}
+template <>
+C10_HOST_DEVICE inline double round_to<double>(double v) {
+  return v;
+}
+
 // ---- per-row formulas, shared by both backends so they round identically ----------------------------------------
 
 // torchvision AnchorGenerator: shift + cell anchor, where the shift (x * stride) is converted to the output dtype T
@@ -65,8 +76,8 @@ C10_HOST_DEVICE inline void grid_anchor_row(const Levels& lv, const T* cell_anch
   const Cell c = locate(lv, n);
   const double sx = (static_cast<double>(c.x) + offset) * lv.step_x[c.level];
   const double sy = (static_cast<double>(c.y) + offset) * lv.step_y[c.level];
-  const A ax = static_cast<A>(static_cast<T>(sx));
-  const A ay = static_cast<A>(static_cast<T>(sy));
+  const A ax = static_cast<A>(round_to<T>(sx));
+  const A ay = static_cast<A>(round_to<T>(sy));
   const T* base = cell_anchors + c.table_row * 4;
   out[0] = static_cast<T>(ax + static_cast<A>(base[0]));
   out[1] = static_cast<T>(ay + static_cast<A>(base[1]));
@@ -97,22 +108,23 @@ C10_HOST_DEVICE inline void ssd_default_box_row(const Levels& lv, const float* w
 // YOLO-style priors: centre ((x + offset) * stride_x, (y + offset) * stride_y) and the level's (w, h), formed in double
 // and rounded once to T, as (cx, cy, w, h) or (x1, y1, x2, y2).
 template <typename T>
-C10_HOST_DEVICE inline void grid_prior_row(const Levels& lv, const T* wh, double offset, bool xyxy, int64_t n, T* out) {
+C10_HOST_DEVICE inline void grid_prior_row(const Levels& lv, const double* wh, double offset, bool xyxy, int64_t n,
+                                           T* out) {
   const Cell c = locate(lv, n);
   const double cx = (static_cast<double>(c.x) + offset) * lv.step_x[c.level];
   const double cy = (static_cast<double>(c.y) + offset) * lv.step_y[c.level];
-  const double w = static_cast<double>(wh[c.table_row * 2]);
-  const double h = static_cast<double>(wh[c.table_row * 2 + 1]);
+  const double w = wh[c.table_row * 2];
+  const double h = wh[c.table_row * 2 + 1];
   if (xyxy) {
-    out[0] = static_cast<T>(cx - 0.5 * w);
-    out[1] = static_cast<T>(cy - 0.5 * h);
-    out[2] = static_cast<T>(cx + 0.5 * w);
-    out[3] = static_cast<T>(cy + 0.5 * h);
+    out[0] = round_to<T>(cx - 0.5 * w);
+    out[1] = round_to<T>(cy - 0.5 * h);
+    out[2] = round_to<T>(cx + 0.5 * w);
+    out[3] = round_to<T>(cy + 0.5 * h);
   } else {
-    out[0] = static_cast<T>(cx);
-    out[1] = static_cast<T>(cy);
-    out[2] = static_cast<T>(w);
-    out[3] = static_cast<T>(h);
+    out[0] = round_to<T>(cx);
+    out[1] = round_to<T>(cy);
+    out[2] = round_to<T>(w);
+    out[3] = round_to<T>(h);
   }
 }
 
@@ -123,7 +135,7 @@ Levels check_ssd_default_boxes_args(const at::Tensor& wh_pairs, c10::IntArrayRef
                                     c10::IntArrayRef grid_sizes, c10::ArrayRef<double> divisors,
                                     c10::IntArrayRef image_size, at::ScalarType dtype);
 Levels check_grid_priors_args(const at::Tensor& wh, c10::IntArrayRef priors_per_level, c10::IntArrayRef grid_sizes,
-                              c10::ArrayRef<double> strides, double offset);
+                              c10::ArrayRef<double> strides, double offset, at::ScalarType dtype);
 
 // SSD output dtype: float64 for float64 feature maps, float32 otherwise (torchvision concatenates the T centres with
 // its float32 (w, h) table, which promotes float16/bfloat16 to float32).

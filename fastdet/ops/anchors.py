@@ -77,7 +77,7 @@ def _stride_list(strides, levels: int) -> list[tuple[float, float]]:
         if len(pair) != 2:
             raise ValueError(f"each stride must be a number or a (stride_y, stride_x) pair, got {s!r}")
         pair = tuple(float(v) for v in pair)
-        if not all(math.isfinite(v) and v >= 0 for v in pair):
+        if not all(0 <= v < math.inf for v in pair):  # also rejects NaN; no math.isfinite, so symbolic values trace
             raise ValueError(f"strides must be finite and non-negative, got {s!r}")
         out.append(pair)
     return out
@@ -277,7 +277,8 @@ class AnchorGenerator(nn.Module):
     def forward(self, image_list, feature_maps: list[Tensor]) -> list[Tensor]:
         grids = _feature_grids(feature_maps)
         image_h, image_w = _image_shape(image_list)
-        strides = [(image_h // h, image_w // w) for h, w in grids]
+        # torchvision's strides; int() specialises them under torch.compile (the op takes plain numbers)
+        strides = [(int(image_h // h), int(image_w // w)) for h, w in grids]
         anchors = self.anchors(grids, strides, feature_maps[0].dtype, feature_maps[0].device)
         return _per_image(anchors, image_list)
 
@@ -458,7 +459,7 @@ def yolo_grid_priors(
 
     Returns:
         Tensor[sum_l H_l * W_l * P_l, 4], with centre ``((x + offset) * stride_x, (y + offset) * stride_y)``,
-        formed in float64 and rounded once to ``dtype``.
+        formed in float64 and rounded once to ``dtype`` (through float32 for float16/bfloat16).
     """
     grids = _grid_list(feature_sizes)
     strides = _stride_list(strides, len(grids))
@@ -477,8 +478,10 @@ def yolo_grid_priors(
                     raise ValueError(f"anchor_sizes[{i}] must hold (w, h) pairs, got {wh!r}")
     counts = [len(t) for t in tables]
     flat = [tuple(map(float, wh)) for t in tables for wh in t]
-    wh = torch.tensor(flat, dtype=torch.float64).reshape(-1, 2).to(dtype=dtype, device=device)
-    return native("grid_priors")(wh, counts, _flat(grids), _flat(strides), _check_offset(offset), fmt == "xyxy")
+    if not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+    wh = torch.tensor(flat, dtype=torch.float64).reshape(-1, 2).to(device=device)
+    return native("grid_priors")(wh, counts, _flat(grids), _flat(strides), _check_offset(offset), fmt == "xyxy", dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -502,5 +505,5 @@ def _ssd_default_boxes_fake(wh_pairs, boxes_per_level, grid_sizes, divisors, ima
 
 
 @register_fake("grid_priors")
-def _grid_priors_fake(wh, priors_per_level, grid_sizes, strides, offset, xyxy):
-    return wh.new_empty((_rows(priors_per_level, grid_sizes), 4))
+def _grid_priors_fake(wh, priors_per_level, grid_sizes, strides, offset, xyxy, dtype):
+    return wh.new_empty((_rows(priors_per_level, grid_sizes), 4), dtype=dtype)

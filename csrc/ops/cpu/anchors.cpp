@@ -63,14 +63,14 @@ at::Tensor ssd_default_boxes_cpu(const at::Tensor& wh_pairs, c10::IntArrayRef bo
 }
 
 at::Tensor grid_priors_cpu(const at::Tensor& wh, c10::IntArrayRef priors_per_level, c10::IntArrayRef grid_sizes,
-                           c10::ArrayRef<double> strides, double offset, bool xyxy) {
-  const auto lv = anchors::check_grid_priors_args(wh, priors_per_level, grid_sizes, strides, offset);
+                           c10::ArrayRef<double> strides, double offset, bool xyxy, at::ScalarType dtype) {
+  const auto lv = anchors::check_grid_priors_args(wh, priors_per_level, grid_sizes, strides, offset, dtype);
   const int64_t N = lv.start[lv.num_levels];
   auto table = wh.contiguous();
-  auto out = at::empty({N, 4}, table.options());
+  auto out = at::empty({N, 4}, table.options().dtype(dtype));
   if (N == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "grid_priors_cpu", [&] {
-    const scalar_t* src = table.const_data_ptr<scalar_t>();
+    const double* src = table.const_data_ptr<double>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {

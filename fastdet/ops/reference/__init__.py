@@ -15,8 +15,17 @@ from fastdet.ops.reference.boxes import (
     remove_small_boxes,
 )
 from fastdet.ops.reference.nms import batched_nms, multiclass_nms, nms, nms_fixed
+from fastdet.ops.reference.anchors import cell_anchors, generate_anchors, ssd_default_boxes, yolo_grid_priors
+from fastdet.ops.reference.box_coder import box_decode, box_encode, decode_and_select
 
 __all__ = [
+    "box_decode",
+    "box_encode",
+    "cell_anchors",
+    "decode_and_select",
+    "generate_anchors",
+    "ssd_default_boxes",
+    "yolo_grid_priors",
     "batched_nms",
     "box_area",
     "box_convert",
