@@ -1,35 +1,26 @@
-"""torchvision-compatible detection ops backed by fastdet's native kernels."""
+"""torchvision-compatible detection ops backed by fastdet's native kernels.
 
-from fastdet.ops.boxes import (
-    box_area,
-    box_convert,
-    box_iou,
-    clip_boxes_to_image,
-    complete_box_iou,
-    distance_box_iou,
-    generalized_box_iou,
-    remove_small_boxes,
+Each op family lives in its own module, which lists its public names in ``__all__``; this package re-exports them.
+Adding a family means adding one import line and one ``__all__`` entry below.
+"""
+
+from fastdet.ops import anchors as _anchors
+from fastdet.ops import box_coder as _box_coder
+from fastdet.ops import boxes as _boxes
+from fastdet.ops import nms as _nms
+from fastdet.ops import roi as _roi
+from fastdet.ops.anchors import *  # noqa: F401,F403
+from fastdet.ops.box_coder import *  # noqa: F401,F403
+from fastdet.ops.boxes import *  # noqa: F401,F403
+from fastdet.ops.nms import *  # noqa: F401,F403
+from fastdet.ops.roi import *  # noqa: F401,F403
+
+__all__ = sorted(
+    [
+        *_anchors.__all__,
+        *_box_coder.__all__,
+        *_boxes.__all__,
+        *_nms.__all__,
+        *_roi.__all__,
+    ]
 )
-from fastdet.ops.nms import batched_nms, multiclass_nms, nms, nms_fixed
-from fastdet.ops.roi import MultiScaleRoIAlign, RoIAlign, RoIPool, multi_scale_roi_align, roi_align, roi_pool
-
-__all__ = [
-    "MultiScaleRoIAlign",
-    "RoIAlign",
-    "RoIPool",
-    "batched_nms",
-    "box_area",
-    "box_convert",
-    "box_iou",
-    "clip_boxes_to_image",
-    "complete_box_iou",
-    "distance_box_iou",
-    "generalized_box_iou",
-    "multi_scale_roi_align",
-    "multiclass_nms",
-    "nms",
-    "nms_fixed",
-    "remove_small_boxes",
-    "roi_align",
-    "roi_pool",
-]

@@ -4,33 +4,23 @@ Readable, differentiable through plain autograd, independent of the native exten
 failed to load) and of torchvision. Nothing here calls ``torch.ops.fastdet``.
 """
 
-from fastdet.ops.reference.boxes import (
-    box_area,
-    box_convert,
-    box_iou,
-    clip_boxes_to_image,
-    complete_box_iou,
-    distance_box_iou,
-    generalized_box_iou,
-    remove_small_boxes,
-)
-from fastdet.ops.reference.nms import batched_nms, multiclass_nms, nms, nms_fixed
-from fastdet.ops.reference.roi import multi_scale_roi_align, roi_align, roi_pool
+from fastdet.ops.reference import anchors as _anchors
+from fastdet.ops.reference import box_coder as _box_coder
+from fastdet.ops.reference import boxes as _boxes
+from fastdet.ops.reference import nms as _nms
+from fastdet.ops.reference import roi as _roi
+from fastdet.ops.reference.anchors import *  # noqa: F401,F403
+from fastdet.ops.reference.box_coder import *  # noqa: F401,F403
+from fastdet.ops.reference.boxes import *  # noqa: F401,F403
+from fastdet.ops.reference.nms import *  # noqa: F401,F403
+from fastdet.ops.reference.roi import *  # noqa: F401,F403
 
-__all__ = [
-    "batched_nms",
-    "box_area",
-    "box_convert",
-    "box_iou",
-    "clip_boxes_to_image",
-    "complete_box_iou",
-    "distance_box_iou",
-    "generalized_box_iou",
-    "multi_scale_roi_align",
-    "multiclass_nms",
-    "nms",
-    "nms_fixed",
-    "remove_small_boxes",
-    "roi_align",
-    "roi_pool",
-]
+__all__ = sorted(
+    [
+        *_anchors.__all__,
+        *_box_coder.__all__,
+        *_boxes.__all__,
+        *_nms.__all__,
+        *_roi.__all__,
+    ]
+)

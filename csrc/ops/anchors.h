@@ -1,0 +1,147 @@
+#pragma once
+// Grid generators shared by the CPU and CUDA kernels: torchvision's AnchorGenerator (grid_anchors), SSD's
+// DefaultBoxGenerator (ssd_default_boxes) and YOLO-style grid priors (grid_priors).
+//
+// All three tile a per-level table of cell shapes over a per-level feature grid and write every level of the pyramid
+// into one [N, 4] tensor, in torchvision's order: level by level, within a level row-major over the grid (y, then x),
+// within a cell the level's table in order. Element n of the output is found from n alone (a short scan over the
+// level offsets), so one kernel launch covers all levels.
+#include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/ArrayRef.h>
+#include <ATen/OpMathType.h>
+
+#include <cstdint>
+
+namespace fastdet {
+namespace anchors {
+
+// Feature pyramids have 3-7 levels in practice; a fixed bound lets the level table travel to a CUDA kernel by value,
+// with no host-to-device copy (and so no synchronisation) per call.
+constexpr int kMaxLevels = 16;
+
+// Per-level geometry, by value. Sizes are int64 so H * W * A never overflows.
+struct Levels {
+  int num_levels;
+  int64_t start[kMaxLevels + 1];  // first output row of each level; start[num_levels] = total rows
+  int64_t table_start[kMaxLevels];  // first row of the level's cell table
+  int64_t cells[kMaxLevels];  // shapes per grid cell (A)
+  int64_t width[kMaxLevels];  // grid width (W); the height is implied by start[]
+  double step_x[kMaxLevels];  // grid_anchors / grid_priors: stride; ssd_default_boxes: divisor of (x + 0.5)
+  double step_y[kMaxLevels];
+};
+
+// Validates the level description (lengths, non-negative sizes, table rows matching the per-level counts) and fills
+// a Levels. grid_sizes is (h0, w0, h1, w1, ...); steps likewise (y, x) pairs. table_rows is the cell table's length.
+Levels make_levels(c10::IntArrayRef cells_per_level, c10::IntArrayRef grid_sizes, c10::ArrayRef<double> steps_yx,
+                   int64_t table_rows, const char* table_name);
+
+// Locates output row n: level, grid x and y, and the row of the level's cell table.
+struct Cell {
+  int level;
+  int64_t x, y, table_row;
+};
+
+C10_HOST_DEVICE inline Cell locate(const Levels& lv, int64_t n) {
+  int l = 0;
+  while (l + 1 < lv.num_levels && n >= lv.start[l + 1]) {
+    ++l;
+  }
+  const int64_t local = n - lv.start[l];
+  const int64_t a = local % lv.cells[l];
+  const int64_t cell = local / lv.cells[l];
+  return Cell{l, cell % lv.width[l], cell / lv.width[l], lv.table_start[l] + a};
+}
+
+// Rounds a value formed in double to T. float16/bfloat16 go through float32 (as torch's own conversions of float64
+// data to them do), so every backend and the reference agree on the double rounding.
+template <typename T>
+C10_HOST_DEVICE inline T round_to(double v) {
+  return static_cast<T>(static_cast<float>(v));
+}
+template <>
+C10_HOST_DEVICE inline double round_to<double>(double v) {
+  return v;
+}
+
+// ---- per-row formulas, shared by both backends so they round identically ----------------------------------------
+
+// torchvision AnchorGenerator: shift + cell anchor, where the shift (x * stride) is converted to the output dtype T
+// first and the sum is rounded once to T. torchvision adds an integer shift tensor to the T cell anchors, which type
+// promotion evaluates exactly this way (for float16 the sum is formed in float and rounded to half once). With
+// offset != 0 the shift (x + offset) * stride is formed in double and rounded to T, then added the same way.
+template <typename T>
+C10_HOST_DEVICE inline void grid_anchor_row(const Levels& lv, const T* cell_anchors, double offset, int64_t n, T* out) {
+  using A = at::opmath_type<T>;
+  const Cell c = locate(lv, n);
+  const double sx = (static_cast<double>(c.x) + offset) * lv.step_x[c.level];
+  const double sy = (static_cast<double>(c.y) + offset) * lv.step_y[c.level];
+  const A ax = static_cast<A>(round_to<T>(sx));
+  const A ay = static_cast<A>(round_to<T>(sy));
+  const T* base = cell_anchors + c.table_row * 4;
+  out[0] = static_cast<T>(ax + static_cast<A>(base[0]));
+  out[1] = static_cast<T>(ay + static_cast<A>(base[1]));
+  out[2] = static_cast<T>(ax + static_cast<A>(base[2]));
+  out[3] = static_cast<T>(ay + static_cast<A>(base[3]));
+}
+
+// SSD default boxes, as torchvision's DefaultBoxGenerator computes them: the centre (x + 0.5) / f_k in float32,
+// rounded to the feature dtype T, then promoted with the float32 (w, h) table to O = promote(T, float32) where the
+// corners (c -/+ 0.5 * w) * image_size are formed, each operation rounded to O. step_x/step_y hold f_k.
+template <typename T, typename O>
+C10_HOST_DEVICE inline void ssd_default_box_row(const Levels& lv, const float* wh, O image_w, O image_h, int64_t n,
+                                                O* out) {
+  const Cell c = locate(lv, n);
+  const float fx = (static_cast<float>(c.x) + 0.5f) / static_cast<float>(lv.step_x[c.level]);
+  const float fy = (static_cast<float>(c.y) + 0.5f) / static_cast<float>(lv.step_y[c.level]);
+  const O cx = static_cast<O>(static_cast<T>(fx));
+  const O cy = static_cast<O>(static_cast<T>(fy));
+  const O hw = O(0.5) * static_cast<O>(wh[c.table_row * 2]);  // exact: a halving
+  const O hh = O(0.5) * static_cast<O>(wh[c.table_row * 2 + 1]);
+  const O x1 = cx - hw, y1 = cy - hh, x2 = cx + hw, y2 = cy + hh;
+  out[0] = x1 * image_w;
+  out[1] = y1 * image_h;
+  out[2] = x2 * image_w;
+  out[3] = y2 * image_h;
+}
+
+// YOLO-style priors: centre ((x + offset) * stride_x, (y + offset) * stride_y) and the level's (w, h), formed in double
+// and rounded once to T, as (cx, cy, w, h) or (x1, y1, x2, y2).
+template <typename T>
+C10_HOST_DEVICE inline void grid_prior_row(const Levels& lv, const double* wh, double offset, bool xyxy, int64_t n,
+                                           T* out) {
+  const Cell c = locate(lv, n);
+  const double cx = (static_cast<double>(c.x) + offset) * lv.step_x[c.level];
+  const double cy = (static_cast<double>(c.y) + offset) * lv.step_y[c.level];
+  const double w = wh[c.table_row * 2];
+  const double h = wh[c.table_row * 2 + 1];
+  if (xyxy) {
+    out[0] = round_to<T>(cx - 0.5 * w);
+    out[1] = round_to<T>(cy - 0.5 * h);
+    out[2] = round_to<T>(cx + 0.5 * w);
+    out[3] = round_to<T>(cy + 0.5 * h);
+  } else {
+    out[0] = round_to<T>(cx);
+    out[1] = round_to<T>(cy);
+    out[2] = round_to<T>(w);
+    out[3] = round_to<T>(h);
+  }
+}
+
+// Argument checks of each op (shared by both backends); they return the level table.
+Levels check_grid_anchors_args(const at::Tensor& cell_anchors, c10::IntArrayRef anchors_per_level,
+                               c10::IntArrayRef grid_sizes, c10::ArrayRef<double> strides, double offset);
+Levels check_ssd_default_boxes_args(const at::Tensor& wh_pairs, c10::IntArrayRef boxes_per_level,
+                                    c10::IntArrayRef grid_sizes, c10::ArrayRef<double> divisors,
+                                    c10::IntArrayRef image_size, at::ScalarType dtype);
+Levels check_grid_priors_args(const at::Tensor& wh, c10::IntArrayRef priors_per_level, c10::IntArrayRef grid_sizes,
+                              c10::ArrayRef<double> strides, double offset, at::ScalarType dtype);
+
+// SSD output dtype: float64 for float64 feature maps, float32 otherwise (torchvision concatenates the T centres with
+// its float32 (w, h) table, which promotes float16/bfloat16 to float32).
+inline at::ScalarType ssd_output_dtype(at::ScalarType feature_dtype) {
+  return feature_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace anchors
+}  // namespace fastdet

@@ -1,0 +1,180 @@
+// CPU kernels of box coding: parallel loops over rows (decode, encode, gather-decode) or over boxes (the box gradient
+// of decode, which reduces over the rows that share a box in a fixed order, so the result is deterministic).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include "ops/box_coder.h"
+
+namespace fastdet {
+namespace {
+
+using coder::Params;
+
+constexpr int64_t kGrain = 2048;
+
+template <typename T, typename A>
+inline void load4(const T* p, A v[4]) {
+  for (int k = 0; k < 4; ++k) v[k] = static_cast<A>(p[k]);
+}
+
+at::Tensor box_decode_cpu(const at::Tensor& rel_codes, const at::Tensor& boxes, c10::ArrayRef<double> weights,
+                          double clip) {
+  coder::check_decode_args(rel_codes, boxes, weights, clip);
+  auto rel = rel_codes.contiguous();
+  auto bx = boxes.contiguous();
+  auto out = at::empty_like(rel);
+  const int64_t R = rel.size(0), C = rel.size(1) / 4, Rb = bx.size(0);
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rel.scalar_type(), "box_decode_cpu", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const auto p = coder::make_params<A>(weights, clip);
+    const scalar_t* r = rel.const_data_ptr<scalar_t>();
+    const scalar_t* b = bx.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, R * C, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        A rv[4], bv[4], ov[4];
+        load4(r + i * 4, rv);
+        load4(b + ((i / C) % Rb) * 4, bv);
+        coder::decode_one<A>(rv, bv, p, ov);
+        for (int k = 0; k < 4; ++k) o[i * 4 + k] = static_cast<scalar_t>(ov[k]);
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> box_decode_backward_cpu(const at::Tensor& grad, const at::Tensor& rel_codes,
+                                                           const at::Tensor& boxes, c10::ArrayRef<double> weights,
+                                                           double clip) {
+  coder::check_decode_args(rel_codes, boxes, weights, clip);
+  TORCH_CHECK(grad.sizes() == rel_codes.sizes(), "grad must have the shape of rel_codes ", rel_codes.sizes(),
+              ", got ", grad.sizes());
+  auto rel = rel_codes.contiguous();
+  auto bx = boxes.contiguous();
+  auto g = grad.to(rel.scalar_type()).contiguous();
+  auto grad_rel = at::empty_like(rel);
+  auto grad_boxes = at::empty_like(bx);
+  const int64_t R = rel.size(0), C = rel.size(1) / 4, Rb = bx.size(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rel.scalar_type(), "box_decode_backward_cpu", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const auto p = coder::make_params<A>(weights, clip);
+    const scalar_t* r = rel.const_data_ptr<scalar_t>();
+    const scalar_t* b = bx.const_data_ptr<scalar_t>();
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    scalar_t* gr = grad_rel.mutable_data_ptr<scalar_t>();
+    scalar_t* gb = grad_boxes.mutable_data_ptr<scalar_t>();
+    // One task per box: it owns the box's gradient and the rel_codes gradient of every row using that box (rows
+    // j, j + Rb, j + 2 Rb, ...), visited in increasing order.
+    at::parallel_for(0, Rb, std::max<int64_t>(1, kGrain / std::max<int64_t>(C * (R / std::max<int64_t>(Rb, 1)), 1)),
+                     [&](int64_t begin, int64_t end) {
+                       for (int64_t j = begin; j < end; ++j) {
+                         A bv[4], acc[4] = {A(0), A(0), A(0), A(0)};
+                         load4(b + j * 4, bv);
+                         for (int64_t row = j; row < R; row += Rb) {
+                           for (int64_t c = 0; c < C; ++c) {
+                             const int64_t i = row * C + c;
+                             A rv[4], gv[4], grv[4], gbv[4];
+                             load4(r + i * 4, rv);
+                             load4(gp + i * 4, gv);
+                             coder::decode_one_backward<A>(rv, bv, p, gv, grv, gbv);
+                             for (int k = 0; k < 4; ++k) {
+                               gr[i * 4 + k] = static_cast<scalar_t>(grv[k]);
+                               acc[k] += gbv[k];
+                             }
+                           }
+                         }
+                         for (int k = 0; k < 4; ++k) gb[j * 4 + k] = static_cast<scalar_t>(acc[k]);
+                       }
+                     });
+  });
+  return {grad_rel, grad_boxes};
+}
+
+at::Tensor box_encode_cpu(const at::Tensor& reference_boxes, const at::Tensor& proposals,
+                          c10::ArrayRef<double> weights) {
+  coder::check_encode_args(reference_boxes, proposals, weights);
+  auto gt = reference_boxes.contiguous();
+  auto ex = proposals.contiguous();
+  auto out = at::empty_like(gt);
+  const int64_t N = gt.size(0);
+  if (N == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gt.scalar_type(), "box_encode_cpu", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const auto p = coder::make_params<A>(weights, 0.0);
+    const scalar_t* g = gt.const_data_ptr<scalar_t>();
+    const scalar_t* e = ex.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        A gv[4], ev[4], ov[4];
+        load4(g + i * 4, gv);
+        load4(e + i * 4, ev);
+        coder::encode_one<A>(gv, ev, p, ov);
+        for (int k = 0; k < 4; ++k) o[i * 4 + k] = static_cast<scalar_t>(ov[k]);
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor decode_select_boxes_cpu(const at::Tensor& rel_codes, const at::Tensor& anchors, const at::Tensor& index,
+                                   const std::optional<at::Tensor>& image_sizes, c10::ArrayRef<double> weights,
+                                   double clip) {
+  coder::check_decode_select_args(rel_codes, anchors, index, image_sizes, weights, clip);
+  auto rel = rel_codes.contiguous();
+  auto anc = anchors.contiguous();
+  auto idx = index.contiguous();
+  const int64_t B = rel.size(0), N = rel.size(1), K = idx.size(1), Ba = anc.size(0);
+  auto out = at::empty({B, K, 4}, rel.options());
+  if (out.numel() == 0) return out;
+  const int64_t* ip = idx.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < B * K; ++i) {
+    TORCH_CHECK(ip[i] >= -1 && ip[i] < N, "index values must be in [-1, ", N, "), got ", ip[i]);
+  }
+  at::Tensor sizes;
+  if (image_sizes.has_value()) sizes = image_sizes->to(at::kDouble).contiguous();
+  const double* sp = image_sizes.has_value() ? sizes.const_data_ptr<double>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rel.scalar_type(), "decode_select_boxes_cpu", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const auto p = coder::make_params<A>(weights, clip);
+    const scalar_t* r = rel.const_data_ptr<scalar_t>();
+    const scalar_t* a = anc.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B * K, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t s = begin; s < end; ++s) {
+        const int64_t b = s / K, n = ip[s];
+        A ov[4] = {A(0), A(0), A(0), A(0)};
+        if (n >= 0) {
+          A rv[4], av[4];
+          load4(r + (b * N + n) * 4, rv);
+          load4(a + ((Ba == 1 ? 0 : b) * N + n) * 4, av);
+          coder::decode_one<A>(rv, av, p, ov);
+          if (sp != nullptr) {
+            // torchvision's clip_boxes_to_image: clamp(min=0, max=size); NaN stays NaN.
+            const A h = static_cast<A>(sp[b * 2]), w = static_cast<A>(sp[b * 2 + 1]);
+            for (int k = 0; k < 4; ++k) {
+              const A hi = (k % 2 == 0) ? w : h;
+              ov[k] = ov[k] < A(0) ? A(0) : (ov[k] > hi ? hi : ov[k]);
+            }
+          }
+        }
+        for (int k = 0; k < 4; ++k) o[s * 4 + k] = static_cast<scalar_t>(ov[k]);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace fastdet
+
+TORCH_LIBRARY_IMPL(fastdet, CPU, m) {
+  m.impl("box_decode", &fastdet::box_decode_cpu);
+  m.impl("_box_decode_backward", &fastdet::box_decode_backward_cpu);
+  m.impl("box_encode", &fastdet::box_encode_cpu);
+  m.impl("_decode_select_boxes", &fastdet::decode_select_boxes_cpu);
+}
