@@ -11,6 +11,17 @@ from fastdet.ops.boxes import (
     remove_small_boxes,
 )
 from fastdet.ops.nms import batched_nms, multiclass_nms, nms, nms_fixed
+from fastdet.ops.losses import (
+    ciou_loss,
+    complete_box_iou_loss,
+    diou_loss,
+    distance_box_iou_loss,
+    generalized_box_iou_loss,
+    giou_loss,
+    sigmoid_focal_loss,
+    sigmoid_focal_loss_with_labels,
+    smooth_l1_loss,
+)
 
 __all__ = [
     "batched_nms",
@@ -25,4 +36,13 @@ __all__ = [
     "nms",
     "nms_fixed",
     "remove_small_boxes",
+    "ciou_loss",
+    "complete_box_iou_loss",
+    "diou_loss",
+    "distance_box_iou_loss",
+    "generalized_box_iou_loss",
+    "giou_loss",
+    "sigmoid_focal_loss",
+    "sigmoid_focal_loss_with_labels",
+    "smooth_l1_loss",
 ]

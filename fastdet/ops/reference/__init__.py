@@ -15,6 +15,14 @@ from fastdet.ops.reference.boxes import (
     remove_small_boxes,
 )
 from fastdet.ops.reference.nms import batched_nms, multiclass_nms, nms, nms_fixed
+from fastdet.ops.reference.losses import (
+    complete_box_iou_loss,
+    distance_box_iou_loss,
+    generalized_box_iou_loss,
+    sigmoid_focal_loss,
+    sigmoid_focal_loss_with_labels,
+    smooth_l1_loss,
+)
 
 __all__ = [
     "batched_nms",
@@ -29,4 +37,10 @@ __all__ = [
     "nms",
     "nms_fixed",
     "remove_small_boxes",
+    "complete_box_iou_loss",
+    "distance_box_iou_loss",
+    "generalized_box_iou_loss",
+    "sigmoid_focal_loss",
+    "sigmoid_focal_loss_with_labels",
+    "smooth_l1_loss",
 ]
