@@ -1,0 +1,133 @@
+// CPU kernels of the sigmoid focal loss: one pass over the logits (and float targets) that writes the loss (or adds it
+// to a chunk's partial sum) and, when asked, the gradient. Chunks are fixed ranges of kLossChunk elements (whole rows
+// for the label form), so the reduced value does not depend on the number of threads.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "ops/focal_loss.h"
+#include "ops/focal_loss_math.h"
+#include "ops/loss_reduction.h"
+
+namespace fastdet {
+namespace {
+
+template <typename T>
+focal::Params<T> cast_params(const focal::Params<double>& p) {
+  return focal::Params<T>{static_cast<T>(p.alpha), static_cast<T>(p.gamma), p.gamma_kind};
+}
+
+// The label form's row r covers elements [r * C, (r + 1) * C); its target for class c is 1 iff label == c.
+// Rows per chunk are chosen so a chunk is ~kLossChunk elements; the float form is the label form's special case with
+// C = 1 and the target read from memory.
+template <typename scalar_t, bool WithLabels, bool Reduce, bool WithGrad>
+void focal_kernel(const FocalArgs& a, double scale) {
+  using T = at::opmath_type<scalar_t>;
+  const scalar_t* x = a.inputs.const_data_ptr<scalar_t>();
+  const scalar_t* tf = WithLabels ? nullptr : a.targets.const_data_ptr<scalar_t>();
+  const int64_t* labels = WithLabels ? a.targets.const_data_ptr<int64_t>() : nullptr;
+  scalar_t* loss = Reduce ? nullptr : a.loss.mutable_data_ptr<scalar_t>();
+  scalar_t* grad = WithGrad ? a.grad.mutable_data_ptr<scalar_t>() : nullptr;
+  const auto prm = cast_params<T>(a.params);
+  const int64_t C = a.classes;
+  const int64_t rows = a.rows;
+  const int64_t ignore = a.ignore_index;
+  const T s = static_cast<T>(scale);
+  const int64_t rows_per_chunk = std::max<int64_t>(1, kLossChunk / std::max<int64_t>(C, 1));
+  const int64_t chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
+  std::vector<double> partial(Reduce ? chunks : 0, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t r0 = chunk * rows_per_chunk;
+      const int64_t r1 = std::min(rows, r0 + rows_per_chunk);
+      double acc = 0.0;
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t base = r * C;
+        int64_t label = -1;
+        if (WithLabels) {
+          label = labels[r];
+          if (label == ignore) {
+            for (int64_t c = 0; c < C; ++c) {
+              if (!Reduce) loss[base + c] = scalar_t(0);
+              if (WithGrad) grad[base + c] = scalar_t(0);
+            }
+            continue;
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t i = base + c;
+          const T t = WithLabels ? T(label == c ? 1 : 0) : static_cast<T>(tf[i]);
+          T g;
+          const T l = focal::element<T, WithGrad>(static_cast<T>(x[i]), t, prm, &g);
+          if (Reduce) {
+            acc += static_cast<double>(l);
+          } else {
+            loss[i] = static_cast<scalar_t>(l * s);
+          }
+          if (WithGrad) grad[i] = static_cast<scalar_t>(g * s);
+        }
+      }
+      if (Reduce) partial[chunk] = acc;
+    }
+  });
+  if (Reduce) {
+    double total = 0.0;
+    for (double v : partial) total += v;  // index order: deterministic
+    *a.loss.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(total * scale);
+  }
+}
+
+template <typename scalar_t, bool WithLabels>
+void dispatch_flags(const FocalArgs& a, double scale) {
+  const bool reduce = a.reduction != kReduceNone;
+  const bool with_grad = a.grad.numel() > 0;
+  if (reduce && with_grad) focal_kernel<scalar_t, WithLabels, true, true>(a, scale);
+  else if (reduce) focal_kernel<scalar_t, WithLabels, true, false>(a, scale);
+  else if (with_grad) focal_kernel<scalar_t, WithLabels, false, true>(a, scale);
+  else focal_kernel<scalar_t, WithLabels, false, false>(a, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor> run(FocalArgs a) {
+  // On the CPU the value-dependent scale can be read directly: there is no device to synchronise with.
+  const double scale = a.scale_tensor.defined() ? a.scale_tensor.item<double>() : a.scale;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.inputs.scalar_type(), "sigmoid_focal_loss_cpu", [&] {
+    if (a.with_labels) dispatch_flags<scalar_t, true>(a, scale);
+    else dispatch_flags<scalar_t, false>(a, scale);
+  });
+  return {a.loss, a.grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_cpu(const at::Tensor& inputs, const at::Tensor& targets,
+                                                          double alpha, double gamma, int64_t reduction,
+                                                          const std::optional<at::Tensor>& normalizer,
+                                                          bool need_grad) {
+  return run(prepare_focal_args(inputs, targets, false, 0, alpha, gamma, reduction, normalizer, need_grad));
+}
+
+std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_with_labels_cpu(const at::Tensor& logits,
+                                                                      const at::Tensor& labels, int64_t ignore_index,
+                                                                      double alpha, double gamma, int64_t reduction,
+                                                                      const std::optional<at::Tensor>& normalizer,
+                                                                      bool need_grad) {
+  auto a = prepare_focal_args(logits, labels, true, ignore_index, alpha, gamma, reduction, normalizer, need_grad);
+  // Labels are ~1/C of the data; checking them first keeps the kernel free of error paths.
+  const int64_t* lab = a.targets.const_data_ptr<int64_t>();
+  for (int64_t r = 0; r < a.rows; ++r) {
+    const int64_t v = lab[r];
+    TORCH_CHECK(v == ignore_index || (v >= -1 && v <= a.classes), "labels must be in [0, C) for a class, -1 or C = ",
+                a.classes, " for background, or ignore_index = ", ignore_index, "; got ", v, " at flat index ", r);
+  }
+  return run(std::move(a));
+}
+
+}  // namespace
+}  // namespace fastdet
+
+TORCH_LIBRARY_IMPL(fastdet, CPU, m) {
+  m.impl("sigmoid_focal_loss", &fastdet::sigmoid_focal_loss_cpu);
+  m.impl("sigmoid_focal_loss_with_labels", &fastdet::sigmoid_focal_loss_with_labels_cpu);
+}
