@@ -1,7 +1,9 @@
 """Helpers for registering Python-side pieces (fake kernels, autograd) of ``fastdet::`` ops.
 
-Registrations only happen when the compiled module loaded: registering a fake kernel for an operator that does not
-exist would make ``import fastdet`` fail, which is exactly the failure mode the package must avoid.
+Registrations only happen for operators the compiled module really defines: registering a fake kernel for an operator
+that does not exist raises, and ``import fastdet`` must never fail. An operator can be missing when the extension did
+not load at all, or when it is a stale build from an older checkout; either way the op's wrapper raises
+:class:`fastdet.ExtensionNotAvailableError` with the reason and the rebuild command when called.
 """
 
 from __future__ import annotations
@@ -11,15 +13,30 @@ import torch
 from fastdet import _extension
 
 
+def _defined(name: str) -> bool:
+    if not _extension.AVAILABLE:
+        return False
+    try:
+        torch._C._dispatch_find_schema_or_throw(f"fastdet::{name}", "")
+    except RuntimeError:
+        return False
+    return True
+
+
 def native(name: str):
     """The ``torch.ops.fastdet.<name>`` overload packet, after checking the extension is usable."""
     _extension.require()
+    if not _defined(name):
+        raise _extension.ExtensionNotAvailableError(
+            f"fastdet._C does not define the operator fastdet::{name}: the compiled module is older than the Python "
+            f"package (a stale build). {_extension.REBUILD_HINT}"
+        )
     return getattr(torch.ops.fastdet, name)
 
 
 def register_fake(name: str):
     def decorator(fn):
-        if _extension.AVAILABLE:
+        if _defined(name):
             torch.library.register_fake(f"fastdet::{name}")(fn)
         return fn
 
@@ -27,5 +44,5 @@ def register_fake(name: str):
 
 
 def register_autograd(name: str, backward, setup_context):
-    if _extension.AVAILABLE:
+    if _defined(name):
         torch.library.register_autograd(f"fastdet::{name}", backward, setup_context=setup_context)
