@@ -13,14 +13,21 @@ import torch
 from fastdet import _extension
 
 
+# name -> whether fastdet._C defines fastdet::<name>. Filled when the op's fake kernel is registered at import, so
+# that under torch.compile the check in native() is a plain dictionary lookup that Dynamo constant-folds.
+_DEFINED: dict[str, bool] = {}
+
+
 def _defined(name: str) -> bool:
-    if not _extension.AVAILABLE:
-        return False
-    try:
-        torch._C._dispatch_find_schema_or_throw(f"fastdet::{name}", "")
-    except RuntimeError:
-        return False
-    return True
+    if name not in _DEFINED:
+        found = _extension.AVAILABLE
+        if found:
+            try:
+                torch._C._dispatch_find_schema_or_throw(f"fastdet::{name}", "")
+            except RuntimeError:
+                found = False
+        _DEFINED[name] = found
+    return _DEFINED[name]
 
 
 def native(name: str):
