@@ -263,14 +263,13 @@ def smooth_l1_loss(input: Tensor, target: Tensor, beta: float = 1.0, reduction: 
     """
     _check_tensor(input, "input")
     _check_tensor(target, "target")
-    red = _reduction_code(reduction)
+    _reduction_code(reduction)  # validates
     if input.shape != target.shape:
         raise ValueError(f"input and target must have the same shape, got {tuple(input.shape)} and "
                          f"{tuple(target.shape)}")
     beta = float(beta)
     if not (beta >= 0 and math.isfinite(beta)):
         raise ValueError(f"beta must be a finite number >= 0, got {beta}")
-    del red
     return F.smooth_l1_loss(input, target, reduction=reduction, beta=beta)
 
 

@@ -9,6 +9,7 @@
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
 #define FASTDET_FOCAL_AVX2 1
 #include <dlfcn.h>
+#include <cstdlib>
 #include <immintrin.h>
 
 namespace fastdet {
@@ -26,6 +27,9 @@ inline const Sleef& sleef() {
   static const Sleef s = [] {
     Sleef r;
     if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return r;
+    // FASTDET_FOCAL_SCALAR=1 forces the scalar path (the code the CUDA kernel shares), so tests can compare the two.
+    const char* force_scalar = std::getenv("FASTDET_FOCAL_SCALAR");
+    if (force_scalar != nullptr && force_scalar[0] != '\0' && force_scalar[0] != '0') return r;
     void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
     if (lib == nullptr) return r;
     r.exp = dlsym(lib, "Sleef_expf8_u10avx2");
