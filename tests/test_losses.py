@@ -554,6 +554,10 @@ def test_bad_input(device):
         ops.sigmoid_focal_loss(x, t, gamma=-1.0)
     with pytest.raises(ValueError, match="normalizer"):
         ops.sigmoid_focal_loss(x, t, normalizer=torch.ones(2, device=device))
+    if device == "cuda":
+        with pytest.raises(ValueError, match="normalizer must be on the device"):
+            ops.sigmoid_focal_loss(x.cpu(), t.cpu(), normalizer=torch.tensor(2.0, device=device))
+        ops.sigmoid_focal_loss(x, t, normalizer=torch.tensor(2.0))  # a CPU normaliser is copied, no sync
     with pytest.raises(ValueError, match="labels must have shape"):
         ops.sigmoid_focal_loss_with_labels(x, torch.zeros(3, dtype=torch.long, device=device))
     with pytest.raises(TypeError, match="integer"):

@@ -71,6 +71,9 @@ def _normalizer_tensor(normalizer, like: Tensor):
             raise ValueError(f"normalizer must hold exactly one number, got shape {tuple(normalizer.shape)}")
         if normalizer.is_complex() or normalizer.dtype == torch.bool:
             raise TypeError(f"normalizer must be a real number, got dtype {normalizer.dtype}")
+        if normalizer.device != like.device and normalizer.device.type != "cpu":
+            raise ValueError(f"normalizer must be on the device of the logits ({like.device}) or on the CPU, got "
+                             f"{normalizer.device}")
         return normalizer.detach()
     if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
         raise TypeError(f"normalizer must be None, a number or a one-element tensor, got {type(normalizer).__name__}")
