@@ -526,6 +526,32 @@ def test_cpu_scalar_path_matches_vectorised_path(tmp_path):
 
 
 @pytest.mark.cuda
+def test_cuda_losses_do_not_synchronise(seed):
+    # "error" makes any synchronising CUDA call (item(), nonzero(), a blocking copy) raise inside the block.
+    gen = torch.Generator().manual_seed(seed)
+    x, t = focal_inputs(gen, (4, 1000, 8), torch.float32, "cuda")
+    labels = random_labels(gen, (4, 1000), 8, "cuda")
+    b1, b2 = box_pairs(gen, 500, torch.float32, "cuda")
+    x.requires_grad_(True)
+    b1.requires_grad_(True)
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        num_fg = ((labels >= 0) & (labels < 8)).sum().clamp(min=1)
+        total = (ops.sigmoid_focal_loss_with_labels(x, labels, reduction="sum", normalizer=num_fg)
+                 + ops.sigmoid_focal_loss_with_labels(x, labels, reduction="mean")
+                 + ops.sigmoid_focal_loss(x, t, reduction="mean", normalizer=num_fg)
+                 + ops.sigmoid_focal_loss(x, t).sum()
+                 + ops.generalized_box_iou_loss(b1, b2, reduction="mean")
+                 + ops.complete_box_iou_loss(b1, b2).sum())
+        total.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert torch.isfinite(total).item()
+
+
+@pytest.mark.cuda
 def test_cuda_reduction_is_bitwise_reproducible(seed):
     gen = torch.Generator().manual_seed(seed)
     x, t = focal_inputs(gen, (16, 12000, 80), torch.float32, "cuda")

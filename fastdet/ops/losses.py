@@ -300,7 +300,9 @@ def _box_pair_loss(boxes1: Tensor, boxes2: Tensor, variant: int, reduction: str,
         try:
             boxes1, boxes2 = torch.broadcast_tensors(boxes1, boxes2)
         except RuntimeError:
-            raise ValueError(f"boxes1 {tuple(boxes1.shape)} and boxes2 {tuple(boxes2.shape)} do not broadcast") from None
+            raise ValueError(
+                f"boxes1 {tuple(boxes1.shape)} and boxes2 {tuple(boxes2.shape)} do not broadcast"
+            ) from None
     return native("box_pair_loss")(boxes1, boxes2, variant, red, eps)
 
 
