@@ -198,6 +198,18 @@ def test_focal_targets_requiring_grad(device, seed):
     assert_close(gt, et, seed=seed)
 
 
+def test_focal_targets_may_change_after_forward(device, seed):
+    # Only the gradient written by the forward is saved, so reusing the targets buffer before backward is fine.
+    gen = torch.Generator().manual_seed(seed)
+    x, t = focal_inputs(gen, (10, 4), torch.float32, device)
+    xr = x.clone().requires_grad_(True)
+    loss = ops.sigmoid_focal_loss(xr, t, reduction="sum")
+    _, (e,) = run_with_grad(lambda a: ref.sigmoid_focal_loss(a, t, reduction="sum"), x)
+    t.zero_()
+    (g,) = torch.autograd.grad(loss, xr)
+    assert_close(g, e, seed=seed, **grad_tolerance(torch.float32))
+
+
 def test_focal_no_grad_writes_no_gradient(device, seed):
     gen = torch.Generator().manual_seed(seed)
     x, t = focal_inputs(gen, (10, 4), torch.float32, device)

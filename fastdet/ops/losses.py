@@ -219,15 +219,21 @@ def _focal_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(grad)
     ctx.args = inputs[2:-1]  # everything between the two tensors and need_grad
     ctx.need_grad = inputs[-1]
-    # Normally the forward already wrote the gradient. If it was called with need_grad=False on inputs that require
-    # grad (only a direct call of the op does that), the backward recomputes it, so the inputs are kept too.
-    ctx.save_for_backward(grad, inputs[0], inputs[1])
+    # Normally the forward already wrote the gradient and nothing else is kept (so later in-place changes to the
+    # targets do not trip autograd's version check). If it was called with need_grad=False on inputs that require grad
+    # (only a direct call of the op does that), the backward recomputes the gradient from the saved inputs.
+    if ctx.need_grad:
+        ctx.save_for_backward(grad)
+    else:
+        ctx.save_for_backward(inputs[0], inputs[1])
 
 
 def _make_focal_backward(name):
     def backward(ctx, grad_loss, _grad_of_grad):
-        saved, logits, targets = ctx.saved_tensors
-        if not ctx.need_grad:
+        if ctx.need_grad:
+            (saved,) = ctx.saved_tensors
+        else:
+            logits, targets = ctx.saved_tensors
             with torch.no_grad():
                 _, saved = getattr(torch.ops.fastdet, name)(logits, targets, *ctx.args, True)
         # grad_loss is [] for a reduced loss and the loss' shape for 'none': one elementwise pass either way.
