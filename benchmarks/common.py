@@ -51,6 +51,10 @@ SIZES = {
         Size({"batch": 16, "n": 1_000, "m": 100}),
         Size({"n": 4096, "m": 4096}, cpu={"n": 2048, "m": 2048}),
     ],
+    # RetinaNet's classification loss: 16 images x 120k anchors x 80 classes (153.6M logits); CPU: 2 x 30k x 80.
+    "focal_loss": [
+        Size({"batch": 16, "n": 120_000, "classes": 80}, cpu={"batch": 2, "n": 30_000, "classes": 80}),
+    ],
 }
 
 _LABEL_KEYS = (("batch", "B"), ("n", "N"), ("m", "M"), ("classes", "C"))

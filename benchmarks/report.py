@@ -38,6 +38,10 @@ TARGETS = [
     ("cuda", "box_iou", {}, 2.0),
     ("cpu", "nms", {}, 1.0),
     ("cpu", "batched_nms", {}, 2.0),
+    ("cuda", "focal_loss_fwd_bwd_fp32", {}, 5.0),
+    ("cuda", "focal_loss_fwd_bwd_bf16", {}, 5.0),
+    ("cpu", "focal_loss_fwd_bwd_fp32", {}, 2.0),
+    ("cpu", "focal_loss_fwd_bwd_bf16", {}, 2.0),
 ]
 
 GPU_PLACEHOLDER_KEY = "cuda: not measured yet"

@@ -198,6 +198,18 @@ def test_focal_targets_requiring_grad(device, seed):
     assert_close(gt, et, seed=seed)
 
 
+def test_focal_targets_may_change_after_forward(device, seed):
+    # Only the gradient written by the forward is saved, so reusing the targets buffer before backward is fine.
+    gen = torch.Generator().manual_seed(seed)
+    x, t = focal_inputs(gen, (10, 4), torch.float32, device)
+    xr = x.clone().requires_grad_(True)
+    loss = ops.sigmoid_focal_loss(xr, t, reduction="sum")
+    _, (e,) = run_with_grad(lambda a: ref.sigmoid_focal_loss(a, t, reduction="sum"), x)
+    t.zero_()
+    (g,) = torch.autograd.grad(loss, xr)
+    assert_close(g, e, seed=seed, **grad_tolerance(torch.float32))
+
+
 def test_focal_no_grad_writes_no_gradient(device, seed):
     gen = torch.Generator().manual_seed(seed)
     x, t = focal_inputs(gen, (10, 4), torch.float32, device)
@@ -488,6 +500,69 @@ def test_reduction_is_deterministic_and_thread_independent(seed):
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
+def test_cpu_scalar_path_matches_vectorised_path(tmp_path):
+    # The CPU kernel evaluates float32/float16/bfloat16 8 at a time with AVX2 where it can; FASTDET_FOCAL_SCALAR=1
+    # forces the scalar code (the per-element function the CUDA kernel compiles). Both must agree to rounding.
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, fastdet.ops as ops\n"
+        "g = torch.Generator().manual_seed(5)\n"
+        "x = torch.randn(300, 17, generator=g) * 6\n"
+        "x[0, :4] = torch.tensor([float('inf'), -float('inf'), float('nan'), 0.0])\n"
+        "t = (torch.rand(300, 17, generator=g) < 0.2).float()\n"
+        "labels = torch.randint(-1, 18, (300,), generator=g)\n"
+        "out = {}\n"
+        "for dtype in (torch.float32, torch.bfloat16):\n"
+        "    for gamma in (2.0, 1.5, 0.0):\n"
+        "        xr = x.to(dtype).requires_grad_(True)\n"
+        "        loss = ops.sigmoid_focal_loss(xr, t.to(dtype), gamma=gamma)\n"
+        "        (gx,) = torch.autograd.grad(loss.sum(), xr)\n"
+        "        lab = ops.sigmoid_focal_loss_with_labels(x[1:].to(dtype), labels[1:], gamma=gamma, reduction='sum')\n"
+        "        out[f'{dtype}-{gamma}'] = (loss.detach(), gx, lab)\n"
+        "torch.save(out, __import__('sys').argv[1])\n"
+    )
+    results = []
+    for scalar in ("1", "0"):
+        path = tmp_path / f"scalar{scalar}.pt"
+        env = dict(__import__("os").environ, FASTDET_FOCAL_SCALAR=scalar)
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=env)
+        results.append(torch.load(path))
+    for key, (loss_s, grad_s, lab_s) in results[0].items():
+        loss_v, grad_v, lab_v = results[1][key]
+        tol = value_tolerance(loss_s.dtype)
+        torch.testing.assert_close(loss_v, loss_s, equal_nan=True, **tol, msg=lambda m: f"{key} loss: {m}")
+        torch.testing.assert_close(grad_v, grad_s, equal_nan=True, **tol, msg=lambda m: f"{key} grad: {m}")
+        torch.testing.assert_close(lab_v, lab_s, **tol, msg=lambda m: f"{key} labels: {m}")
+
+
+@pytest.mark.cuda
+def test_cuda_losses_do_not_synchronise(seed):
+    # "error" makes any synchronising CUDA call (item(), nonzero(), a blocking copy) raise inside the block.
+    gen = torch.Generator().manual_seed(seed)
+    x, t = focal_inputs(gen, (4, 1000, 8), torch.float32, "cuda")
+    labels = random_labels(gen, (4, 1000), 8, "cuda")
+    b1, b2 = box_pairs(gen, 500, torch.float32, "cuda")
+    x.requires_grad_(True)
+    b1.requires_grad_(True)
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        num_fg = ((labels >= 0) & (labels < 8)).sum().clamp(min=1)
+        total = (ops.sigmoid_focal_loss_with_labels(x, labels, reduction="sum", normalizer=num_fg)
+                 + ops.sigmoid_focal_loss_with_labels(x, labels, reduction="mean")
+                 + ops.sigmoid_focal_loss(x, t, reduction="mean", normalizer=num_fg)
+                 + ops.sigmoid_focal_loss(x, t).sum()
+                 + ops.generalized_box_iou_loss(b1, b2, reduction="mean")
+                 + ops.complete_box_iou_loss(b1, b2).sum())
+        total.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert torch.isfinite(total).item()
+
+
 @pytest.mark.cuda
 def test_cuda_reduction_is_bitwise_reproducible(seed):
     gen = torch.Generator().manual_seed(seed)
@@ -517,6 +592,10 @@ def test_bad_input(device):
         ops.sigmoid_focal_loss(x, t, gamma=-1.0)
     with pytest.raises(ValueError, match="normalizer"):
         ops.sigmoid_focal_loss(x, t, normalizer=torch.ones(2, device=device))
+    if device == "cuda":
+        with pytest.raises(ValueError, match="normalizer must be on the device"):
+            ops.sigmoid_focal_loss(x.cpu(), t.cpu(), normalizer=torch.tensor(2.0, device=device))
+        ops.sigmoid_focal_loss(x, t, normalizer=torch.tensor(2.0))  # a CPU normaliser is copied, no sync
     with pytest.raises(ValueError, match="labels must have shape"):
         ops.sigmoid_focal_loss_with_labels(x, torch.zeros(3, dtype=torch.long, device=device))
     with pytest.raises(TypeError, match="integer"):

@@ -65,7 +65,11 @@ FocalArgs prepare_focal_args(const at::Tensor& inputs, const at::Tensor& targets
     TORCH_CHECK(n.numel() == 1, "normalizer must hold exactly one number, got shape ", n.sizes());
     TORCH_CHECK(!n.is_complex() && n.scalar_type() != at::kBool, "normalizer must be a real number, got ",
                 n.scalar_type());
-    // A one-element tensor on any device is accepted; moving it is a device-side copy, not a host sync.
+    // A one-element tensor on the inputs' device, or a CPU tensor (copied to the device, no host sync), is accepted.
+    // A device tensor with CPU inputs is refused rather than synchronised (the dispatcher would also route that call
+    // to the CUDA kernel).
+    TORCH_CHECK(n.device() == inputs.device() || n.is_cpu(), "normalizer must be on the device of ", in_name, " (",
+                inputs.device(), ") or on the CPU, got ", n.device());
     norm = n.reshape({}).to(inputs.device(), acc);
   }
   if (reduction == kReduceMean) {

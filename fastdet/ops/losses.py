@@ -71,6 +71,9 @@ def _normalizer_tensor(normalizer, like: Tensor):
             raise ValueError(f"normalizer must hold exactly one number, got shape {tuple(normalizer.shape)}")
         if normalizer.is_complex() or normalizer.dtype == torch.bool:
             raise TypeError(f"normalizer must be a real number, got dtype {normalizer.dtype}")
+        if normalizer.device != like.device and normalizer.device.type != "cpu":
+            raise ValueError(f"normalizer must be on the device of the logits ({like.device}) or on the CPU, got "
+                             f"{normalizer.device}")
         return normalizer.detach()
     if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)):
         raise TypeError(f"normalizer must be None, a number or a one-element tensor, got {type(normalizer).__name__}")
@@ -216,15 +219,21 @@ def _focal_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(grad)
     ctx.args = inputs[2:-1]  # everything between the two tensors and need_grad
     ctx.need_grad = inputs[-1]
-    # Normally the forward already wrote the gradient. If it was called with need_grad=False on inputs that require
-    # grad (only a direct call of the op does that), the backward recomputes it, so the inputs are kept too.
-    ctx.save_for_backward(grad, inputs[0], inputs[1])
+    # Normally the forward already wrote the gradient and nothing else is kept (so later in-place changes to the
+    # targets do not trip autograd's version check). If it was called with need_grad=False on inputs that require grad
+    # (only a direct call of the op does that), the backward recomputes the gradient from the saved inputs.
+    if ctx.need_grad:
+        ctx.save_for_backward(grad)
+    else:
+        ctx.save_for_backward(inputs[0], inputs[1])
 
 
 def _make_focal_backward(name):
     def backward(ctx, grad_loss, _grad_of_grad):
-        saved, logits, targets = ctx.saved_tensors
-        if not ctx.need_grad:
+        if ctx.need_grad:
+            (saved,) = ctx.saved_tensors
+        else:
+            logits, targets = ctx.saved_tensors
             with torch.no_grad():
                 _, saved = getattr(torch.ops.fastdet, name)(logits, targets, *ctx.args, True)
         # grad_loss is [] for a reduced loss and the loss' shape for 'none': one elementwise pass either way.
@@ -263,14 +272,13 @@ def smooth_l1_loss(input: Tensor, target: Tensor, beta: float = 1.0, reduction: 
     """
     _check_tensor(input, "input")
     _check_tensor(target, "target")
-    red = _reduction_code(reduction)
+    _reduction_code(reduction)  # validates
     if input.shape != target.shape:
         raise ValueError(f"input and target must have the same shape, got {tuple(input.shape)} and "
                          f"{tuple(target.shape)}")
     beta = float(beta)
     if not (beta >= 0 and math.isfinite(beta)):
         raise ValueError(f"beta must be a finite number >= 0, got {beta}")
-    del red
     return F.smooth_l1_loss(input, target, reduction=reduction, beta=beta)
 
 
@@ -298,7 +306,9 @@ def _box_pair_loss(boxes1: Tensor, boxes2: Tensor, variant: int, reduction: str,
         try:
             boxes1, boxes2 = torch.broadcast_tensors(boxes1, boxes2)
         except RuntimeError:
-            raise ValueError(f"boxes1 {tuple(boxes1.shape)} and boxes2 {tuple(boxes2.shape)} do not broadcast") from None
+            raise ValueError(
+                f"boxes1 {tuple(boxes1.shape)} and boxes2 {tuple(boxes2.shape)} do not broadcast"
+            ) from None
     return native("box_pair_loss")(boxes1, boxes2, variant, red, eps)
 
 
