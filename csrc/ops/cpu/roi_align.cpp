@@ -15,7 +15,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -279,7 +278,8 @@ std::vector<at::Tensor> align_backward(const at::Tensor& grad, const at::Tensor&
   const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   std::vector<at::Tensor> bufs;
   for (int64_t l = 0; l < L; ++l) {
-    bufs.push_back(at::zeros({N, C, heights[l], widths[l]}, grad.options().dtype(acc).memory_format(fmt)));
+    // at::zeros ignores the memory format of its options; empty + zero_ keeps it.
+    bufs.push_back(at::empty({N, C, heights[l], widths[l]}, grad.options().dtype(acc).memory_format(fmt)).zero_());
   }
   if (K > 0 && C > 0) {
     const auto batch = checked_batch_indices(rois, N);

@@ -6,7 +6,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -117,7 +116,8 @@ at::Tensor roi_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& rois_
   const auto rois = rois_in.to(roi_acc_type(grad.scalar_type())).contiguous();
   const auto acc = roi_acc_type(grad.scalar_type());
   const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  auto buf = at::zeros({N, C, H, W}, grad.options().dtype(acc).memory_format(fmt));
+  // at::zeros ignores the memory format of its options; empty + zero_ keeps it.
+  auto buf = at::empty({N, C, H, W}, grad.options().dtype(acc).memory_format(fmt)).zero_();
   const int64_t K = rois.size(0), PH = grad.size(2), PW = grad.size(3);
   if (K > 0 && C > 0 && PH > 0 && PW > 0) {
     const auto batch = checked_batch(rois, N);

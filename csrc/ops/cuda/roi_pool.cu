@@ -15,7 +15,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -201,7 +200,8 @@ at::Tensor roi_pool_backward_cuda(const at::Tensor& grad, const at::Tensor& rois
   const auto acc = roi_acc_type(grad.scalar_type());
   const auto rois = rois_in.to(acc).contiguous();
   const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  auto buf = at::zeros({N, C, H, W}, grad.options().dtype(acc).memory_format(fmt));
+  // at::zeros ignores the memory format of its options; empty + zero_ keeps it.
+  auto buf = at::empty({N, C, H, W}, grad.options().dtype(acc).memory_format(fmt)).zero_();
   const int64_t K = rois.size(0), PH = grad.size(2), PW = grad.size(3);
   if (K > 0 && C > 0 && PH > 0 && PW > 0 && buf.numel() > 0) {
     const bool deterministic = at::globalContext().deterministicAlgorithms();
