@@ -51,6 +51,15 @@ SIZES = {
         Size({"batch": 16, "n": 1_000, "m": 100}),
         Size({"n": 4096, "m": 4096}, cpu={"n": 2048, "m": 2048}),
     ],
+    # RoI ops: batch B images, N RoIs per image (channels, map and bin sizes in benchmarks/test_bench_roi.py).
+    "roi_align": [
+        Size({"batch": 2, "n": 16}),
+        Size({"batch": 8, "n": 512}, cpu={"batch": 2, "n": 256}),
+    ],
+    "multi_scale_roi_align": [
+        Size({"batch": 1, "n": 16}),
+        Size({"batch": 8, "n": 512}, cpu={"batch": 1, "n": 256}),
+    ],
 }
 
 _LABEL_KEYS = (("batch", "B"), ("n", "N"), ("m", "M"), ("classes", "C"))
