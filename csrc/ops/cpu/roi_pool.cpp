@@ -61,41 +61,74 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_cpu(const at::Tensor& input, const a
     at::parallel_for(0, K * blocks, 1, [&](int64_t begin, int64_t end) {
       T best[kBlock];
       int64_t where[kBlock];
+      std::vector<int64_t> h0(PH), h1(PH), w0(PW), w1(PW);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t k = item / blocks;
         const int64_t c0 = (item % blocks) * kBlock;
         const int64_t nc = std::min(kBlock, C - c0);
         const auto g = roi::pool_geometry<T>(r + k * 5 + 1, static_cast<T>(spatial_scale), PH, PW);
         const scalar_t* base = in + batch[k] * isn + c0 * isc;
-        for (int64_t ph = 0; ph < PH; ++ph) {
-          int64_t h0 = 0, h1 = 0;
-          roi::pool_bin_range(g.start_h, g.bin_h, ph, H, &h0, &h1);
-          for (int64_t pw = 0; pw < PW; ++pw) {
-            int64_t w0 = 0, w1 = 0;
-            roi::pool_bin_range(g.start_w, g.bin_w, pw, W, &w0, &w1);
-            const bool empty = !g.valid || h1 <= h0 || w1 <= w0;
-            for (int64_t c = 0; c < nc; ++c) {
-              best[c] = empty ? T(0) : roi::pool_init<T>();
-              where[c] = -1;
-            }
-            if (!empty) {
-              for (int64_t h = h0; h < h1; ++h) {
-                for (int64_t w = w0; w < w1; ++w) {
-                  const scalar_t* p = base + h * ish + w * isw;
-                  for (int64_t c = 0; c < nc; ++c) {
-                    const T v = static_cast<T>(p[c * isc]);
-                    if (v > best[c]) {
-                      best[c] = v;
-                      where[c] = h * W + w;
+        for (int64_t p = 0; p < PH; ++p) {
+          roi::pool_bin_range(g.start_h, g.bin_h, p, H, &h0[p], &h1[p]);
+        }
+        for (int64_t p = 0; p < PW; ++p) {
+          roi::pool_bin_range(g.start_w, g.bin_w, p, W, &w0[p], &w1[p]);
+        }
+        if (isc == 1) {
+          // channels-last: the block's channels are contiguous at every pixel, so they are the inner loop
+          for (int64_t ph = 0; ph < PH; ++ph) {
+            for (int64_t pw = 0; pw < PW; ++pw) {
+              const bool empty = !g.valid || h1[ph] <= h0[ph] || w1[pw] <= w0[pw];
+              for (int64_t c = 0; c < nc; ++c) {
+                best[c] = empty ? T(0) : roi::pool_init<T>();
+                where[c] = -1;
+              }
+              if (!empty) {
+                for (int64_t h = h0[ph]; h < h1[ph]; ++h) {
+                  for (int64_t w = w0[pw]; w < w1[pw]; ++w) {
+                    const scalar_t* px = base + h * ish + w * isw;
+                    for (int64_t c = 0; c < nc; ++c) {
+                      const T v = static_cast<T>(px[c]);
+                      if (v > best[c]) {
+                        best[c] = v;
+                        where[c] = h * W + w;
+                      }
                     }
                   }
                 }
               }
+              const int64_t off = k * osn + c0 * osc + ph * osh + pw * osw;
+              for (int64_t c = 0; c < nc; ++c) {
+                o[off + c * osc] = static_cast<scalar_t>(best[c]);
+                am[off + c * osc] = where[c];
+              }
             }
-            const int64_t off = k * osn + c0 * osc + ph * osh + pw * osw;
-            for (int64_t c = 0; c < nc; ++c) {
-              o[off + c * osc] = static_cast<scalar_t>(best[c]);
-              am[off + c * osc] = where[c];
+          }
+        } else {
+          // planar layouts: one channel plane at a time, scanning rows of the bin (contiguous when isw == 1)
+          for (int64_t c = 0; c < nc; ++c) {
+            const scalar_t* plane = base + c * isc;
+            for (int64_t ph = 0; ph < PH; ++ph) {
+              for (int64_t pw = 0; pw < PW; ++pw) {
+                const bool empty = !g.valid || h1[ph] <= h0[ph] || w1[pw] <= w0[pw];
+                T top = empty ? T(0) : roi::pool_init<T>();
+                int64_t at = -1;
+                if (!empty) {
+                  for (int64_t h = h0[ph]; h < h1[ph]; ++h) {
+                    const scalar_t* line = plane + h * ish;
+                    for (int64_t w = w0[pw]; w < w1[pw]; ++w) {
+                      const T v = static_cast<T>(line[w * isw]);
+                      if (v > top) {
+                        top = v;
+                        at = h * W + w;
+                      }
+                    }
+                  }
+                }
+                const int64_t off = k * osn + (c0 + c) * osc + ph * osh + pw * osw;
+                o[off] = static_cast<scalar_t>(top);
+                am[off] = at;
+              }
             }
           }
         }
