@@ -46,7 +46,7 @@ template <typename scalar_t>
 __global__ void pool_forward_kernel(const scalar_t* __restrict__ input, Shape4 is, int64_t N, int64_t C, int64_t H,
                                     int64_t W, const at::opmath_type<scalar_t>* __restrict__ rois, int64_t K,
                                     at::opmath_type<scalar_t> spatial_scale, int64_t PH, int64_t PW,
-                                    bool channels_inner, scalar_t* __restrict__ out, int64_t* __restrict__ argmax,
+                                    bool channels_inner, scalar_t* __restrict__ out, int32_t* __restrict__ argmax,
                                     Shape4 os) {
   using T = at::opmath_type<scalar_t>;
   const int64_t total = K * C * PH * PW;
@@ -65,7 +65,7 @@ __global__ void pool_forward_kernel(const scalar_t* __restrict__ input, Shape4 i
     const T* r = rois + k * 5;
     const int64_t n = roi::batch_index(r[0], N);
     T best = T(0);
-    int64_t where = -1;
+    int32_t where = -1;
     if (n >= 0) {
       const auto g = roi::pool_geometry<T>(r + 1, spatial_scale, PH, PW);
       int64_t h0, h1, w0, w1;
@@ -77,10 +77,9 @@ __global__ void pool_forward_kernel(const scalar_t* __restrict__ input, Shape4 i
         for (int64_t h = h0; h < h1; ++h) {
           for (int64_t w = w0; w < w1; ++w) {
             const T v = static_cast<T>(plane[h * is.h + w * is.w]);
-            if (v > best) {
-              best = v;
-              where = h * W + w;
-            }
+            const bool better = v > best;  // NaN never wins; selects instead of a divergent branch
+            best = better ? v : best;
+            where = better ? static_cast<int32_t>(h * W + w) : where;
           }
         }
       }
@@ -93,7 +92,7 @@ __global__ void pool_forward_kernel(const scalar_t* __restrict__ input, Shape4 i
 
 template <typename scalar_t>
 __global__ void pool_backward_atomic_kernel(const scalar_t* __restrict__ grad, Shape4 gs,
-                                            const int64_t* __restrict__ argmax, Shape4 as,
+                                            const int32_t* __restrict__ argmax, Shape4 as,
                                             const at::opmath_type<scalar_t>* __restrict__ rois, int64_t K, int64_t N,
                                             int64_t C, int64_t H, int64_t W, int64_t PH, int64_t PW,
                                             at::opmath_type<scalar_t>* __restrict__ buf, Shape4 bs) {
@@ -107,14 +106,15 @@ __global__ void pool_backward_atomic_kernel(const scalar_t* __restrict__ grad, S
     if (n < 0 || a < 0 || a >= H * W) {
       continue;
     }
-    atomicAdd(buf + n * bs.n + c * bs.c + (a / W) * bs.h + (a % W) * bs.w,
+    // bs.h == W * bs.w for both layouts of the buffer the launcher allocates, so pixel a = h * W + w is at a * bs.w.
+    atomicAdd(buf + n * bs.n + c * bs.c + a * bs.w,
               static_cast<T>(grad[k * gs.n + c * gs.c + ph * gs.h + pw * gs.w]));
   }
 }
 
 template <typename scalar_t>
 __global__ void pool_backward_gather_kernel(const scalar_t* __restrict__ grad, Shape4 gs,
-                                            const int64_t* __restrict__ argmax, Shape4 as,
+                                            const int32_t* __restrict__ argmax, Shape4 as,
                                             const at::opmath_type<scalar_t>* __restrict__ rois, int64_t K, int64_t N,
                                             int64_t C, int64_t H, int64_t W, int64_t PH, int64_t PW,
                                             at::opmath_type<scalar_t> spatial_scale,
@@ -169,9 +169,11 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_cuda(const at::Tensor& input, const 
   const c10::cuda::CUDAGuard device_guard(input.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t K = rois.size(0), N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  TORCH_CHECK(H * W <= INT32_MAX, "roi_pool: feature planes of more than 2^31 - 1 pixels are not supported (argmax ",
+              "is an int32 index inside the plane, as in torchvision), got ", H, " x ", W);
   const auto fmt = roi_memory_format(input);
   auto out = at::empty({K, C, PH, PW}, input.options().memory_format(fmt));
-  auto argmax = at::empty({K, C, PH, PW}, input.options().dtype(at::kLong).memory_format(fmt));
+  auto argmax = at::empty({K, C, PH, PW}, input.options().dtype(at::kInt).memory_format(fmt));
   if (out.numel() == 0) {
     return {out, argmax};
   }
@@ -180,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_cuda(const at::Tensor& input, const 
     pool_forward_kernel<scalar_t><<<blocks_for(out.numel()), kThreads, 0, stream>>>(
         input.const_data_ptr<scalar_t>(), strides_of(input), N, C, H, W, rois.const_data_ptr<T>(), K,
         static_cast<T>(spatial_scale), PH, PW, fmt == at::MemoryFormat::ChannelsLast,
-        out.mutable_data_ptr<scalar_t>(), argmax.mutable_data_ptr<int64_t>(), strides_of(out));
+        out.mutable_data_ptr<scalar_t>(), argmax.mutable_data_ptr<int32_t>(), strides_of(out));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out, argmax};
@@ -191,8 +193,8 @@ at::Tensor roi_pool_backward_cuda(const at::Tensor& grad, const at::Tensor& rois
                                   bool channels_last) {
   TORCH_CHECK(rois_in.dim() == 2 && rois_in.size(1) == 5, "rois must have shape [K, 5], got ", rois_in.sizes());
   check_roi_grad(grad, rois_in, C, grad.dim() == 4 ? grad.size(2) : 0, grad.dim() == 4 ? grad.size(3) : 0);
-  TORCH_CHECK(argmax.scalar_type() == at::kLong && argmax.sizes() == grad.sizes(),
-              "argmax must be an int64 tensor shaped like grad ", grad.sizes(), ", got ", argmax.scalar_type(), " ",
+  TORCH_CHECK(argmax.scalar_type() == at::kInt && argmax.sizes() == grad.sizes(),
+              "argmax must be an int32 tensor shaped like grad ", grad.sizes(), ", got ", argmax.scalar_type(), " ",
               argmax.sizes());
   check_same_device(grad, "grad", argmax, "argmax");
   const c10::cuda::CUDAGuard device_guard(grad.device());
@@ -209,12 +211,12 @@ at::Tensor roi_pool_backward_cuda(const at::Tensor& grad, const at::Tensor& rois
       using T = at::opmath_type<scalar_t>;
       if (deterministic) {
         pool_backward_gather_kernel<scalar_t><<<blocks_for(N * C * H), kThreads, 0, stream>>>(
-            grad.const_data_ptr<scalar_t>(), strides_of(grad), argmax.const_data_ptr<int64_t>(), strides_of(argmax),
+            grad.const_data_ptr<scalar_t>(), strides_of(grad), argmax.const_data_ptr<int32_t>(), strides_of(argmax),
             rois.const_data_ptr<T>(), K, N, C, H, W, PH, PW, static_cast<T>(spatial_scale),
             buf.mutable_data_ptr<T>(), strides_of(buf));
       } else {
         pool_backward_atomic_kernel<scalar_t><<<blocks_for(K * C * PH * PW), kThreads, 0, stream>>>(
-            grad.const_data_ptr<scalar_t>(), strides_of(grad), argmax.const_data_ptr<int64_t>(), strides_of(argmax),
+            grad.const_data_ptr<scalar_t>(), strides_of(grad), argmax.const_data_ptr<int32_t>(), strides_of(argmax),
             rois.const_data_ptr<T>(), K, N, C, H, W, PH, PW, buf.mutable_data_ptr<T>(), strides_of(buf));
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
