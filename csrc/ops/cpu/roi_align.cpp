@@ -3,8 +3,10 @@
 // Forward: one task per (RoI, block of channels). A task first tabulates the bilinear samples of its RoI separably:
 // for every bin row ph the valid y-samples (row offsets and weights), for every bin column pw the valid x-samples.
 // A sample of bin (ph, pw) is one y entry times one x entry, so the tables cost O(PH * grid_h + PW * grid_w) and are
-// reused by every channel of the block; the channel loop is innermost, which for channels-last features is a
-// contiguous sweep. Per channel the samples are summed in torchvision's order, so float32/float64 results are
+// computed once per task, never per channel. Planar (NCHW) maps then get the RoI's full sample list (offsets and
+// weights, as torchvision precomputes it) and are swept one channel plane at a time; channels-last maps (and RoIs
+// with huge sample counts) use the tables directly with the channel loop innermost, a contiguous sweep for
+// channels-last. Either way each channel sums its samples in torchvision's order, so float32/float64 results are
 // bitwise torchvision's.
 //
 // Backward: one task per (image, block of channels). A task visits the RoIs of its image in index order and scatters

@@ -1,5 +1,5 @@
 // CPU kernels of roi_pool. Forward: one task per (RoI, block of channels); each bin's pixel range is computed once
-// per task and reused by the block's channels. Backward: one task per (image, block of channels), visiting the
+// per task and reused by the block's channels (channel-inner for channels-last maps, plane by plane otherwise). Backward: one task per (image, block of channels), visiting the
 // image's RoIs in index order, so every gradient element is written by one thread in one fixed order (deterministic,
 // no atomics) -- the order of torchvision's sequential loop.
 #include <ATen/Dispatch.h>
