@@ -55,6 +55,15 @@ SIZES = {
     "focal_loss": [
         Size({"batch": 16, "n": 120_000, "classes": 80}, cpu={"batch": 2, "n": 30_000, "classes": 80}),
     ],
+    # RoI ops: batch B images, N RoIs per image (channels, map and bin sizes in benchmarks/test_bench_roi.py).
+    "roi_align": [
+        Size({"batch": 2, "n": 16}),
+        Size({"batch": 8, "n": 512}, cpu={"batch": 2, "n": 256}),
+    ],
+    "multi_scale_roi_align": [
+        Size({"batch": 1, "n": 16}),
+        Size({"batch": 8, "n": 512}, cpu={"batch": 1, "n": 256}),
+    ],
 }
 
 _LABEL_KEYS = (("batch", "B"), ("n", "N"), ("m", "M"), ("classes", "C"))

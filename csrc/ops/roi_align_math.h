@@ -31,6 +31,39 @@ constexpr int64_t kMaxGrid = int64_t(1) << 30;
 // Most levels a multi-scale call may pass; they travel to the CUDA kernel by value.
 constexpr int kMaxLevels = 8;
 
+// Multiply/add without contraction into fused multiply-adds. nvcc fuses a * b + c by default, which would move
+// sample positions by an ulp relative to the CPU; positions decide discrete things (which pixels, whether a sample
+// counts), so they are computed with explicitly rounded operations and are bitwise equal on both backends. Sums of
+// weighted values may use FMAs (they then agree to rounding).
+C10_HOST_DEVICE inline float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+C10_HOST_DEVICE inline double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+C10_HOST_DEVICE inline float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+C10_HOST_DEVICE inline double add_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
 template <typename T>
 struct AlignGeometry {
   T start_h, start_w;  // scaled (and, if aligned, shifted) top-left corner
@@ -66,10 +99,10 @@ C10_HOST_DEVICE inline AlignGeometry<T> align_geometry(const T* roi, T spatial_s
                                                        int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
   AlignGeometry<T> g;
   const T offset = aligned ? T(0.5) : T(0);
-  g.start_w = roi[0] * spatial_scale - offset;
-  g.start_h = roi[1] * spatial_scale - offset;
-  const T end_w = roi[2] * spatial_scale - offset;
-  const T end_h = roi[3] * spatial_scale - offset;
+  g.start_w = add_rn(mul_rn(roi[0], spatial_scale), -offset);
+  g.start_h = add_rn(mul_rn(roi[1], spatial_scale), -offset);
+  const T end_w = add_rn(mul_rn(roi[2], spatial_scale), -offset);
+  const T end_h = add_rn(mul_rn(roi[3], spatial_scale), -offset);
   T roi_w = end_w - g.start_w;
   T roi_h = end_h - g.start_h;
   if (!aligned) {
@@ -97,7 +130,8 @@ C10_HOST_DEVICE inline AlignGeometry<T> align_geometry(const T* roi, T spatial_s
 // Coordinate of sample i of bin p along one axis (the exact expression torchvision evaluates).
 template <typename T>
 C10_HOST_DEVICE inline T sample_coord(T start, T bin, int64_t p, int64_t i, int64_t grid) {
-  return start + static_cast<T>(p) * bin + (static_cast<T>(i) + T(0.5)) * bin / static_cast<T>(grid);
+  return add_rn(add_rn(start, mul_rn(static_cast<T>(p), bin)),
+                mul_rn(static_cast<T>(i) + T(0.5), bin) / static_cast<T>(grid));
 }
 
 // One bilinear sample along one axis: the two neighbouring pixel indices and their weights (h for low, l for high).

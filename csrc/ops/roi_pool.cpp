@@ -4,7 +4,7 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(fastdet, m) {
-  // Returns (output [K, C, PH, PW] in input's dtype and memory format, argmax [K, C, PH, PW] int64: the index
+  // Returns (output [K, C, PH, PW] in input's dtype and memory format, argmax [K, C, PH, PW] int32 (as torchvision): the index
   // h * W + w of the maximum inside its feature plane, -1 for an empty bin).
   m.def("roi_pool(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, SymInt pooled_width) "
         "-> (Tensor, Tensor)");

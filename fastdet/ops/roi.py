@@ -250,7 +250,7 @@ def _roi_pool_fake(input, rois, spatial_scale, pooled_height, pooled_width):
     fmt = torch.channels_last if _channels_last(input) else torch.contiguous_format
     shape = (rois.shape[0], input.shape[1], pooled_height, pooled_width)
     output = input.new_empty(shape).contiguous(memory_format=fmt)
-    argmax = input.new_empty(shape, dtype=torch.int64).contiguous(memory_format=fmt)
+    argmax = input.new_empty(shape, dtype=torch.int32).contiguous(memory_format=fmt)
     return output, argmax
 
 

@@ -3,8 +3,10 @@
 // Forward: one task per (RoI, block of channels). A task first tabulates the bilinear samples of its RoI separably:
 // for every bin row ph the valid y-samples (row offsets and weights), for every bin column pw the valid x-samples.
 // A sample of bin (ph, pw) is one y entry times one x entry, so the tables cost O(PH * grid_h + PW * grid_w) and are
-// reused by every channel of the block; the channel loop is innermost, which for channels-last features is a
-// contiguous sweep. Per channel the samples are summed in torchvision's order, so float32/float64 results are
+// computed once per task, never per channel. Planar (NCHW) maps then get the RoI's full sample list (offsets and
+// weights, as torchvision precomputes it) and are swept one channel plane at a time; channels-last maps (and RoIs
+// with huge sample counts) use the tables directly with the channel loop innermost, a contiguous sweep for
+// channels-last. Either way each channel sums its samples in torchvision's order, so float32/float64 results are
 // bitwise torchvision's.
 //
 // Backward: one task per (image, block of channels). A task visits the RoIs of its image in index order and scatters
@@ -15,7 +17,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -78,6 +79,48 @@ struct AxisTable {
   }
 };
 
+// One bilinear sample with its four pixel offsets and weights (the layout torchvision precomputes per RoI).
+template <typename T>
+struct Sample {
+  int64_t o1, o2, o3, o4;
+  T w1, w2, w3, w4;
+};
+
+// Lists every sample of a RoI, bin by bin in (iy, ix) order; false when the list would exceed kMaxListedSamples
+// (huge adaptive grids), in which case the caller uses the table-driven loop that needs no list.
+constexpr int64_t kMaxListedSamples = int64_t(1) << 16;
+
+template <typename T>
+bool planar_samples(const AxisTable<T>& ytab, const AxisTable<T>& xtab, int64_t PH, int64_t PW,
+                    std::vector<Sample<T>>& samples, std::vector<int64_t>& bin_begin) {
+  int64_t total = 0;
+  for (int64_t ph = 0; ph < PH; ++ph) {
+    for (int64_t pw = 0; pw < PW; ++pw) {
+      total += (ytab.begin[ph + 1] - ytab.begin[ph]) * (xtab.begin[pw + 1] - xtab.begin[pw]);
+    }
+  }
+  if (total > kMaxListedSamples) {
+    return false;
+  }
+  samples.clear();
+  bin_begin.assign(PH * PW + 1, 0);
+  for (int64_t ph = 0; ph < PH; ++ph) {
+    for (int64_t pw = 0; pw < PW; ++pw) {
+      bin_begin[ph * PW + pw] = static_cast<int64_t>(samples.size());
+      for (int64_t iy = ytab.begin[ph]; iy < ytab.begin[ph + 1]; ++iy) {
+        const auto& ey = ytab.entries[iy];
+        for (int64_t ix = xtab.begin[pw]; ix < xtab.begin[pw + 1]; ++ix) {
+          const auto& ex = xtab.entries[ix];
+          samples.push_back({ey.off_low + ex.off_low, ey.off_low + ex.off_high, ey.off_high + ex.off_low,
+                             ey.off_high + ex.off_high, ey.h * ex.h, ey.h * ex.l, ey.l * ex.h, ey.l * ex.l});
+        }
+      }
+    }
+  }
+  bin_begin[PH * PW] = static_cast<int64_t>(samples.size());
+  return true;
+}
+
 // Batch index (and level) of every RoI, checked here so the kernels never index out of bounds. On the CPU the check
 // costs nothing extra, so an invalid index is a clear error.
 std::vector<int64_t> checked_batch_indices(const at::Tensor& rois, int64_t N) {
@@ -118,6 +161,8 @@ void align_forward_kernel(const std::vector<Level<const scalar_t>>& levels, cons
   const int64_t blocks = (C + kForwardBlock - 1) / kForwardBlock;
   at::parallel_for(0, K * blocks, 1, [&](int64_t begin, int64_t end) {
     AxisTable<T> ytab, xtab;
+    std::vector<Sample<T>> samples;
+    std::vector<int64_t> bin_begin;
     T acc[kForwardBlock];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t k = item / blocks;
@@ -133,6 +178,23 @@ void align_forward_kernel(const std::vector<Level<const scalar_t>>& levels, cons
       }
       const scalar_t* base = lv.data + batch[k] * lv.s.n + c0 * lv.s.c;
       const int64_t sc = lv.s.c;
+      if (g.valid && sc != 1 && planar_samples(ytab, xtab, PH, PW, samples, bin_begin)) {
+        // Planar (NCHW-like) layout: the RoI's samples are listed once, then each channel plane is swept bin by bin
+        // with the list, so consecutive reads stay inside one plane.
+        for (int64_t c = 0; c < nc; ++c) {
+          const scalar_t* p = base + c * sc;
+          for (int64_t bin = 0; bin < PH * PW; ++bin) {
+            T sum = T(0);
+            for (int64_t j = bin_begin[bin]; j < bin_begin[bin + 1]; ++j) {
+              const auto& e = samples[j];
+              sum += e.w1 * static_cast<T>(p[e.o1]) + e.w2 * static_cast<T>(p[e.o2]) +
+                     e.w3 * static_cast<T>(p[e.o3]) + e.w4 * static_cast<T>(p[e.o4]);
+            }
+            out_k[c * os.c + (bin / PW) * os.h + (bin % PW) * os.w] = static_cast<scalar_t>(sum / g.count);
+          }
+        }
+        continue;
+      }
       for (int64_t ph = 0; ph < PH; ++ph) {
         for (int64_t pw = 0; pw < PW; ++pw) {
           for (int64_t c = 0; c < nc; ++c) {
@@ -279,7 +341,8 @@ std::vector<at::Tensor> align_backward(const at::Tensor& grad, const at::Tensor&
   const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   std::vector<at::Tensor> bufs;
   for (int64_t l = 0; l < L; ++l) {
-    bufs.push_back(at::zeros({N, C, heights[l], widths[l]}, grad.options().dtype(acc).memory_format(fmt)));
+    // at::zeros ignores the memory format of its options; empty + zero_ keeps it.
+    bufs.push_back(at::empty({N, C, heights[l], widths[l]}, grad.options().dtype(acc).memory_format(fmt)).zero_());
   }
   if (K > 0 && C > 0) {
     const auto batch = checked_batch_indices(rois, N);

@@ -1,0 +1,234 @@
+// CUDA kernels of roi_pool.
+//
+// Forward: one thread per output element; for channels-last maps consecutive threads take consecutive channels (the
+// warp's reads of one pixel are one contiguous run), for NCHW maps consecutive bins.
+// Backward, two modes:
+//   * default: each output element adds its gradient to its argmax pixel with atomicAdd (order varies between runs);
+//   * torch.use_deterministic_algorithms(True): a gather with one thread per gradient row (image n, channel c, row y),
+//     channels fastest. The thread visits the image's RoIs in index order, skips those whose pixel span misses row y,
+//     and for the bin rows covering y adds the gradients whose argmax lies in row y, in (RoI, ph, pw) order -- the
+//     CPU kernel's order, so the result is bitwise reproducible and equal to the CPU's. No atomics, no extra memory.
+// Invalid batch indices cannot be reported without a host synchronisation: such RoIs pool to 0 (argmax -1) and pass
+// no gradient. All offsets are 64-bit.
+#include <ATen/core/Tensor.h>
+#include <ATen/Context.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <tuple>
+
+#include "ops/checks.h"
+#include "ops/roi_align.h"
+#include "ops/roi_pool.h"
+
+namespace fastdet {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = int64_t(1) << 20;
+
+unsigned int blocks_for(int64_t work) {
+  const int64_t b = (work + kThreads - 1) / kThreads;
+  return static_cast<unsigned int>(b < 1 ? 1 : (b > kMaxBlocks ? kMaxBlocks : b));
+}
+
+struct Shape4 {
+  int64_t n, c, h, w;
+};
+
+template <typename scalar_t>
+__global__ void pool_forward_kernel(const scalar_t* __restrict__ input, Shape4 is, int64_t N, int64_t C, int64_t H,
+                                    int64_t W, const at::opmath_type<scalar_t>* __restrict__ rois, int64_t K,
+                                    at::opmath_type<scalar_t> spatial_scale, int64_t PH, int64_t PW,
+                                    bool channels_inner, scalar_t* __restrict__ out, int32_t* __restrict__ argmax,
+                                    Shape4 os) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t total = K * C * PH * PW;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int64_t c, bin;
+    if (channels_inner) {
+      c = idx % C;
+      bin = (idx / C) % (PH * PW);
+    } else {
+      bin = idx % (PH * PW);
+      c = (idx / (PH * PW)) % C;
+    }
+    const int64_t k = idx / (C * PH * PW);
+    const int64_t ph = bin / PW, pw = bin % PW;
+    const T* r = rois + k * 5;
+    const int64_t n = roi::batch_index(r[0], N);
+    T best = T(0);
+    int32_t where = -1;
+    if (n >= 0) {
+      const auto g = roi::pool_geometry<T>(r + 1, spatial_scale, PH, PW);
+      int64_t h0, h1, w0, w1;
+      roi::pool_bin_range(g.start_h, g.bin_h, ph, H, &h0, &h1);
+      roi::pool_bin_range(g.start_w, g.bin_w, pw, W, &w0, &w1);
+      if (g.valid && h1 > h0 && w1 > w0) {
+        best = roi::pool_init<T>();
+        const scalar_t* plane = input + n * is.n + c * is.c;
+        for (int64_t h = h0; h < h1; ++h) {
+          for (int64_t w = w0; w < w1; ++w) {
+            const T v = static_cast<T>(plane[h * is.h + w * is.w]);
+            const bool better = v > best;  // NaN never wins; selects instead of a divergent branch
+            best = better ? v : best;
+            where = better ? static_cast<int32_t>(h * W + w) : where;
+          }
+        }
+      }
+    }
+    const int64_t o = k * os.n + c * os.c + ph * os.h + pw * os.w;
+    out[o] = static_cast<scalar_t>(best);
+    argmax[o] = where;
+  }
+}
+
+template <typename scalar_t>
+__global__ void pool_backward_atomic_kernel(const scalar_t* __restrict__ grad, Shape4 gs,
+                                            const int32_t* __restrict__ argmax, Shape4 as,
+                                            const at::opmath_type<scalar_t>* __restrict__ rois, int64_t K, int64_t N,
+                                            int64_t C, int64_t H, int64_t W, int64_t PH, int64_t PW,
+                                            at::opmath_type<scalar_t>* __restrict__ buf, Shape4 bs) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t total = K * C * PH * PW;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t pw = idx % PW, ph = (idx / PW) % PH, c = (idx / (PW * PH)) % C, k = idx / (PW * PH * C);
+    const int64_t n = roi::batch_index(rois[k * 5], N);
+    const int64_t a = argmax[k * as.n + c * as.c + ph * as.h + pw * as.w];
+    if (n < 0 || a < 0 || a >= H * W) {
+      continue;
+    }
+    // bs.h == W * bs.w for both layouts of the buffer the launcher allocates, so pixel a = h * W + w is at a * bs.w.
+    atomicAdd(buf + n * bs.n + c * bs.c + a * bs.w,
+              static_cast<T>(grad[k * gs.n + c * gs.c + ph * gs.h + pw * gs.w]));
+  }
+}
+
+template <typename scalar_t>
+__global__ void pool_backward_gather_kernel(const scalar_t* __restrict__ grad, Shape4 gs,
+                                            const int32_t* __restrict__ argmax, Shape4 as,
+                                            const at::opmath_type<scalar_t>* __restrict__ rois, int64_t K, int64_t N,
+                                            int64_t C, int64_t H, int64_t W, int64_t PH, int64_t PW,
+                                            at::opmath_type<scalar_t> spatial_scale,
+                                            at::opmath_type<scalar_t>* __restrict__ buf, Shape4 bs) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t total = N * C * H;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t c = idx % C, y = (idx / C) % H, n = idx / (C * H);
+    T* row = buf + n * bs.n + c * bs.c + y * bs.h;
+    for (int64_t k = 0; k < K; ++k) {
+      if (roi::batch_index(rois[k * 5], N) != n) {
+        continue;
+      }
+      const auto g = roi::pool_geometry<T>(rois + k * 5 + 1, spatial_scale, PH, PW);
+      if (!g.valid) {
+        continue;
+      }
+      int64_t top, unused, bottom;
+      roi::pool_bin_range(g.start_h, g.bin_h, 0, H, &top, &unused);
+      roi::pool_bin_range(g.start_h, g.bin_h, PH - 1, H, &unused, &bottom);
+      if (y < top || y >= bottom) {
+        continue;
+      }
+      for (int64_t ph = 0; ph < PH; ++ph) {
+        int64_t h0, h1;
+        roi::pool_bin_range(g.start_h, g.bin_h, ph, H, &h0, &h1);
+        if (y < h0 || y >= h1) {
+          continue;
+        }
+        for (int64_t pw = 0; pw < PW; ++pw) {
+          const int64_t a = argmax[k * as.n + c * as.c + ph * as.h + pw * as.w];
+          if (a >= y * W && a < (y + 1) * W) {
+            row[(a - y * W) * bs.w] += static_cast<T>(grad[k * gs.n + c * gs.c + ph * gs.h + pw * gs.w]);
+          }
+        }
+      }
+    }
+  }
+}
+
+Shape4 strides_of(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+std::tuple<at::Tensor, at::Tensor> roi_pool_cuda(const at::Tensor& input, const at::Tensor& rois_in,
+                                                 double spatial_scale, int64_t PH, int64_t PW) {
+  check_roi_feature(input, "input");
+  check_output_size(PH, PW);
+  check_spatial_scale(spatial_scale, "spatial_scale");
+  const auto rois = prepare_rois(rois_in, input);
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t K = rois.size(0), N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  TORCH_CHECK(H * W <= INT32_MAX, "roi_pool: feature planes of more than 2^31 - 1 pixels are not supported (argmax ",
+              "is an int32 index inside the plane, as in torchvision), got ", H, " x ", W);
+  const auto fmt = roi_memory_format(input);
+  auto out = at::empty({K, C, PH, PW}, input.options().memory_format(fmt));
+  auto argmax = at::empty({K, C, PH, PW}, input.options().dtype(at::kInt).memory_format(fmt));
+  if (out.numel() == 0) {
+    return {out, argmax};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "roi_pool_cuda", [&] {
+    using T = at::opmath_type<scalar_t>;
+    pool_forward_kernel<scalar_t><<<blocks_for(out.numel()), kThreads, 0, stream>>>(
+        input.const_data_ptr<scalar_t>(), strides_of(input), N, C, H, W, rois.const_data_ptr<T>(), K,
+        static_cast<T>(spatial_scale), PH, PW, fmt == at::MemoryFormat::ChannelsLast,
+        out.mutable_data_ptr<scalar_t>(), argmax.mutable_data_ptr<int32_t>(), strides_of(out));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, argmax};
+}
+
+at::Tensor roi_pool_backward_cuda(const at::Tensor& grad, const at::Tensor& rois_in, const at::Tensor& argmax,
+                                  double spatial_scale, int64_t N, int64_t C, int64_t H, int64_t W,
+                                  bool channels_last) {
+  TORCH_CHECK(rois_in.dim() == 2 && rois_in.size(1) == 5, "rois must have shape [K, 5], got ", rois_in.sizes());
+  check_roi_grad(grad, rois_in, C, grad.dim() == 4 ? grad.size(2) : 0, grad.dim() == 4 ? grad.size(3) : 0);
+  TORCH_CHECK(argmax.scalar_type() == at::kInt && argmax.sizes() == grad.sizes(),
+              "argmax must be an int32 tensor shaped like grad ", grad.sizes(), ", got ", argmax.scalar_type(), " ",
+              argmax.sizes());
+  check_same_device(grad, "grad", argmax, "argmax");
+  const c10::cuda::CUDAGuard device_guard(grad.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const auto acc = roi_acc_type(grad.scalar_type());
+  const auto rois = rois_in.to(acc).contiguous();
+  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  // at::zeros ignores the memory format of its options; empty + zero_ keeps it.
+  auto buf = at::empty({N, C, H, W}, grad.options().dtype(acc).memory_format(fmt)).zero_();
+  const int64_t K = rois.size(0), PH = grad.size(2), PW = grad.size(3);
+  if (K > 0 && C > 0 && PH > 0 && PW > 0 && buf.numel() > 0) {
+    const bool deterministic = at::globalContext().deterministicAlgorithms();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_pool_backward_cuda", [&] {
+      using T = at::opmath_type<scalar_t>;
+      if (deterministic) {
+        pool_backward_gather_kernel<scalar_t><<<blocks_for(N * C * H), kThreads, 0, stream>>>(
+            grad.const_data_ptr<scalar_t>(), strides_of(grad), argmax.const_data_ptr<int32_t>(), strides_of(argmax),
+            rois.const_data_ptr<T>(), K, N, C, H, W, PH, PW, static_cast<T>(spatial_scale),
+            buf.mutable_data_ptr<T>(), strides_of(buf));
+      } else {
+        pool_backward_atomic_kernel<scalar_t><<<blocks_for(K * C * PH * PW), kThreads, 0, stream>>>(
+            grad.const_data_ptr<scalar_t>(), strides_of(grad), argmax.const_data_ptr<int32_t>(), strides_of(argmax),
+            rois.const_data_ptr<T>(), K, N, C, H, W, PH, PW, buf.mutable_data_ptr<T>(), strides_of(buf));
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return buf.to(grad.scalar_type());
+}
+
+}  // namespace
+}  // namespace fastdet
+
+TORCH_LIBRARY_IMPL(fastdet, CUDA, m) {
+  m.impl("roi_pool", &fastdet::roi_pool_cuda);
+  m.impl("_roi_pool_backward", &fastdet::roi_pool_backward_cuda);
+}
