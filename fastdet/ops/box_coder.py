@@ -231,10 +231,13 @@ def decode_and_select(
 
     index, valid = _select_top_k(scores, score_threshold, top_k)
     boxes = native("_decode_select_boxes")(rel_codes, anchors, index, sizes, weights, clip)
-    safe = index.clamp(min=0)
     C = scores.shape[2]
-    cand_scores = scores.gather(1, safe.unsqueeze(-1).expand(B, top_k, C))
-    cand_scores = cand_scores.masked_fill(~valid.unsqueeze(-1), float("-inf"))
+    if N == 0:  # nothing to gather from: every slot is padding
+        cand_scores = scores.new_full((B, top_k, C), float("-inf"))
+    else:
+        safe = index.clamp(min=0)
+        cand_scores = scores.gather(1, safe.unsqueeze(-1).expand(B, top_k, C))
+        cand_scores = cand_scores.masked_fill(~valid.unsqueeze(-1), float("-inf"))
     return boxes, cand_scores, index, valid.sum(dim=1)
 
 
@@ -242,14 +245,15 @@ def _image_sizes_tensor(image_sizes, batch: int, device) -> Tensor | None:
     if image_sizes is None:
         return None
     if isinstance(image_sizes, Tensor):
-        sizes = image_sizes
+        sizes = image_sizes  # values are not inspected: that would synchronise with the device
     else:
-        sizes = torch.tensor([[float(h), float(w)] for h, w in image_sizes], dtype=torch.float64).reshape(-1, 2)
+        pairs = [(float(h), float(w)) for h, w in image_sizes]
+        if not all(h >= 0 and w >= 0 for h, w in pairs):  # checked on the Python numbers; also rejects NaN
+            raise ValueError(f"image_sizes must be non-negative, got {image_sizes!r}")
+        sizes = torch.tensor(pairs, dtype=torch.float64).reshape(-1, 2)
     if tuple(sizes.shape) != (batch, 2):
         raise ValueError(f"image_sizes must have shape [B, 2] (height, width) with B = {batch}, got "
                          f"{tuple(sizes.shape)}")
-    if not isinstance(image_sizes, Tensor) and bool((sizes < 0).any()):
-        raise ValueError(f"image_sizes must be non-negative, got {image_sizes!r}")
     return sizes.to(device=device)
 
 
