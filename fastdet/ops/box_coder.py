@@ -152,7 +152,12 @@ class BoxCoder:
         if not isinstance(rel_codes, Tensor):
             raise TypeError("rel_codes must be a Tensor")
         box_sum = sum(b.size(0) for b in boxes)
-        concat_boxes = torch.cat(list(boxes), dim=0)
+        if len(boxes) > 1 and all(b is boxes[0] for b in boxes):
+            # Every image uses the same anchors tensor (fastdet's generators return one shared tensor per batch):
+            # decode row r against anchor r % N instead of concatenating B copies. Same values, no copy.
+            concat_boxes = boxes[0]
+        else:
+            concat_boxes = torch.cat(list(boxes), dim=0)
         if box_sum > 0:
             rel_codes = rel_codes.reshape(box_sum, -1)
         pred_boxes = self.decode_single(rel_codes, concat_boxes)
@@ -185,7 +190,9 @@ def decode_and_select(
             exactly, as :func:`fastdet.ops.multiclass_nms` does; NaN never passes).
         top_k (int): K, the number of candidate slots per image.
         image_sizes (Tensor[B, 2] or list of (height, width), optional): clip each image's boxes to
-            ``[0, width] x [0, height]``; None = no clipping.
+            ``[0, width] x [0, height]``; None = no clipping. A list is checked (non-negative) and copied to the
+            device with a pinned, non-blocking copy; a tensor is used as is (its values are not checked, since that
+            would synchronise).
         weights, bbox_xform_clip: as :class:`BoxCoder`.
 
     Returns:
@@ -251,6 +258,10 @@ def _image_sizes_tensor(image_sizes, batch: int, device) -> Tensor | None:
         if not all(h >= 0 and w >= 0 for h, w in pairs):  # checked on the Python numbers; also rejects NaN
             raise ValueError(f"image_sizes must be non-negative, got {image_sizes!r}")
         sizes = torch.tensor(pairs, dtype=torch.float64).reshape(-1, 2)
+        if torch.device(device).type == "cuda" and not torch.compiler.is_compiling():
+            # A pageable host-to-device copy would block the host until the stream drains; a pinned, non-blocking
+            # one is queued on the stream like a kernel (the caching host allocator keeps the buffer alive).
+            sizes = sizes.pin_memory().to(device, non_blocking=True)
     if tuple(sizes.shape) != (batch, 2):
         raise ValueError(f"image_sizes must have shape [B, 2] (height, width) with B = {batch}, got "
                          f"{tuple(sizes.shape)}")
