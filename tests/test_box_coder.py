@@ -435,3 +435,31 @@ def test_box_coder_bad_input(call, error, message):
 def test_native_box_coder_checks(call, message):
     with pytest.raises(RuntimeError, match=message):
         call()
+
+
+@pytest.mark.cuda
+def test_cuda_paths_do_not_synchronise(seed):
+    """decode_and_select (with tensor or list image sizes), a warm AnchorGenerator and decode must not wait on the
+    device: torch's sync debug mode turns any synchronisation into an error."""
+    device = "cuda"
+    gen = torch.Generator().manual_seed(seed)
+    rel, anchors, scores = dense_predictions(gen, 2, 500, 4, device=device)
+    sizes = torch.tensor([[300, 400], [200, 200]], device=device)
+    generator = ops.AnchorGenerator(((32,), (64,)), (0.5, 1.0, 2.0))
+
+    class Images:
+        tensors = torch.zeros(2, 3, 64, 64, device=device)
+        image_sizes = [(64, 64)] * 2
+
+    features = [torch.zeros(2, 1, 8, 8, device=device), torch.zeros(2, 1, 4, 4, device=device)]
+    generator(Images, features)  # first call uploads the cell anchors once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.decode_and_select(rel, anchors, scores, 0.3, 64, sizes)
+        ops.decode_and_select(rel, anchors, scores, 0.3, 64, [(300, 400), (200, 200)])
+        generator(Images, features)
+        generator(Images, [f[:, :, :6] for f in features])  # a new size: computed, still without a sync
+        ops.box_decode(rel.reshape(-1, 4), anchors)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
