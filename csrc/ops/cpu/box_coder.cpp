@@ -35,12 +35,18 @@ at::Tensor box_decode_cpu(const at::Tensor& rel_codes, const at::Tensor& boxes, 
     const scalar_t* b = bx.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, R * C, kGrain, [&](int64_t begin, int64_t end) {
+      // (class, box) of element i are stepped, not divided out per element (64-bit division is slow).
+      int64_t c = begin % C, j = (begin / C) % Rb;
       for (int64_t i = begin; i < end; ++i) {
         A rv[4], bv[4], ov[4];
         load4(r + i * 4, rv);
-        load4(b + ((i / C) % Rb) * 4, bv);
+        load4(b + j * 4, bv);
         coder::decode_one<A>(rv, bv, p, ov);
         for (int k = 0; k < 4; ++k) o[i * 4 + k] = static_cast<scalar_t>(ov[k]);
+        if (++c == C) {
+          c = 0;
+          if (++j == Rb) j = 0;
+        }
       }
     });
   });

@@ -32,7 +32,7 @@ __global__ void grid_anchors_kernel(const anchors::Levels lv, const T* __restric
                                     T* __restrict__ out) {
   for (int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; n < N;
        n += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    anchors::grid_anchor_row<T>(lv, cells, offset, n, out + n * 4);
+    anchors::grid_anchor_row<T>(lv, cells, offset, anchors::locate(lv, n), out + n * 4);
   }
 }
 
@@ -41,7 +41,7 @@ __global__ void ssd_default_boxes_kernel(const anchors::Levels lv, const float* 
                                          int64_t N, O* __restrict__ out) {
   for (int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; n < N;
        n += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    anchors::ssd_default_box_row<T, O>(lv, wh, image_w, image_h, n, out + n * 4);
+    anchors::ssd_default_box_row<T, O>(lv, wh, image_w, image_h, anchors::locate(lv, n), out + n * 4);
   }
 }
 
@@ -50,7 +50,7 @@ __global__ void grid_priors_kernel(const anchors::Levels lv, const double* __res
                                    int64_t N, T* __restrict__ out) {
   for (int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; n < N;
        n += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    anchors::grid_prior_row<T>(lv, wh, offset, xyxy, n, out + n * 4);
+    anchors::grid_prior_row<T>(lv, wh, offset, xyxy, anchors::locate(lv, n), out + n * 4);
   }
 }
 

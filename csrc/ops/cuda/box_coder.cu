@@ -39,6 +39,13 @@ unsigned int blocks_for(int64_t items) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); \
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
 
+// Box of element i = (row, class): row = i / C, box = row % Rb. The common layouts (C == 1; one box per row) need
+// no 64-bit division, which the GPU emulates in dozens of instructions.
+__device__ inline int64_t box_of(int64_t i, int64_t C, int64_t Rb) {
+  const int64_t row = C == 1 ? i : i / C;
+  return row < Rb ? row : row % Rb;
+}
+
 template <typename T, typename A>
 __device__ inline void load4(const T* p, A v[4]) {
 #pragma unroll
@@ -52,7 +59,7 @@ __global__ void decode_kernel(const T* __restrict__ rel, const T* __restrict__ b
   FASTDET_GRID_STRIDE(i, total) {
     A rv[4], bv[4], ov[4];
     load4(rel + i * 4, rv);
-    load4(boxes + ((i / C) % Rb) * 4, bv);
+    load4(boxes + box_of(i, C, Rb) * 4, bv);
     coder::decode_one<A>(rv, bv, p, ov);
 #pragma unroll
     for (int k = 0; k < 4; ++k) out[i * 4 + k] = static_cast<T>(ov[k]);
@@ -67,7 +74,7 @@ __global__ void decode_backward_rel_kernel(const T* __restrict__ grad, const T* 
   FASTDET_GRID_STRIDE(i, total) {
     A rv[4], bv[4], gv[4], grv[4], gbv[4];
     load4(rel + i * 4, rv);
-    load4(boxes + ((i / C) % Rb) * 4, bv);
+    load4(boxes + box_of(i, C, Rb) * 4, bv);
     load4(grad + i * 4, gv);
     coder::decode_one_backward<A>(rv, bv, p, gv, grv, gbv);
 #pragma unroll
