@@ -39,10 +39,14 @@ def random_deltas(gen, rows, cols=4, *, spread=1.5, dtype=torch.float32, device=
     return (torch.randn(rows, cols, generator=gen, dtype=torch.float64) * spread).to(dtype).to(device)
 
 
-def coordinate_tolerance(dtype, boxes, extra_ulps=4):
-    """Decoded coordinates: exp differs by up to ~2 ulp between libraries (SLEEF, glibc, CUDA), and the corner
-    c +/- exp(d) w / 2 carries that error times w, plus the final rounding of a value of magnitude <= the largest
-    coordinate. float16/bfloat16 are compared after one rounding on both sides, so one ulp of the result."""
+def coordinate_tolerance(dtype, boxes, extra_ulps=4, exact_on_cpu=True):
+    """Decoded coordinates. On the CPU fastdet evaluates exp with torch's own kernel over arrays laid out like
+    torchvision's (and the reference's), so the results are identical: tolerance 0. On CUDA exp is CUDA's expf (within
+    ~2 ulp of torch's), and the corner c +/- exp(d) w / 2 carries that error times w, plus the final rounding of a value
+    of magnitude <= the largest coordinate; float16/bfloat16 are compared after one rounding, so one ulp of the
+    result."""
+    if exact_on_cpu and boxes.device.type == "cpu":
+        return {"rtol": 0, "atol": 0}
     eps = torch.finfo(torch.float32 if dtype in LOW_PRECISION else dtype).eps
     finite = boxes.double()[torch.isfinite(boxes.double())].abs()
     magnitude = float(finite.max()) if finite.numel() else 1.0
@@ -117,8 +121,9 @@ def test_encode_matches_torchvision(device, dtype, weights, seed):
     proposals = random_boxes(gen, 300, dtype=dtype, device=device)
     got = ops.BoxCoder(weights).encode_single(gt, proposals)
     want = BoxCoder(weights).encode_single(gt, proposals)
-    eps = torch.finfo(dtype).eps
-    # dx, dy: the same operations, bit for bit; dw, dh: log differs by an ulp between libraries
+    # dx, dy: the same operations, bit for bit everywhere; dw, dh: bit for bit on the CPU (torch's own log), within an
+    # ulp or two of log on CUDA (logf)
+    eps = 0.0 if device == "cpu" else torch.finfo(dtype).eps
     assert_close(got[:, :2], want[:, :2], seed=seed, what="encode dx dy", rtol=0, atol=0)
     assert_close(got[:, 2:], want[:, 2:], seed=seed, what="encode dw dh", rtol=4 * eps, atol=4 * eps * max(weights))
     got_list = ops.BoxCoder(weights).encode([gt[:120], gt[120:]], [proposals[:120], proposals[120:]])
@@ -136,8 +141,12 @@ def test_encode_matches_reference_and_round_trips(device, dtype, seed):
     got = ops.box_encode(gt, proposals, weights)
     want = ref.box_encode(gt, proposals, weights)
     lowp = dtype in LOW_PRECISION
-    tol = {"rtol": torch.finfo(dtype).eps, "atol": 2 * torch.finfo(dtype).eps * 10} if lowp else \
-        {"rtol": 4 * torch.finfo(dtype).eps, "atol": 40 * torch.finfo(dtype).eps}
+    if device == "cpu":
+        tol = {"rtol": 0, "atol": 0}  # torch's own log on identically laid-out arrays: identical
+    elif lowp:
+        tol = {"rtol": torch.finfo(dtype).eps, "atol": 2 * torch.finfo(dtype).eps * 10}
+    else:
+        tol = {"rtol": 4 * torch.finfo(dtype).eps, "atol": 40 * torch.finfo(dtype).eps}
     assert_close(got, want, seed=seed, what="encode vs reference", **tol)
     if not lowp:
         back = ops.box_decode(got, proposals, weights, bbox_xform_clip=math.inf)
@@ -243,7 +252,9 @@ def check_select(got, want, *, seed, what):
     assert torch.equal(index, w_index), f"{what}: candidate indices differ [seed={seed}]"
     assert torch.equal(count, w_count), f"{what}: counts differ [seed={seed}]"
     assert torch.equal(scores, w_scores), f"{what}: scores differ [seed={seed}]"
-    assert_close(boxes, w_boxes, seed=seed, what=f"{what} boxes", **coordinate_tolerance(boxes.dtype, w_boxes))
+    # the gather-decode kernel uses the math library's exp (see fastdet.ops.box_coder), so ulps, not bits
+    assert_close(boxes, w_boxes, seed=seed, what=f"{what} boxes",
+                 **coordinate_tolerance(boxes.dtype, w_boxes, exact_on_cpu=False))
 
 
 @pytest.mark.parametrize("top_k", [0, 1, 17, 200, 250])

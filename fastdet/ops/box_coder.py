@@ -8,11 +8,13 @@ by ``(wx, wy, ww, wh)`` decode to centre ``(dx / wx * w + cx, dy / wy * h + cy)`
 ``(exp(min(dw / ww, clip)) * w, exp(min(dh / wh, clip)) * h)``. Weights are ``(1, 1, 1, 1)`` for RPN and RetinaNet,
 ``(10, 10, 5, 5)`` for the Fast R-CNN box head; ``clip = log(1000 / 16)`` stops ``exp`` from overflowing.
 
-Numerics: float32 and float64 follow torchvision operation by operation (same order, each step rounded), except that
-``exp``/``log`` come from the C math library (CPU) or CUDA's ``expf``/``logf`` rather than torch's SLEEF kernels: the
-two differ by at most an ulp or two of ``exp(dw)``, so a decoded corner can differ from torchvision's by that much times
-the box size. float16/bfloat16 are computed in float32 and rounded once (torchvision rounds every intermediate to the
-low-precision dtype, so it is less accurate there). Degenerate or NaN boxes give what the formulas give (NaN in, NaN
+Numerics: float32 and float64 follow torchvision operation by operation (same order, each step rounded). On the CPU,
+``box_decode``/``box_encode`` evaluate ``exp``/``log`` with torch's own kernels over arrays laid out like
+torchvision's intermediate tensors, so their results are torchvision's bit for bit (same thread count). On CUDA,
+and in ``decode_and_select``'s gather-decode, exp/log are ``expf``/``logf`` of the math library (within an ulp or two
+of torch's), so a decoded corner can differ from torchvision's by that much times the box size. float16/bfloat16 are
+computed in float32 and rounded once (torchvision rounds every intermediate to the low-precision dtype, so it is less
+accurate there). Degenerate or NaN boxes give what the formulas give (NaN in, NaN
 out; a zero-width reference box encodes to inf/NaN), as in torchvision.
 """
 
