@@ -47,6 +47,10 @@ SIZES = {
     "multiclass_nms": [
         Size({"batch": 16, "n": 20_000, "classes": 80}, cpu={"batch": 4, "n": 20_000, "classes": 80}),
     ],
+    # issue 4: anchors + decode of RetinaNet's 5 FPN levels (P3-P7, 9 anchors per cell) at 800 x 1333 (padded to 1344)
+    "anchors_decode": [
+        Size({"batch": 16}, cpu={"batch": 4}),
+    ],
     "pairwise_iou": [
         Size({"batch": 16, "n": 1_000, "m": 100}),
         Size({"n": 4096, "m": 4096}, cpu={"n": 2048, "m": 2048}),

@@ -349,3 +349,24 @@ def test_native_ssd_checks():
         torch.ops.fastdet.ssd_default_boxes(torch.zeros(2, 2), [2], [2, 2], [0.0, 2.0], [8, 8], torch.float32)
     with pytest.raises(RuntimeError, match=r"image_size must be \(height, width\)"):
         torch.ops.fastdet.ssd_default_boxes(torch.zeros(2, 2), [2], [2, 2], [2.0, 2.0], [8], torch.float32)
+
+
+def test_drop_in_for_torchvision_retinanet(seed):
+    """fastdet's AnchorGenerator and BoxCoder in place of torchvision's inside a real torchvision detector: the same
+    anchors, hence (with the same random weights) the same detections. CPU only: it builds a ResNet-50."""
+    pytest.importorskip("torchvision", reason="torchvision is not installed")
+    from torchvision.models.detection import retinanet_resnet50_fpn
+
+    torch.manual_seed(seed % 1000)
+    model = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=5, min_size=160, max_size=224,
+                                   score_thresh=0.0).eval()
+    images = [torch.rand(3, 150, 200, generator=torch.Generator().manual_seed(seed)), torch.rand(3, 170, 130)]
+    with torch.no_grad():
+        want = model(images)
+        tv = model.anchor_generator
+        model.anchor_generator = ops.AnchorGenerator(tv.sizes, tv.aspect_ratios)
+        got = model(images)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g["boxes"], w["boxes"], rtol=1e-5, atol=1e-3)
+        assert torch.equal(g["labels"], w["labels"])
+        torch.testing.assert_close(g["scores"], w["scores"], rtol=0, atol=0)

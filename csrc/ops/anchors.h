@@ -64,6 +64,30 @@ C10_HOST_DEVICE inline double round_to<double>(double v) {
   return v;
 }
 
+// Calls f(n, cell) for rows [begin, end) in order, locating only the first row of each level by division and stepping
+// the (anchor, x, y) counters for the rest: the CPU kernels' inner loop then has no 64-bit divisions.
+template <typename F>
+inline void for_each_row(const Levels& lv, int64_t begin, int64_t end, F&& f) {
+  int64_t n = begin;
+  while (n < end) {
+    Cell c = locate(lv, n);
+    const int l = c.level;
+    const int64_t stop = end < lv.start[l + 1] ? end : lv.start[l + 1];
+    int64_t a = c.table_row - lv.table_start[l];
+    for (; n < stop; ++n) {
+      c.table_row = lv.table_start[l] + a;
+      f(n, c);
+      if (++a == lv.cells[l]) {
+        a = 0;
+        if (++c.x == lv.width[l]) {
+          c.x = 0;
+          ++c.y;
+        }
+      }
+    }
+  }
+}
+
 // ---- per-row formulas, shared by both backends so they round identically ----------------------------------------
 
 // torchvision AnchorGenerator: shift + cell anchor, where the shift (x * stride) is converted to the output dtype T
@@ -71,9 +95,9 @@ C10_HOST_DEVICE inline double round_to<double>(double v) {
 // promotion evaluates exactly this way (for float16 the sum is formed in float and rounded to half once). With
 // offset != 0 the shift (x + offset) * stride is formed in double and rounded to T, then added the same way.
 template <typename T>
-C10_HOST_DEVICE inline void grid_anchor_row(const Levels& lv, const T* cell_anchors, double offset, int64_t n, T* out) {
+C10_HOST_DEVICE inline void grid_anchor_row(const Levels& lv, const T* cell_anchors, double offset, const Cell& c,
+                                            T* out) {
   using A = at::opmath_type<T>;
-  const Cell c = locate(lv, n);
   const double sx = (static_cast<double>(c.x) + offset) * lv.step_x[c.level];
   const double sy = (static_cast<double>(c.y) + offset) * lv.step_y[c.level];
   const A ax = static_cast<A>(round_to<T>(sx));
@@ -89,9 +113,8 @@ C10_HOST_DEVICE inline void grid_anchor_row(const Levels& lv, const T* cell_anch
 // rounded to the feature dtype T, then promoted with the float32 (w, h) table to O = promote(T, float32) where the
 // corners (c -/+ 0.5 * w) * image_size are formed, each operation rounded to O. step_x/step_y hold f_k.
 template <typename T, typename O>
-C10_HOST_DEVICE inline void ssd_default_box_row(const Levels& lv, const float* wh, O image_w, O image_h, int64_t n,
+C10_HOST_DEVICE inline void ssd_default_box_row(const Levels& lv, const float* wh, O image_w, O image_h, const Cell& c,
                                                 O* out) {
-  const Cell c = locate(lv, n);
   const float fx = (static_cast<float>(c.x) + 0.5f) / static_cast<float>(lv.step_x[c.level]);
   const float fy = (static_cast<float>(c.y) + 0.5f) / static_cast<float>(lv.step_y[c.level]);
   const O cx = static_cast<O>(static_cast<T>(fx));
@@ -108,9 +131,8 @@ C10_HOST_DEVICE inline void ssd_default_box_row(const Levels& lv, const float* w
 // YOLO-style priors: centre ((x + offset) * stride_x, (y + offset) * stride_y) and the level's (w, h), formed in double
 // and rounded once to T, as (cx, cy, w, h) or (x1, y1, x2, y2).
 template <typename T>
-C10_HOST_DEVICE inline void grid_prior_row(const Levels& lv, const double* wh, double offset, bool xyxy, int64_t n,
+C10_HOST_DEVICE inline void grid_prior_row(const Levels& lv, const double* wh, double offset, bool xyxy, const Cell& c,
                                            T* out) {
-  const Cell c = locate(lv, n);
   const double cx = (static_cast<double>(c.x) + offset) * lv.step_x[c.level];
   const double cy = (static_cast<double>(c.y) + offset) * lv.step_y[c.level];
   const double w = wh[c.table_row * 2];

@@ -9,9 +9,10 @@
 //
 // Two details keep the numbers torchvision's: products and sums are rounded separately (on CUDA through the _rn
 // intrinsics, since nvcc would otherwise contract dx * w + cx into one fused multiply-add), and the clip is a plain
-// comparison, so NaN deltas stay NaN as with torch.clamp. exp and log come from the platform's math library, while
-// torch's CPU kernels use SLEEF's vectorised versions (both within 1 ulp), so decoded sizes may differ from
-// torchvision's by an ulp of exp(dw); everything else is bitwise.
+// comparison, so NaN deltas stay NaN as with torch.clamp. exp and log: the CPU decode/encode kernels evaluate them
+// with torch's own at::exp / at::log over arrays laid out exactly like torchvision's intermediate tensors, so the CPU
+// results are torchvision's bit for bit; the CUDA kernels and the CPU gather-decode use the math library's expf/logf
+// (within an ulp or two of torch's).
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <c10/macros/Macros.h>
@@ -111,14 +112,14 @@ struct Decoded {
   bool pass_w, pass_h;  // the clip let dw / dh through (gradient flows): strictly below the clip, as torch.clamp's
 };
 
-// Decodes one (delta, box) pair into out (x1, y1, x2, y2), and returns the intermediates the backward needs.
+// Decoding in two halves, so that a backend can evaluate exp(dw), exp(dh) in between with a library of its choice
+// (the CPU kernel uses torch's own vectorised exp, which makes its results torchvision's bit for bit).
+// decode_prepare: the clamped size deltas dw, dh (and whether the clamp let them through).
 template <typename A>
-C10_HOST_DEVICE inline Decoded<A> decode_one(const A r[4], const A b[4], const Params<A>& p, A out[4]) {
+C10_HOST_DEVICE inline Decoded<A> decode_prepare(const A r[4], const A b[4], const Params<A>& p) {
   Decoded<A> d;
   d.w = sub_rn(b[2], b[0]);
   d.h = sub_rn(b[3], b[1]);
-  const A cx = add_rn(b[0], mul_rn(A(0.5), d.w));
-  const A cy = add_rn(b[1], mul_rn(A(0.5), d.h));
   d.dx = r[0] / p.wx;
   d.dy = r[1] / p.wy;
   const A dw = r[2] / p.ww;
@@ -127,8 +128,16 @@ C10_HOST_DEVICE inline Decoded<A> decode_one(const A r[4], const A b[4], const P
   d.pass_h = dh < p.clip;
   d.dw = dw > p.clip ? p.clip : dw;  // NaN stays NaN
   d.dh = dh > p.clip ? p.clip : dh;
-  d.ew = exp_a(d.dw);
-  d.eh = exp_a(d.dh);
+  d.ew = A(0);
+  d.eh = A(0);
+  return d;
+}
+
+// decode_finish: the corners, given d from decode_prepare with d.ew = exp(d.dw), d.eh = exp(d.dh).
+template <typename A>
+C10_HOST_DEVICE inline void decode_finish(const A b[4], const Decoded<A>& d, A out[4]) {
+  const A cx = add_rn(b[0], mul_rn(A(0.5), d.w));
+  const A cy = add_rn(b[1], mul_rn(A(0.5), d.h));
   const A pcx = add_rn(mul_rn(d.dx, d.w), cx);
   const A pcy = add_rn(mul_rn(d.dy, d.h), cy);
   const A hw = mul_rn(A(0.5), mul_rn(d.ew, d.w));
@@ -137,6 +146,15 @@ C10_HOST_DEVICE inline Decoded<A> decode_one(const A r[4], const A b[4], const P
   out[1] = sub_rn(pcy, hh);
   out[2] = add_rn(pcx, hw);
   out[3] = add_rn(pcy, hh);
+}
+
+// Decodes one (delta, box) pair into out (x1, y1, x2, y2), and returns the intermediates the backward needs.
+template <typename A>
+C10_HOST_DEVICE inline Decoded<A> decode_one(const A r[4], const A b[4], const Params<A>& p, A out[4]) {
+  Decoded<A> d = decode_prepare(r, b, p);
+  d.ew = exp_a(d.dw);
+  d.eh = exp_a(d.dh);
+  decode_finish(b, d, out);
   return d;
 }
 
@@ -164,9 +182,16 @@ C10_HOST_DEVICE inline void decode_one_backward(const A r[4], const A b[4], cons
   grad_b[3] = gh;
 }
 
-// Encodes proposal e against reference (ground-truth) box g.
+// Encoding in two halves around the logs, as decoding around exp: encode_ratios gives gw / ew and gh / eh,
+// encode_finish the deltas given their logs.
 template <typename A>
-C10_HOST_DEVICE inline void encode_one(const A g[4], const A e[4], const Params<A>& p, A out[4]) {
+C10_HOST_DEVICE inline void encode_ratios(const A g[4], const A e[4], A* ratio_w, A* ratio_h) {
+  *ratio_w = sub_rn(g[2], g[0]) / sub_rn(e[2], e[0]);
+  *ratio_h = sub_rn(g[3], g[1]) / sub_rn(e[3], e[1]);
+}
+
+template <typename A>
+C10_HOST_DEVICE inline void encode_finish(const A g[4], const A e[4], const Params<A>& p, A log_w, A log_h, A out[4]) {
   const A ew = sub_rn(e[2], e[0]);
   const A eh = sub_rn(e[3], e[1]);
   const A ecx = add_rn(e[0], mul_rn(A(0.5), ew));
@@ -177,8 +202,16 @@ C10_HOST_DEVICE inline void encode_one(const A g[4], const A e[4], const Params<
   const A gcy = add_rn(g[1], mul_rn(A(0.5), gh));
   out[0] = mul_rn(p.wx, sub_rn(gcx, ecx)) / ew;
   out[1] = mul_rn(p.wy, sub_rn(gcy, ecy)) / eh;
-  out[2] = mul_rn(p.ww, log_a(gw / ew));
-  out[3] = mul_rn(p.wh, log_a(gh / eh));
+  out[2] = mul_rn(p.ww, log_w);
+  out[3] = mul_rn(p.wh, log_h);
+}
+
+// Encodes proposal e against reference (ground-truth) box g.
+template <typename A>
+C10_HOST_DEVICE inline void encode_one(const A g[4], const A e[4], const Params<A>& p, A out[4]) {
+  A rw, rh;
+  encode_ratios(g, e, &rw, &rh);
+  encode_finish(g, e, p, log_a(rw), log_a(rh), out);
 }
 
 // Shared checks; each returns the weights / clip as doubles validated (finite, weights non-zero).

@@ -8,11 +8,13 @@ by ``(wx, wy, ww, wh)`` decode to centre ``(dx / wx * w + cx, dy / wy * h + cy)`
 ``(exp(min(dw / ww, clip)) * w, exp(min(dh / wh, clip)) * h)``. Weights are ``(1, 1, 1, 1)`` for RPN and RetinaNet,
 ``(10, 10, 5, 5)`` for the Fast R-CNN box head; ``clip = log(1000 / 16)`` stops ``exp`` from overflowing.
 
-Numerics: float32 and float64 follow torchvision operation by operation (same order, each step rounded), except that
-``exp``/``log`` come from the C math library (CPU) or CUDA's ``expf``/``logf`` rather than torch's SLEEF kernels: the
-two differ by at most an ulp or two of ``exp(dw)``, so a decoded corner can differ from torchvision's by that much times
-the box size. float16/bfloat16 are computed in float32 and rounded once (torchvision rounds every intermediate to the
-low-precision dtype, so it is less accurate there). Degenerate or NaN boxes give what the formulas give (NaN in, NaN
+Numerics: float32 and float64 follow torchvision operation by operation (same order, each step rounded). On the CPU,
+``box_decode``/``box_encode`` evaluate ``exp``/``log`` with torch's own kernels over arrays laid out like
+torchvision's intermediate tensors, so their results are torchvision's bit for bit (same thread count). On CUDA,
+and in ``decode_and_select``'s gather-decode, exp/log are ``expf``/``logf`` of the math library (within an ulp or two
+of torch's), so a decoded corner can differ from torchvision's by that much times the box size. float16/bfloat16 are
+computed in float32 and rounded once (torchvision rounds every intermediate to the low-precision dtype, so it is less
+accurate there). Degenerate or NaN boxes give what the formulas give (NaN in, NaN
 out; a zero-width reference box encodes to inf/NaN), as in torchvision.
 """
 
@@ -152,7 +154,12 @@ class BoxCoder:
         if not isinstance(rel_codes, Tensor):
             raise TypeError("rel_codes must be a Tensor")
         box_sum = sum(b.size(0) for b in boxes)
-        concat_boxes = torch.cat(list(boxes), dim=0)
+        if len(boxes) > 1 and all(b is boxes[0] for b in boxes):
+            # Every image uses the same anchors tensor (fastdet's generators return one shared tensor per batch):
+            # decode row r against anchor r % N instead of concatenating B copies. Same values, no copy.
+            concat_boxes = boxes[0]
+        else:
+            concat_boxes = torch.cat(list(boxes), dim=0)
         if box_sum > 0:
             rel_codes = rel_codes.reshape(box_sum, -1)
         pred_boxes = self.decode_single(rel_codes, concat_boxes)
@@ -185,7 +192,9 @@ def decode_and_select(
             exactly, as :func:`fastdet.ops.multiclass_nms` does; NaN never passes).
         top_k (int): K, the number of candidate slots per image.
         image_sizes (Tensor[B, 2] or list of (height, width), optional): clip each image's boxes to
-            ``[0, width] x [0, height]``; None = no clipping.
+            ``[0, width] x [0, height]``; None = no clipping. A list is checked (non-negative) and copied to the
+            device with a pinned, non-blocking copy; a tensor is used as is (its values are not checked, since that
+            would synchronise).
         weights, bbox_xform_clip: as :class:`BoxCoder`.
 
     Returns:
@@ -231,10 +240,13 @@ def decode_and_select(
 
     index, valid = _select_top_k(scores, score_threshold, top_k)
     boxes = native("_decode_select_boxes")(rel_codes, anchors, index, sizes, weights, clip)
-    safe = index.clamp(min=0)
     C = scores.shape[2]
-    cand_scores = scores.gather(1, safe.unsqueeze(-1).expand(B, top_k, C))
-    cand_scores = cand_scores.masked_fill(~valid.unsqueeze(-1), float("-inf"))
+    if N == 0:  # nothing to gather from: every slot is padding
+        cand_scores = scores.new_full((B, top_k, C), float("-inf"))
+    else:
+        safe = index.clamp(min=0)
+        cand_scores = scores.gather(1, safe.unsqueeze(-1).expand(B, top_k, C))
+        cand_scores = cand_scores.masked_fill(~valid.unsqueeze(-1), float("-inf"))
     return boxes, cand_scores, index, valid.sum(dim=1)
 
 
@@ -242,14 +254,19 @@ def _image_sizes_tensor(image_sizes, batch: int, device) -> Tensor | None:
     if image_sizes is None:
         return None
     if isinstance(image_sizes, Tensor):
-        sizes = image_sizes
+        sizes = image_sizes  # values are not inspected: that would synchronise with the device
     else:
-        sizes = torch.tensor([[float(h), float(w)] for h, w in image_sizes], dtype=torch.float64).reshape(-1, 2)
+        pairs = [(float(h), float(w)) for h, w in image_sizes]
+        if not all(h >= 0 and w >= 0 for h, w in pairs):  # checked on the Python numbers; also rejects NaN
+            raise ValueError(f"image_sizes must be non-negative, got {image_sizes!r}")
+        sizes = torch.tensor(pairs, dtype=torch.float64).reshape(-1, 2)
+        if torch.device(device).type == "cuda" and not torch.compiler.is_compiling():
+            # A pageable host-to-device copy would block the host until the stream drains; a pinned, non-blocking
+            # one is queued on the stream like a kernel (the caching host allocator keeps the buffer alive).
+            sizes = sizes.pin_memory().to(device, non_blocking=True)
     if tuple(sizes.shape) != (batch, 2):
         raise ValueError(f"image_sizes must have shape [B, 2] (height, width) with B = {batch}, got "
                          f"{tuple(sizes.shape)}")
-    if not isinstance(image_sizes, Tensor) and bool((sizes < 0).any()):
-        raise ValueError(f"image_sizes must be non-negative, got {image_sizes!r}")
     return sizes.to(device=device)
 
 

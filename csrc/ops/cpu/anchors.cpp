@@ -1,5 +1,6 @@
-// CPU kernels of the grid generators: one parallel loop over output rows; each row is located from its index alone
-// (see anchors::locate), so chunks are independent and the result does not depend on the thread count.
+// CPU kernels of the grid generators: one parallel loop over output rows; each chunk locates its first row from the
+// index alone (see anchors::locate) and steps through the rest (anchors::for_each_row), so chunks are independent
+// and the result does not depend on the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -23,9 +24,9 @@ at::Tensor grid_anchors_cpu(const at::Tensor& cell_anchors, c10::IntArrayRef anc
     const scalar_t* base = table.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        anchors::grid_anchor_row<scalar_t>(lv, base, offset, n, dst + n * 4);
-      }
+      anchors::for_each_row(lv, begin, end, [&](int64_t n, const anchors::Cell& c) {
+        anchors::grid_anchor_row<scalar_t>(lv, base, offset, c, dst + n * 4);
+      });
     });
   });
   return out;
@@ -48,9 +49,9 @@ at::Tensor ssd_default_boxes_cpu(const at::Tensor& wh_pairs, c10::IntArrayRef bo
       using O = std::remove_pointer_t<decltype(dst)>;
       const O w = static_cast<O>(image_size[1]), h = static_cast<O>(image_size[0]);
       at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t n = begin; n < end; ++n) {
-          anchors::ssd_default_box_row<T, O>(lv, wh, w, h, n, dst + n * 4);
-        }
+        anchors::for_each_row(lv, begin, end, [&](int64_t n, const anchors::Cell& c) {
+          anchors::ssd_default_box_row<T, O>(lv, wh, w, h, c, dst + n * 4);
+        });
       });
     };
     if (out_dtype == at::kDouble) {
@@ -73,9 +74,9 @@ at::Tensor grid_priors_cpu(const at::Tensor& wh, c10::IntArrayRef priors_per_lev
     const double* src = table.const_data_ptr<double>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        anchors::grid_prior_row<scalar_t>(lv, src, offset, xyxy, n, dst + n * 4);
-      }
+      anchors::for_each_row(lv, begin, end, [&](int64_t n, const anchors::Cell& c) {
+        anchors::grid_prior_row<scalar_t>(lv, src, offset, xyxy, c, dst + n * 4);
+      });
     });
   });
   return out;

@@ -4,6 +4,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/exp.h>
+#include <ATen/ops/log.h>
 #include <torch/library.h>
 
 #include "ops/box_coder.h"
@@ -20,6 +22,10 @@ inline void load4(const T* p, A v[4]) {
   for (int k = 0; k < 4; ++k) v[k] = static_cast<A>(p[k]);
 }
 
+// Decode in three steps so that exp is torch's: (1) the clamped size deltas dw, dh into two [R * C] arrays, (2) at::exp
+// on each, (3) the corners. torchvision's decode_single applies torch.exp to [R, C] contiguous tensors of the same
+// values; the same op on the same sizes runs the same vectorised / scalar-tail split over the same thread chunks, so
+// every exp(dw) is torchvision's to the bit (the SLEEF kernels are not correctly rounded, so this matters).
 at::Tensor box_decode_cpu(const at::Tensor& rel_codes, const at::Tensor& boxes, c10::ArrayRef<double> weights,
                           double clip) {
   coder::check_decode_args(rel_codes, boxes, weights, clip);
@@ -34,14 +40,43 @@ at::Tensor box_decode_cpu(const at::Tensor& rel_codes, const at::Tensor& boxes, 
     const scalar_t* r = rel.const_data_ptr<scalar_t>();
     const scalar_t* b = bx.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, R * C, kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        A rv[4], bv[4], ov[4];
-        load4(r + i * 4, rv);
-        load4(b + ((i / C) % Rb) * 4, bv);
-        coder::decode_one<A>(rv, bv, p, ov);
-        for (int k = 0; k < 4; ++k) o[i * 4 + k] = static_cast<scalar_t>(ov[k]);
-      }
+    const auto acc_opts = rel.options().dtype(c10::CppTypeToScalarType<A>::value);
+    auto dw = at::empty({R * C}, acc_opts);
+    auto dh = at::empty({R * C}, acc_opts);
+    // (class, box) of element i are stepped, not divided out per element (64-bit division is slow).
+    auto for_elements = [&](auto&& body) {
+      at::parallel_for(0, R * C, kGrain, [&](int64_t begin, int64_t end) {
+        int64_t c = begin % C, j = (begin / C) % Rb;
+        for (int64_t i = begin; i < end; ++i) {
+          A rv[4], bv[4];
+          load4(r + i * 4, rv);
+          load4(b + j * 4, bv);
+          body(i, rv, bv);
+          if (++c == C) {
+            c = 0;
+            if (++j == Rb) j = 0;
+          }
+        }
+      });
+    };
+    A* dwp = dw.mutable_data_ptr<A>();
+    A* dhp = dh.mutable_data_ptr<A>();
+    for_elements([&](int64_t i, const A* rv, const A* bv) {
+      const auto d = coder::decode_prepare<A>(rv, bv, p);
+      dwp[i] = d.dw;
+      dhp[i] = d.dh;
+    });
+    const auto ew = at::exp(dw);
+    const auto eh = at::exp(dh);
+    const A* ewp = ew.const_data_ptr<A>();
+    const A* ehp = eh.const_data_ptr<A>();
+    for_elements([&](int64_t i, const A* rv, const A* bv) {
+      auto d = coder::decode_prepare<A>(rv, bv, p);
+      d.ew = ewp[i];
+      d.eh = ehp[i];
+      A ov[4];
+      coder::decode_finish<A>(bv, d, ov);
+      for (int k = 0; k < 4; ++k) o[i * 4 + k] = static_cast<scalar_t>(ov[k]);
     });
   });
   return out;
@@ -94,6 +129,8 @@ std::tuple<at::Tensor, at::Tensor> box_decode_backward_cpu(const at::Tensor& gra
   return {grad_rel, grad_boxes};
 }
 
+// Encode around torch's own log, for the reason given at box_decode_cpu: torchvision takes torch.log of [N, 1]
+// contiguous ratio tensors, laid out as the [N] arrays here.
 at::Tensor box_encode_cpu(const at::Tensor& reference_boxes, const at::Tensor& proposals,
                           c10::ArrayRef<double> weights) {
   coder::check_encode_args(reference_boxes, proposals, weights);
@@ -108,12 +145,29 @@ at::Tensor box_encode_cpu(const at::Tensor& reference_boxes, const at::Tensor& p
     const scalar_t* g = gt.const_data_ptr<scalar_t>();
     const scalar_t* e = ex.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const auto acc_opts = gt.options().dtype(c10::CppTypeToScalarType<A>::value);
+    auto ratio_w = at::empty({N}, acc_opts);
+    auto ratio_h = at::empty({N}, acc_opts);
+    A* rw = ratio_w.mutable_data_ptr<A>();
+    A* rh = ratio_h.mutable_data_ptr<A>();
+    at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        A gv[4], ev[4];
+        load4(g + i * 4, gv);
+        load4(e + i * 4, ev);
+        coder::encode_ratios<A>(gv, ev, rw + i, rh + i);
+      }
+    });
+    const auto log_w = at::log(ratio_w);
+    const auto log_h = at::log(ratio_h);
+    const A* lw = log_w.const_data_ptr<A>();
+    const A* lh = log_h.const_data_ptr<A>();
     at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         A gv[4], ev[4], ov[4];
         load4(g + i * 4, gv);
         load4(e + i * 4, ev);
-        coder::encode_one<A>(gv, ev, p, ov);
+        coder::encode_finish<A>(gv, ev, p, lw[i], lh[i], ov);
         for (int k = 0; k < 4; ++k) o[i * 4 + k] = static_cast<scalar_t>(ov[k]);
       }
     });
