@@ -170,8 +170,8 @@ def test_decode_encode_empty(device, shape):
     out.sum().backward()
     assert rel.grad.shape == shape and boxes.grad.shape == (0, 4)
     assert ops.box_encode(torch.zeros(0, 4, device=device), torch.zeros(0, 4, device=device)).shape == (0, 4)
-    assert ops.BoxCoder((1, 1, 1, 1)).decode(torch.zeros(0, 4, device=device), [torch.zeros(0, 4, device=device)]).shape \
-        == (0, 4)
+    empty = ops.BoxCoder((1, 1, 1, 1)).decode(torch.zeros(0, 4, device=device), [torch.zeros(0, 4, device=device)])
+    assert empty.shape == (0, 4)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -372,7 +372,9 @@ class DefaultBoxGenerator(nn.Module):
         super().__init__()
         aspect_ratios = [list(r) for r in aspect_ratios]
         if len(aspect_ratios) == 0 or len(aspect_ratios) > _MAX_LEVELS:
-            raise ValueError(f"aspect_ratios must describe between 1 and {_MAX_LEVELS} levels, got {len(aspect_ratios)}")
+            raise ValueError(
+                f"aspect_ratios must describe between 1 and {_MAX_LEVELS} levels, got {len(aspect_ratios)}"
+            )
         for i, r in enumerate(aspect_ratios):
             if len(r) > 0:
                 _positive_numbers(r, f"aspect_ratios[{i}]")
@@ -481,7 +483,8 @@ def yolo_grid_priors(
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
     wh = torch.tensor(flat, dtype=torch.float64).reshape(-1, 2).to(device=device)
-    return native("grid_priors")(wh, counts, _flat(grids), _flat(strides), _check_offset(offset), fmt == "xyxy", dtype)
+    return native("grid_priors")(wh, counts, _flat(grids), _flat(strides), _check_offset(offset), fmt == "xyxy",
+                                 dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------------
