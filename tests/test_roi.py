@@ -219,7 +219,7 @@ def image_boxes(gen, counts, dtype=torch.float32, device="cpu"):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@ALL_DTYPES
 def test_multi_scale_roi_align_matches_torchvision(device, dtype, layout, seed):
     tv = torchvision_ops()
     gen = torch.Generator().manual_seed(seed)
@@ -232,20 +232,23 @@ def test_multi_scale_roi_align_matches_torchvision(device, dtype, layout, seed):
     mine = ops.MultiScaleRoIAlign(names, 3, 2, canonical_scale=56, canonical_level=4)
     theirs = tv.MultiScaleRoIAlign(names, 3, 2, canonical_scale=56, canonical_level=4)
     out = mine(feats, boxes, shapes)
-    cpu_feats = {k: v.detach().cpu().requires_grad_(True) for k, v in feats.items()}
-    want = theirs(cpu_feats, [b.cpu() for b in boxes], shapes)
+    assert out.dtype == dtype
+    # torchvision in the accumulation dtype (float32 for float16/bfloat16), rounded once: what fastdet computes
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    cpu_feats = {k: v.detach().cpu().to(acc).requires_grad_(True) for k, v in feats.items()}
+    want = theirs(cpu_feats, [b.cpu().to(acc) for b in boxes], shapes)
     assert mine.scales == theirs.scales
     grad_out = random_features(gen, *out.shape, dtype=dtype, device=device)
     grads = torch.autograd.grad(out, list(feats.values()), grad_out)
-    want_grads = torch.autograd.grad(want, list(cpu_feats.values()), grad_out.cpu())
+    want_grads = torch.autograd.grad(want, list(cpu_feats.values()), grad_out.cpu().to(acc))
     tol = tolerance(dtype, device, "torchvision")
-    assert_close(out.cpu(), want, seed=seed, what="multi-scale output", **tol)
+    assert_close(out.cpu(), want.to(dtype), seed=seed, what="multi-scale output", **tol)
     for g, w in zip(grads, want_grads):
-        assert_close(g.cpu(), w, seed=seed, what="multi-scale gradient", **tol)
+        assert_close(g.cpu(), w.to(dtype), seed=seed, what="multi-scale gradient", **tol)
     # and the reference (a loop over levels around the reference roi_align)
-    want_ref = ref.multi_scale_roi_align([f.detach().cpu() for f in feats.values()], [b.cpu() for b in boxes], 3, 2, 56,
-                                         4, spatial_scales=mine.scales)
-    assert_close(out.detach().cpu(), want_ref, seed=seed, **tolerance(dtype, device, "reference"))
+    want_ref = ref.multi_scale_roi_align([f.detach().cpu().to(acc) for f in feats.values()],
+                                         [b.cpu().to(acc) for b in boxes], 3, 2, 56, 4, spatial_scales=mine.scales)
+    assert_close(out.detach().cpu(), want_ref.to(dtype), seed=seed, **tolerance(dtype, device, "reference"))
 
 
 def test_fpn_levels_match_torchvision_level_mapper(seed):

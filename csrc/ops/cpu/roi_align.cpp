@@ -32,6 +32,13 @@ namespace {
 
 constexpr int64_t kForwardBlock = 32;   // channels per forward task
 constexpr int64_t kBackwardBlock = 16;  // channels per backward task
+// Tasks smaller than this many (channel x bin) cells are grouped, so tiny calls (gradcheck, single RoIs) run on one
+// thread instead of paying for waking the pool -- which on a busy machine can cost milliseconds per call.
+constexpr int64_t kMinCellsPerTask = 16384;
+
+int64_t grain_for(int64_t cells_per_item) {
+  return std::max<int64_t>(1, kMinCellsPerTask / std::max<int64_t>(cells_per_item, 1));
+}
 
 struct Strides {
   int64_t n, c, h, w;
@@ -159,7 +166,7 @@ void align_forward_kernel(const std::vector<Level<const scalar_t>>& levels, cons
   const T* rois_ptr = rois.const_data_ptr<T>();
   const int64_t K = rois.size(0);
   const int64_t blocks = (C + kForwardBlock - 1) / kForwardBlock;
-  at::parallel_for(0, K * blocks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, K * blocks, grain_for(kForwardBlock * PH * PW), [&](int64_t begin, int64_t end) {
     AxisTable<T> ytab, xtab;
     std::vector<Sample<T>> samples;
     std::vector<int64_t> bin_begin;
@@ -251,7 +258,9 @@ void align_backward_kernel(const std::vector<Level<at::opmath_type<scalar_t>>>& 
     }
   }
   const int64_t blocks = (C + kBackwardBlock - 1) / kBackwardBlock;
-  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t rois_per_image = (K + N - 1) / std::max<int64_t>(N, 1);
+  at::parallel_for(0, N * blocks, grain_for(rois_per_image * kBackwardBlock * PH * PW),
+                   [&](int64_t begin, int64_t end) {
     AxisTable<T> ytab, xtab;
     T gv[kBackwardBlock];
     for (int64_t item = begin; item < end; ++item) {

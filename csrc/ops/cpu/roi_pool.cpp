@@ -21,6 +21,13 @@ namespace fastdet {
 namespace {
 
 constexpr int64_t kBlock = 16;
+// Tasks smaller than this many (channel x bin) cells are grouped, so tiny calls run on one thread instead of paying
+// for waking the pool.
+constexpr int64_t kMinCellsPerTask = 16384;
+
+int64_t grain_for(int64_t cells_per_item) {
+  return std::max<int64_t>(1, kMinCellsPerTask / std::max<int64_t>(cells_per_item, 1));
+}
 
 std::vector<int64_t> checked_batch(const at::Tensor& rois, int64_t N) {
   const int64_t K = rois.size(0);
@@ -61,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_cpu(const at::Tensor& input, const a
     int32_t* am = argmax.mutable_data_ptr<int32_t>();
     const int64_t isn = input.stride(0), isc = input.stride(1), ish = input.stride(2), isw = input.stride(3);
     const int64_t osn = out.stride(0), osc = out.stride(1), osh = out.stride(2), osw = out.stride(3);
-    at::parallel_for(0, K * blocks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, K * blocks, grain_for(kBlock * PH * PW), [&](int64_t begin, int64_t end) {
       T best[kBlock];
       int32_t where[kBlock];
       std::vector<int64_t> h0(PH), h1(PH), w0(PW), w1(PW);
@@ -177,7 +184,8 @@ at::Tensor roi_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& rois_
                     asw = argmax_in.stride(3);
       const int64_t bsn = buf.stride(0), bsc = buf.stride(1), bsw = buf.stride(3);
       TORCH_INTERNAL_ASSERT(H <= 1 || buf.stride(2) == W * bsw);
-      at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+      const int64_t rois_per_image = (K + N - 1) / std::max<int64_t>(N, 1);
+      at::parallel_for(0, N * blocks, grain_for(rois_per_image * kBlock * PH * PW), [&](int64_t begin, int64_t end) {
         for (int64_t item = begin; item < end; ++item) {
           const int64_t n = item / blocks;
           const int64_t c0 = (item % blocks) * kBlock;
