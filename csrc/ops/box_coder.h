@@ -22,51 +22,14 @@
 #include <cstdint>
 #include <optional>
 
+#include "ops/exact_math.h"
+
 namespace fastdet {
 namespace coder {
 
-C10_HOST_DEVICE inline float mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-C10_HOST_DEVICE inline double mul_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-C10_HOST_DEVICE inline float add_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-C10_HOST_DEVICE inline double add_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-C10_HOST_DEVICE inline float sub_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-C10_HOST_DEVICE inline double sub_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
+using exact::add_rn;
+using exact::mul_rn;
+using exact::sub_rn;
 
 // exp / log in A. Device code uses CUDA's expf/logf (max. 2 ulp / 1 ulp), not the fast intrinsics.
 C10_HOST_DEVICE inline float exp_a(float x) {

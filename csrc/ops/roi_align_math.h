@@ -24,6 +24,8 @@
 #include <cstdint>
 #include <limits>
 
+#include "ops/exact_math.h"
+
 namespace fastdet {
 namespace roi {
 
@@ -35,34 +37,8 @@ constexpr int kMaxLevels = 8;
 // sample positions by an ulp relative to the CPU; positions decide discrete things (which pixels, whether a sample
 // counts), so they are computed with explicitly rounded operations and are bitwise equal on both backends. Sums of
 // weighted values may use FMAs (they then agree to rounding).
-C10_HOST_DEVICE inline float mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-C10_HOST_DEVICE inline double mul_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-C10_HOST_DEVICE inline float add_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-C10_HOST_DEVICE inline double add_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
+using exact::add_rn;
+using exact::mul_rn;
 
 template <typename T>
 struct AlignGeometry {
