@@ -42,6 +42,11 @@ TARGETS = [
     ("cuda", "focal_loss_fwd_bwd_bf16", {}, 5.0),
     ("cpu", "focal_loss_fwd_bwd_fp32", {}, 2.0),
     ("cpu", "focal_loss_fwd_bwd_bf16", {}, 2.0),
+    # RoIAlign at the issue's size (batch 8, 512 RoIs per image); bf16's goal is 3x torchvision's own bf16 time.
+    ("cuda", "roi_align fwd+bwd float32", {"n": 512}, 2.0),
+    ("cuda", "roi_align fwd+bwd bfloat16", {"n": 512}, 3.0),
+    ("cpu", "roi_align fwd+bwd float32", {"n": 512}, 1.5),
+    ("cuda", "anchors_decode", {}, 5.0),
 ]
 
 GPU_PLACEHOLDER_KEY = "cuda: not measured yet"

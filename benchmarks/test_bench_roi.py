@@ -47,6 +47,21 @@ def fwd_bwd(fn, inputs):
     return step
 
 
+def fwd_only(fn):
+    def step():
+        with torch.no_grad():  # inference: no autograd bookkeeping, as a detector's eval forward
+            return fn()
+
+    return step
+
+
+PASSES = pytest.mark.parametrize("passes", ["fwd", "fwd+bwd"])
+
+
+def timed_step(passes, fn, inputs):
+    return fwd_only(fn) if passes == "fwd" else fwd_bwd(fn, inputs)
+
+
 def skip_unsupported(impl, step):
     # torchvision has no kernel for some dtype/device pairs (e.g. bfloat16 on older builds): a skip, not a failure.
     if impl != "torchvision":
@@ -57,26 +72,28 @@ def skip_unsupported(impl, step):
         pytest.skip(f"torchvision cannot run this case: {str(exc).splitlines()[0][:160]}")
 
 
+@PASSES
 @DTYPES
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("case", cases("roi_align"))
-def test_roi_align(bench, case, impl, dtype):
+def test_roi_align(bench, case, impl, dtype, passes):
     fn = implementation("roi_align", impl, case, python_loop_reference=True)
     x = features(case, STRIDE, dtype)
     boxes = [b.to(dtype) for b in rois_for(case)]
-    step = fwd_bwd(lambda: fn(x, boxes, OUTPUT_SIZE, 1.0 / STRIDE, SAMPLING_RATIO, False), [x])
+    step = timed_step(passes, lambda: fn(x, boxes, OUTPUT_SIZE, 1.0 / STRIDE, SAMPLING_RATIO, False), [x])
     skip_unsupported(impl, step)
-    bench(step, op=f"roi_align fwd+bwd {str(dtype).removeprefix('torch.')}", case=case, impl=impl)
+    bench(step, op=f"roi_align {passes} {str(dtype).removeprefix('torch.')}", case=case, impl=impl)
 
 
+@PASSES
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("case", cases("roi_align"))
-def test_roi_pool(bench, case, impl):
+def test_roi_pool(bench, case, impl, passes):
     fn = implementation("roi_pool", impl, case, python_loop_reference=True)
     x = features(case, STRIDE, torch.float32)
     boxes = rois_for(case)
-    step = fwd_bwd(lambda: fn(x, boxes, OUTPUT_SIZE, 1.0 / STRIDE), [x])
-    bench(step, op="roi_pool fwd+bwd", case=case, impl=impl)
+    step = timed_step(passes, lambda: fn(x, boxes, OUTPUT_SIZE, 1.0 / STRIDE), [x])
+    bench(step, op=f"roi_pool {passes}", case=case, impl=impl)
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
