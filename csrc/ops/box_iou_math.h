@@ -14,6 +14,8 @@
 // between both arguments.
 #include <c10/macros/Macros.h>
 
+#include "ops/box_pair_grad.h"
+
 namespace fastdet {
 namespace iou {
 
@@ -152,53 +154,12 @@ C10_HOST_DEVICE inline void pair_backward(const Box<T>& a, const Box<T>& b, int6
   const T g_iw = iw_raw > T(0) ? g_inter * ih : T(0);
   const T g_ih = ih_raw > T(0) ? g_inter * iw : T(0);
 
-  for (int k = 0; k < 4; ++k) {
-    ga[k] = T(0);
-    gb[k] = T(0);
-  }
-  // Elementwise min/max: the gradient goes to the chosen argument, split evenly on a tie.
-  auto route = [](T va, T vb, bool pick_larger, T grad, T& to_a, T& to_b) {
-    if (va == vb) {
-      to_a += grad / T(2);
-      to_b += grad / T(2);
-    } else if ((va > vb) == pick_larger) {
-      to_a += grad;
-    } else {
-      to_b += grad;
-    }
-  };
-  // iw = min(a.x2, b.x2) - max(a.x1, b.x1)
-  route(a.x2, b.x2, false, g_iw, ga[2], gb[2]);
-  route(a.x1, b.x1, true, -g_iw, ga[0], gb[0]);
-  route(a.y2, b.y2, false, g_ih, ga[3], gb[3]);
-  route(a.y1, b.y1, true, -g_ih, ga[1], gb[1]);
-  if (variant != kIoU) {
-    const T g_cw_raw = cw_raw > T(0) ? g_cw : T(0);
-    const T g_ch_raw = ch_raw > T(0) ? g_ch : T(0);
-    // cw = max(a.x2, b.x2) - min(a.x1, b.x1)
-    route(a.x2, b.x2, true, g_cw_raw, ga[2], gb[2]);
-    route(a.x1, b.x1, false, -g_cw_raw, ga[0], gb[0]);
-    route(a.y2, b.y2, true, g_ch_raw, ga[3], gb[3]);
-    route(a.y1, b.y1, false, -g_ch_raw, ga[1], gb[1]);
-  }
-  // dx = (a.x1 + a.x2) / 2 - (b.x1 + b.x2) / 2
-  ga[0] += g_dx / T(2);
-  ga[2] += g_dx / T(2);
-  gb[0] -= g_dx / T(2);
-  gb[2] -= g_dx / T(2);
-  ga[1] += g_dy / T(2);
-  ga[3] += g_dy / T(2);
-  gb[1] -= g_dy / T(2);
-  gb[3] -= g_dy / T(2);
-  // widths and heights
-  ga[2] += g_wa;
-  ga[0] -= g_wa;
-  ga[3] += g_ha;
-  ga[1] -= g_ha;
-  gb[2] += g_wb;
-  gb[0] -= g_wb;
-  gb[3] += g_hb;
-  gb[1] -= g_hb;
+  // With variant IoU the enclosure gradients are zero, so routing them changes nothing.
+  const T g_cw_raw = cw_raw > T(0) ? g_cw : T(0);
+  const T g_ch_raw = ch_raw > T(0) ? g_ch : T(0);
+  const T ac[4] = {a.x1, a.y1, a.x2, a.y2};
+  const T bc[4] = {b.x1, b.y1, b.x2, b.y2};
+  route_pair_grads<T>(ac, bc, PairGrads<T>{g_iw, g_ih, g_cw_raw, g_ch_raw, g_dx, g_dy, g_wa, g_ha, g_wb, g_hb}, ga, gb);
 }
 
 }  // namespace iou

@@ -16,6 +16,8 @@
 // gradient evenly between both arguments.
 #include <c10/macros/Macros.h>
 
+#include "ops/box_pair_grad.h"
+
 #include <cmath>
 
 namespace fastdet {
@@ -137,48 +139,7 @@ C10_HOST_DEVICE inline void pair_loss_backward(const T a[4], const T b[4], int64
   const T g_iw = overlap ? g_inter * ih : T(0);
   const T g_ih = overlap ? g_inter * iw : T(0);
 
-  for (int k = 0; k < 4; ++k) {
-    ga[k] = T(0);
-    gb[k] = T(0);
-  }
-  auto route = [](T va, T vb, bool pick_larger, T grad, T& to_a, T& to_b) {
-    if (va == vb) {
-      to_a += grad / T(2);
-      to_b += grad / T(2);
-    } else if ((va > vb) == pick_larger) {
-      to_a += grad;
-    } else {
-      to_b += grad;
-    }
-  };
-  // intersection sides: iw = min(x2) - max(x1)
-  route(a[2], b[2], false, g_iw, ga[2], gb[2]);
-  route(a[0], b[0], true, -g_iw, ga[0], gb[0]);
-  route(a[3], b[3], false, g_ih, ga[3], gb[3]);
-  route(a[1], b[1], true, -g_ih, ga[1], gb[1]);
-  // enclosure sides: cw = max(x2) - min(x1)
-  route(a[2], b[2], true, g_cw, ga[2], gb[2]);
-  route(a[0], b[0], false, -g_cw, ga[0], gb[0]);
-  route(a[3], b[3], true, g_ch, ga[3], gb[3]);
-  route(a[1], b[1], false, -g_ch, ga[1], gb[1]);
-  // centre offsets: dx = (a.x2 + a.x1) / 2 - (b.x1 + b.x2) / 2
-  ga[0] += g_dx / T(2);
-  ga[2] += g_dx / T(2);
-  gb[0] -= g_dx / T(2);
-  gb[2] -= g_dx / T(2);
-  ga[1] += g_dy / T(2);
-  ga[3] += g_dy / T(2);
-  gb[1] -= g_dy / T(2);
-  gb[3] -= g_dy / T(2);
-  // sides: w = x2 - x1, h = y2 - y1
-  ga[2] += g_wa;
-  ga[0] -= g_wa;
-  ga[3] += g_ha;
-  ga[1] -= g_ha;
-  gb[2] += g_wb;
-  gb[0] -= g_wb;
-  gb[3] += g_hb;
-  gb[1] -= g_hb;
+  route_pair_grads<T>(a, b, PairGrads<T>{g_iw, g_ih, g_cw, g_ch, g_dx, g_dy, g_wa, g_ha, g_wb, g_hb}, ga, gb);
 }
 
 }  // namespace boxloss
