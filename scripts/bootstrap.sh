@@ -25,7 +25,8 @@ if ! "$PY" -c "import torch, torchvision" >/dev/null 2>&1; then
   # shellcheck disable=SC2086
   "$PY" -m pip install -q --disable-pip-version-check $TORCH_SPEC
 fi
-"$PY" -m pip install -q --disable-pip-version-check "setuptools>=77" wheel ninja numpy "pytest>=8" "pytest-benchmark>=4"
+"$PY" -m pip install -q --disable-pip-version-check "setuptools>=77" wheel ninja numpy "pytest>=8" "pytest-benchmark>=4" \
+  pillow "pycocotools>=2.0.7" matplotlib tqdm pyyaml
 
 # The CUDA toolkit may live outside the folder torch would guess from `which nvcc` (e.g. a wrapper script in
 # /usr/local/bin); setup.py finds it, and the headers a minimal toolkit lacks, by itself.
