@@ -1,0 +1,24 @@
+"""Detection models built on :mod:`fastdet.ops`: transforms, backbones, necks, heads and detectors."""
+
+from fastdet.models.backbones import (
+    BackboneWithFPN,
+    FeaturePyramidNetwork,
+    FrozenBatchNorm2d,
+    LastLevelMaxPool,
+    LastLevelP6P7,
+    resnet,
+    resnet_fpn_backbone,
+)
+from fastdet.models.transform import DetectionTransform, ImageBatch
+
+__all__ = [
+    "BackboneWithFPN",
+    "DetectionTransform",
+    "FeaturePyramidNetwork",
+    "FrozenBatchNorm2d",
+    "ImageBatch",
+    "LastLevelMaxPool",
+    "LastLevelP6P7",
+    "resnet",
+    "resnet_fpn_backbone",
+]
