@@ -1,0 +1,187 @@
+"""Faster R-CNN (Ren et al. 2015) with FPN, torchvision's architecture, defaults and checkpoint layout.
+
+``FasterRCNN(backbone, num_classes, ...)`` takes torchvision's constructor arguments; the module tree
+(``transform``, ``backbone.body``, ``backbone.fpn``, ``rpn.head``, ``roi_heads.box_head``, ``roi_heads.box_predictor``)
+and so the state dict are torchvision's, and ``fasterrcnn_resnet50_fpn(num_classes=91)`` loads a torchvision
+``fasterrcnn_resnet50_fpn`` state dict unchanged and gives the same detections.
+
+Differences from torchvision, all in how the work is done rather than in the results:
+
+* Proposal filtering and detection selection run on padded, fixed-size tensors for the whole batch
+  (:func:`fastdet.models.rpn.select_proposals`, :func:`fastdet.models.roi_heads.select_detections`): no per-image
+  loop and no host synchronisation. The only synchronisation of an inference call is the final split of the padded
+  ``[B, K]`` detections into one dict per image (it reads ``num_detections``, see :func:`split_detections`);
+  :meth:`FasterRCNN.detect` returns the padded tensors instead and never synchronises.
+* Training targets are matched and sampled for the whole batch at once (same rules; the random draws differ).
+* Post-processing decodes in float32 under autocast (torchvision decodes in the autocast dtype).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import Tensor, nn
+
+from fastdet.models._validation import check_images_and_targets
+from fastdet.models.backbones import FrozenBatchNorm2d, resnet_fpn_backbone
+from fastdet.models.detection_utils import pad_targets
+from fastdet.models.roi_heads import Detections, FastRCNNPredictor, RoIHeads, TwoMLPHead
+from fastdet.models.rpn import RegionProposalNetwork, RPNHead
+from fastdet.models.transform import DetectionTransform, batched_postprocess_boxes
+from fastdet.ops import AnchorGenerator, MultiScaleRoIAlign
+
+__all__ = ["FasterRCNN", "fasterrcnn_resnet18_fpn", "fasterrcnn_resnet50_fpn", "split_detections"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def fpn_anchor_generator() -> AnchorGenerator:
+    """torchvision's FPN anchors: one size per level (32 ... 512), ratios 0.5, 1, 2: 3 anchors per location."""
+    return AnchorGenerator(sizes=((32,), (64,), (128,), (256,), (512,)), aspect_ratios=((0.5, 1.0, 2.0),) * 5)
+
+
+def paper_anchor_generator() -> AnchorGenerator:
+    """The paper's anchors for a single feature map: sizes 128, 256, 512 x ratios 0.5, 1, 2: 9 per location."""
+    return AnchorGenerator(sizes=((128, 256, 512),), aspect_ratios=((0.5, 1.0, 2.0),))
+
+
+def split_detections(detections: Detections) -> list[dict[str, Tensor]]:
+    """Padded ``[B, K]`` detections -> one ``{"boxes", "labels", "scores"}`` dict per image.
+
+    This reads ``num_detections`` on the host (one device synchronisation for the whole batch): the per-image tensors
+    have data-dependent lengths. It is deliberately kept out of the selection functions, which stay
+    synchronisation-free.
+    """
+    counts = detections.num_detections.tolist()
+    return [
+        {"boxes": detections.boxes[i, :n], "labels": detections.labels[i, :n], "scores": detections.scores[i, :n]}
+        for i, n in enumerate(counts)
+    ]
+
+
+class FasterRCNN(nn.Module):
+    """Faster R-CNN: transform -> backbone -> RPN -> RoI heads, torchvision's detection contract.
+
+    ``model(images, targets=None)``: ``images`` a list of float ``Tensor[3, H, W]`` in 0..1 (any sizes); ``targets``
+    (training) a list of ``{"boxes": Tensor[N, 4] xyxy pixels, "labels": Tensor[N] int64 in [1, num_classes)}``
+    (label 0 is background; ``N = 0`` trains the image as background). Training returns
+    ``{"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}``; evaluation returns one
+    ``{"boxes", "labels", "scores"}`` dict per image, boxes in the original image's pixels.
+
+    Args (torchvision's names and defaults):
+        backbone (nn.Module): returns an OrderedDict of feature maps (or one tensor) and has ``out_channels``.
+        num_classes (int): including background. Required unless ``box_predictor`` is given.
+        min_size, max_size, image_mean, image_std, size_divisible, fixed_size: see :class:`DetectionTransform`.
+        rpn_anchor_generator: default :func:`fpn_anchor_generator` (needs 5 feature maps); use
+            :func:`paper_anchor_generator` with a single-map backbone for the original 9-anchor configuration.
+        rpn_head, rpn_pre_nms_top_n_train/test, rpn_post_nms_top_n_train/test, rpn_nms_thresh, rpn_fg_iou_thresh,
+        rpn_bg_iou_thresh, rpn_batch_size_per_image, rpn_positive_fraction, rpn_score_thresh: the RPN.
+        box_roi_pool: default ``MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)`` (or ``["0"]`` for a single map).
+        box_head, box_predictor, box_score_thresh, box_nms_thresh, box_detections_per_img, box_fg_iou_thresh,
+        box_bg_iou_thresh, box_batch_size_per_image, box_positive_fraction, bbox_reg_weights: the box branch.
+        box_pre_nms_top_k (int, optional): cap on candidates per image entering the final NMS (None = all, exact).
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int | None = None, min_size=800, max_size: int = 1333,
+                 image_mean=None, image_std=None, size_divisible: int = 32, fixed_size=None,
+                 rpn_anchor_generator: nn.Module | None = None, rpn_head: nn.Module | None = None,
+                 rpn_pre_nms_top_n_train: int = 2000, rpn_pre_nms_top_n_test: int = 1000,
+                 rpn_post_nms_top_n_train: int = 2000, rpn_post_nms_top_n_test: int = 1000,
+                 rpn_nms_thresh: float = 0.7, rpn_fg_iou_thresh: float = 0.7, rpn_bg_iou_thresh: float = 0.3,
+                 rpn_batch_size_per_image: int = 256, rpn_positive_fraction: float = 0.5,
+                 rpn_score_thresh: float = 0.0, box_roi_pool: nn.Module | None = None,
+                 box_head: nn.Module | None = None, box_predictor: nn.Module | None = None,
+                 box_score_thresh: float = 0.05, box_nms_thresh: float = 0.5, box_detections_per_img: int = 100,
+                 box_fg_iou_thresh: float = 0.5, box_bg_iou_thresh: float = 0.5,
+                 box_batch_size_per_image: int = 512, box_positive_fraction: float = 0.25,
+                 bbox_reg_weights=None, box_pre_nms_top_k: int | None = None):
+        super().__init__()
+        if not hasattr(backbone, "out_channels"):
+            raise ValueError("backbone must have an 'out_channels' attribute (channels of its feature maps)")
+        if box_predictor is None:
+            if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+                raise ValueError(f"num_classes must be an int >= 2 (background included) when box_predictor is not "
+                                 f"given, got {num_classes!r}")
+        elif num_classes is not None:
+            raise ValueError("num_classes must be None when box_predictor is given")
+        out_channels = backbone.out_channels
+        if rpn_anchor_generator is None:
+            rpn_anchor_generator = fpn_anchor_generator()
+        if rpn_head is None:
+            rpn_head = RPNHead(out_channels, rpn_anchor_generator.num_anchors_per_location()[0])
+        if box_roi_pool is None:
+            box_roi_pool = MultiScaleRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
+        if box_head is None:
+            resolution = box_roi_pool.output_size[0]
+            box_head = TwoMLPHead(out_channels * resolution**2, 1024)
+        if box_predictor is None:
+            box_predictor = FastRCNNPredictor(1024, num_classes)
+        self.num_classes = num_classes if num_classes is not None else box_predictor.cls_score.out_features
+        self.transform = DetectionTransform(min_size, max_size, image_mean or IMAGENET_MEAN, image_std or IMAGENET_STD,
+                                            size_divisible=size_divisible, fixed_size=fixed_size)
+        self.backbone = backbone
+        self.rpn = RegionProposalNetwork(
+            rpn_anchor_generator, rpn_head, rpn_fg_iou_thresh, rpn_bg_iou_thresh, rpn_batch_size_per_image,
+            rpn_positive_fraction, {"training": rpn_pre_nms_top_n_train, "testing": rpn_pre_nms_top_n_test},
+            {"training": rpn_post_nms_top_n_train, "testing": rpn_post_nms_top_n_test}, rpn_nms_thresh,
+            score_thresh=rpn_score_thresh)
+        self.roi_heads = RoIHeads(box_roi_pool, box_head, box_predictor, box_fg_iou_thresh, box_bg_iou_thresh,
+                                  box_batch_size_per_image, box_positive_fraction, bbox_reg_weights, box_score_thresh,
+                                  box_nms_thresh, box_detections_per_img, box_pre_nms_top_k)
+
+    def _features(self, images: Tensor) -> OrderedDict[str, Tensor]:
+        features = self.backbone(images)
+        if isinstance(features, Tensor):
+            features = OrderedDict([("0", features)])
+        return features
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
+        check_images_and_targets(images, targets, self.training, self.num_classes, min_label=1)
+        if self.training:
+            return self.compute_losses(images, targets)
+        return split_detections(self.detect(images))
+
+    def compute_losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Training losses for a batch (inputs are assumed checked, as by :meth:`forward`)."""
+        batch, resized_targets = self.transform(images, targets)
+        padded = pad_targets(resized_targets, batch.tensors.device)
+        features = self._features(batch.tensors)
+        proposals, rpn_losses = self.rpn(batch, features, padded)
+        _, head_losses = self.roi_heads(features, proposals, batch.image_sizes, padded)
+        return {**head_losses, **rpn_losses}
+
+    def detect(self, images: list[Tensor]) -> Detections:
+        """Padded detections ``[B, K]`` in original-image pixels, without host synchronisation after the
+        transform (see :class:`fastdet.models.roi_heads.Detections`)."""
+        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        batch, _ = self.transform(images, None)
+        features = self._features(batch.tensors)
+        proposals, _ = self.rpn(batch, features)
+        detections, _ = self.roi_heads(features, proposals, batch.image_sizes)
+        boxes = batched_postprocess_boxes(detections.boxes, batch.image_sizes, original_sizes)
+        return detections._replace(boxes=boxes)
+
+
+def _build(depth: int, num_classes: int, trainable_backbone_layers: int, norm_layer, **kwargs) -> FasterRCNN:
+    backbone = resnet_fpn_backbone(depth, trainable_layers=trainable_backbone_layers, norm_layer=norm_layer)
+    return FasterRCNN(backbone, num_classes=num_classes, **kwargs)
+
+
+def fasterrcnn_resnet50_fpn(num_classes: int = 91, trainable_backbone_layers: int = 3,
+                            norm_layer=FrozenBatchNorm2d, **kwargs) -> FasterRCNN:
+    """Faster R-CNN, ResNet-50 FPN: torchvision's ``fasterrcnn_resnet50_fpn`` as used with pretrained weights
+    (frozen batch norm, 3 trainable stages). Randomly initialised; load weights with ``load_state_dict`` (a
+    torchvision state dict loads unchanged; ``num_batches_tracked`` entries of a BatchNorm2d variant are ignored).
+    ``kwargs`` go to :class:`FasterRCNN`."""
+    return _build(50, num_classes, trainable_backbone_layers, norm_layer, **kwargs)
+
+
+def fasterrcnn_resnet18_fpn(num_classes: int = 91, min_size=320, max_size: int = 512,
+                            trainable_backbone_layers: int = 5, norm_layer=FrozenBatchNorm2d,
+                            **kwargs) -> FasterRCNN:
+    """A light Faster R-CNN (ResNet-18 FPN, same code) that trains on a CPU: smaller input (``min_size`` 320,
+    ``max_size`` 512 by default) and every backbone stage trainable (suited to training from scratch)."""
+    return _build(18, num_classes, trainable_backbone_layers, norm_layer, min_size=min_size, max_size=max_size,
+                  **kwargs)

@@ -1,0 +1,203 @@
+"""Fast R-CNN box branch on top of proposals: RoI pooling, box head, classification + per-class regression, training
+targets and synchronisation-free detection selection.
+
+Detection selection for a batch (:func:`select_detections`), equivalent to torchvision's ``postprocess_detections``:
+softmax over classes, per-class decoding of the deltas against the proposal (weights ``(10, 10, 5, 5)``), clipping to
+the image, then over all (proposal, foreground class) pairs: score ``> score_thresh``, width and height ``>= 1e-2``,
+per-class NMS and the best ``detections_per_img``. Candidates that fail a rule (and background and padding
+proposals) get score ``-inf`` instead of being removed, and ``fastdet.ops.multiclass_nms`` visits the rest in
+torchvision's order (score descending, ties by ``proposal * C + class``), so the kept detections are torchvision's.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastdet.models.detection_utils import (
+    BELOW_LOW_THRESHOLD,
+    BETWEEN_THRESHOLDS,
+    BalancedPositiveNegativeSampler,
+    Matcher,
+    PaddedTargets,
+    compact_mask,
+    gather_rows,
+    match_iou,
+)
+from fastdet.models.rpn import Proposals, image_sizes_tensor
+from fastdet.ops import box_decode, box_encode, multiclass_nms, smooth_l1_loss
+
+__all__ = ["Detections", "FastRCNNPredictor", "RoIHeads", "TwoMLPHead", "select_detections"]
+
+# torchvision's fixed minimum side of a detection (RoIHeads.postprocess_detections' remove_small_boxes).
+MIN_DETECTION_SIZE = 1e-2
+
+
+class Detections(NamedTuple):
+    boxes: Tensor  # [B, K, 4]
+    scores: Tensor  # [B, K]
+    labels: Tensor  # [B, K] int64; -1 in padding slots
+    num_detections: Tensor  # [B] int64; valid slots are the prefix [0, num_detections)
+
+
+class TwoMLPHead(nn.Module):
+    """Flatten pooled RoI features and apply two fully connected layers with ReLU (``fc6``, ``fc7``)."""
+
+    def __init__(self, in_channels: int, representation_size: int):
+        super().__init__()
+        self.fc6 = nn.Linear(in_channels, representation_size)
+        self.fc7 = nn.Linear(representation_size, representation_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.fc7(F.relu(self.fc6(x.flatten(start_dim=1)))))
+
+
+class FastRCNNPredictor(nn.Module):
+    """Class logits (``cls_score``, C outputs with 0 = background) and per-class box deltas (``bbox_pred``, 4C)."""
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        self.cls_score = nn.Linear(in_channels, num_classes)
+        self.bbox_pred = nn.Linear(in_channels, num_classes * 4)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if x.dim() == 4 and tuple(x.shape[2:]) != (1, 1):
+            raise ValueError(f"FastRCNNPredictor expects [N, C] or [N, C, 1, 1] features, got {tuple(x.shape)}")
+        x = x.flatten(start_dim=1)
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+def _clip_to_images(boxes: Tensor, image_sizes: Tensor) -> Tensor:
+    """Clamp xyxy ``boxes [B, ..., 4]`` to ``[0, width] x [0, height]`` of their image (``image_sizes [B, 2]``)."""
+    shape = (boxes.shape[0],) + (1,) * (boxes.dim() - 2)
+    heights = image_sizes[:, 0].reshape(shape).to(boxes.dtype)
+    widths = image_sizes[:, 1].reshape(shape).to(boxes.dtype)
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    zero = torch.zeros((), dtype=boxes.dtype, device=boxes.device)
+    return torch.stack((torch.minimum(torch.maximum(x1, zero), widths), torch.minimum(torch.maximum(y1, zero), heights),
+                        torch.minimum(torch.maximum(x2, zero), widths), torch.minimum(torch.maximum(y2, zero), heights)),
+                       dim=-1)
+
+
+def select_detections(class_logits: Tensor, box_regression: Tensor, proposals: Tensor, proposal_valid: Tensor,
+                      image_sizes: Tensor, score_thresh: float, nms_thresh: float, detections_per_img: int,
+                      bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), pre_nms_top_k: int | None = None) -> Detections:
+    """Final detections of the batch (see the module docstring).
+
+    Args:
+        class_logits (Tensor[B * P, C]), box_regression (Tensor[B * P, 4 * C]): box-predictor outputs for the
+            padded proposals, image-major.
+        proposals (Tensor[B, P, 4]), proposal_valid (Tensor[B, P]): the RPN's padded proposals.
+        image_sizes (Tensor[B, 2]): ``(height, width)`` of each resized image.
+        pre_nms_top_k (int, optional): cap on the candidates per image entering NMS; None (default) = all
+            ``P * (C - 1)``, which keeps the result identical to torchvision's.
+
+    Returns :class:`Detections` (K = ``detections_per_img``), boxes in resized-image pixels. No host synchronisation;
+    compiles with ``torch.compile(fullgraph=True)``.
+    """
+    B, P, _ = proposals.shape
+    C = class_logits.shape[-1]
+    deltas = box_regression.float().reshape(B * P, C * 4)
+    boxes = box_decode(deltas, proposals.float().reshape(B * P, 4), bbox_reg_weights).reshape(B, P, C, 4)
+    boxes = _clip_to_images(boxes, image_sizes)
+    scores = F.softmax(class_logits.float(), dim=-1).reshape(B, P, C)
+    widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+    usable = (widths >= MIN_DETECTION_SIZE) & (heights >= MIN_DETECTION_SIZE) & proposal_valid[..., None]
+    usable[..., 0] = False  # class 0 is background
+    scores = torch.where(usable, scores, float("-inf"))
+    top_k = P * C if pre_nms_top_k is None else int(pre_nms_top_k)
+    return Detections(*multiclass_nms(boxes, scores, score_thresh, nms_thresh, detections_per_img, top_k))
+
+
+class RoIHeads(nn.Module):
+    """The box branch: ``box_roi_pool`` (e.g. ``fastdet.ops.MultiScaleRoIAlign``), ``box_head``, ``box_predictor``,
+    with torchvision's training rules (proposals plus ground truth, matching without low-quality matches, balanced
+    sampling) and :func:`select_detections` at inference.
+
+    ``forward(features, proposals, image_sizes, targets=None) -> (Detections | None, losses)``: detections in
+    evaluation mode, ``{"loss_classifier", "loss_box_reg"}`` in training mode.
+    """
+
+    def __init__(self, box_roi_pool: nn.Module, box_head: nn.Module, box_predictor: nn.Module, fg_iou_thresh: float,
+                 bg_iou_thresh: float, batch_size_per_image: int, positive_fraction: float,
+                 bbox_reg_weights=None, score_thresh: float = 0.05, nms_thresh: float = 0.5,
+                 detections_per_img: int = 100, pre_nms_top_k: int | None = None):
+        super().__init__()
+        self.box_roi_pool = box_roi_pool
+        self.box_head = box_head
+        self.box_predictor = box_predictor
+        self.proposal_matcher = Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=False)
+        self.fg_bg_sampler = BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
+        self.bbox_reg_weights = tuple(bbox_reg_weights) if bbox_reg_weights is not None else (10.0, 10.0, 5.0, 5.0)
+        self.score_thresh = float(score_thresh)
+        self.nms_thresh = float(nms_thresh)
+        self.detections_per_img = int(detections_per_img)
+        self.pre_nms_top_k = pre_nms_top_k
+
+    def _predict(self, features: dict[str, Tensor], boxes: Tensor, image_sizes) -> tuple[Tensor, Tensor]:
+        B, R, _ = boxes.shape
+        batch_index = torch.arange(B, device=boxes.device, dtype=boxes.dtype).repeat_interleave(R)
+        rois = torch.cat([batch_index[:, None], boxes.reshape(B * R, 4)], dim=1)
+        pooled = self.box_roi_pool(features, rois, image_sizes)
+        return self.box_predictor(self.box_head(pooled))
+
+    def forward(self, features: dict[str, Tensor], proposals: Proposals, image_sizes: list[tuple[int, int]],
+                targets: PaddedTargets | None = None) -> tuple[Detections | None, dict[str, Tensor]]:
+        if self.training:
+            if targets is None:
+                raise ValueError("targets must be given in training mode")
+            boxes, labels, regression_targets, sampled = self.select_training_samples(proposals, targets)
+            class_logits, box_regression = self._predict(features, boxes.detach(), image_sizes)
+            return None, self.compute_loss(class_logits, box_regression, labels, regression_targets, sampled)
+        class_logits, box_regression = self._predict(features, proposals.boxes, image_sizes)
+        sizes = image_sizes_tensor(image_sizes, proposals.boxes.device)
+        detections = select_detections(class_logits, box_regression, proposals.boxes, proposals.valid, sizes,
+                                       self.score_thresh, self.nms_thresh, self.detections_per_img,
+                                       self.bbox_reg_weights, self.pre_nms_top_k)
+        return detections, {}
+
+    def select_training_samples(self, proposals: Proposals, targets: PaddedTargets
+                                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Proposals and ground-truth boxes of each image (torchvision adds the ground truth as proposals), matched
+        and sampled: returns ``boxes [B, S, 4]``, ``labels [B, S]`` (0 = background), ``regression_targets [B, S, 4]``
+        and ``sampled [B, S]`` (which slots hold a sampled example), ``S = min(batch_size_per_image, P + G)``."""
+        gt_boxes = targets.boxes.to(proposals.boxes.dtype)
+        candidates = torch.cat([proposals.boxes, gt_boxes], dim=1)  # [B, P + G, 4]
+        candidate_valid = torch.cat([proposals.valid, targets.valid], dim=1)
+        matches = self.proposal_matcher(match_iou(gt_boxes, candidates), targets.valid, candidate_valid)
+        labels = targets.labels.gather(1, matches.clamp(min=0))
+        labels = torch.where(matches == BELOW_LOW_THRESHOLD, 0, labels)
+        labels = torch.where((matches == BETWEEN_THRESHOLDS) | ~candidate_valid, -1, labels)
+        positive, negative = self.fg_bg_sampler(labels)
+        sampled_mask = positive | negative
+        slots = min(self.fg_bg_sampler.batch_size_per_image, candidates.shape[1])
+        index, sampled = compact_mask(sampled_mask, slots)
+        boxes = gather_rows(candidates, index)
+        labels = torch.where(sampled, labels.gather(1, index), 0)
+        is_positive = sampled & (labels > 0)
+        # Non-positive slots regress towards themselves so that no padding box enters log(0).
+        matched_gt = gather_rows(gt_boxes, matches.gather(1, index).clamp(min=0))
+        matched_gt = torch.where(is_positive[..., None], matched_gt, boxes)
+        B, S, _ = boxes.shape
+        regression_targets = box_encode(matched_gt.reshape(-1, 4), boxes.reshape(-1, 4),
+                                        self.bbox_reg_weights).reshape(B, S, 4)
+        return boxes, labels, regression_targets, sampled
+
+    def compute_loss(self, class_logits: Tensor, box_regression: Tensor, labels: Tensor, regression_targets: Tensor,
+                     sampled: Tensor) -> dict[str, Tensor]:
+        """Cross-entropy over the sampled slots and smooth L1 (beta 1/9) of the true class's deltas over the positive
+        ones, both divided by the number of sampled slots (torchvision's ``fastrcnn_loss``)."""
+        labels = labels.reshape(-1)
+        sampled = sampled.reshape(-1)
+        num_sampled = sampled.sum().clamp(min=1).float()
+        ce = F.cross_entropy(class_logits.float(), labels, reduction="none")
+        classifier_loss = torch.where(sampled, ce, 0.0).sum() / num_sampled
+        num_classes = class_logits.shape[-1]
+        per_class = box_regression.float().reshape(-1, num_classes, 4)
+        class_deltas = per_class.gather(1, labels.reshape(-1, 1, 1).expand(-1, 1, 4)).squeeze(1)
+        box_loss = smooth_l1_loss(class_deltas, regression_targets.reshape(-1, 4).float(), beta=1 / 9).sum(dim=-1)
+        box_loss = torch.where(sampled & (labels > 0), box_loss, 0.0).sum() / num_sampled
+        return {"loss_classifier": classifier_loss, "loss_box_reg": box_loss}
