@@ -66,7 +66,7 @@ def test_deterministic_by_seed(tmp_path):
     image_small, boxes_small, _ = render_shapes_image(3, seed=7, image_size=(48, 48))
     from PIL import Image
 
-    assert np.array_equal(np.asarray(Image.open(a["images"] / "000003.png")), image_small)
+    assert np.array_equal(np.asarray(Image.open(a["images"] / "000004.png")), image_small)
 
 
 def test_boxes_are_tight_and_objects_identifiable(seed):

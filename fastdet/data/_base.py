@@ -267,9 +267,14 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     def __init__(self, records: Sequence[ImageRecord], image_root: str | Path, class_names: Sequence[str],
                  category_ids: Sequence[int] | None = None, transforms: Callable | None = None,
-                 skipped: SkipReport | None = None, source: str | Path | None = None):
+                 skipped: SkipReport | None = None, source: str | Path | None = None,
+                 image_paths: Sequence[str | Path] | None = None):
         self.records = list(records)
         self.image_root = Path(image_root)
+        # Formats with one folder per split (YOLO) keep each record's own file; otherwise image_root / file_name.
+        self._image_paths = None if image_paths is None else [Path(p) for p in image_paths]
+        if self._image_paths is not None and len(self._image_paths) != len(self.records):
+            raise ValueError(f"{len(self._image_paths)} image paths for {len(self.records)} records")
         self.class_names = tuple(str(name) for name in class_names)
         if category_ids is None:
             category_ids = range(1, len(self.class_names) + 1)
@@ -297,6 +302,8 @@ class DetectionDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def image_path(self, index: int) -> Path:
+        if self._image_paths is not None:
+            return self._image_paths[index]
         return self.image_root / self.records[index].file_name
 
     def get_target(self, index: int) -> dict[str, Any]:
@@ -307,7 +314,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         if not isinstance(index, (int, np.integer)):
             raise TypeError(f"index must be an int, got {type(index).__name__}")
         record = self.records[index]
-        image = load_image(self.image_root / record.file_name, (record.width, record.height))
+        image = load_image(self.image_path(index), (record.width, record.height))
         target = record_to_target(record)
         if self.transforms is not None:
             image, target = self.transforms(image, target)
@@ -322,3 +329,57 @@ class DetectionDataset(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({len(self)} images, {self.num_classes} classes, root={str(self.image_root)!r}"
                 + (f", skipped={self.skipped.count}" if self.skipped.count else "") + ")")
+
+
+@dataclasses.dataclass
+class DatasetContents:
+    """A whole dataset on disk, all splits: what converters read and write."""
+
+    records: list[ImageRecord]
+    image_paths: list[Path]  # the source file of each record
+    class_names: list[str]
+    category_ids: list[int]
+    splits: dict[str, np.ndarray]  # split name -> indices into records ("all" when the source has no splits)
+    skipped: SkipReport
+    source: Path
+
+    def select(self, split: str | None) -> tuple[list[ImageRecord], list[Path]]:
+        """Records and image paths of one split (None: every record)."""
+        if split is None:
+            return list(self.records), list(self.image_paths)
+        if split not in self.splits:
+            raise ValueError(f"split must be one of {sorted(self.splits)} for {self.source}, got {split!r}")
+        indices = self.splits[split].tolist()
+        return [self.records[i] for i in indices], [self.image_paths[i] for i in indices]
+
+
+def image_ids_from_names(file_names: Sequence[str]) -> np.ndarray:
+    """Image ids for formats that store none: the file stems as integers when every stem is a distinct decimal number
+    (KITTI's ``000123.png``, the synthetic set's ``000001.png``: converting keeps COCO ids), else ``1..N`` in order."""
+    stems = [Path(name).stem for name in file_names]
+    if stems and all(stem.isdigit() for stem in stems):
+        ids = np.array([int(stem) for stem in stems], np.int64)
+        if len(np.unique(ids)) == len(ids):
+            return ids
+    return np.arange(1, len(file_names) + 1, dtype=np.int64)
+
+
+def read_class_list(path: Path) -> list[str] | None:
+    """``classes.txt``: one class name per line, in label order (blank lines ignored); None if absent."""
+    if not path.is_file():
+        return None
+    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(set(names)) != len(names):
+        raise DatasetError("malformed_label", "class names must be distinct", path)
+    return names
+
+
+def check_class_names(class_names: Sequence[str] | None, where: str) -> list[str]:
+    if class_names is None:
+        raise ValueError(f"{where}: no class list found; pass class_names=[...]")
+    if isinstance(class_names, str) or not all(isinstance(n, str) and n for n in class_names):
+        raise TypeError(f"class_names must be a sequence of non-empty str, got {class_names!r}")
+    names = list(class_names)
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"class_names must be non-empty and distinct, got {names}")
+    return names

@@ -21,6 +21,7 @@ import numpy as np
 
 from fastdet.data._base import (
     OBJECT_ATTRIBUTES,
+    DatasetContents,
     DatasetError,
     DetectionDataset,
     ImageRecord,
@@ -314,8 +315,10 @@ def to_coco_dict(dataset: DetectionDataset | Sequence[ImageRecord], categories: 
             area = record.attribute("area").astype(np.float64).tolist()
             iscrowd = record.attribute("iscrowd").tolist()
             cats = category_ids[record.labels - 1].tolist()
+            # Extra attributes are written only where they say something: a column equal to the format-neutral
+            # default everywhere (e.g. KITTI's "no 3-D annotation" values) reads back identically without it.
             extra_columns = [(name, values.tolist()) for name, values in record.attributes.items()
-                             if name in _EXTRA_ATTRIBUTES]
+                             if name in _EXTRA_ATTRIBUTES and not _all_default(name, values)]
             for j in range(n):
                 ann = {"id": next_id + j, "image_id": int(record.image_id), "category_id": cats[j], "bbox": bbox[j],
                        "area": area[j], "iscrowd": int(iscrowd[j])}
@@ -339,6 +342,11 @@ def to_coco_dict(dataset: DetectionDataset | Sequence[ImageRecord], categories: 
     }
 
 
+def _all_default(name: str, values: np.ndarray) -> bool:
+    dtype, default, shape = OBJECT_ATTRIBUTES[name]
+    return bool((np.asarray(values, dtype=dtype) == np.asarray(default, dtype=dtype)).all())
+
+
 def _xywh(boxes: np.ndarray) -> list[list[float]]:
     b = boxes.astype(np.float64)
     xywh = np.concatenate([b[:, :2], b[:, 2:] - b[:, :2]], axis=1)
@@ -353,3 +361,72 @@ def write_coco_json(path: str | Path, coco: dict) -> Path:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(coco, f, separators=(",", ":"))
     return path
+
+
+def _split_name(annotation_file: Path) -> str:
+    stem = annotation_file.stem
+    return stem[len("instances_"):] if stem.startswith("instances_") and len(stem) > len("instances_") else stem
+
+
+def read_coco_dataset(src: str | Path, skip_bad: bool = False, image_root: str | Path | None = None,
+                      verify_images: bool | None = None) -> DatasetContents:
+    """Read a COCO dataset with all its splits, for converters.
+
+    ``src`` is either one instances JSON (split name from ``instances_<split>.json``, else the file's stem) or a folder
+    holding ``annotations/*.json`` (one split per file) and ``images/``. Images are looked up under ``image_root``,
+    default ``<folder>/images`` when it exists, else the folder (for a JSON inside ``annotations/``, the folder is
+    the one above). All files must share the same categories.
+    """
+    src = Path(src)
+    if src.is_file() or src.suffix == ".json":
+        files = [src]
+        folder = src.parent.parent if src.parent.name == "annotations" else src.parent
+    elif src.is_dir():
+        folder = src
+        files = sorted((src / "annotations").glob("*.json")) or sorted(src.glob("*.json"))
+        if not files:
+            raise DatasetError("missing_label", "no annotations/*.json found", src)
+    else:
+        raise DatasetError("missing_label", "dataset not found", src)
+    if image_root is None:
+        image_root = folder / "images" if (folder / "images").is_dir() else folder
+    image_root = Path(image_root)
+    records: list[ImageRecord] = []
+    paths: list[Path] = []
+    splits: dict[str, np.ndarray] = {}
+    skipped = SkipReport()
+    class_names = category_ids = None
+    index_of: dict[tuple[int, str], int] = {}
+    for file in files:
+        split_records, names, ids, report = read_coco(file, image_root, skip_bad, verify_images)
+        if class_names is None:
+            class_names, category_ids = names, ids
+        elif (names, ids) != (class_names, category_ids):
+            raise DatasetError("inconsistent_ids", f"categories differ from those of {files[0].name}", file)
+        skipped.problems.extend(report.problems)
+        skipped.total += report.total
+        indices = []
+        for record in split_records:
+            key = (record.image_id, record.file_name)
+            if key not in index_of:
+                index_of[key] = len(records)
+                records.append(record)
+                paths.append(image_root / record.file_name)
+            indices.append(index_of[key])
+        name = _split_name(file)
+        if name in splits:
+            raise DatasetError("inconsistent_ids", f"two annotation files give split {name!r}", file)
+        splits[name] = np.asarray(indices, np.int64)
+    return DatasetContents(records, paths, class_names, category_ids, splits, skipped, folder)
+
+
+def write_coco(contents: DatasetContents, dst: str | Path, copy_image: Callable[[Path, Path], None]) -> list[str]:
+    """Write ``contents`` as ``dst/images/<file_name>`` and ``dst/annotations/instances_<split>.json``."""
+    dst = Path(dst)
+    categories = [{"id": cid, "name": name} for cid, name in zip(contents.category_ids, contents.class_names)]
+    for i, record in enumerate(contents.records):
+        copy_image(contents.image_paths[i], dst / "images" / record.file_name)
+    for split, indices in contents.splits.items():
+        coco = to_coco_dict([contents.records[i] for i in indices.tolist()], categories)
+        write_coco_json(dst / "annotations" / f"instances_{split}.json", coco)
+    return []

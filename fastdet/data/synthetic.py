@@ -192,7 +192,7 @@ def make_shapes_dataset(root: str | Path, num_images: int = 200, image_size: tup
                         min_visible: float = 0.7) -> dict[str, Path]:
     """Generate the shapes dataset under ``root`` and return its paths.
 
-    Writes ``root/images/{index:06d}.png`` and ``root/annotations/instances_{train,val,test}.json`` (COCO: images
+    Writes ``root/images/{image_id:06d}.png`` (image ids ``1..num_images``; image ``index`` has id ``index + 1``) and ``root/annotations/instances_{train,val,test}.json`` (COCO: images
     with width/height, annotations with ``bbox = [x, y, w, h]``, ``area`` (box area), ``iscrowd = 0`` and unique ids;
     categories ``1..K`` named after the shapes). A split with no images (e.g. ``split=(1, 0, 0)``) writes no file.
 
@@ -242,7 +242,8 @@ def make_shapes_dataset(root: str | Path, num_images: int = 200, image_size: tup
     for index in range(int(num_images)):
         image, boxes, labels = render_shapes_image(index, seed, (height, width), kinds, min_objects, max_objects,
                                                    min_size, max_size, max_iou, min_visible)
-        file_name = f"{index:06d}.png"
+        # Files are named after their image id, so formats without ids (YOLO, VOC, KITTI) recover it from the name.
+        file_name = f"{index + 1:06d}.png"
         Image.fromarray(image).save(image_dir / file_name, compress_level=1)
         records.append(ImageRecord(file_name=file_name, image_id=index + 1, width=width, height=height,
                                    boxes=boxes, labels=labels))
