@@ -12,10 +12,23 @@ from fastdet.data._base import (
     ImageRecord,
     SkipReport,
 )
-from fastdet.data.coco import CocoDetection, read_coco, to_coco_dict, write_coco_json
+from fastdet.data.coco import CocoDetection, read_coco, read_coco_dataset, to_coco_dict, write_coco_json
+from fastdet.data.convert import FORMATS, ConversionReport, convert_dataset, read_dataset, split_dataset
+from fastdet.data.kitti import KITTI_CLASSES, KittiDetection
 from fastdet.data.loader import collate_detection, make_data_loader
 from fastdet.data.split import split_counts, split_indices
 from fastdet.data.synthetic import SHAPE_KINDS, make_shapes_dataset, render_shapes_image
+from fastdet.data.transforms import (
+    ColorJitter,
+    Compose,
+    Normalize,
+    RandomAffine,
+    RandomHorizontalFlip,
+    RandomIoUCrop,
+    Resize,
+)
+from fastdet.data.voc import VocDetection
+from fastdet.data.yolo import YoloDetection
 
 __all__ = [
     "OUT_OF_IMAGE_TOLERANCE",
@@ -25,6 +38,23 @@ __all__ = [
     "SkipReport",
     "CocoDetection",
     "read_coco",
+    "read_coco_dataset",
+    "YoloDetection",
+    "VocDetection",
+    "KittiDetection",
+    "KITTI_CLASSES",
+    "FORMATS",
+    "ConversionReport",
+    "convert_dataset",
+    "split_dataset",
+    "read_dataset",
+    "Compose",
+    "Resize",
+    "RandomHorizontalFlip",
+    "RandomIoUCrop",
+    "ColorJitter",
+    "RandomAffine",
+    "Normalize",
     "to_coco_dict",
     "write_coco_json",
     "collate_detection",
