@@ -1,8 +1,5 @@
-"""The ``fastdet`` command line. Thin: parses arguments and calls the library.
-
-Sub-commands so far: ``showcase`` (runs the ops on realistic synthetic detections and compares them with torchvision
-and the pure-PyTorch reference). ``demo``, ``train``, ``eval``, ``predict`` and ``bench`` arrive with the models.
-"""
+"""``fastdet showcase``: runs the ops on realistic synthetic detections and compares them with torchvision and the
+pure-PyTorch reference."""
 
 from __future__ import annotations
 
@@ -100,18 +97,12 @@ def showcase(args: argparse.Namespace) -> int:
     return 0 if all(same is not False for *_, same in rows) and agree is not False else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastdet", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("showcase", help="run the ops on synthetic detections and compare with torchvision")
-    p.add_argument("--num-boxes", type=int, default=20000)
-    p.add_argument("--iou-threshold", type=float, default=0.5)
+def add_parser(sub) -> None:
+    p = sub.add_parser("showcase", help="run the ops on synthetic detections and compare them with torchvision",
+                       description="Time fastdet's box/NMS ops on synthetic detections against torchvision and check "
+                                   "that the results agree. Exit code 1 if any result differs.")
+    p.add_argument("--num-boxes", type=int, default=20000, help="boxes per op (default: %(default)s)")
+    p.add_argument("--iou-threshold", type=float, default=0.5, help="NMS IoU threshold (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=showcase)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

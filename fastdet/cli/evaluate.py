@@ -1,0 +1,108 @@
+"""``fastdet eval``: COCO evaluation of a trained checkpoint, with PR / F1 / confusion-matrix plots."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from fastdet.cli._common import EXIT_OK, CommandError, load_checkpoint, load_coco, pick_device, write_json
+
+
+def coco_paths(args, split: str) -> tuple[Path, Path]:
+    """(images folder, annotation file) from ``--data ROOT`` (fastdet's COCO layout: ROOT/images and
+    ROOT/annotations/instances_<split>.json) or the explicit ``--images``/``--annotations``."""
+    images = getattr(args, "images", None)
+    annotations = getattr(args, "annotations", None)
+    if args.data is not None:
+        root = Path(args.data)
+        images = images or root / "images"
+        annotations = annotations or root / "annotations" / f"instances_{split}.json"
+    if images is None or annotations is None:
+        raise CommandError("give --data ROOT (with images/ and annotations/instances_<split>.json) "
+                           "or both --images and --annotations")
+    return Path(images), Path(annotations)
+
+
+def evaluate_and_report(model, dataset, device, spec_or_names, output: Path | None, batch_size: int = 4,
+                        amp: bool = False, max_detections: int = 100, workers: int = 0, quiet: bool = False):
+    """Run ``model`` over ``dataset``, print the 12 COCO stats and per-class AP, and (with ``output``) write
+    metrics.json, pr_curve.png, f1_confidence.png and confusion_matrix.png. Returns the CocoEvaluation."""
+    from fastdet.data import make_data_loader, to_coco_dict
+    from fastdet.eval import (
+        collect_detections,
+        confusion_matrix,
+        evaluate_detections,
+        f1_confidence_curves,
+        plot_confusion_matrix,
+        plot_f1_confidence,
+        plot_precision_recall,
+        precision_recall_curves,
+        targets_from_coco,
+    )
+
+    class_names = list(dataset.class_names)
+    ground_truth = to_coco_dict(dataset)
+    loader = make_data_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    start = time.perf_counter()
+    detections = collect_detections(model, loader, device, amp=amp)
+    seconds = time.perf_counter() - start
+    evaluation = evaluate_detections(ground_truth, detections, dataset.label_to_category_id,
+                                     max_detections=max_detections)
+    if not quiet:
+        print(f"\nCOCO box evaluation of {len(dataset)} images ({len(dataset) / seconds:.1f} images/s inference):")
+        print(evaluation.summary)
+        print("\nper-class AP (IoU 0.50:0.95):")
+        for name, ap in evaluation.per_class_ap.items():
+            print(f"  {name:20s} {ap:.3f}")
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+        write_json(output / "metrics.json", {"stats": evaluation.stats, "per_class_ap": evaluation.per_class_ap,
+                                             "images": len(dataset), "inference_images_per_second":
+                                                 len(dataset) / seconds})
+        plot_precision_recall(precision_recall_curves(evaluation), output / "pr_curve.png")
+        targets = targets_from_coco(ground_truth, [d["image_id"] for d in detections], dataset.label_to_category_id)
+        plot_f1_confidence(f1_confidence_curves(detections, targets, len(class_names)),
+                           output / "f1_confidence.png", class_names)
+        plot_confusion_matrix(confusion_matrix(detections, targets, len(class_names)), output / "confusion_matrix.png",
+                              class_names)
+        if not quiet:
+            print(f"\nwrote metrics.json, pr_curve.png, f1_confidence.png, confusion_matrix.png to {output}")
+    evaluation.detections = detections
+    return evaluation
+
+
+def run(args: argparse.Namespace) -> int:
+    device = pick_device(args.device)
+    model, spec = load_checkpoint(args.checkpoint, device)
+    images, annotations = coco_paths(args, args.split)
+    dataset = load_coco(images, annotations, skip_bad=args.skip_bad, what="--annotations")
+    if list(dataset.class_names) != list(spec["class_names"]):
+        raise CommandError(f"{annotations}: classes {list(dataset.class_names)} differ from the checkpoint's "
+                           f"{spec['class_names']}")
+    with torch.inference_mode():
+        evaluate_and_report(model, dataset, device, spec, Path(args.output) if args.output else None,
+                            batch_size=args.batch_size, amp=args.amp, max_detections=args.max_detections,
+                            workers=args.workers)
+    return EXIT_OK
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="COCO-evaluate a checkpoint (12 stats, per-class AP, PR/F1/confusion plots)",
+                       description="Evaluate a checkpoint written by `fastdet train`/`fastdet demo` on a COCO-format "
+                                   "dataset with pycocotools.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file (e.g. runs/demo/best.pt)")
+    p.add_argument("--data", help="dataset root in fastdet's COCO layout (images/, annotations/instances_<split>.json)")
+    p.add_argument("--split", default="val", help="split of --data to evaluate (default: %(default)s)")
+    p.add_argument("--images", help="image folder (overrides --data)")
+    p.add_argument("--annotations", help="COCO instances JSON (overrides --data)")
+    p.add_argument("--output", help="folder for metrics.json and the plots (default: print only)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-detections", type=int, default=100, help="COCO's per-image limit (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast inference")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable samples (reported) instead of failing")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.set_defaults(func=run)
