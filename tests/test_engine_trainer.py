@@ -134,7 +134,7 @@ def test_short_run_lowers_the_loss():
     assert len(history) == 8 and trainer.iteration == 8 * 4
     first, last = history[0]["loss"], history[-1]["loss"]
     assert last < 0.6 * first, (first, last)
-    assert set(history[0]) >= {"epoch", "iteration", "lr", "loss", "loss_loss_box", "loss_loss_size", "images_per_s"}
+    assert set(history[0]) >= {"epoch", "iteration", "lr", "loss", "loss_box", "loss_size", "images_per_s"}
 
 
 def _run_with_crash(tmp_path, crash_at_step=None, resume=False):
@@ -252,7 +252,7 @@ def test_nan_loss_raises_with_the_step():
     model.nan_at_step = 3
     trainer = Trainer(model, _config(epochs=2), _loader(BoxDataset(16)))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(NonFiniteLossError, match=r"epoch 2, iteration 1 .*global step 3.*loss_loss_box=nan"):
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2, iteration 1 .*global step 3.*loss_box=nan"):
         trainer.fit()
     assert trainer.iteration == 2
     assert all(torch.isfinite(v.float()).all() for v in model.state_dict().values())

@@ -100,6 +100,11 @@ def _sampler_of(loader):
     return inner if isinstance(inner, DistributedSampler) else None
 
 
+def _component_key(name: str) -> str:
+    """Log key of one loss term: torchvision-style names (``loss_classifier``) as they are, others prefixed."""
+    return name if name.startswith("loss_") else f"loss_{name}"
+
+
 def _numpy_rng_state() -> dict:
     name, keys, position, has_gauss, cached = np.random.get_state()
     # as tensors and plain numbers, so checkpoints load with torch.load(weights_only=True)
@@ -282,7 +287,7 @@ class Trainer:
                 if self.context.enabled:
                     dist.all_reduce(logged)  # every rank sees the same values, so every rank raises together
                     logged /= self.context.world_size
-                values = dict(zip(["loss", *[f"loss_{name}" for name in losses]], logged.tolist()))
+                values = dict(zip(["loss", *[_component_key(name) for name in losses]], logged.tolist()))
                 if not all(math.isfinite(v) for v in values.values()):
                     raise NonFiniteLossError(
                         f"non-finite loss at epoch {epoch + 1}, iteration {batch_index + 1} of the epoch "
