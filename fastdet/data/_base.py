@@ -104,7 +104,8 @@ class ProblemCollector:
             raise error
         self.report.problems.append(error)
 
-    def finish(self, dataset_name: str, source: str | Path) -> SkipReport:
+    def finish(self, dataset_name: str, source: str | Path, total: int) -> SkipReport:
+        self.report.total = int(total)
         if self.report.problems:
             warnings.warn(f"{dataset_name} ({source}): {self.report.summary()}; the full list is in `.skipped`",
                           stacklevel=3)

@@ -202,8 +202,9 @@ def read_coco(annotation_file: str | Path, image_root: str | Path, skip_bad: boo
         clipped[rows] = clipped_rows
         for j in np.flatnonzero(bad).tolist():
             file_name = image_info[image_id]["file_name"]
+            bbox = ", ".join(f"{v:g}" for v in ann_xywh[rows[j]].tolist())
             collect(DatasetError("bad_box", f"annotations[{rows[j]}] (id {ann_ids[rows[j]]}) of image {image_id} "
-                                 f"({file_name!r}): {reasons[j]}", path))
+                                 f"({file_name!r}): bbox [{bbox}] (x, y, w, h): {reasons[j]}", path))
             bad_images.add(image_id)
 
     # Group into records.
@@ -250,8 +251,7 @@ def read_coco(annotation_file: str | Path, image_root: str | Path, skip_bad: boo
         records.append(ImageRecord(file_name=image["file_name"], image_id=image_id, width=int(width),
                                    height=int(height), boxes=clipped[objects], labels=ann_label[objects],
                                    attributes=attributes, ignore_boxes=region_boxes))
-    report = collect.finish("CocoDetection", path)
-    report.total = len(image_info)
+    report = collect.finish("CocoDetection", path, len(image_info))
     return records, class_names, category_ids, report
 
 

@@ -127,8 +127,7 @@ def read_kitti(root: str | Path, class_names: Sequence[str] | None = None, skip_
         paths.append(image_paths[k])
     splits = {name: np.array([index_of[s] for s in stems if s in index_of], np.int64)
               for name, stems in split_stems.items()}
-    report = collect.finish("KittiDetection", root)
-    report.total = len(ordered)
+    report = collect.finish("KittiDetection", root, len(ordered))
     return DatasetContents(records, paths, names, list(range(1, len(names) + 1)), splits, report, root)
 
 

@@ -185,8 +185,7 @@ def read_voc(root: str | Path, class_names: Sequence[str] | None = None, skip_ba
                         "truncated": np.asarray([obj[3] for obj in objects], np.float32)}))
         paths.append(image_path)
     splits = {name: np.array([index_of[i] for i in ids if i in index_of], np.int64) for name, ids in split_ids.items()}
-    report = collect.finish("VocDetection", root)
-    report.total = len(ordered_ids)
+    report = collect.finish("VocDetection", root, len(ordered_ids))
     return DatasetContents(records, paths, names, list(range(1, len(names) + 1)), splits, report, root)
 
 

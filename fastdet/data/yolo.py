@@ -190,8 +190,7 @@ def read_yolo(root: str | Path, class_names: Sequence[str] | None = None, skip_b
         paths.append(image)
     splits = {key: np.array([index_of[unique[p.resolve()]] for p in images if unique[p.resolve()] in index_of],
                             np.int64) for key, images in split_lists.items()}
-    report = collect.finish("YoloDetection", yaml_path)
-    report.total = len(order)
+    report = collect.finish("YoloDetection", yaml_path, len(order))
     return DatasetContents(records, paths, names, list(range(1, len(names) + 1)), splits, report, root)
 
 
