@@ -107,7 +107,8 @@ class ToyDetector(nn.Module):
         self.seen_image_ids.extend(int(t["image_id"]) for t in targets)
         target = torch.stack([t["boxes"][0] for t in targets])
         loss_box = (boxes / scale - target / scale).abs().mean()
-        loss_size = ((boxes[:, 2:] - boxes[:, :2]) / scale[2:] - (target[:, 2:] - target[:, :2]) / scale[2:]).abs().mean()
+        predicted_size = (boxes[:, 2:] - boxes[:, :2]) / scale[2:]
+        loss_size = (predicted_size - (target[:, 2:] - target[:, :2]) / scale[2:]).abs().mean()
         if self.nan_at_step == self.steps:
             loss_box = loss_box * float("nan")
         self.recorded_losses.append(float((loss_box + loss_size).detach()))

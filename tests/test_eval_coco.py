@@ -221,6 +221,9 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="must match"):
         evaluate_detections(gt, [{"image_id": 1, "boxes": torch.zeros(2, 4), "scores": torch.zeros(1),
                                   "labels": torch.ones(2, dtype=torch.long)}])
+    with pytest.raises(ValueError, match=r"shape \[N, 4\]"):
+        evaluate_detections(gt, [{"image_id": 1, "boxes": torch.zeros(3), "scores": torch.zeros(0),
+                                  "labels": torch.zeros(0, dtype=torch.long)}])
     with pytest.raises(ValueError, match="non-finite"):
         evaluate_detections(gt, [_detection(1, [(0, 0, float("nan"), 5, 0.5, 1)])])
     with pytest.raises(ValueError, match="iou_type"):

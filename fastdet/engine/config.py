@@ -49,6 +49,11 @@ class TrainConfig:
         find_unused_parameters: passed to DistributedDataParallel (needed by models whose losses skip some
         parameters on some iterations). distributed_backend: None picks nccl on CUDA and gloo on the CPU.
     resume_from: a checkpoint path that :meth:`Trainer.fit` resumes from (same as calling ``Trainer.resume``).
+    extra: free-form values stored with the configuration in every checkpoint (e.g. the command line's model and
+    dataset arguments); plain Python values only (numbers, strings, lists, dicts), so checkpoints load with
+    ``torch.load(weights_only=True)``.
+
+    ``deterministic=True`` switches torch's global deterministic-algorithms flag on for the whole process.
     """
 
     epochs: int = 12

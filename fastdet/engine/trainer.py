@@ -246,7 +246,7 @@ class Trainer:
                           for key, value in target.items()})
         return images, moved
 
-    def _losses(self, images, targets, batch_index: int) -> dict[str, torch.Tensor]:
+    def _losses(self, images, targets) -> dict[str, torch.Tensor]:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.amp):
             losses = self.train_model(images, targets)
         if not isinstance(losses, Mapping) or not losses:
@@ -281,7 +281,7 @@ class Trainer:
         try:
             for batch_index, batch in enumerate(self.train_loader):
                 images, targets = self._to_device(batch, batch_index)
-                losses = self._losses(images, targets, batch_index)
+                losses = self._losses(images, targets)
                 total = torch.stack(list(losses.values())).sum()
                 logged = torch.stack([total.detach(), *[v.detach() for v in losses.values()]])
                 if self.context.enabled:

@@ -202,8 +202,10 @@ def _detections_to_results(detections: Sequence[Mapping], label_to_category_id) 
         missing = [key for key in ("image_id", "boxes", "scores", "labels") if key not in det]
         if missing:
             raise ValueError(f"detections[{position}] lacks the key(s) {missing}")
-        boxes = _as_numpy(det["boxes"], f"detections[{position}]['boxes']", np.float64).reshape(-1, 4) \
-            if np.size(det["boxes"]) else np.zeros((0, 4))
+        boxes = _as_numpy(det["boxes"], f"detections[{position}]['boxes']", np.float64)
+        if boxes.size % 4:
+            raise ValueError(f"detections[{position}]['boxes'] must have shape [N, 4], got {boxes.shape}")
+        boxes = boxes.reshape(-1, 4)
         scores = _as_numpy(det["scores"], f"detections[{position}]['scores']", np.float64).reshape(-1)
         labels = _as_numpy(det["labels"], f"detections[{position}]['labels']", np.int64).reshape(-1)
         if not (boxes.shape[0] == scores.shape[0] == labels.shape[0]):
@@ -238,7 +240,8 @@ def _detections_to_results(detections: Sequence[Mapping], label_to_category_id) 
 def _results_coco(coco_gt, rows: np.ndarray):
     """The detection-side COCO object, built as ``COCO.loadRes`` would but also for zero detections."""
     COCO, _ = _import_pycocotools()
-    # COCO.loadRes also attaches a polygon per box; bbox evaluation never reads it, so it is left out
+    # COCOeval reads detections as per-box dicts, so building them is unavoidable. COCO.loadRes also attaches a
+    # polygon per box; bbox evaluation never reads it, so it is left out
     annotations = [
         {"id": index + 1, "image_id": int(image_id), "category_id": int(category_id), "bbox": [x, y, w, h],
          "score": score, "area": w * h, "iscrowd": 0}

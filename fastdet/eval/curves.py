@@ -440,5 +440,6 @@ def plot_confusion_matrix(matrix: np.ndarray, path, class_names: Sequence[str] |
             text = f"{shown[r, c]:.2f}" if normalize else f"{int(shown[r, c])}"
             axes.text(c, r, text, ha="center", va="center", fontsize=6,
                       color="white" if shown[r, c] > 0.5 * (shown.max() or 1) else "black")
-    axes.set(xlabel="True", ylabel="Predicted", title="Confusion matrix" + (" (column-normalised)" if normalize else ""))
+    title = "Confusion matrix" + (" (column-normalised)" if normalize else "")
+    axes.set(xlabel="True", ylabel="Predicted", title=title)
     return _save(figure, path)
