@@ -1,0 +1,132 @@
+"""The `fastdet` command line, through subprocesses as a user runs it: help, exit codes, and the demo -> eval ->
+predict chain on a quick run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+COMMANDS = ["demo", "train", "eval", "predict", "convert", "bench", "showcase"]
+
+
+def fastdet(*args, cwd=None, timeout=600):
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "fastdet", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+def test_top_level_help_lists_every_command_and_exit_codes():
+    result = fastdet("--help")
+    assert result.returncode == 0, result.stderr
+    for command in COMMANDS:
+        assert command in result.stdout
+    assert "Exit codes" in result.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command):
+    result = fastdet(command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert f"usage: fastdet {command}" in result.stdout
+
+
+def test_no_command_is_a_usage_error():
+    result = fastdet()
+    assert result.returncode == 2
+    assert "required" in result.stderr
+
+
+def test_missing_checkpoint_is_reported_with_exit_code_2(tmp_path):
+    result = fastdet("predict", "--checkpoint", tmp_path / "nope.pt", tmp_path)
+    assert result.returncode == 2
+    assert "nope.pt" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_foreign_checkpoint_is_rejected(tmp_path):
+    import torch
+
+    path = tmp_path / "weights.pt"
+    torch.save({"conv.weight": torch.zeros(1)}, path)
+    result = fastdet("eval", "--checkpoint", path, "--data", tmp_path)
+    assert result.returncode == 2
+    assert "not a fastdet training checkpoint" in result.stderr
+
+
+def test_unknown_model_is_reported(tmp_path):
+    from fastdet.data import make_shapes_dataset
+
+    make_shapes_dataset(tmp_path / "data", num_images=10, image_size=(64, 64), seed=1)
+    result = fastdet("train", "--data", tmp_path / "data", "--model", "no_such_model", "--output", tmp_path / "run",
+                     "--epochs", 1, "--workers", 0)
+    assert result.returncode == 2
+    assert "unknown detector 'no_such_model'" in result.stderr
+
+
+def test_convert_coco_to_yolo_reports_what_is_lost(tmp_path):
+    from fastdet.data import make_shapes_dataset
+
+    make_shapes_dataset(tmp_path / "coco", num_images=12, image_size=(64, 64), seed=2)
+    result = fastdet("convert", tmp_path / "coco", tmp_path / "yolo", "--from", "coco", "--to", "yolo")
+    assert result.returncode == 0, result.stderr
+    assert "12 images" in result.stdout
+    assert (tmp_path / "yolo" / "data.yaml").is_file()
+    # and back, with a new split
+    result = fastdet("convert", tmp_path / "yolo", tmp_path / "back", "--from", "yolo", "--to", "coco",
+                     "--split", "0.5", "0.25", "0.25", "--seed", "3")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "back" / "annotations" / "instances_train.json").is_file()
+
+
+def test_convert_bad_format_is_a_usage_error(tmp_path):
+    result = fastdet("convert", tmp_path, tmp_path / "out", "--from", "pascal", "--to", "coco")
+    assert result.returncode == 2
+
+
+def test_bench_prints_a_table_and_agrees_with_torchvision():
+    pytest.importorskip("torchvision")
+    result = fastdet("bench", "--scale", "0.02", "--repeat", "1", "--no-reference", "--device", "cpu")
+    assert result.returncode == 0, result.stdout + result.stderr
+    for op in ("nms", "batched_nms", "box_iou", "roi_align", "roi_pool", "sigmoid_focal_loss"):
+        assert op in result.stdout
+    assert " NO" not in result.stdout
+
+
+def test_quick_demo_then_eval_and_predict_on_its_checkpoint(tmp_path):
+    out = tmp_path / "demo"
+    result = fastdet("demo", "--quick", "--output", out, "--no-progress", "--workers", "0", "--device", "cpu")
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ("AP50", "per-class AP", "test AP50"):
+        assert name in result.stdout
+    for png in ("pr_curve.png", "f1_confidence.png", "confusion_matrix.png"):
+        assert (out / "eval" / png).stat().st_size > 0
+    assert list((out / "detections").glob("*.png"))
+    checkpoint = out / "run" / "last.pt"
+    assert checkpoint.is_file()
+
+    result = fastdet("eval", "--checkpoint", checkpoint, "--data", out / "data", "--split", "val", "--output",
+                     tmp_path / "eval", "--device", "cpu")
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert set(metrics["stats"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"}
+
+    images = sorted((out / "data" / "images").glob("*.png"))[:2]
+    result = fastdet("predict", "--checkpoint", checkpoint, *images, "--output", tmp_path / "pred",
+                     "--score-threshold", "0.0", "--device", "cpu")
+    assert result.returncode == 0, result.stdout + result.stderr
+    predictions = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert [Path(p["file"]).name for p in predictions] == [p.name for p in images]
+    for entry in predictions:
+        for det in entry["detections"]:
+            assert len(det["box_xyxy"]) == 4 and 0.0 <= det["score"] <= 1.0 and det["class_name"]
+    assert len(list((tmp_path / "pred").glob("*_detections.png"))) == 2
+
+    # a corrupt image is named in the error
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    result = fastdet("predict", "--checkpoint", checkpoint, bad, "--output", tmp_path / "pred2", "--device", "cpu")
+    assert result.returncode == 2
+    assert "bad.png" in result.stderr
