@@ -22,3 +22,7 @@ __all__ = [
     "resnet",
     "resnet_fpn_backbone",
 ]
+
+from fastdet.models.yolo import YOLO, yolo, yolo_m, yolo_n, yolo_s  # noqa: E402
+
+__all__ += ["YOLO", "yolo", "yolo_m", "yolo_n", "yolo_s"]
