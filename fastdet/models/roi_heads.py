@@ -178,12 +178,13 @@ class RoIHeads(nn.Module):
         boxes = gather_rows(candidates, index)
         labels = torch.where(sampled, labels.gather(1, index), 0)
         is_positive = sampled & (labels > 0)
-        # Non-positive slots regress towards themselves so that no padding box enters log(0).
         matched_gt = gather_rows(gt_boxes, matches.gather(1, index).clamp(min=0))
-        matched_gt = torch.where(is_positive[..., None], matched_gt, boxes)
         B, S, _ = boxes.shape
         regression_targets = box_encode(matched_gt.reshape(-1, 4), boxes.reshape(-1, 4),
                                         self.bbox_reg_weights).reshape(B, S, 4)
+        # Only positive slots have a target. Others (padding proposals are zero boxes: log(0 / 0) = NaN) get 0, which
+        # must happen here: a NaN target would turn the zero gradient of a masked-out loss term into NaN.
+        regression_targets = torch.where(is_positive[..., None], regression_targets, 0.0)
         return boxes, labels, regression_targets, sampled
 
     def compute_loss(self, class_logits: Tensor, box_regression: Tensor, labels: Tensor, regression_targets: Tensor,

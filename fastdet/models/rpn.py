@@ -195,11 +195,13 @@ class RegionProposalNetwork(nn.Module):
         positive, negative = self.fg_bg_sampler(labels)
         sampled = positive | negative
         num_sampled = sampled.sum().clamp(min=1).float()
-        # Non-positive anchors regress towards themselves (zero targets) so no padding box enters log(0).
+        # Non-positive anchors regress towards themselves, so that no padding box (zeros) enters log(0); their targets
+        # are then forced to 0 (a NaN target would turn the masked loss term's zero gradient into NaN).
         matched_boxes = gather_rows(targets.boxes, matches.clamp(min=0))
         anchors_b = anchors.expand(B, N, 4)
         matched_boxes = torch.where(positive[..., None], matched_boxes, anchors_b)
         regression_targets = box_encode(matched_boxes.reshape(-1, 4), anchors_b.reshape(-1, 4)).reshape(B, N, 4)
+        regression_targets = torch.where(positive[..., None], regression_targets, 0.0)
         box_loss = smooth_l1_loss(deltas.float(), regression_targets, beta=1 / 9).sum(dim=-1)
         box_loss = torch.where(positive, box_loss, 0.0).sum() / num_sampled
         bce = F.binary_cross_entropy_with_logits(objectness.float(), positive.float(), reduction="none")
