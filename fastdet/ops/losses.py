@@ -217,6 +217,9 @@ def _sigmoid_focal_loss_with_labels_fake(logits, labels, ignore_index, alpha, ga
 def _focal_setup_context(ctx, inputs, output):
     _, grad = output
     ctx.mark_non_differentiable(grad)
+    # The gradient output never receives an upstream gradient; without this autograd would fill a zero tensor of the
+    # logits' size for it on every backward (a full extra pass over memory).
+    ctx.set_materialize_grads(False)
     ctx.args = inputs[2:-1]  # everything between the two tensors and need_grad
     ctx.need_grad = inputs[-1]
     # Normally the forward already wrote the gradient and nothing else is kept (so later in-place changes to the
@@ -237,6 +240,8 @@ def _make_focal_backward(name):
             with torch.no_grad():
                 _, saved = getattr(torch.ops.fastdet, name)(logits, targets, *ctx.args, True)
         # grad_loss is [] for a reduced loss and the loss' shape for 'none': one elementwise pass either way.
+        if grad_loss is None:
+            return (None,) * (len(ctx.args) + 3)
         grad = saved * grad_loss
         return (grad, None) + (None,) * (len(ctx.args) + 1)
 

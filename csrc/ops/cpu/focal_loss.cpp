@@ -24,6 +24,63 @@ focal::Params<T> cast_params(const focal::Params<double>& p) {
   return focal::Params<T>{static_cast<T>(p.alpha), static_cast<T>(p.gamma), p.gamma_kind};
 }
 
+#ifdef FASTDET_FOCAL_AVX2
+// One element block (n <= 8 elements from flat index i) of the vectorised path.
+template <typename scalar_t, bool Reduce, bool WithGrad>
+__attribute__((target("avx2,fma,f16c"))) inline void focal_block_avx2(const scalar_t* x, scalar_t* loss,
+                                                                      scalar_t* grad, const focal::Params<float>& prm,
+                                                                      __m256 scale8, int64_t i, int n, __m256 t8,
+                                                                      __m256d& acc4) {
+  __m256 g8;
+  const __m256 l8 =
+      focal_avx2::element8<WithGrad>(focal_avx2::load8(x + i, n), t8, prm.alpha, prm.gamma, prm.gamma_kind, &g8);
+  if constexpr (Reduce) {
+    acc4 = focal_avx2::accumulate8(acc4, n == 8 ? l8 : focal_avx2::first_lanes(l8, n));
+  } else {
+    focal_avx2::store8(loss + i, _mm256_mul_ps(l8, scale8), n);
+  }
+  if constexpr (WithGrad) focal_avx2::store8(grad + i, _mm256_mul_ps(g8, scale8), n);
+}
+
+// Rows [r0, r1) of the vectorised path; returns the chunk's partial sum when Reduce. Loads and stores convert 8
+// elements at once, and the sum keeps 4 double lanes added in a fixed order at the end, so it is still independent of
+// the thread count (it may differ from the scalar path's sequential sum by double rounding only).
+template <typename scalar_t, bool WithLabels, bool Reduce, bool WithGrad>
+__attribute__((target("avx2,fma,f16c"))) double focal_rows_avx2(const scalar_t* x, const scalar_t* tf,
+                                                                const int64_t* labels, scalar_t* loss,
+                                                                scalar_t* grad, const focal::Params<float>& prm,
+                                                                int64_t C, int64_t ignore, float s, int64_t r0,
+                                                                int64_t r1) {
+  const __m256 scale8 = _mm256_set1_ps(s);
+  __m256d acc4 = _mm256_setzero_pd();
+  if constexpr (WithLabels) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t base = r * C;
+      const int64_t label = labels[r];
+      if (label == ignore) {
+        for (int64_t c = 0; c < C; ++c) {
+          if (!Reduce) loss[base + c] = scalar_t(0);
+          if (WithGrad) grad[base + c] = scalar_t(0);
+        }
+        continue;
+      }
+      for (int64_t c0 = 0; c0 < C; c0 += 8) {
+        const int n = static_cast<int>(std::min<int64_t>(8, C - c0));
+        focal_block_avx2<scalar_t, Reduce, WithGrad>(x, loss, grad, prm, scale8, base + c0, n,
+                                                     focal_avx2::one_hot8(label, c0), acc4);
+      }
+    }
+  } else {
+    for (int64_t i = r0; i < r1; i += 8) {
+      const int n = static_cast<int>(std::min<int64_t>(8, r1 - i));
+      focal_block_avx2<scalar_t, Reduce, WithGrad>(x, loss, grad, prm, scale8, i, n, focal_avx2::load8(tf + i, n),
+                                                   acc4);
+    }
+  }
+  return Reduce ? focal_avx2::horizontal_sum(acc4) : 0.0;
+}
+#endif
+
 // The label form's row r covers elements [r * C, (r + 1) * C); its target for class c is 1 iff label == c.
 // Rows per chunk are chosen so a chunk is ~kLossChunk elements; the float form is the label form's special case with
 // C = 1 and the target read from memory.
@@ -44,9 +101,9 @@ void focal_kernel(const FocalArgs& a, double scale) {
   const int64_t chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
   std::vector<double> partial(Reduce ? chunks : 0, 0.0);
 #ifdef FASTDET_FOCAL_AVX2
-  // float32/float16/bfloat16 go through the 8-wide AVX2 path where available (about 4x the scalar path on this
-  // machine); the per-element results are written, and added to the chunk's double accumulator, in the same order
-  // either way.
+  // float32/float16/bfloat16 go through the 8-wide AVX2 path where available (several times the scalar path on this
+  // machine): loads and stores convert 8 elements at once, and the reduction keeps 4 double lanes per chunk, summed
+  // in a fixed order at the chunk's end (so the result is still independent of the thread count).
   const bool vectorised = std::is_same_v<T, float> && focal_avx2::sleef().ok;
 #else
   [[maybe_unused]] const bool vectorised = false;
@@ -59,46 +116,9 @@ void focal_kernel(const FocalArgs& a, double scale) {
 #ifdef FASTDET_FOCAL_AVX2
       if constexpr (std::is_same_v<T, float>) {
         if (vectorised) {
-          float xb[8], tb[8], lb[8], gb[8];
-          // n <= 8 elements starting at flat index i; target k from target_of(k).
-          auto block = [&](int64_t i, int n, auto target_of) {
-            for (int k = 0; k < 8; ++k) {
-              xb[k] = k < n ? static_cast<float>(x[i + k]) : 0.0f;
-              tb[k] = k < n ? target_of(k) : 0.0f;
-            }
-            focal_avx2::element8(xb, tb, prm.alpha, prm.gamma, prm.gamma_kind, lb, WithGrad ? gb : nullptr);
-            for (int k = 0; k < n; ++k) {
-              if (Reduce) {
-                acc += static_cast<double>(lb[k]);
-              } else {
-                loss[i + k] = static_cast<scalar_t>(lb[k] * s);
-              }
-              if (WithGrad) grad[i + k] = static_cast<scalar_t>(gb[k] * s);
-            }
-          };
-          if (WithLabels) {
-            for (int64_t r = r0; r < r1; ++r) {
-              const int64_t base = r * C;
-              const int64_t label = labels[r];
-              if (label == ignore) {
-                for (int64_t c = 0; c < C; ++c) {
-                  if (!Reduce) loss[base + c] = scalar_t(0);
-                  if (WithGrad) grad[base + c] = scalar_t(0);
-                }
-                continue;
-              }
-              for (int64_t c0 = 0; c0 < C; c0 += 8) {
-                const int n = static_cast<int>(std::min<int64_t>(8, C - c0));
-                block(base + c0, n, [&](int k) { return label == c0 + k ? 1.0f : 0.0f; });
-              }
-            }
-          } else {
-            for (int64_t i = r0; i < r1; i += 8) {
-              const int n = static_cast<int>(std::min<int64_t>(8, r1 - i));
-              block(i, n, [&](int k) { return static_cast<float>(tf[i + k]); });
-            }
-          }
-          if (Reduce) partial[chunk] = acc;
+          const double sum = focal_rows_avx2<scalar_t, WithLabels, Reduce, WithGrad>(x, tf, labels, loss, grad, prm, C,
+                                                                                       ignore, s, r0, r1);
+          if (Reduce) partial[chunk] = sum;
           continue;
         }
       }
