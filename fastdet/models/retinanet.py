@@ -186,7 +186,7 @@ class PaddedTargets:
     """Per-image targets padded to a common length G (the batch's largest box count).
 
     Attributes:
-        boxes (Tensor[B, G, 4]): xyxy; padding rows are zeros.
+        boxes (Tensor[B, G, 4]): xyxy; padding rows are zeros. G >= 1 (one padding row when no image has boxes).
         labels (Tensor[B, G] int64): padding rows are -1.
         valid (Tensor[B, G] bool): which rows are real boxes.
     """
@@ -197,9 +197,14 @@ class PaddedTargets:
     @classmethod
     def from_list(cls, targets: Sequence[dict[str, Tensor]], dtype: torch.dtype, device) -> "PaddedTargets":
         counts = [int(t["boxes"].shape[0]) for t in targets]  # shapes only: no device read
-        boxes = nn.utils.rnn.pad_sequence([t["boxes"].to(dtype) for t in targets], batch_first=True)
-        labels = nn.utils.rnn.pad_sequence([t["labels"].long() for t in targets], batch_first=True, padding_value=-1)
-        length = boxes.shape[1]
+        # At least one (padding) row, so that gathers by matched index stay valid when no image has a box.
+        length = max(1, max(counts))
+        boxes = torch.zeros(len(counts), length, 4, dtype=dtype)
+        labels = torch.full((len(counts), length), -1, dtype=torch.int64)
+        if max(counts) > 0:
+            boxes = nn.utils.rnn.pad_sequence([t["boxes"].to(dtype) for t in targets], batch_first=True)
+            labels = nn.utils.rnn.pad_sequence([t["labels"].long() for t in targets], batch_first=True,
+                                               padding_value=-1)
         valid = torch.arange(length).expand(len(counts), length) < torch.tensor(counts)[:, None]
         return cls(boxes.to(device).reshape(len(counts), length, 4), labels.to(device).reshape(len(counts), length),
                    valid.to(device))
