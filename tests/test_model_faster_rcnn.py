@@ -28,12 +28,12 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone as t
 from torchvision.ops import feature_pyramid_network as tv_fpn  # noqa: E402
 from torchvision.ops.misc import FrozenBatchNorm2d as TVFrozenBatchNorm2d  # noqa: E402
 
-SMALL = dict(min_size=112, max_size=192, rpn_post_nms_top_n_test=200)
+SMALL = dict(min_size=96, max_size=160, rpn_post_nms_top_n_test=200)
 TINY = dict(min_size=64, max_size=96, rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=100,
             rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=100, box_batch_size_per_image=64)
 
 
-def _images(seed: int, sizes=((120, 200), (180, 150), (90, 90))):
+def _images(seed: int, sizes=((100, 160), (130, 110), (70, 70))):
     g = torch.Generator().manual_seed(seed)
     return [torch.rand(3, h, w, generator=g) for h, w in sizes]
 
@@ -113,8 +113,7 @@ def _assert_same_detections(ours, theirs, context):
 
 @pytest.mark.parametrize("rpn_score_thresh, box_score_thresh, detections_per_img", [
     (0.0, 0.01, 300),  # hundreds of detections per image, NMS and the top-k cut active
-    (0.6, 0.05, 100),  # few proposals survive: padded proposal slots must not leak into detections
-    (0.0, 0.5, 100),  # few detections: padded detection slots
+    (0.6, 0.3, 100),  # few proposals survive and few detections: padded slots must not leak into the results
 ])
 def test_detections_match_torchvision(resnet50_pair, rpn_score_thresh, box_score_thresh, detections_per_img, seed):
     ours, theirs = resnet50_pair
@@ -167,7 +166,7 @@ def test_training_losses_and_gradients_match_torchvision_with_exhaustive_samplin
     theirs = _tv_fasterrcnn(18, 5, trainable_layers=5, **kwargs).train()
     ours = fasterrcnn_resnet18_fpn(num_classes=5, **kwargs).train()
     ours.load_state_dict(theirs.state_dict())
-    images, targets = _images(seed), _targets()
+    images, targets = _images(seed)[:2], _targets()[:2]  # one image with objects, one without
     got, expected = ours(images, targets), theirs(images, targets)
     assert set(got) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
     for key in expected:
@@ -183,17 +182,17 @@ def test_training_losses_and_gradients_match_torchvision_with_exhaustive_samplin
 
 def test_light_variant_sgd_reduces_the_loss():
     torch.manual_seed(0)
-    model = fasterrcnn_resnet18_fpn(num_classes=5, **TINY).train()
-    images, targets = _images(0), _targets()
+    model = fasterrcnn_resnet18_fpn(num_classes=5, **{**TINY, "min_size": 48, "max_size": 64}).train()
+    images, targets = _images(0)[:2], _targets()[:2]
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
     totals = []
-    for _ in range(5):
+    for _ in range(3):
         losses = model(images, targets)
         total = sum(losses.values())
         optimizer.zero_grad()
         total.backward()
         optimizer.step()
-        totals.append(float(total))
+        totals.append(float(total.detach()))
     assert totals[-1] < 0.6 * totals[0], totals
 
 
@@ -212,13 +211,13 @@ def test_images_without_objects_train():
 
 def test_bfloat16_autocast_training_and_inference():
     torch.manual_seed(0)
-    model = fasterrcnn_resnet18_fpn(num_classes=5, **TINY).train()
+    model = fasterrcnn_resnet18_fpn(num_classes=5, **{**TINY, "min_size": 48, "max_size": 64}).train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        losses = model(_images(2), _targets())
+        losses = model(_images(2)[:1], _targets()[:1])
         sum(losses.values()).backward()
         model.eval()
         with torch.no_grad():
-            detections = model(_images(3))
+            detections = model(_images(3)[2:])
     assert all(torch.isfinite(v) and v.dtype == torch.float32 for v in losses.values())
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     for d in detections:
@@ -314,7 +313,7 @@ def test_selection_compiles_without_graph_breaks(seed):
 def test_detect_padded_output_agrees_with_forward_and_survives_save_load():
     torch.manual_seed(0)
     model = fasterrcnn_resnet18_fpn(num_classes=5, **TINY, box_score_thresh=0.0).eval()
-    images = _images(4)
+    images = _images(4)[1:]
     with torch.no_grad():
         padded = model.detect(images)
         listed = model(images)

@@ -9,16 +9,20 @@ from fastdet.models.backbones import (
     resnet,
     resnet_fpn_backbone,
 )
+from fastdet.models.faster_rcnn import FasterRCNN, fasterrcnn_resnet18_fpn, fasterrcnn_resnet50_fpn
 from fastdet.models.transform import DetectionTransform, ImageBatch
 
 __all__ = [
     "BackboneWithFPN",
     "DetectionTransform",
+    "FasterRCNN",
     "FeaturePyramidNetwork",
     "FrozenBatchNorm2d",
     "ImageBatch",
     "LastLevelMaxPool",
     "LastLevelP6P7",
+    "fasterrcnn_resnet18_fpn",
+    "fasterrcnn_resnet50_fpn",
     "resnet",
     "resnet_fpn_backbone",
 ]
