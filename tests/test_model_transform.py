@@ -30,8 +30,8 @@ def _images_and_targets(seed: int, dtype=torch.float32):
         n = int(torch.randint(0, 5, (1,), generator=g))
         xy = torch.rand(n, 2, generator=g) * torch.tensor([w / 2, h / 2])
         wh = torch.rand(n, 2, generator=g) * torch.tensor([w / 2, h / 2]) + 1
-        targets.append({"boxes": torch.cat([xy, xy + wh], 1).to(dtype), "labels": torch.randint(1, 9, (n,), generator=g),
-                        "extra": torch.arange(n)})
+        targets.append({"boxes": torch.cat([xy, xy + wh], 1).to(dtype),
+                        "labels": torch.randint(1, 9, (n,), generator=g), "extra": torch.arange(n)})
     return images, targets
 
 

@@ -3,9 +3,9 @@ torchvision (and torchvision-trained) checkpoints load unchanged.
 
 Naming contract (what makes checkpoints interchangeable):
 
-* ``resnet(depth)``: ``conv1, bn1, layer1..layer4, fc``; blocks are ``BasicBlock`` (``conv1, bn1, conv2, bn2``) or
-  ``Bottleneck`` (``conv1..conv3, bn1..bn3``) with an optional ``downsample`` = ``Sequential(conv, norm)``. The stride of
-  a Bottleneck sits on its 3x3 convolution (ResNet v1.5, as torchvision).
+* ``resnet(depth)``: ``conv1, bn1, layer1..layer4, fc``; blocks are ``BasicBlock`` (``conv1, bn1, conv2, bn2``)
+  or ``Bottleneck`` (``conv1..conv3, bn1..bn3``) with an optional ``downsample`` = ``Sequential(conv, norm)``. The
+  stride of a Bottleneck sits on its 3x3 convolution (ResNet v1.5, as torchvision).
 * ``FeaturePyramidNetwork``: ``inner_blocks.{i}.0`` (1x1 lateral convs) and ``layer_blocks.{i}.0`` (3x3 output convs).
 * ``BackboneWithFPN``: ``body.*`` and ``fpn.*``.
 """

@@ -77,9 +77,10 @@ def _clip_to_images(boxes: Tensor, image_sizes: Tensor) -> Tensor:
     widths = image_sizes[:, 1].reshape(shape).to(boxes.dtype)
     x1, y1, x2, y2 = boxes.unbind(-1)
     zero = torch.zeros((), dtype=boxes.dtype, device=boxes.device)
-    return torch.stack((torch.minimum(torch.maximum(x1, zero), widths), torch.minimum(torch.maximum(y1, zero), heights),
-                        torch.minimum(torch.maximum(x2, zero), widths), torch.minimum(torch.maximum(y2, zero), heights)),
-                       dim=-1)
+    # clamp(min=0) then clamp(max=size): torchvision's clip_boxes_to_image, with a per-image upper bound
+    clipped = (torch.minimum(torch.maximum(x1, zero), widths), torch.minimum(torch.maximum(y1, zero), heights),
+               torch.minimum(torch.maximum(x2, zero), widths), torch.minimum(torch.maximum(y2, zero), heights))
+    return torch.stack(clipped, dim=-1)
 
 
 def select_detections(class_logits: Tensor, box_regression: Tensor, proposals: Tensor, proposal_valid: Tensor,
