@@ -30,3 +30,9 @@ __all__ = [
 from fastdet.models.yolo import YOLO, yolo, yolo_m, yolo_n, yolo_s  # noqa: E402
 
 __all__ += ["YOLO", "yolo", "yolo_m", "yolo_n", "yolo_s"]
+
+from fastdet.models.retinanet import RetinaNet, retinanet_resnet18_fpn, retinanet_resnet50_fpn  # noqa: E402
+from fastdet.models.ssd import SSD, ssd300_vgg16, ssd300_vgg16_light  # noqa: E402
+
+__all__ += ["RetinaNet", "retinanet_resnet18_fpn", "retinanet_resnet50_fpn", "SSD", "ssd300_vgg16",
+            "ssd300_vgg16_light"]
