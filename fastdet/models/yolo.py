@@ -364,6 +364,34 @@ def assign_yolo_targets(gt_boxes: Tensor, gt_labels: Tensor, gt_mask: Tensor, gr
     )
 
 
+# Smallest predicted box side in the loss, in cells: keeps every side strictly positive (see _cell_relative_pairs).
+_MIN_SIDE_IN_CELLS = 1e-4
+
+
+def _cell_relative_pairs(box_logits: Tensor, priors: Tensor, prior_strides: Tensor, gt_boxes: Tensor,
+                         valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Predicted and target boxes of the assignment candidates, xyxy in units of the prior's stride around the
+    prior's centre, ready for the CIoU loss (which is invariant to that translation and scaling).
+
+    Why not pixels: a prediction whose size logit has drifted far negative has a side far below one float32 ulp of
+    its pixel coordinate (~1e-5 at 100 px), so ``y2 - y1`` rounds to 0 and the CIoU gradient (through ``atan(w/h)``)
+    is NaN. Around the prior centre the coordinates are O(1), and sides are floored at 1e-4 cells, so every side stays
+    positive. Candidates that are not real matches get the prior's own box as both prediction and target, so their
+    (masked) loss term and its gradient are finite whatever the network predicts there (0 * NaN would be NaN).
+    """
+    t = box_logits.sigmoid() * 2
+    prior_size = priors[..., 2:] / prior_strides.unsqueeze(-1)  # cells
+    centre = t[..., :2] - 1
+    size = t[..., 2:].square() * prior_size + _MIN_SIDE_IN_CELLS
+    pred = torch.cat((centre - size / 2, centre + size / 2), dim=-1)
+    stride = prior_strides.unsqueeze(-1)
+    gt = torch.cat(((gt_boxes[..., :2] - priors[..., :2]) / stride, (gt_boxes[..., 2:] - priors[..., :2]) / stride),
+                   dim=-1)
+    prior_box = torch.cat((-prior_size / 2, prior_size / 2), dim=-1)
+    valid = valid.unsqueeze(-1)
+    return torch.where(valid, pred, prior_box), torch.where(valid, gt, prior_box)
+
+
 def yolo_select(predictions: Tensor, priors: Tensor, prior_strides: Tensor, image_sizes: Tensor,
                 score_threshold: float, iou_threshold: float, max_detections: int, pre_nms_top_k: int
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -499,11 +527,8 @@ class YOLO(nn.Module):
         valid = assigned.valid
         index = assigned.prior_index
         picked = predictions.gather(1, index[..., None].expand(-1, -1, predictions.shape[-1]))  # [B, M, 5 + C]
-        pred_boxes = decode_yolo_boxes(picked[..., :4], priors[index], prior_strides[index])
-        # Padding rows get the prior's own box as target so the CIoU (and its gradient, multiplied by 0) stays finite.
-        prior_boxes = torch.cat((priors[index][..., :2] - priors[index][..., 2:] / 2,
-                                 priors[index][..., :2] + priors[index][..., 2:] / 2), dim=-1)
-        target_boxes = torch.where(valid[..., None], assigned.boxes.float(), prior_boxes)
+        pred_boxes, target_boxes = _cell_relative_pairs(picked[..., :4], priors[index], prior_strides[index],
+                                                        assigned.boxes.float(), valid)
         ciou_loss = complete_box_iou_loss(pred_boxes, target_boxes)  # [B, M]
         # YOLOv5 averages the box and class losses over the matches of each level, then sums the levels.
         num_levels = len(grid_sizes)
