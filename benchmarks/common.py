@@ -68,6 +68,18 @@ SIZES = {
         Size({"batch": 1, "n": 16}),
         Size({"batch": 8, "n": 512}, cpu={"batch": 1, "n": 256}),
     ],
+    # Detectors (issue 6; benchmarks/test_bench_models.py): B images of height x width, the size each model's transform
+    # is set to. The CPU sizes keep one call of ResNet-50 Faster R-CNN to a few seconds on this 2-core machine (with one
+    # thread: see CPU_THREADS there).
+    "faster_rcnn": [
+        Size({"batch": 8, "height": 800, "width": 1333}, cpu={"batch": 1, "height": 320, "width": 512}),
+    ],
+    "retinanet": [
+        Size({"batch": 8, "height": 800, "width": 1333}, cpu={"batch": 1, "height": 320, "width": 512}),
+    ],
+    "ssd": [
+        Size({"batch": 32, "height": 300, "width": 300}, cpu={"batch": 1, "height": 300, "width": 300}),
+    ],
 }
 
 _LABEL_KEYS = (("batch", "B"), ("n", "N"), ("m", "M"), ("classes", "C"))

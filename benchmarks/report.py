@@ -47,6 +47,9 @@ TARGETS = [
     ("cuda", "roi_align fwd+bwd bfloat16", {"n": 512}, 3.0),
     ("cpu", "roi_align fwd+bwd float32", {"n": 512}, 1.5),
     ("cuda", "anchors_decode", {}, 5.0),
+    # Issue 6: whole Faster R-CNN R50-FPN, batch 8 at 800 x 1333 (benchmarks/test_bench_models.py).
+    ("cuda", "faster_rcnn_r50_fpn train step", {"batch": 8, "height": 800, "width": 1333}, 1.3),
+    ("cuda", "faster_rcnn_r50_fpn inference", {"batch": 8, "height": 800, "width": 1333}, 1.5),
 ]
 
 GPU_PLACEHOLDER_KEY = "cuda: not measured yet"
