@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtual environment in .venv, install what fastdet needs, and build the extension.
-# Sourced by run_showcase.sh and run_tests.sh; safe to run again (it only redoes what is missing).
+# Sourced by run_demo.sh and run_tests.sh; safe to run again (it only redoes what is missing).
 #
 # Settings (environment variables):
 #   FASTDET_VENV          where the environment lives (default: <repo>/.venv)

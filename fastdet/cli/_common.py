@@ -38,8 +38,7 @@ def model_names() -> list[str]:
     """The detector builders of :mod:`fastdet.models` (functions taking ``num_classes``)."""
     import fastdet.models as models
 
-    return sorted(name for name in getattr(models, "__all__", [])
-                  if callable(getattr(models, name)) and name[:1].islower() and not name.startswith("build"))
+    return list(models.DETECTOR_BUILDERS)
 
 
 def build_model(name: str, num_classes: int, **kwargs: Any) -> torch.nn.Module:

@@ -36,3 +36,10 @@ from fastdet.models.ssd import SSD, ssd300_vgg16, ssd300_vgg16_light  # noqa: E4
 
 __all__ += ["RetinaNet", "retinanet_resnet18_fpn", "retinanet_resnet50_fpn", "SSD", "ssd300_vgg16",
             "ssd300_vgg16_light"]
+
+# The detector builders (each takes num_classes, background included): what `fastdet train --model` accepts.
+DETECTOR_BUILDERS = (
+    "fasterrcnn_resnet50_fpn", "fasterrcnn_resnet18_fpn", "retinanet_resnet50_fpn", "retinanet_resnet18_fpn",
+    "ssd300_vgg16", "ssd300_vgg16_light", "yolo", "yolo_n", "yolo_s", "yolo_m",
+)
+__all__ += ["DETECTOR_BUILDERS"]
