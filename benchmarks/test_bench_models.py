@@ -15,12 +15,14 @@ every benchmark. The classifiers are changed where their initialisation would le
 R-CNN's box classifier gets wider weights and RetinaNet's classification bias moves off its 0.01 prior, so that, as
 with a trained model, many candidates pass the score thresholds and every image gets a full set of detections.
 
-Training. Each implementation starts from those weights with a fresh SGD optimiser (momentum 0.9, weight decay 1e-4 as
-in torchvision's recipe, a warm-up learning rate of 1e-4) and repeats the step on the same batch; the global seed is reset at the start of
-every step, so the RPN and RoI samplers draw the same random numbers in each call. (fastdet's samplers draw
-differently from torchvision's, so the two pick different but equally many RoIs.) The weights drift by a few steps over
-a benchmark, the same for both implementations; the final loss is checked to be finite, so a diverging model cannot be
-timed unnoticed.
+Training. Each implementation starts from those weights with a fresh SGD optimiser (momentum 0.9 and weight decay
+1e-4 as in torchvision's recipe, a warm-up learning rate of 1e-4) and repeats the step on the same batch; the global
+seed is reset at the start of every step, so the RPN and RoI samplers draw the same random numbers in each call.
+(fastdet's samplers draw differently from torchvision's, so the two pick different but equally many RoIs.) The weights
+drift by a few steps over a benchmark, the same for both implementations; the final loss is checked to be finite, so a
+diverging model cannot be timed unnoticed.
+
+CPU cases run with one intra-op thread (``CPU_THREADS``) and say so in their size label.
 """
 
 from __future__ import annotations
@@ -50,11 +52,20 @@ LEARNING_RATE = 1e-4
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-4
 OBJECTS_PER_IMAGE = (2, 12)  # targets per training image, drawn uniformly (COCO averages about 7)
+
+
+def _cpu_threads() -> int:
+    value = os.environ.get("FASTDET_BENCH_MODEL_THREADS", "1").strip()
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"FASTDET_BENCH_MODEL_THREADS must be a positive integer (threads), got {value!r}")
+    return int(value)
+
+
 # Intra-op threads for the CPU cases. On a machine whose cores other processes share, every convolution's OpenMP
 # barrier waits for its slowest, descheduled thread: measured here, a ResNet-50 FPN forward on two 96 x 160 images
 # took 0.25 s with one thread and 4.6 s with two. One thread measures the implementations, not the scheduler.
 # FASTDET_BENCH_MODEL_THREADS sets another count (e.g. the core count on a dedicated machine).
-CPU_THREADS = int(os.environ.get("FASTDET_BENCH_MODEL_THREADS", "1"))
+CPU_THREADS = _cpu_threads()
 
 
 @dataclasses.dataclass(frozen=True)
