@@ -365,6 +365,16 @@ def image_ids_from_names(file_names: Sequence[str]) -> np.ndarray:
     return np.arange(1, len(file_names) + 1, dtype=np.int64)
 
 
+def read_label_text(path: Path) -> str:
+    """The text of a per-image label file (YOLO, KITTI), or a DatasetError saying it is missing or unreadable."""
+    if not path.is_file():
+        raise DatasetError("missing_label", "label file not found", path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError("malformed_label", f"cannot read label file: {exc}", path) from None
+
+
 def read_class_list(path: Path) -> list[str] | None:
     """``classes.txt``: one class name per line, in label order (blank lines ignored); None if absent."""
     if not path.is_file():

@@ -32,6 +32,7 @@ from fastdet.data._base import (
     image_ids_from_names,
     list_images,
     read_class_list,
+    read_label_text,
     read_image_size,
 )
 
@@ -40,12 +41,7 @@ DONT_CARE = "DontCare"
 
 
 def _parse_label_file(path: Path, label_of: dict[str, int], width: int, height: int):
-    if not path.is_file():
-        raise DatasetError("missing_label", "label file not found", path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError("malformed_label", f"cannot read label file: {exc}", path) from None
+    text = read_label_text(path)
     names, rows, lines = [], [], []
     for line_number, line in enumerate(text.splitlines(), start=1):
         fields = line.split()

@@ -32,6 +32,7 @@ from fastdet.data._base import (
     image_ids_from_names,
     list_images,
     read_image_size,
+    read_label_text,
 )
 
 SPLIT_KEYS = ("train", "val", "test")
@@ -99,12 +100,7 @@ def _split_images(entry, base: Path, yaml_path: Path) -> list[Path]:
 
 def _parse_label_file(path: Path, num_classes: int, width: int, height: int):
     """Pixel xyxy boxes and 0-based classes of one label file; raises DatasetError naming the line."""
-    if not path.is_file():
-        raise DatasetError("missing_label", "label file not found", path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError("malformed_label", f"cannot read label file: {exc}", path) from None
+    text = read_label_text(path)
     boxes, classes, lines = [], [], []
     for line_number, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
