@@ -429,3 +429,33 @@ def test_bad_training_input(make_input, error, match):
 def test_bad_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         yolo(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the demo recipe (fastdet.models.recipes) builds this detector
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_demo_recipe_is_consistent(tmp_path):
+    from fastdet.data import make_shapes_dataset
+    from fastdet.engine import TrainConfig
+    from fastdet.models.recipes import build_demo_model, demo_recipe
+
+    recipe = demo_recipe()
+    assert set(recipe) >= {"model", "model_kwargs", "dataset", "batch_size", "train"}
+    TrainConfig(**recipe["train"])  # every option is a valid TrainConfig field and value
+    # The network sees the generated images at their own size (no resizing in the demo).
+    assert recipe["model_kwargs"]["image_size"] == max(recipe["dataset"]["image_size"])
+    quick = demo_recipe(quick=True)
+    assert quick["dataset"]["num_images"] < recipe["dataset"]["num_images"]
+    assert demo_recipe() == recipe  # fresh copies: the quick overrides did not leak into the recipe
+    quick["train"]["epochs"] = 99
+    assert demo_recipe(quick=True)["train"]["epochs"] != 99
+
+    paths = make_shapes_dataset(tmp_path, seed=1, **{**quick["dataset"], "num_images": 10})
+    assert paths["train"].is_file()
+    model = build_demo_model(num_classes=quick["dataset"]["shapes"] + 1).eval()
+    assert isinstance(model, YOLO)
+    with torch.no_grad():
+        detections = model([torch.rand(3, *recipe["dataset"]["image_size"])])
+    assert detections[0]["boxes"].shape[-1] == 4
