@@ -25,7 +25,12 @@ Training (YOLOv5's loss): every ground-truth box is matched to the priors of eve
 to the box lie within ``anchor_threshold`` (4 by default), in the cell holding the box centre and in the (up to) two
 neighbouring cells nearest to the centre. Each match gets a CIoU box loss and a class BCE; every prior gets an
 objectness BCE whose target is the (detached, clamped at 0) CIoU of its matched prediction, 0 for unmatched priors.
-The assignment is tensor code over the padded ``[B, G_max]`` targets, with no loop over images, boxes or levels.
+The assignment is tensor code over the padded ``[B, G_max]`` targets, with no loop over images, boxes or levels. The
+CIoU is computed on boxes expressed in cells around each prior's centre (CIoU is invariant to translation and scale),
+which keeps collapsed predictions from rounding to zero-size boxes with NaN gradients.
+
+Anchors decide which priors learn from which objects: fit them to the data's box sizes on every level (what YOLOv5's
+autoanchor does). With the default COCO anchors, a dataset of large objects leaves the stride-8 level without matches.
 
 Inference: decode every level, score = sigmoid(objectness) * sigmoid(class), then ``fastdet.ops.multiclass_nms`` on
 the whole batch at once (fixed-size output, no host synchronisation); only the final split into per-image dicts reads
@@ -435,7 +440,8 @@ class YOLO(nn.Module):
         image_size (int): the longer image side is resized to this (aspect ratio kept; YOLOv5's letterbox with the
             padding at the bottom/right), then the batch is padded to a multiple of 32.
         anchors (3 levels x 3 (w, h) pairs, optional): anchor sizes in pixels of the resized input. Default: YOLOv5's
-            640-pixel anchors scaled by ``image_size / 640`` (objects shrink with the image).
+            640-pixel COCO anchors scaled by ``image_size / 640`` (objects shrink with the image); datasets whose
+            objects are not COCO-sized train much faster with anchors fitted to their boxes.
         anchor_threshold (float): largest side ratio between a ground-truth box and an anchor it is assigned to.
         box_loss_gain, obj_loss_gain, cls_loss_gain (float): YOLOv5's loss weights 0.05, 1.0, 0.5; as YOLOv5 does,
             the objectness weight is scaled by ``(image_size / 640) ** 2`` (fewer cells, larger per-cell mean) and the
