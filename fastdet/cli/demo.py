@@ -9,6 +9,7 @@ is one.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -31,6 +32,10 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     device = pick_device(args.device)
+    if args.workers is None:
+        args.workers = 0 if device.type == "cpu" and (os.cpu_count() or 1) <= 4 else 2
+    elif args.workers < 0:
+        raise CommandError(f"--workers must be >= 0, got {args.workers}")
     recipe = demo_recipe(quick=args.quick)
     if args.epochs is not None:
         if args.epochs < 1:
@@ -98,7 +103,9 @@ def add_parser(sub) -> None:
     p.add_argument("--require-targets", action="store_true",
                    help="exit with code 1 when the AP or time targets are missed")
     p.add_argument("--draw", type=int, default=8, help="test images to draw detections on (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=2, help="data-loading worker processes")
+    p.add_argument("--workers", type=int, default=None,
+                   help="data-loading worker processes (default: 0 on a CPU with <= 4 cores, where workers would "
+                        "compete with the training threads; else 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
