@@ -87,7 +87,21 @@ def _flatten_level(output: Tensor, columns: int) -> Tensor:
     return output.view(batch, -1, columns, height, width).permute(0, 3, 4, 1, 2).reshape(batch, -1, columns)
 
 
-class RetinaNetClassificationHead(nn.Module):
+class _TowerHead(nn.Module):
+    """Base of the two heads: state dicts saved before torchvision's version 2 (plain conv towers) load too."""
+
+    _version = 2
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        version = local_metadata.get("version", None)
+        if version is None or version < 2:
+            _upgrade_v1_tower_keys(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+class RetinaNetClassificationHead(_TowerHead):
     """Classification subnet: four 3x3 conv blocks and a 3x3 conv to ``num_anchors * num_classes`` logits, shared by
     all pyramid levels. The logit bias starts at ``-log((1 - p) / p)`` so every anchor starts with probability
     ``prior_probability`` (the focal-loss paper's initialisation).
@@ -95,8 +109,6 @@ class RetinaNetClassificationHead(nn.Module):
     ``forward(features)`` maps a list of ``[B, in_channels, H_l, W_l]`` maps to ``Tensor[B, sum_l H_l W_l A,
     num_classes]``.
     """
-
-    _version = 2
 
     def __init__(self, in_channels: int, num_anchors: int, num_classes: int, prior_probability: float = 0.01,
                  norm_layer: Callable[..., nn.Module] | None = None):
@@ -110,23 +122,13 @@ class RetinaNetClassificationHead(nn.Module):
         self.num_classes = num_classes
         self.num_anchors = num_anchors
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        version = local_metadata.get("version", None)
-        if version is None or version < 2:
-            _upgrade_v1_tower_keys(state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-
     def forward(self, features: list[Tensor]) -> Tensor:
         return torch.cat([_flatten_level(self.cls_logits(self.conv(f)), self.num_classes) for f in features], dim=1)
 
 
-class RetinaNetRegressionHead(nn.Module):
+class RetinaNetRegressionHead(_TowerHead):
     """Box regression subnet: four 3x3 conv blocks and a 3x3 conv to ``num_anchors * 4`` deltas (weights
     ``(1, 1, 1, 1)``). ``forward(features)`` returns ``Tensor[B, sum_l H_l W_l A, 4]``."""
-
-    _version = 2
 
     def __init__(self, in_channels: int, num_anchors: int, norm_layer: Callable[..., nn.Module] | None = None):
         super().__init__()
@@ -136,14 +138,6 @@ class RetinaNetRegressionHead(nn.Module):
         nn.init.zeros_(self.bbox_reg.bias)
         self.box_coder = ops.BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
         self._loss_type = "l1"  # torchvision's attribute name; RetinaNet(bbox_loss_type=...) sets it
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        version = local_metadata.get("version", None)
-        if version is None or version < 2:
-            _upgrade_v1_tower_keys(state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
 
     def forward(self, features: list[Tensor]) -> Tensor:
         return torch.cat([_flatten_level(self.bbox_reg(self.conv(f)), 4) for f in features], dim=1)
