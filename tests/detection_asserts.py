@@ -25,3 +25,31 @@ def assert_same_detections(expected, actual, limit):
                 torch.testing.assert_close(torch.tensor([r[1] for r in rows_a]), torch.tensor([r[1] for r in rows_e]),
                                            atol=1e-3, rtol=0)
             start = stop
+
+
+def random_boxes(n: int, height: int, width: int, generator=None) -> torch.Tensor:
+    """``n`` random xyxy boxes of at least 4 px inside a ``height`` x ``width`` image."""
+    xy = torch.rand(n, 2, generator=generator) * torch.tensor([width * 0.7, height * 0.7])
+    wh = torch.rand(n, 2, generator=generator) * torch.tensor([width * 0.4, height * 0.4]) + 4
+    return torch.cat([xy, (xy + wh).minimum(torch.tensor([float(width), float(height)]))], dim=1)
+
+
+def make_targets(sizes, counts, num_classes, generator=None, first_label=0):
+    """Targets of ``counts[i]`` random boxes for images of ``sizes[i]``, labels in ``[first_label, num_classes)``."""
+    return [{"boxes": random_boxes(n, h, w, generator),
+             "labels": torch.randint(first_label, num_classes, (n,), generator=generator)}
+            for (h, w), n in zip(sizes, counts)]
+
+
+def assert_losses_and_gradients_match(ours, theirs, images, targets, parameter_names, grad_atol):
+    """Training losses (torchvision's keys) equal to torchvision's, and after backward the named parameters' gradients
+    too."""
+    expected, actual = theirs(images, targets), ours(images, targets)
+    assert set(actual) == set(expected) == {"classification", "bbox_regression"}
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6)
+    sum(expected.values()).backward()
+    sum(actual.values()).backward()
+    for name in parameter_names:
+        torch.testing.assert_close(ours.get_parameter(name).grad, theirs.get_parameter(name).grad, rtol=1e-4,
+                                   atol=grad_atol)

@@ -20,7 +20,12 @@ from fastdet.models.retinanet import (
     retinanet_select_detections,
 )
 
-from detection_asserts import assert_same_detections
+from detection_asserts import (
+    assert_losses_and_gradients_match,
+    assert_same_detections,
+    make_targets,
+    random_boxes,
+)
 
 tv_detection = pytest.importorskip("torchvision.models.detection")
 from torchvision.models.detection import _utils as tv_det_utils  # noqa: E402
@@ -31,17 +36,6 @@ from torchvision.ops import clip_boxes_to_image as tv_clip  # noqa: E402
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7 as TvLastLevelP6P7  # noqa: E402
 
 SMALL = dict(min_size=128, max_size=192)
-
-
-def random_boxes(n: int, height: int, width: int, generator=None) -> torch.Tensor:
-    xy = torch.rand(n, 2, generator=generator) * torch.tensor([width * 0.7, height * 0.7])
-    wh = torch.rand(n, 2, generator=generator) * torch.tensor([width * 0.4, height * 0.4]) + 4
-    return torch.cat([xy, (xy + wh).minimum(torch.tensor([float(width), float(height)]))], dim=1)
-
-
-def make_targets(sizes, counts, num_classes, generator=None):
-    return [{"boxes": random_boxes(n, h, w, generator),
-             "labels": torch.randint(0, num_classes, (n,), generator=generator)} for (h, w), n in zip(sizes, counts)]
 
 
 def perturb_for_detections(model: nn.Module) -> None:
@@ -140,15 +134,10 @@ def test_losses_and_gradients_match_torchvision(seed, loss_type):
     images = [torch.rand(3, h, w) for h, w in sizes]
     targets = make_targets(sizes, [4, 0, 2], 5)
     targets[0]["boxes"][1] = targets[0]["boxes"][0]  # two boxes on the same spot compete for the same anchors
-    expected, actual = tv(images, targets), ours(images, targets)
-    assert set(actual) == set(expected) == {"classification", "bbox_regression"}
-    for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6)
-    sum(expected.values()).backward()
-    sum(actual.values()).backward()
-    for name in ("head.classification_head.cls_logits.weight", "head.regression_head.bbox_reg.weight",
-                 "backbone.fpn.layer_blocks.0.0.weight"):
-        torch.testing.assert_close(ours.get_parameter(name).grad, tv.get_parameter(name).grad, rtol=1e-4, atol=1e-7)
+    assert_losses_and_gradients_match(ours, tv, images, targets,
+                                      ("head.classification_head.cls_logits.weight",
+                                       "head.regression_head.bbox_reg.weight", "backbone.fpn.layer_blocks.0.0.weight"),
+                                      grad_atol=1e-7)
 
 
 def test_match_anchors_matches_torchvision_matcher(seed):

@@ -20,7 +20,12 @@ from fastdet.models.ssd import (
     ssd_select_detections,
 )
 
-from detection_asserts import assert_same_detections
+from detection_asserts import (
+    assert_losses_and_gradients_match,
+    assert_same_detections,
+    make_targets,
+    random_boxes,
+)
 
 tv_detection = pytest.importorskip("torchvision.models.detection")
 from torchvision.models.detection import _utils as tv_det_utils  # noqa: E402
@@ -28,17 +33,6 @@ from torchvision.models.detection.anchor_utils import DefaultBoxGenerator as TvD
 from torchvision.ops import batched_nms as tv_batched_nms  # noqa: E402
 from torchvision.ops import box_iou as tv_box_iou  # noqa: E402
 from torchvision.ops import clip_boxes_to_image as tv_clip  # noqa: E402
-
-
-def random_boxes(n: int, height: int, width: int, generator=None) -> torch.Tensor:
-    xy = torch.rand(n, 2, generator=generator) * torch.tensor([width * 0.7, height * 0.7])
-    wh = torch.rand(n, 2, generator=generator) * torch.tensor([width * 0.4, height * 0.4]) + 4
-    return torch.cat([xy, (xy + wh).minimum(torch.tensor([float(width), float(height)]))], dim=1)
-
-
-def make_targets(sizes, counts, num_classes, generator=None):
-    return [{"boxes": random_boxes(n, h, w, generator),
-             "labels": torch.randint(1, num_classes, (n,), generator=generator)} for (h, w), n in zip(sizes, counts)]
 
 
 def tv_ssd_with_backbone(backbone: nn.Module, num_classes: int, **kwargs):
@@ -108,17 +102,12 @@ def test_losses_and_gradients_match_torchvision(seed):
     ours.load_state_dict(tv.state_dict())
     sizes = [(150, 200), (120, 160), (100, 100)]
     images = [torch.rand(3, h, w) for h, w in sizes]
-    targets = make_targets(sizes, [5, 0, 2], 6)
+    targets = make_targets(sizes, [5, 0, 2], 6, first_label=1)
     targets[0]["boxes"][1] = targets[0]["boxes"][0]  # two boxes claim the same best default box
-    expected, actual = tv(images, targets), ours(images, targets)
-    assert set(actual) == set(expected) == {"classification", "bbox_regression"}
-    for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6)
-    sum(expected.values()).backward()
-    sum(actual.values()).backward()
-    for name in ("head.classification_head.module_list.0.weight", "head.regression_head.module_list.3.weight",
-                 "backbone.extra.1.2.weight"):
-        torch.testing.assert_close(ours.get_parameter(name).grad, tv.get_parameter(name).grad, rtol=1e-4, atol=1e-6)
+    assert_losses_and_gradients_match(ours, tv, images, targets,
+                                      ("head.classification_head.module_list.0.weight",
+                                       "head.regression_head.module_list.3.weight", "backbone.extra.1.2.weight"),
+                                      grad_atol=1e-6)
 
 
 def test_match_default_boxes_matches_torchvision(seed):
