@@ -70,6 +70,7 @@ def check_targets(targets, num_images: int, num_classes: int | None, device: tor
         raise TypeError(f"targets must be a list of dicts (one per image), got {type(targets).__name__}")
     if len(targets) != num_images:
         raise ValueError(f"targets must have one dict per image: got {len(targets)} targets for {num_images} images")
+    value_checks = []
     for i, target in enumerate(targets):
         if not isinstance(target, dict):
             raise TypeError(f"targets[{i}] must be a dict with 'boxes' and 'labels', got {type(target).__name__}")
@@ -94,22 +95,28 @@ def check_targets(targets, num_images: int, num_classes: int | None, device: tor
                     raise ValueError(f"targets[{i}][{key!r}] is on {target[key].device}, the images on {device}")
         if boxes.shape[0] == 0:
             continue
-        # One combined reduction per target keeps this to a single device read.
         finite = torch.isfinite(boxes).all()
         degenerate = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
         bad_label = labels < min_label
         if num_classes is not None:
             bad_label = bad_label | (labels >= num_classes)
-        flags = torch.stack([~finite, degenerate.any(), bad_label.any()]).tolist()
-        if flags[0]:
+        value_checks.append((i, degenerate, bad_label, torch.stack([~finite, degenerate.any(), bad_label.any()])))
+    if not value_checks:
+        return
+    # The value checks of the whole batch are read back in one device read (not one per image); only a failing
+    # target is then looked at again to name the bad row.
+    flags = torch.stack([f.to(value_checks[0][3].device) for *_, f in value_checks]).tolist()
+    for (i, degenerate, bad_label, _), (non_finite, has_degenerate, has_bad_label) in zip(value_checks, flags):
+        boxes, labels = targets[i]["boxes"], targets[i]["labels"]
+        if non_finite:
             raise ValueError(f"targets[{i}]['boxes'] contains NaN or infinite coordinates")
-        if flags[1]:
+        if has_degenerate:
             row = int(degenerate.nonzero()[0, 0])
             raise ValueError(
                 f"targets[{i}]['boxes'][{row}] = {boxes[row].tolist()} is degenerate: boxes must have x1 < x2 and "
                 f"y1 < y2 (positive width and height)"
             )
-        if flags[2]:
+        if has_bad_label:
             row = int(bad_label.nonzero()[0, 0])
             allowed = f"[{min_label}, {num_classes})" if num_classes is not None else f">= {min_label}"
             raise ValueError(f"targets[{i}]['labels'][{row}] = {int(labels[row])} is out of range: labels must be in "
