@@ -66,16 +66,47 @@ def _want_cuda(torch):
     return available, cuda_home
 
 
+# The oldest torch this build runs on. The native code uses only the LibTorch stable ABI up to this version
+# (TORCH_TARGET_VERSION hides everything newer at compile time), so one build serves every torch from here on.
+# 2.11 is the torch of the lent GPU machines; fastdet/_extension.py refuses anything older with a clear message.
+MIN_TORCH = (2, 11)
+
+
+def _target_version_macro():
+    major, minor = MIN_TORCH
+    return f"0x{major:02X}{minor:02X}000000000000"
+
+
 def _extensions():
     import torch
     from torch.utils import cpp_extension
 
     with_cuda, cuda_home = _want_cuda(torch)
-    sources = sorted(glob.glob(str(CSRC / "*.cpp"))) + sorted(glob.glob(str(CSRC / "ops" / "*.cpp")))
-    sources += sorted(glob.glob(str(CSRC / "ops" / "cpu" / "*.cpp")))
-    define_macros = []
-    extra_compile_args = {"cxx": ["-O3"]}
+    cpu_sources = [str(CSRC / "extension.cpp")] + sorted(glob.glob(str(CSRC / "ops" / "*.cpp")))
+    cpu_sources += sorted(glob.glob(str(CSRC / "ops" / "cpu" / "*.cpp")))
+    define_macros = [
+        ("TORCH_TARGET_VERSION", _target_version_macro()),
+        ("FASTDET_MIN_TORCH", '"%d.%d"' % MIN_TORCH),
+    ]
+    cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    if sys.platform != "win32":
+        # Compile the OpenMP pragmas of vectorised loops, but link no libgomp of our own: threads come from torch's
+        # pool through the stable parallel_for.
+        cxx_flags.append("-fopenmp")
     include_dirs = [str(CSRC)]
+    print(f"fastdet: building {'CPU + CUDA' if with_cuda else 'CPU-only'} extension "
+          f"(torch {torch.__version__}, CUDA {torch.version.cuda}, CUDA_HOME {cuda_home}, "
+          f"stable ABI target torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]})", flush=True)
+    extensions = [
+        cpp_extension.CppExtension(
+            name="fastdet._C",
+            sources=[os.path.relpath(s, ROOT) for s in cpu_sources],
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags},
+            py_limited_api=True,
+        )
+    ]
     if with_cuda:
         # torch.utils.cpp_extension reads CUDA_HOME at import time; point it at the real toolkit.
         os.environ["CUDA_HOME"] = cuda_home
@@ -88,34 +119,45 @@ def _extensions():
             if not visible:
                 # No GPU to query: cover Ampere (A100) and Hopper (H100/H200) with SASS, plus PTX for newer GPUs.
                 os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
-        sources += sorted(glob.glob(str(CSRC / "ops" / "cuda" / "*.cu")))
-        include_dirs += _cuda_wheel_include_dirs()
-        define_macros.append(("FASTDET_WITH_CUDA", None))
-        extra_compile_args["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
-        extension_cls = cpp_extension.CUDAExtension
-    else:
-        extension_cls = cpp_extension.CppExtension
-    if sys.platform != "win32":
-        # Compile the OpenMP pragmas inside at::parallel_for, but do not link a libgomp of our own: the GOMP symbols
-        # then resolve through libtorch_cpu to the OpenMP runtime torch already loaded (one thread pool, not two).
-        extra_compile_args["cxx"].append("-fopenmp")
-    print(f"fastdet: building {'CPU + CUDA' if with_cuda else 'CPU-only'} extension "
-          f"(torch {torch.__version__}, CUDA {torch.version.cuda}, CUDA_HOME {cuda_home})", flush=True)
-    return [
-        extension_cls(
-            name="fastdet._C",
-            sources=[os.path.relpath(s, ROOT) for s in sources],
-            include_dirs=include_dirs,
-            define_macros=define_macros,
-            extra_compile_args=extra_compile_args,
+        cuda_sources = [str(CSRC / "cuda_extension.cpp")] + sorted(glob.glob(str(CSRC / "ops" / "cuda" / "*.cu")))
+        # The CUDA kernels live in a library of their own, fastdet._C_cuda, which links torch's CUDA libraries and is
+        # loaded only where torch has CUDA: the CPU ops of the same build keep working under a CPU-only torch.
+        extensions.append(
+            cpp_extension.CUDAExtension(
+                name="fastdet._C_cuda",
+                sources=[os.path.relpath(s, ROOT) for s in cuda_sources],
+                include_dirs=include_dirs + _cuda_wheel_include_dirs(),
+                define_macros=define_macros + [("USE_CUDA", None)],
+                extra_compile_args={
+                    "cxx": cxx_flags,
+                    "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+                },
+                py_limited_api=True,
+            )
         )
-    ]
+    return extensions
 
 
 def _build_ext():
     from torch.utils.cpp_extension import BuildExtension
 
-    return BuildExtension.with_options(use_ninja=True, no_python_abi_suffix=False)
+    class PersistentBuildExtension(BuildExtension):
+        """Compiles into <repo>/build/temp-fastdet, kept between builds, so ninja recompiles only changed files.
+
+        pip's isolated builds, `pip install -e .` and `setup.py build_ext --inplace` all share the folder; a changed
+        compiler command (another torch, another FASTDET_CUDA) makes ninja rebuild what it affects.
+        """
+
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = str(ROOT / "build" / "temp-fastdet")
+
+    return PersistentBuildExtension.with_options(use_ninja=True)
 
 
-setup(ext_modules=_extensions(), cmdclass={"build_ext": _build_ext()})
+setup(
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": _build_ext()},
+    # The extension uses only CPython's limited API (3.10) and torch's stable ABI: one wheel for CPython >= 3.10.
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+)

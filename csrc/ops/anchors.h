@@ -7,7 +7,7 @@
 // within a cell the level's table in order. Element n of the output is found from n alone (a short scan over the
 // level offsets), so one kernel launch covers all levels.
 #include <ATen/core/Tensor.h>
-#include <c10/macros/Macros.h>
+#include <torch/headeronly/macros/Macros.h>
 #include <c10/util/ArrayRef.h>
 #include <ATen/OpMathType.h>
 

@@ -15,7 +15,7 @@
 // (within an ulp or two of torch's).
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
-#include <c10/macros/Macros.h>
+#include <torch/headeronly/macros/Macros.h>
 #include <c10/util/ArrayRef.h>
 
 #include <cmath>

@@ -1,43 +1,82 @@
-// Schema of the pairwise IoU family (IoU, GIoU, DIoU, CIoU) and the argument checks every backend shares.
+// Schema of the pairwise IoU family (IoU, GIoU, DIoU, CIoU): argument checks and layout, written once for every
+// backend; the kernels (cpu/box_iou.cpp, cuda/box_iou.cu) receive prepared tensors only.
 #include "ops/box_iou.h"
-
-#include <ATen/ops/empty.h>
-#include <torch/library.h>
 
 #include "ops/box_iou_math.h"
 #include "ops/checks.h"
 
 namespace fastdet {
+namespace {
 
-at::ScalarType pairwise_iou_result_type(at::ScalarType input) {
-  return input == at::kDouble ? at::kDouble : at::kFloat;
+struct PairwiseIouArgs {
+  Tensor boxes1;  // [B, N, 4], contiguous, accumulation dtype
+  Tensor boxes2;  // [B, M, 4]
+  bool batched;   // the caller passed [B, N, 4]
+};
+
+// float32 for low-precision inputs (as torchvision), the input dtype otherwise.
+ScalarType accumulation_type(ScalarType input) {
+  return input == kDouble ? kDouble : kFloat;
 }
 
-PairwiseIouArgs prepare_pairwise_iou_args(const at::Tensor& boxes1, const at::Tensor& boxes2, int64_t variant) {
-  TORCH_CHECK(variant >= iou::kIoU && variant <= iou::kCIoU,
-              "variant must be 0 (IoU), 1 (GIoU), 2 (DIoU) or 3 (CIoU), got ", variant);
+PairwiseIouArgs prepare(const Tensor& boxes1, const Tensor& boxes2, int64_t variant) {
+  FASTDET_CHECK(variant >= iou::kIoU && variant <= iou::kCIoU,
+                "variant must be 0 (IoU), 1 (GIoU), 2 (DIoU) or 3 (CIoU), got ", variant);
   check_boxes(boxes1, "boxes1", /*allow_batched=*/true);
   check_boxes(boxes2, "boxes2", /*allow_batched=*/true);
   check_same_device(boxes1, "boxes1", boxes2, "boxes2");
   check_same_dtype(boxes1, "boxes1", boxes2, "boxes2");
-  TORCH_CHECK(boxes1.dim() == boxes2.dim(), "boxes1 and boxes2 must both be [N, 4] / [M, 4] or both be batched ",
-              "[B, N, 4] / [B, M, 4], got ", boxes1.sizes(), " and ", boxes2.sizes());
+  FASTDET_CHECK(boxes1.dim() == boxes2.dim(), "boxes1 and boxes2 must both be [N, 4] / [M, 4] or both be batched ",
+                "[B, N, 4] / [B, M, 4], got ", shape_of(boxes1), " and ", shape_of(boxes2));
   const bool batched = boxes1.dim() == 3;
   if (batched) {
-    TORCH_CHECK(boxes1.size(0) == boxes2.size(0), "boxes1 and boxes2 must have the same batch size B, got ",
-                boxes1.size(0), " and ", boxes2.size(0));
+    FASTDET_CHECK(boxes1.size(0) == boxes2.size(0), "boxes1 and boxes2 must have the same batch size B, got ",
+                  boxes1.size(0), " and ", boxes2.size(0));
   }
-  const auto acc = pairwise_iou_result_type(boxes1.scalar_type());
-  auto b1 = batched ? boxes1 : boxes1.unsqueeze(0);
-  auto b2 = batched ? boxes2 : boxes2.unsqueeze(0);
-  return {b1.to(acc).contiguous(), b2.to(acc).contiguous(), batched};
+  const auto acc = accumulation_type(boxes1.scalar_type());
+  auto b1 = batched ? boxes1 : aten::unsqueeze(boxes1, 0);
+  auto b2 = batched ? boxes2 : aten::unsqueeze(boxes2, 0);
+  return {aten::contiguous(aten::to(b1, acc)), aten::contiguous(aten::to(b2, acc)), batched};
 }
 
+Tensor pairwise_box_iou(const Tensor& boxes1, const Tensor& boxes2, int64_t variant, double eps) {
+  auto args = prepare(boxes1, boxes2, variant);
+  auto out = call_op<Tensor>("fastdet::_pairwise_box_iou_kernel", args.boxes1, args.boxes2, variant, eps);
+  return args.batched ? out : aten::squeeze(out, 0);
+}
+
+std::tuple<Tensor, Tensor> pairwise_box_iou_backward(const Tensor& grad, const Tensor& boxes1, const Tensor& boxes2,
+                                                     int64_t variant, double eps) {
+  auto args = prepare(boxes1, boxes2, variant);
+  const int64_t B = args.boxes1.size(0), N = args.boxes1.size(1), M = args.boxes2.size(1);
+  FASTDET_CHECK(grad.numel() == B * N * M, "grad must have shape [", args.batched ? "B, " : "", "N, M] = ",
+                shape_of(args.batched ? IntArrayRef({B, N, M}) : IntArrayRef({N, M})), ", got ", shape_of(grad));
+  check_floating(grad, "grad");
+  check_same_device(grad, "grad", boxes1, "boxes1");
+  auto grad_acc = aten::contiguous(aten::reshape(aten::to(grad, args.boxes1.scalar_type()), {B, N, M}));
+  auto [g1, g2] = call_op<std::tuple<Tensor, Tensor>>("fastdet::_pairwise_box_iou_backward_kernel", grad_acc,
+                                                       args.boxes1, args.boxes2, variant, eps);
+  if (!args.batched) {
+    g1 = aten::squeeze(g1, 0);
+    g2 = aten::squeeze(g2, 0);
+  }
+  return {aten::to(g1, boxes1.scalar_type()), aten::to(g2, boxes2.scalar_type())};
+}
+
+}  // namespace
 }  // namespace fastdet
 
-TORCH_LIBRARY_FRAGMENT(fastdet, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(fastdet, m) {
   // variant: 0 IoU, 1 GIoU, 2 DIoU, 3 CIoU. eps is used by DIoU and CIoU only (torchvision's default is 1e-7).
   m.def("pairwise_box_iou(Tensor boxes1, Tensor boxes2, int variant, float eps) -> Tensor");
   m.def("_pairwise_box_iou_backward(Tensor grad, Tensor boxes1, Tensor boxes2, int variant, float eps) "
         "-> (Tensor, Tensor)");
+  m.def("_pairwise_box_iou_kernel(Tensor boxes1, Tensor boxes2, int variant, float eps) -> Tensor");
+  m.def("_pairwise_box_iou_backward_kernel(Tensor grad, Tensor boxes1, Tensor boxes2, int variant, float eps) "
+        "-> (Tensor, Tensor)");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(fastdet, CompositeExplicitAutograd, m) {
+  m.impl("pairwise_box_iou", TORCH_BOX(&fastdet::pairwise_box_iou));
+  m.impl("_pairwise_box_iou_backward", TORCH_BOX(&fastdet::pairwise_box_iou_backward));
 }

@@ -1,18 +1,7 @@
 #pragma once
-#include <ATen/core/Tensor.h>
-
-namespace fastdet {
-
-// Validates the arguments of pairwise_box_iou / its backward and returns them as contiguous [B, N, 4] / [B, M, 4]
-// tensors of the accumulation dtype (float32 for float16/bfloat16/float32, float64 for float64).
-struct PairwiseIouArgs {
-  at::Tensor boxes1;  // [B, N, 4]
-  at::Tensor boxes2;  // [B, M, 4]
-  bool batched;       // the caller passed [B, N, 4]
-};
-PairwiseIouArgs prepare_pairwise_iou_args(const at::Tensor& boxes1, const at::Tensor& boxes2, int64_t variant);
-
-// dtype of the IoU matrix: float32 for low-precision inputs (as torchvision), the input dtype otherwise.
-at::ScalarType pairwise_iou_result_type(at::ScalarType input);
-
-}  // namespace fastdet
+// The pairwise IoU family (IoU, GIoU, DIoU, CIoU). Public ops (schema file box_iou.cpp): pairwise_box_iou and
+// _pairwise_box_iou_backward check their arguments once and call the per-backend kernels
+//   _pairwise_box_iou_kernel(boxes1 [B, N, 4], boxes2 [B, M, 4], variant, eps) -> [B, N, M]
+//   _pairwise_box_iou_backward_kernel(grad [B, N, M], boxes1, boxes2, variant, eps) -> ([B, N, 4], [B, M, 4])
+// with every tensor contiguous, on one device, in the accumulation dtype (float32 or float64).
+#include "ops/stable.h"

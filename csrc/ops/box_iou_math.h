@@ -12,7 +12,7 @@
 // clamp(min=0) with a scalar bound passes the gradient only where the input is > 0 (an input exactly at the bound,
 // e.g. two boxes touching along an edge, gets none), and a tie in an elementwise min/max splits the gradient evenly
 // between both arguments.
-#include <c10/macros/Macros.h>
+#include <torch/headeronly/macros/Macros.h>
 
 #include "ops/box_pair_grad.h"
 

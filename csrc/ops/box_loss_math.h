@@ -14,7 +14,7 @@
 //     alpha sees the caller's eps); fastdet reproduces that, see kCIoUInnerEps.
 // The backward mirrors torch's autograd for those expressions (torch 2.14): an elementwise min/max tie splits the
 // gradient evenly between both arguments.
-#include <c10/macros/Macros.h>
+#include <torch/headeronly/macros/Macros.h>
 
 #include "ops/box_pair_grad.h"
 

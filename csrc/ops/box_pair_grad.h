@@ -3,7 +3,7 @@
 // (intersection sides, enclosure sides, centre offsets, box sides) back to the eight coordinates. Shared by the
 // pairwise IoU family (box_iou_math.h) and the aligned box losses (box_loss_math.h), whose formulas differ (eps
 // placement, masks) but whose building blocks are the same.
-#include <c10/macros/Macros.h>
+#include <torch/headeronly/macros/Macros.h>
 
 namespace fastdet {
 

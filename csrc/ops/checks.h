@@ -1,36 +1,35 @@
 #pragma once
 // Argument checks shared by every op's schema file. Each message names the argument and what was expected, so a user
 // sees "boxes1 must be a floating-point tensor of shape [N, 4] or [B, N, 4], got ..." rather than a kernel crash.
-#include <ATen/core/Tensor.h>
-#include <c10/util/Exception.h>
+#include "ops/stable.h"
 
 namespace fastdet {
 
-inline void check_floating(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name,
-              " must be a floating-point tensor (float16, bfloat16, float32 or float64), got ", t.scalar_type());
+inline void check_floating(const Tensor& t, const char* name) {
+  FASTDET_CHECK(is_floating(t.scalar_type()), name,
+                " must be a floating-point tensor (float16, bfloat16, float32 or float64), got ", t.scalar_type());
 }
 
-inline void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
-  TORCH_CHECK(a.device() == b.device(), a_name, " and ", b_name, " must be on the same device, got ", a.device(),
-              " and ", b.device());
+inline void check_same_device(const Tensor& a, const char* a_name, const Tensor& b, const char* b_name) {
+  FASTDET_CHECK(a.device() == b.device(), a_name, " and ", b_name, " must be on the same device, got ", device_of(a),
+                " and ", device_of(b));
 }
 
-inline void check_same_dtype(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), a_name, " and ", b_name, " must have the same dtype, got ",
-              a.scalar_type(), " and ", b.scalar_type());
+inline void check_same_dtype(const Tensor& a, const char* a_name, const Tensor& b, const char* b_name) {
+  FASTDET_CHECK(a.scalar_type() == b.scalar_type(), a_name, " and ", b_name, " must have the same dtype, got ",
+                a.scalar_type(), " and ", b.scalar_type());
 }
 
 // boxes of shape [N, 4] or [B, N, 4] in (x1, y1, x2, y2).
-inline void check_boxes(const at::Tensor& boxes, const char* name, bool allow_batched) {
+inline void check_boxes(const Tensor& boxes, const char* name, bool allow_batched) {
   check_floating(boxes, name);
   const bool rank_ok = boxes.dim() == 2 || (allow_batched && boxes.dim() == 3);
-  TORCH_CHECK(rank_ok && boxes.size(-1) == 4, name, " must have shape [N, 4]",
-              allow_batched ? " or [B, N, 4]" : "", " (x1, y1, x2, y2), got ", boxes.sizes());
+  FASTDET_CHECK(rank_ok && boxes.size(-1) == 4, name, " must have shape [N, 4]", allow_batched ? " or [B, N, 4]" : "",
+                " (x1, y1, x2, y2), got ", shape_of(boxes));
 }
 
 inline void check_threshold(double value, const char* name) {
-  TORCH_CHECK(value >= 0.0, name, " must be a non-negative number, got ", value);
+  FASTDET_CHECK(value >= 0.0, name, " must be a non-negative number, got ", value);
 }
 
 }  // namespace fastdet

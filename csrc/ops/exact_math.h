@@ -3,7 +3,7 @@
 // multiply-add by default, which rounds once instead of twice; where a result decides something discrete (which pixel
 // a sample lands on, whether a sample counts, a box edge that is compared later), these helpers keep the CUDA result
 // bitwise equal to the CPU's. Host code compiles them to the plain operators.
-#include <c10/macros/Macros.h>
+#include <torch/headeronly/macros/Macros.h>
 
 namespace fastdet {
 namespace exact {

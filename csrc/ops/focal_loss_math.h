@@ -20,7 +20,7 @@
 //     The second term is taken as 0 where dq/dx == 0 or q == 0 (both mean p saturated at 0 or 1 with t in {0, 1}),
 //     which is its limit for every gamma > 0; torchvision's autograd gives NaN there for gamma < 1 (0 * inf).
 //   * gamma == 2 (the RetinaNet default) and gamma in {0, 1} avoid pow(): q * q is what torch's pow(q, 2) computes.
-#include <c10/macros/Macros.h>
+#include <torch/headeronly/macros/Macros.h>
 
 #include <cmath>
 

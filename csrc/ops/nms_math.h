@@ -1,6 +1,6 @@
 #pragma once
 // The suppression test of the NMS family, shared by the CPU and CUDA kernels so both decide every pair identically.
-#include <c10/macros/Macros.h>
+#include <torch/headeronly/macros/Macros.h>
 
 #include <cmath>
 #include <limits>

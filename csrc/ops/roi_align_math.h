@@ -18,7 +18,7 @@
 //   * the grid is clamped to kMaxGrid per axis, and samples that are certainly outside [-1, H] x [-1, W] are never
 //     visited (they contribute exactly 0), so a huge box costs O(H * W) per channel instead of O(grid^2);
 //   * an empty feature map (H == 0 or W == 0) pools to 0.
-#include <c10/macros/Macros.h>
+#include <torch/headeronly/macros/Macros.h>
 
 #include <cmath>
 #include <cstdint>

@@ -8,7 +8,7 @@
 //
 // fastdet's defined output where torchvision has undefined behaviour: a box with a NaN/Inf coordinate (after scaling)
 // pools to 0 with argmax -1; rounded corners are clamped to +-2^40 before conversion to an integer.
-#include <c10/macros/Macros.h>
+#include <torch/headeronly/macros/Macros.h>
 
 #include <cfloat>
 #include <cmath>

@@ -1,11 +1,5 @@
 // CPU kernels of the pairwise IoU family: one parallel loop over output rows; boxes2 is laid out as four coordinate
 // planes so the inner loop over M is a plain vectorisable sweep.
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <torch/library.h>
-
 #include <algorithm>
 
 #include "ops/box_iou.h"
@@ -22,7 +16,7 @@ int64_t grain_for(int64_t inner) {
 // The variant is a template parameter so the inner loop has no branches left and the compiler can vectorise it.
 template <typename T, int64_t variant>
 void pairwise_forward_kernel(const T* b1, const T* b2_planes, T* out, int64_t B, int64_t N, int64_t M, T eps) {
-  at::parallel_for(0, B * N, grain_for(M), [&](int64_t begin, int64_t end) {
+  parallel_for(0, B * N, grain_for(M), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / N;
       const T* a_ptr = b1 + row * 4;
@@ -45,7 +39,7 @@ template <typename T>
 void pairwise_backward_kernel(const T* grad, const T* b1, const T* b2, T* g1, T* g2, int64_t B, int64_t N, int64_t M,
                               int64_t variant, T eps) {
   auto load = [](const T* p) { return iou::Box<T>{p[0], p[1], p[2], p[3]}; };
-  at::parallel_for(0, B * N, grain_for(M), [&](int64_t begin, int64_t end) {
+  parallel_for(0, B * N, grain_for(M), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / N;
       const auto a = load(b1 + row * 4);
@@ -60,7 +54,7 @@ void pairwise_backward_kernel(const T* grad, const T* b1, const T* b2, T* g1, T*
       for (int k = 0; k < 4; ++k) g1[row * 4 + k] = acc[k];
     }
   });
-  at::parallel_for(0, B * M, grain_for(N), [&](int64_t begin, int64_t end) {
+  parallel_for(0, B * M, grain_for(N), [&](int64_t begin, int64_t end) {
     for (int64_t col = begin; col < end; ++col) {
       const int64_t b = col / M;
       const int64_t j = col % M;
@@ -78,62 +72,53 @@ void pairwise_backward_kernel(const T* grad, const T* b1, const T* b2, T* g1, T*
   });
 }
 
-at::Tensor pairwise_box_iou_cpu(const at::Tensor& boxes1, const at::Tensor& boxes2, int64_t variant, double eps) {
-  auto args = prepare_pairwise_iou_args(boxes1, boxes2, variant);
-  const int64_t B = args.boxes1.size(0), N = args.boxes1.size(1), M = args.boxes2.size(1);
-  auto out = at::empty({B, N, M}, args.boxes1.options());
-  if (out.numel() > 0) {
-    auto planes = args.boxes2.transpose(1, 2).contiguous();  // [B, 4, M]
-    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "pairwise_box_iou_cpu", [&] {
-      const scalar_t* b1 = args.boxes1.const_data_ptr<scalar_t>();
-      const scalar_t* b2 = planes.const_data_ptr<scalar_t>();
-      scalar_t* o = out.mutable_data_ptr<scalar_t>();
-      const auto e = static_cast<scalar_t>(eps);
-      switch (variant) {
-        case iou::kIoU:
-          pairwise_forward_kernel<scalar_t, iou::kIoU>(b1, b2, o, B, N, M, e);
-          break;
-        case iou::kGIoU:
-          pairwise_forward_kernel<scalar_t, iou::kGIoU>(b1, b2, o, B, N, M, e);
-          break;
-        case iou::kDIoU:
-          pairwise_forward_kernel<scalar_t, iou::kDIoU>(b1, b2, o, B, N, M, e);
-          break;
-        default:
-          pairwise_forward_kernel<scalar_t, iou::kCIoU>(b1, b2, o, B, N, M, e);
-      }
-    });
+Tensor pairwise_box_iou_kernel(const Tensor& boxes1, const Tensor& boxes2, int64_t variant, double eps) {
+  const int64_t B = boxes1.size(0), N = boxes1.size(1), M = boxes2.size(1);
+  auto out = aten::empty({B, N, M}, boxes1.scalar_type(), boxes1);
+  if (out.numel() == 0) {
+    return out;
   }
-  return args.batched ? out : out.squeeze(0);
+  auto planes = aten::contiguous(aten::transpose(boxes2, 1, 2));  // [B, 4, M]
+  FASTDET_DISPATCH_FLOAT_DOUBLE(out.scalar_type(), "pairwise_box_iou", [&] {
+    const scalar_t* b1 = boxes1.const_data_ptr<scalar_t>();
+    const scalar_t* b2 = planes.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const auto e = static_cast<scalar_t>(eps);
+    switch (variant) {
+      case iou::kIoU:
+        pairwise_forward_kernel<scalar_t, iou::kIoU>(b1, b2, o, B, N, M, e);
+        break;
+      case iou::kGIoU:
+        pairwise_forward_kernel<scalar_t, iou::kGIoU>(b1, b2, o, B, N, M, e);
+        break;
+      case iou::kDIoU:
+        pairwise_forward_kernel<scalar_t, iou::kDIoU>(b1, b2, o, B, N, M, e);
+        break;
+      default:
+        pairwise_forward_kernel<scalar_t, iou::kCIoU>(b1, b2, o, B, N, M, e);
+    }
+  });
+  return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> pairwise_box_iou_backward_cpu(const at::Tensor& grad, const at::Tensor& boxes1,
-                                                                 const at::Tensor& boxes2, int64_t variant,
-                                                                 double eps) {
-  auto args = prepare_pairwise_iou_args(boxes1, boxes2, variant);
-  const int64_t B = args.boxes1.size(0), N = args.boxes1.size(1), M = args.boxes2.size(1);
-  TORCH_CHECK(grad.numel() == B * N * M, "grad must have shape [", args.batched ? "B, " : "", "N, M], got ",
-              grad.sizes());
-  auto grad_acc = grad.to(args.boxes1.scalar_type()).contiguous();
-  auto g1 = at::empty_like(args.boxes1);
-  auto g2 = at::empty_like(args.boxes2);
-  AT_DISPATCH_FLOATING_TYPES(g1.scalar_type(), "pairwise_box_iou_backward_cpu", [&] {
-    pairwise_backward_kernel<scalar_t>(grad_acc.const_data_ptr<scalar_t>(), args.boxes1.const_data_ptr<scalar_t>(),
-                                       args.boxes2.const_data_ptr<scalar_t>(), g1.mutable_data_ptr<scalar_t>(),
+std::tuple<Tensor, Tensor> pairwise_box_iou_backward_kernel(const Tensor& grad, const Tensor& boxes1,
+                                                            const Tensor& boxes2, int64_t variant, double eps) {
+  const int64_t B = boxes1.size(0), N = boxes1.size(1), M = boxes2.size(1);
+  auto g1 = aten::empty_like(boxes1);
+  auto g2 = aten::empty_like(boxes2);
+  FASTDET_DISPATCH_FLOAT_DOUBLE(g1.scalar_type(), "_pairwise_box_iou_backward", [&] {
+    pairwise_backward_kernel<scalar_t>(grad.const_data_ptr<scalar_t>(), boxes1.const_data_ptr<scalar_t>(),
+                                       boxes2.const_data_ptr<scalar_t>(), g1.mutable_data_ptr<scalar_t>(),
                                        g2.mutable_data_ptr<scalar_t>(), B, N, M, variant,
                                        static_cast<scalar_t>(eps));
   });
-  if (!args.batched) {
-    g1 = g1.squeeze(0);
-    g2 = g2.squeeze(0);
-  }
-  return {g1.to(boxes1.scalar_type()), g2.to(boxes2.scalar_type())};
+  return {g1, g2};
 }
 
 }  // namespace
 }  // namespace fastdet
 
-TORCH_LIBRARY_IMPL(fastdet, CPU, m) {
-  m.impl("pairwise_box_iou", &fastdet::pairwise_box_iou_cpu);
-  m.impl("_pairwise_box_iou_backward", &fastdet::pairwise_box_iou_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(fastdet, CPU, m) {
+  m.impl("_pairwise_box_iou_kernel", TORCH_BOX(&fastdet::pairwise_box_iou_kernel));
+  m.impl("_pairwise_box_iou_backward_kernel", TORCH_BOX(&fastdet::pairwise_box_iou_backward_kernel));
 }

@@ -12,7 +12,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <c10/macros/Macros.h>
+#include <torch/headeronly/macros/Macros.h>
 #include <torch/library.h>
 
 #include <cstdint>

@@ -10,23 +10,13 @@
 // output box is reduced by one fixed group of threads in a fixed order (warp shuffles / shared memory), so the result
 // is bitwise reproducible from run to run and needs no atomics. The summation order differs from the CPU kernel's
 // sequential loop, so the two backends agree to rounding, not bitwise.
-#include <ATen/core/Tensor.h>
-#include <ATen/Dispatch.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros_like.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
 #include <cstdint>
 #include <limits>
 #include <tuple>
 
 #include "ops/box_iou.h"
 #include "ops/box_iou_math.h"
-#include "ops/checks.h"
+#include "ops/cuda/cuda_utils.cuh"
 
 namespace fastdet {
 namespace {
@@ -185,15 +175,14 @@ unsigned int grid_dim(int64_t wanted, int64_t limit) {
   return static_cast<unsigned int>(wanted < 1 ? 1 : (wanted > limit ? limit : wanted));
 }
 
-at::Tensor pairwise_box_iou_cuda(const at::Tensor& boxes1, const at::Tensor& boxes2, int64_t variant, double eps) {
-  auto args = prepare_pairwise_iou_args(boxes1, boxes2, variant);
-  const c10::cuda::CUDAGuard device_guard(args.boxes1.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+Tensor pairwise_box_iou_kernel(const Tensor& boxes1, const Tensor& boxes2, int64_t variant, double eps) {
+  const DeviceGuard device_guard(boxes1.get_device_index());
+  const cudaStream_t stream = current_stream(boxes1);
 
-  const int64_t B = args.boxes1.size(0), N = args.boxes1.size(1), M = args.boxes2.size(1);
-  auto out = at::empty({B, N, M}, args.boxes1.options());
+  const int64_t B = boxes1.size(0), N = boxes1.size(1), M = boxes2.size(1);
+  auto out = aten::empty({B, N, M}, boxes1.scalar_type(), boxes1);
   if (out.numel() == 0) {
-    return args.batched ? out : out.squeeze(0);
+    return out;
   }
 
   // Columns per block: the smallest warp multiple covering M (up to the whole block), so narrow matrices do not
@@ -210,64 +199,48 @@ at::Tensor pairwise_box_iou_cuda(const at::Tensor& boxes1, const at::Tensor& box
   const dim3 grid(grid_dim(ceil_div<int64_t>(M, tx), kMaxGridX),
                   grid_dim(ceil_div<int64_t>(N, kForwardRows), kMaxGridYZ), grid_dim(B, kMaxGridYZ));
 
-  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "pairwise_box_iou_cuda", [&] {
+  FASTDET_DISPATCH_FLOAT_DOUBLE(out.scalar_type(), "pairwise_box_iou", [&] {
     pairwise_forward_kernel<scalar_t><<<grid, block, 0, stream>>>(
-        args.boxes1.const_data_ptr<scalar_t>(), args.boxes2.const_data_ptr<scalar_t>(),
-        out.mutable_data_ptr<scalar_t>(), B, N, M, variant, static_cast<scalar_t>(eps));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+        boxes1.const_data_ptr<scalar_t>(), boxes2.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), B, N,
+        M, variant, static_cast<scalar_t>(eps));
+    FASTDET_CUDA_LAUNCH_CHECK();
   });
-  return args.batched ? out : out.squeeze(0);
+  return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> pairwise_box_iou_backward_cuda(const at::Tensor& grad, const at::Tensor& boxes1,
-                                                                  const at::Tensor& boxes2, int64_t variant,
-                                                                  double eps) {
-  auto args = prepare_pairwise_iou_args(boxes1, boxes2, variant);
-  const int64_t B = args.boxes1.size(0), N = args.boxes1.size(1), M = args.boxes2.size(1);
-  TORCH_CHECK(grad.numel() == B * N * M, "grad must have shape [", args.batched ? "B, " : "", "N, M], got ",
-              grad.sizes());
-  // The dispatcher picks this kernel when any argument is on CUDA, so a CPU grad with CUDA boxes (or the reverse)
-  // arrives here too; the CPU kernel needs no such check because it only runs when all tensors are on the CPU.
-  check_same_device(grad, "grad", boxes1, "boxes1");
-  const c10::cuda::CUDAGuard device_guard(args.boxes1.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-
-  at::Tensor g1, g2;
+std::tuple<Tensor, Tensor> pairwise_box_iou_backward_kernel(const Tensor& grad, const Tensor& boxes1,
+                                                            const Tensor& boxes2, int64_t variant, double eps) {
+  const DeviceGuard device_guard(boxes1.get_device_index());
+  const cudaStream_t stream = current_stream(boxes1);
+  const int64_t B = boxes1.size(0), N = boxes1.size(1), M = boxes2.size(1);
   if (B == 0 || N == 0 || M == 0) {
     // An empty sum: the gradient of every box that exists is zero.
-    g1 = at::zeros_like(args.boxes1);
-    g2 = at::zeros_like(args.boxes2);
-  } else {
-    auto grad_acc = grad.to(args.boxes1.scalar_type()).contiguous();
-    g1 = at::empty_like(args.boxes1);
-    g2 = at::empty_like(args.boxes2);
-    const dim3 block(kWarpSize, kBackwardWarps);
-    const dim3 rows_grid(grid_dim(ceil_div<int64_t>(B * N, kBackwardWarps), kMaxGridX));
-    const dim3 cols_grid(grid_dim(ceil_div<int64_t>(M, kWarpSize), kMaxGridX), grid_dim(B, kMaxGridYZ));
-    AT_DISPATCH_FLOATING_TYPES(g1.scalar_type(), "pairwise_box_iou_backward_cuda", [&] {
-      const auto* grad_ptr = grad_acc.const_data_ptr<scalar_t>();
-      const auto* b1_ptr = args.boxes1.const_data_ptr<scalar_t>();
-      const auto* b2_ptr = args.boxes2.const_data_ptr<scalar_t>();
-      const auto eps_t = static_cast<scalar_t>(eps);
-      pairwise_backward_rows_kernel<scalar_t><<<rows_grid, block, 0, stream>>>(
-          grad_ptr, b1_ptr, b2_ptr, g1.mutable_data_ptr<scalar_t>(), B, N, M, variant, eps_t);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      pairwise_backward_cols_kernel<scalar_t><<<cols_grid, block, 0, stream>>>(
-          grad_ptr, b1_ptr, b2_ptr, g2.mutable_data_ptr<scalar_t>(), B, N, M, variant, eps_t);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    return {aten::zeros_like(boxes1), aten::zeros_like(boxes2)};
   }
-  if (!args.batched) {
-    g1 = g1.squeeze(0);
-    g2 = g2.squeeze(0);
-  }
-  return {g1.to(boxes1.scalar_type()), g2.to(boxes2.scalar_type())};
+  auto g1 = aten::empty_like(boxes1);
+  auto g2 = aten::empty_like(boxes2);
+  const dim3 block(kWarpSize, kBackwardWarps);
+  const dim3 rows_grid(grid_dim(ceil_div<int64_t>(B * N, kBackwardWarps), kMaxGridX));
+  const dim3 cols_grid(grid_dim(ceil_div<int64_t>(M, kWarpSize), kMaxGridX), grid_dim(B, kMaxGridYZ));
+  FASTDET_DISPATCH_FLOAT_DOUBLE(g1.scalar_type(), "_pairwise_box_iou_backward", [&] {
+    const auto* grad_ptr = grad.const_data_ptr<scalar_t>();
+    const auto* b1_ptr = boxes1.const_data_ptr<scalar_t>();
+    const auto* b2_ptr = boxes2.const_data_ptr<scalar_t>();
+    const auto eps_t = static_cast<scalar_t>(eps);
+    pairwise_backward_rows_kernel<scalar_t><<<rows_grid, block, 0, stream>>>(
+        grad_ptr, b1_ptr, b2_ptr, g1.mutable_data_ptr<scalar_t>(), B, N, M, variant, eps_t);
+    FASTDET_CUDA_LAUNCH_CHECK();
+    pairwise_backward_cols_kernel<scalar_t><<<cols_grid, block, 0, stream>>>(
+        grad_ptr, b1_ptr, b2_ptr, g2.mutable_data_ptr<scalar_t>(), B, N, M, variant, eps_t);
+    FASTDET_CUDA_LAUNCH_CHECK();
+  });
+  return {g1, g2};
 }
 
 }  // namespace
 }  // namespace fastdet
 
-TORCH_LIBRARY_IMPL(fastdet, CUDA, m) {
-  m.impl("pairwise_box_iou", &fastdet::pairwise_box_iou_cuda);
-  m.impl("_pairwise_box_iou_backward", &fastdet::pairwise_box_iou_backward_cuda);
+STABLE_TORCH_LIBRARY_IMPL(fastdet, CUDA, m) {
+  m.impl("_pairwise_box_iou_kernel", TORCH_BOX(&fastdet::pairwise_box_iou_kernel));
+  m.impl("_pairwise_box_iou_backward_kernel", TORCH_BOX(&fastdet::pairwise_box_iou_backward_kernel));
 }

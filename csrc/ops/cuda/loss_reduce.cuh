@@ -4,7 +4,7 @@
 // then the block combines its threads in a fixed tree and writes partial[b]. Pass two: one block adds the partials in
 // double, again in a fixed tree. No floating-point atomics anywhere, so a reduced loss has the same bits on every run
 // (and does not depend on the GPU model: the chunking depends only on the size).
-#include <c10/macros/Macros.h>
+#include <torch/headeronly/macros/Macros.h>
 
 namespace fastdet {
 namespace cuda_reduce {
