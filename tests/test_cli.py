@@ -19,6 +19,15 @@ def fastdet(*args, cwd=None, timeout=600):
                           cwd=cwd, env=env, timeout=timeout)
 
 
+def strict_json(path):
+    """The JSON file at ``path``, parsed strictly: Python's bare ``NaN`` / ``Infinity`` are not JSON."""
+
+    def reject(token):
+        raise ValueError(f"{path}: not JSON: {token}")
+
+    return json.loads(Path(path).read_text(), parse_constant=reject)
+
+
 def test_top_level_help_lists_every_command_and_exit_codes():
     result = fastdet("--help")
     assert result.returncode == 0, result.stderr
@@ -106,18 +115,20 @@ def test_quick_demo_then_eval_and_predict_on_its_checkpoint(tmp_path):
     assert list((out / "detections").glob("*.png"))
     checkpoint = out / "run" / "last.pt"
     assert checkpoint.is_file()
+    # metrics.json is strict JSON even where a statistic is undefined (NaN in Python): null there
+    assert set(strict_json(out / "eval" / "metrics.json")["stats"]) >= {"AP", "AP50", "APl"}
 
     result = fastdet("eval", "--checkpoint", checkpoint, "--data", out / "data", "--split", "val", "--output",
                      tmp_path / "eval", "--device", "cpu")
     assert result.returncode == 0, result.stdout + result.stderr
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    metrics = strict_json(tmp_path / "eval" / "metrics.json")
     assert set(metrics["stats"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"}
 
     images = sorted((out / "data" / "images").glob("*.png"))[:2]
     result = fastdet("predict", "--checkpoint", checkpoint, *images, "--output", tmp_path / "pred",
                      "--score-threshold", "0.0", "--device", "cpu")
     assert result.returncode == 0, result.stdout + result.stderr
-    predictions = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    predictions = strict_json(tmp_path / "pred" / "predictions.json")
     assert [Path(p["file"]).name for p in predictions] == [p.name for p in images]
     for entry in predictions:
         for det in entry["detections"]:
