@@ -43,6 +43,15 @@ def test_every_command_has_help(command):
     assert f"usage: fastdet {command}" in result.stdout
 
 
+def test_eval_help_names_the_checkpoint_path_the_demo_writes():
+    # The demo's trainer writes its checkpoints to OUTPUT/run (default OUTPUT: runs/demo), not to OUTPUT itself.
+    assert "(default: runs/demo)" in fastdet("demo", "--help").stdout
+    result = fastdet("eval", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "runs/demo/run/best.pt" in result.stdout
+    assert "runs/demo/best.pt" not in result.stdout
+
+
 def test_no_command_is_a_usage_error():
     result = fastdet()
     assert result.returncode == 2
@@ -115,6 +124,7 @@ def test_quick_demo_then_eval_and_predict_on_its_checkpoint(tmp_path):
     assert list((out / "detections").glob("*.png"))
     checkpoint = out / "run" / "last.pt"
     assert checkpoint.is_file()
+    assert (out / "run" / "best.pt").is_file()  # the example of `fastdet eval --help`
     # metrics.json is strict JSON even where a statistic is undefined (NaN in Python): null there
     assert set(strict_json(out / "eval" / "metrics.json")["stats"]) >= {"AP", "AP50", "APl"}
 
