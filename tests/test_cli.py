@@ -3,6 +3,7 @@ predict chain on a quick run."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,24 @@ def test_eval_help_names_the_checkpoint_path_the_demo_writes():
     assert result.returncode == 0, result.stderr
     assert "runs/demo/run/best.pt" in result.stdout
     assert "runs/demo/best.pt" not in result.stdout
+
+
+def test_bench_help_points_to_files_that_exist():
+    result = fastdet("bench", "--help")
+    assert result.returncode == 0, result.stderr
+    named = re.findall(r"benchmarks/[\w./-]*\w", result.stdout)
+    assert {"benchmarks/README.md", "benchmarks/RESULTS.md"} <= set(named), named
+    assert "pytest benchmarks --benchmark-only" in " ".join(result.stdout.split())
+    for path in named:
+        assert (REPO / path).exists(), path
+
+
+def test_benchmarks_readme_names_files_that_exist():
+    text = (REPO / "benchmarks" / "README.md").read_text()
+    named = set(re.findall(r"[\w/.-]+\.(?:py|sh|md)\b", text))
+    assert {"benchmarks/report.py", "benchmarks/run_gpu.sh", "RESULTS.md"} <= named, named
+    for path in named:
+        assert (REPO / path).exists() or (REPO / "benchmarks" / path).exists(), path
 
 
 def test_no_command_is_a_usage_error():

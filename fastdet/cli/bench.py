@@ -1,8 +1,9 @@
 """``fastdet bench``: a quick table of op timings against torchvision and the pure-PyTorch reference.
 
-For the full, recorded benchmarks use ``pytest benchmarks --benchmark-only`` (see benchmarks/README in the repo); this
-command is the one-minute sanity check of a build on a new machine: it times each op on one moderate size, checks
-that fastdet's result agrees with torchvision's (NMS up to the order of exactly tied scores), and prints the speed-ups.
+For the full, recorded benchmarks run ``python -m pytest benchmarks --benchmark-only`` from the repository root (how
+to run and record them: benchmarks/README.md; measured numbers: benchmarks/RESULTS.md); this command is the
+one-minute sanity check of a build on a new machine: it times each op on one moderate size, checks that fastdet's
+result agrees with torchvision's (NMS up to the order of exactly tied scores), and prints the speed-ups.
 """
 
 from __future__ import annotations
