@@ -4,6 +4,7 @@ predict chain on a quick run."""
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +15,13 @@ REPO = Path(__file__).resolve().parents[1]
 COMMANDS = ["demo", "train", "eval", "predict", "convert", "bench", "showcase"]
 
 
+def repo_env():
+    return dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
 def fastdet(*args, cwd=None, timeout=600):
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, "-m", "fastdet", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=timeout)
+                          cwd=cwd, env=repo_env(), timeout=timeout)
 
 
 def strict_json(path):
@@ -69,6 +73,20 @@ def test_benchmarks_readme_names_files_that_exist():
     assert {"benchmarks/report.py", "benchmarks/run_gpu.sh", "RESULTS.md"} <= named, named
     for path in named:
         assert (REPO / path).exists() or (REPO / "benchmarks" / path).exists(), path
+
+
+def test_demo_predict_hint_is_runnable_as_printed(tmp_path):
+    from fastdet.cli.demo import predict_command
+
+    folder = tmp_path / "a folder"
+    argv = shlex.split(predict_command(folder / "run" / "last.pt", folder / "data" / "images", folder / "predict"))
+    assert argv == [sys.executable, "-m", "fastdet", "predict", "--checkpoint", str(folder / "run" / "last.pt"),
+                    str(folder / "data" / "images"), "--output", str(folder / "predict")]
+    assert os.path.isabs(argv[0])
+    # relative paths come out absolute, so the command works from any directory
+    relative = shlex.split(predict_command(Path("runs/demo/run/last.pt"), Path("runs/demo/data/images"),
+                                           Path("runs/demo/predict")))
+    assert relative[5] == str(Path.cwd() / "runs/demo/run/last.pt")
 
 
 def test_no_command_is_a_usage_error():
@@ -146,6 +164,18 @@ def test_quick_demo_then_eval_and_predict_on_its_checkpoint(tmp_path):
     assert (out / "run" / "best.pt").is_file()  # the example of `fastdet eval --help`
     # metrics.json is strict JSON even where a statistic is undefined (NaN in Python): null there
     assert set(strict_json(out / "eval" / "metrics.json")["stats"]) >= {"AP", "AP50", "APl"}
+
+    # the closing hint runs as printed, from another directory, without an activated environment (PYTHONPATH only
+    # because the tests run fastdet from the checkout, not installed)
+    hint = result.stdout.strip().splitlines()[-1]
+    argv = shlex.split(hint)
+    assert argv[:4] == [sys.executable, "-m", "fastdet", "predict"], hint
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    hinted = subprocess.run(argv + ["--device", "cpu"], capture_output=True, text=True, cwd=elsewhere, env=repo_env(),
+                            timeout=600)
+    assert hinted.returncode == 0, hinted.stdout + hinted.stderr
+    assert strict_json(out / "predict" / "predictions.json")
 
     result = fastdet("eval", "--checkpoint", checkpoint, "--data", out / "data", "--split", "val", "--output",
                      tmp_path / "eval", "--device", "cpu")
