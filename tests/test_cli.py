@@ -3,6 +3,8 @@ predict chain on a quick run."""
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +15,22 @@ REPO = Path(__file__).resolve().parents[1]
 COMMANDS = ["demo", "train", "eval", "predict", "convert", "bench", "showcase"]
 
 
+def repo_env():
+    return dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
 def fastdet(*args, cwd=None, timeout=600):
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, "-m", "fastdet", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=timeout)
+                          cwd=cwd, env=repo_env(), timeout=timeout)
+
+
+def strict_json(path):
+    """The JSON file at ``path``, parsed strictly: Python's bare ``NaN`` / ``Infinity`` are not JSON."""
+
+    def reject(token):
+        raise ValueError(f"{path}: not JSON: {token}")
+
+    return json.loads(Path(path).read_text(), parse_constant=reject)
 
 
 def test_top_level_help_lists_every_command_and_exit_codes():
@@ -32,6 +46,47 @@ def test_every_command_has_help(command):
     result = fastdet(command, "--help")
     assert result.returncode == 0, result.stderr
     assert f"usage: fastdet {command}" in result.stdout
+
+
+def test_eval_help_names_the_checkpoint_path_the_demo_writes():
+    # The demo's trainer writes its checkpoints to OUTPUT/run (default OUTPUT: runs/demo), not to OUTPUT itself.
+    assert "(default: runs/demo)" in fastdet("demo", "--help").stdout
+    result = fastdet("eval", "--help")
+    assert result.returncode == 0, result.stderr
+    assert "runs/demo/run/best.pt" in result.stdout
+    assert "runs/demo/best.pt" not in result.stdout
+
+
+def test_bench_help_points_to_files_that_exist():
+    result = fastdet("bench", "--help")
+    assert result.returncode == 0, result.stderr
+    named = re.findall(r"benchmarks/[\w./-]*\w", result.stdout)
+    assert {"benchmarks/README.md", "benchmarks/RESULTS.md"} <= set(named), named
+    assert "pytest benchmarks --benchmark-only" in " ".join(result.stdout.split())
+    for path in named:
+        assert (REPO / path).exists(), path
+
+
+def test_benchmarks_readme_names_files_that_exist():
+    text = (REPO / "benchmarks" / "README.md").read_text()
+    named = set(re.findall(r"[\w/.-]+\.(?:py|sh|md)\b", text))
+    assert {"benchmarks/report.py", "benchmarks/run_gpu.sh", "RESULTS.md"} <= named, named
+    for path in named:
+        assert (REPO / path).exists() or (REPO / "benchmarks" / path).exists(), path
+
+
+def test_demo_predict_hint_is_runnable_as_printed(tmp_path):
+    from fastdet.cli.demo import predict_command
+
+    folder = tmp_path / "a folder"
+    argv = shlex.split(predict_command(folder / "run" / "last.pt", folder / "data" / "images", folder / "predict"))
+    assert argv == [sys.executable, "-m", "fastdet", "predict", "--checkpoint", str(folder / "run" / "last.pt"),
+                    str(folder / "data" / "images"), "--output", str(folder / "predict")]
+    assert os.path.isabs(argv[0])
+    # relative paths come out absolute, so the command works from any directory
+    relative = shlex.split(predict_command(Path("runs/demo/run/last.pt"), Path("runs/demo/data/images"),
+                                           Path("runs/demo/predict")))
+    assert relative[5] == str(Path.cwd() / "runs/demo/run/last.pt")
 
 
 def test_no_command_is_a_usage_error():
@@ -106,18 +161,33 @@ def test_quick_demo_then_eval_and_predict_on_its_checkpoint(tmp_path):
     assert list((out / "detections").glob("*.png"))
     checkpoint = out / "run" / "last.pt"
     assert checkpoint.is_file()
+    assert (out / "run" / "best.pt").is_file()  # the example of `fastdet eval --help`
+    # metrics.json is strict JSON even where a statistic is undefined (NaN in Python): null there
+    assert set(strict_json(out / "eval" / "metrics.json")["stats"]) >= {"AP", "AP50", "APl"}
+
+    # the closing hint runs as printed, from another directory, without an activated environment (PYTHONPATH only
+    # because the tests run fastdet from the checkout, not installed)
+    hint = result.stdout.strip().splitlines()[-1]
+    argv = shlex.split(hint)
+    assert argv[:4] == [sys.executable, "-m", "fastdet", "predict"], hint
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    hinted = subprocess.run(argv + ["--device", "cpu"], capture_output=True, text=True, cwd=elsewhere, env=repo_env(),
+                            timeout=600)
+    assert hinted.returncode == 0, hinted.stdout + hinted.stderr
+    assert strict_json(out / "predict" / "predictions.json")
 
     result = fastdet("eval", "--checkpoint", checkpoint, "--data", out / "data", "--split", "val", "--output",
                      tmp_path / "eval", "--device", "cpu")
     assert result.returncode == 0, result.stdout + result.stderr
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    metrics = strict_json(tmp_path / "eval" / "metrics.json")
     assert set(metrics["stats"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"}
 
     images = sorted((out / "data" / "images").glob("*.png"))[:2]
     result = fastdet("predict", "--checkpoint", checkpoint, *images, "--output", tmp_path / "pred",
                      "--score-threshold", "0.0", "--device", "cpu")
     assert result.returncode == 0, result.stdout + result.stderr
-    predictions = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    predictions = strict_json(tmp_path / "pred" / "predictions.json")
     assert [Path(p["file"]).name for p in predictions] == [p.name for p in images]
     for entry in predictions:
         for det in entry["detections"]:

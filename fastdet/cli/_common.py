@@ -95,7 +95,11 @@ def load_coco(images: str | Path, annotations: str | Path, transforms=None, skip
 
 
 def write_json(path: str | Path, value: Any) -> Path:
+    """Write ``value`` as strict JSON: non-finite numbers (an undefined AP is NaN) become ``null``, at any depth;
+    ``allow_nan=False`` makes anything else that is not JSON an error rather than a bare ``NaN`` in the file."""
+    from fastdet.engine.metrics_log import json_safe
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=2))
+    path.write_text(json.dumps(json_safe(value), indent=2, allow_nan=False))
     return path

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +22,15 @@ from fastdet.cli._common import EXIT_FAILED_CHECK, EXIT_OK, CommandError, load_c
 TARGET_AP50 = 0.9
 TARGET_AP = 0.6
 TARGET_SECONDS = 600
+
+
+def predict_command(checkpoint: Path, images: Path, output: Path) -> str:
+    """The ``fastdet predict`` command line of the demo's closing hint, runnable as printed (copy-paste): this
+    interpreter by its absolute path with ``-m fastdet`` (a bare ``fastdet`` is on PATH only while its environment
+    is active) and absolute paths, quoted for the shell where needed."""
+    python = os.path.abspath(sys.executable) if sys.executable else "python"  # not resolved: keeps a venv's link
+    return shlex.join([python, "-m", "fastdet", "predict", "--checkpoint", os.path.abspath(checkpoint),
+                       os.path.abspath(images), "--output", os.path.abspath(output)])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n[demo] test AP50 {ap50:.3f} (target >= {TARGET_AP50}), AP {ap:.3f} (target >= {TARGET_AP}), "
           f"total {total:.0f}s (target <= {TARGET_SECONDS}s): {'targets met' if met else 'TARGETS MISSED'}")
     print(f"[demo] plots in {output / 'eval'}, drawn detections in {drawn}; try:\n"
-          f"  fastdet predict --checkpoint {output / 'run' / 'last.pt'} {images} --output {output / 'predict'}")
+          f"  {predict_command(output / 'run' / 'last.pt', images, output / 'predict')}")
     return EXIT_FAILED_CHECK if args.require_targets and not met else EXIT_OK
 
 

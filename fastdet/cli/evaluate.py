@@ -93,7 +93,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="COCO-evaluate a checkpoint (12 stats, per-class AP, PR/F1/confusion plots)",
                        description="Evaluate a checkpoint written by `fastdet train`/`fastdet demo` on a COCO-format "
                                    "dataset with pycocotools.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint file (e.g. runs/demo/best.pt)")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint file (e.g. runs/demo/run/best.pt from `fastdet demo`, or last.pt beside it)")
     p.add_argument("--data", help="dataset root in fastdet's COCO layout (images/, annotations/instances_<split>.json)")
     p.add_argument("--split", default="val", help="split of --data to evaluate (default: %(default)s)")
     p.add_argument("--images", help="image folder (overrides --data)")

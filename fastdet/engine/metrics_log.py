@@ -7,15 +7,27 @@ import json
 import math
 import os
 
-__all__ = ["MetricsLogger"]
+__all__ = ["MetricsLogger", "json_safe"]
 
 
-def _plain(value):
-    """JSON/CSV-friendly scalars: tensors and numpy numbers become Python floats/ints; NaN becomes None in JSON."""
+def json_safe(value):
+    """``value`` with what strict JSON cannot hold replaced, recursively through dicts, lists and tuples: tensors and
+    numpy arrays become (nested) lists of Python numbers, numpy scalars Python numbers, and non-finite floats (NaN,
+    +-Inf) become None, i.e. ``null``.
+
+    Python's ``json`` would otherwise write the bare tokens ``NaN`` / ``Infinity``, which are not JSON and which
+    strict parsers (JavaScript's ``JSON.parse``, for one) reject. Write the result with ``allow_nan=False`` so that
+    anything this misses fails loudly instead of producing such a file."""
     if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
         value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
+    elif hasattr(value, "tolist") and hasattr(value, "ndim"):
+        value = value.tolist()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
     return value
 
 
@@ -40,10 +52,10 @@ class MetricsLogger:
             self._columns = header
 
     def log(self, record: dict) -> None:
-        record = {key: _plain(value) for key, value in record.items()}
+        record = {key: json_safe(value) for key, value in record.items()}  # NaN -> null (JSON), empty cell (CSV)
         if self.format == "jsonl":
             with open(self.path, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+                handle.write(json.dumps(record, allow_nan=False) + "\n")
             return
         new_columns = [key for key in record if key not in self._columns]
         if new_columns:
