@@ -25,11 +25,39 @@ if ! "$PY" -c "import torch, torchvision" >/dev/null 2>&1; then
   # shellcheck disable=SC2086
   "$PY" -m pip install -q --disable-pip-version-check $TORCH_SPEC
 fi
-"$PY" -m pip install -q --disable-pip-version-check "setuptools>=77" wheel ninja numpy "pytest>=8" "pytest-benchmark>=4" \
-  pillow "pycocotools>=2.0.7" matplotlib tqdm pyyaml
+if ! "$PY" -c "import setuptools, wheel, ninja, numpy, pytest, pytest_benchmark, PIL, pycocotools, matplotlib, tqdm, yaml" \
+    >/dev/null 2>&1; then
+  "$PY" -m pip install -q --disable-pip-version-check "setuptools>=77" wheel ninja numpy "pytest>=8" \
+    "pytest-benchmark>=4" pillow "pycocotools>=2.0.7" matplotlib tqdm pyyaml
+fi
 
-# The CUDA toolkit may live outside the folder torch would guess from `which nvcc` (e.g. a wrapper script in
-# /usr/local/bin); setup.py finds it, and the headers a minimal toolkit lacks, by itself.
-echo "[fastdet] building the extension (FASTDET_CUDA=${FASTDET_CUDA:-auto}); the CUDA kernels take a few minutes"
-(cd "$REPO" && "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .)
-"$PY" -c "import fastdet, fastdet._extension as e; assert e.AVAILABLE, e.LOAD_ERROR; print('[fastdet] extension built; CUDA kernels:', e.WITH_CUDA)"
+# Rebuild only when something the build depends on changed: the native sources, the build scripts, torch, or the
+# build settings. The stamp is a hash of all of them; a build that no longer loads is rebuilt whatever the stamp says.
+# The build itself is incremental too: setup.py keeps its objects in build/temp-fastdet and ninja recompiles only
+# the files that changed.
+stamp_file="$VENV/.fastdet-build-stamp"
+stamp=$(
+  cd "$REPO" && {
+    find csrc -type f | LC_ALL=C sort | xargs sha256sum
+    sha256sum setup.py pyproject.toml
+    "$PY" -c "import torch; print(torch.__version__, torch.version.cuda)"
+    echo "FASTDET_CUDA=${FASTDET_CUDA:-auto} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-}"
+  } | sha256sum | cut -d' ' -f1
+)
+check_build='import fastdet._extension as e, os, sys
+assert e.AVAILABLE, e.LOAD_ERROR
+want_cuda = os.environ.get("FASTDET_CUDA", "").lower() in ("1", "true", "on", "yes")
+assert e.WITH_CUDA or not want_cuda, "CUDA kernels were requested but are not loaded: %s" % e.CUDA_LOAD_ERROR
+print("[fastdet] extension ready; CUDA kernels:", e.WITH_CUDA)'
+if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ] && (cd "$REPO" && "$PY" -c "$check_build" 2>/dev/null)
+then
+  echo "[fastdet] native sources unchanged since the last build: nothing to rebuild"
+else
+  # The CUDA toolkit may live outside the folder torch would guess from `which nvcc` (e.g. a wrapper script in
+  # /usr/local/bin); setup.py finds it, and the headers a minimal toolkit lacks, by itself.
+  echo "[fastdet] building the extension (FASTDET_CUDA=${FASTDET_CUDA:-auto}); a first CUDA build takes minutes"
+  rm -f "$stamp_file"
+  (cd "$REPO" && "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .)
+  (cd "$REPO" && "$PY" -c "$check_build")
+  echo "$stamp" >"$stamp_file"
+fi

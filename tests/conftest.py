@@ -12,9 +12,7 @@ import fastdet
 from fastdet import _extension
 
 NO_CUDA_REASON = "no CUDA device available"
-NO_CUDA_KERNELS_REASON = (
-    "a CUDA device is present but fastdet._C was built without CUDA kernels (FASTDET_CUDA=0 or no nvcc at build time)"
-)
+NO_CUDA_KERNELS_REASON = "a CUDA device is present but fastdet's CUDA kernels are not loaded"
 
 
 def cpu_and_cuda():
@@ -61,7 +59,8 @@ def pytest_sessionstart(session):
 def pytest_report_header(config):
     return [
         f"fastdet: {os.path.dirname(fastdet.__file__)} (extension loaded: {fastdet.extension_available}, "
-        f"CUDA kernels: {_extension.WITH_CUDA})",
+        f"CUDA kernels: {_extension.WITH_CUDA}"
+        + (f", because {_extension.CUDA_LOAD_ERROR})" if _extension.CUDA_LOAD_ERROR else ")"),
         f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}",
     ]
 
@@ -70,7 +69,7 @@ def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
         reason = NO_CUDA_REASON
     elif not _extension.WITH_CUDA:
-        reason = NO_CUDA_KERNELS_REASON
+        reason = f"{NO_CUDA_KERNELS_REASON}: {_extension.CUDA_LOAD_ERROR}"
     else:
         reason = None
     if reason is not None:

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,3 +38,52 @@ def test_forced_cuda_build_has_cuda_kernels(op):
     assert _extension.WITH_CUDA
     if _has_kernel(op, "CPU"):
         assert _has_kernel(op, "CUDA"), op
+
+
+# --- The stable ABI: what the compiled libraries ask of torch -------------------------------------------------------
+
+# Mangled C++ namespaces of libtorch's unstable API. A reference to any of them ties a build to one torch version.
+_UNSTABLE_PREFIXES = ("_ZN2at", "_ZNK2at", "_ZN3c10", "_ZNK3c10", "_ZN5torch", "_ZNK5torch", "_ZTIN2at", "_ZTIN3c10",
+                      "_ZTVN2at", "_ZTVN3c10", "_ZTIN5torch", "_ZTVN5torch")
+
+
+def _library_files():
+    files = [Path(_extension._C.__file__)]
+    if _extension.WITH_CUDA:
+        files.append(Path(_extension._C_cuda.__file__))
+    return files
+
+
+def _undefined_symbols(path: Path) -> list[str]:
+    nm = shutil.which("nm")
+    assert nm is not None, "binutils' nm is needed to inspect the built libraries"
+    out = subprocess.run([nm, "-D", "--undefined-only", str(path)], capture_output=True, text=True, check=True).stdout
+    return [line.split()[-1] for line in out.splitlines() if line.strip()]
+
+
+def _needed_libraries(path: Path) -> list[str]:
+    readelf = shutil.which("readelf")
+    assert readelf is not None, "binutils' readelf is needed to inspect the built libraries"
+    out = subprocess.run([readelf, "-d", str(path)], capture_output=True, text=True, check=True).stdout
+    return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF inspection is Linux-only")
+@pytest.mark.parametrize("index", [0, 1], ids=["_C", "_C_cuda"])
+def test_libraries_use_only_the_stable_abi(index):
+    files = _library_files()
+    if index >= len(files):
+        pytest.skip(f"no CUDA library loaded: {_extension.CUDA_LOAD_ERROR}")
+    unstable = [s for s in _undefined_symbols(files[index]) if s.startswith(_UNSTABLE_PREFIXES)]
+    assert not unstable, f"{files[index].name} uses libtorch's unstable C++ API: {unstable[:20]}"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF inspection is Linux-only")
+def test_cpu_library_needs_neither_cuda_nor_torch_python():
+    # _C must load under a CPU-only torch and outside torch's Python bindings' ABI: CUDA lives in _C_cuda only.
+    needed = _needed_libraries(Path(_extension._C.__file__))
+    assert not [lib for lib in needed if "cuda" in lib or "cudart" in lib or "torch_python" in lib], needed
+
+
+def test_build_records_its_oldest_supported_torch():
+    assert tuple(int(v) for v in _extension._C.min_torch_version.split(".")) == _extension.MIN_TORCH

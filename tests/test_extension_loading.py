@@ -44,7 +44,8 @@ SCENARIOS = {
         ),
         "fastdet._C could not be imported (OSError: fastdet/_C.so: undefined symbol",
     ),
-    # Imports, but reports a torch version other than the running one (a stale build that happened to link).
+    # Imports, but is a build from before the stable ABI (it carries the one torch it was built for, not the oldest
+    # torch it supports): its operators may not match this package.
     "stale-build": (
         textwrap.dedent(
             """
@@ -54,7 +55,19 @@ SCENARIOS = {
             sys.modules["fastdet._C"] = stale
             """
         ),
-        "fastdet._C was built for torch 1.0.0 but torch",
+        "fastdet._C was built for torch 1.0.0 only",
+    ),
+    # A stable-ABI build whose oldest supported torch is newer than the running one.
+    "needs-newer-torch": (
+        textwrap.dedent(
+            """
+            import sys, types
+            future = types.ModuleType("fastdet._C")
+            future.min_torch_version = "99.0"
+            sys.modules["fastdet._C"] = future
+            """
+        ),
+        "fastdet._C needs torch >= 99.0",
     ),
 }
 
