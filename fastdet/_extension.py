@@ -13,6 +13,7 @@ not load leaves the CPU ops working; the reason is in ``CUDA_LOAD_ERROR``.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 
 import torch
@@ -62,10 +63,10 @@ def _load_cuda():
         return None, "fastdet._C is not usable"
     if torch.version.cuda is None:
         return None, f"torch {torch.__version__} is a CPU-only build"
+    if importlib.util.find_spec("fastdet._C_cuda") is None:
+        return None, "fastdet was built without CUDA kernels (FASTDET_CUDA=0, or no CUDA toolkit at build time)"
     try:
         from fastdet import _C_cuda  # noqa: F401  (import runs the CUDA kernel registrations)
-    except ModuleNotFoundError:
-        return None, "fastdet was built without CUDA kernels (FASTDET_CUDA=0, or no CUDA toolkit at build time)"
     except Exception as exc:
         return None, f"fastdet._C_cuda could not be imported ({type(exc).__name__}: {exc})"
     return _C_cuda, None

@@ -6,12 +6,15 @@
 // into one [N, 4] tensor, in torchvision's order: level by level, within a level row-major over the grid (y, then x),
 // within a cell the level's table in order. Element n of the output is found from n alone (a short scan over the
 // level offsets), so one kernel launch covers all levels.
-#include <ATen/core/Tensor.h>
+//
+// Ops (schema file anchors.cpp): the public grid_anchors, ssd_default_boxes and grid_priors check their arguments
+// once and call the per-backend kernels _grid_anchors_kernel, _ssd_default_boxes_kernel and _grid_priors_kernel with
+// the same arguments, the cell table made contiguous and the level description validated (see build_levels).
 #include <torch/headeronly/macros/Macros.h>
-#include <c10/util/ArrayRef.h>
-#include <ATen/OpMathType.h>
 
 #include <cstdint>
+
+#include "ops/stable.h"
 
 namespace fastdet {
 namespace anchors {
@@ -31,10 +34,28 @@ struct Levels {
   double step_y[kMaxLevels];
 };
 
-// Validates the level description (lengths, non-negative sizes, table rows matching the per-level counts) and fills
-// a Levels. grid_sizes is (h0, w0, h1, w1, ...); steps likewise (y, x) pairs. table_rows is the cell table's length.
-Levels make_levels(c10::IntArrayRef cells_per_level, c10::IntArrayRef grid_sizes, c10::ArrayRef<double> steps_yx,
-                   int64_t table_rows, const char* table_name);
+// Fills a Levels from a level description the schema file has validated (1 to kMaxLevels levels, grid_sizes
+// (h0, w0, h1, w1, ...) and steps_yx ((y, x) pairs) of matching lengths, non-negative sizes and counts).
+inline Levels build_levels(IntArrayRef cells_per_level, IntArrayRef grid_sizes,
+                           torch::headeronly::HeaderOnlyArrayRef<double> steps_yx) {
+  const int64_t L = static_cast<int64_t>(cells_per_level.size());
+  Levels lv{};
+  lv.num_levels = static_cast<int>(L);
+  int64_t row = 0, table = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t a = cells_per_level[l], h = grid_sizes[2 * l], w = grid_sizes[2 * l + 1];
+    lv.start[l] = row;
+    lv.table_start[l] = table;
+    lv.cells[l] = a;
+    lv.width[l] = w;
+    lv.step_y[l] = steps_yx[2 * l];
+    lv.step_x[l] = steps_yx[2 * l + 1];
+    row += h * w * a;
+    table += a;
+  }
+  lv.start[L] = row;
+  return lv;
+}
 
 // Locates output row n: level, grid x and y, and the row of the level's cell table.
 struct Cell {
@@ -97,7 +118,7 @@ inline void for_each_row(const Levels& lv, int64_t begin, int64_t end, F&& f) {
 template <typename T>
 C10_HOST_DEVICE inline void grid_anchor_row(const Levels& lv, const T* cell_anchors, double offset, const Cell& c,
                                             T* out) {
-  using A = at::opmath_type<T>;
+  using A = opmath_t<T>;
   const double sx = (static_cast<double>(c.x) + offset) * lv.step_x[c.level];
   const double sy = (static_cast<double>(c.y) + offset) * lv.step_y[c.level];
   const A ax = static_cast<A>(round_to<T>(sx));
@@ -150,19 +171,10 @@ C10_HOST_DEVICE inline void grid_prior_row(const Levels& lv, const double* wh, d
   }
 }
 
-// Argument checks of each op (shared by both backends); they return the level table.
-Levels check_grid_anchors_args(const at::Tensor& cell_anchors, c10::IntArrayRef anchors_per_level,
-                               c10::IntArrayRef grid_sizes, c10::ArrayRef<double> strides, double offset);
-Levels check_ssd_default_boxes_args(const at::Tensor& wh_pairs, c10::IntArrayRef boxes_per_level,
-                                    c10::IntArrayRef grid_sizes, c10::ArrayRef<double> divisors,
-                                    c10::IntArrayRef image_size, at::ScalarType dtype);
-Levels check_grid_priors_args(const at::Tensor& wh, c10::IntArrayRef priors_per_level, c10::IntArrayRef grid_sizes,
-                              c10::ArrayRef<double> strides, double offset, at::ScalarType dtype);
-
 // SSD output dtype: float64 for float64 feature maps, float32 otherwise (torchvision concatenates the T centres with
 // its float32 (w, h) table, which promotes float16/bfloat16 to float32).
-inline at::ScalarType ssd_output_dtype(at::ScalarType feature_dtype) {
-  return feature_dtype == at::kDouble ? at::kDouble : at::kFloat;
+inline ScalarType ssd_output_dtype(ScalarType feature_dtype) {
+  return feature_dtype == kDouble ? kDouble : kFloat;
 }
 
 }  // namespace anchors

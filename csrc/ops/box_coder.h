@@ -10,19 +10,26 @@
 // Two details keep the numbers torchvision's: products and sums are rounded separately (on CUDA through the _rn
 // intrinsics, since nvcc would otherwise contract dx * w + cx into one fused multiply-add), and the clip is a plain
 // comparison, so NaN deltas stay NaN as with torch.clamp. exp and log: the CPU decode/encode kernels evaluate them
-// with torch's own at::exp / at::log over arrays laid out exactly like torchvision's intermediate tensors, so the CPU
-// results are torchvision's bit for bit; the CUDA kernels and the CPU gather-decode use the math library's expf/logf
-// (within an ulp or two of torch's).
-#include <ATen/OpMathType.h>
-#include <ATen/core/Tensor.h>
+// with torch's own exp / log (aten::exp / aten::log through the dispatcher) over arrays laid out exactly like
+// torchvision's intermediate tensors, so the CPU results are torchvision's bit for bit; the CUDA kernels and the CPU
+// gather-decode use the math library's expf/logf (within an ulp or two of torch's).
+//
+// Ops (schema file box_coder.cpp): the public box_decode, _box_decode_backward, box_encode and _decode_select_boxes
+// check their arguments once and call the per-backend kernels
+//   _box_decode_kernel(rel_codes [R, 4C], boxes [Rb, 4], weights, clip) -> [R, 4C]
+//   _box_decode_backward_kernel(grad [R, 4C], rel_codes, boxes, weights, clip) -> ([R, 4C], [Rb, 4])
+//   _box_encode_kernel(reference_boxes [N, 4], proposals [N, 4], weights) -> [N, 4]
+//   _decode_select_boxes_kernel(rel_codes [B, N, 4], anchors [Ba, N, 4], index [B, K] int64,
+//                               image_sizes [B, 2] float64 or None, weights, clip) -> [B, K, 4]
+// with every tensor contiguous, on one device, the box tensors in one floating dtype, weights 4 finite non-zero
+// numbers and clip not NaN (R a multiple of Rb; Ba = 1 or B).
 #include <torch/headeronly/macros/Macros.h>
-#include <c10/util/ArrayRef.h>
 
 #include <cmath>
 #include <cstdint>
-#include <optional>
 
 #include "ops/exact_math.h"
+#include "ops/stable.h"
 
 namespace fastdet {
 namespace coder {
@@ -177,24 +184,9 @@ C10_HOST_DEVICE inline void encode_one(const A g[4], const A e[4], const Params<
   encode_finish(g, e, p, log_a(rw), log_a(rh), out);
 }
 
-// Shared checks; each returns the weights / clip as doubles validated (finite, weights non-zero).
-void check_weights(c10::ArrayRef<double> weights);
-void check_clip(double clip);
-
-// decode: rel_codes [R, 4C], boxes [Rb, 4] with Rb dividing R (row r uses box r % Rb: a batch of deltas
-// [B * N, 4C] shares one set of N anchors). Same dtype and device.
-void check_decode_args(const at::Tensor& rel_codes, const at::Tensor& boxes, c10::ArrayRef<double> weights,
-                       double clip);
-void check_encode_args(const at::Tensor& reference_boxes, const at::Tensor& proposals,
-                       c10::ArrayRef<double> weights);
-// decode_select_boxes: rel_codes [B, N, 4], anchors [Ba, N, 4] (Ba = 1 or B), index [B, K] int64 (-1 = empty slot),
-// image_sizes [B, 2] (height, width) or absent.
-void check_decode_select_args(const at::Tensor& rel_codes, const at::Tensor& anchors, const at::Tensor& index,
-                              const std::optional<at::Tensor>& image_sizes, c10::ArrayRef<double> weights,
-                              double clip);
-
+// weights (wx, wy, ww, wh) and clip converted to A, as torch converts the Python scalars it is given.
 template <typename A>
-Params<A> make_params(c10::ArrayRef<double> weights, double clip) {
+Params<A> make_params(torch::headeronly::HeaderOnlyArrayRef<double> weights, double clip) {
   return Params<A>{static_cast<A>(weights[0]), static_cast<A>(weights[1]), static_cast<A>(weights[2]),
                    static_cast<A>(weights[3]), static_cast<A>(clip)};
 }

@@ -1,104 +1,153 @@
-// Schema of the sigmoid focal loss (float-target and integer-label forms) and the argument checks every backend shares.
+// Schema of the sigmoid focal loss (float-target and integer-label forms): argument checks, layout and the scale,
+// written once for every backend; the kernels (cpu/focal_loss.cpp, cuda/focal_loss.cu) receive prepared tensors only.
 #include "ops/focal_loss.h"
 
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/ops/eq.h>
-#include <ATen/ops/ne.h>
-#include <ATen/ops/reciprocal.h>
-#include <ATen/ops/sum.h>
-#include <ATen/ops/where.h>
-#include <ATen/ops/zeros.h>
-#include <torch/library.h>
-
 #include <cmath>
+#include <optional>
+#include <tuple>
+#include <vector>
 
 #include "ops/checks.h"
 #include "ops/loss_reduction.h"
 
 namespace fastdet {
+namespace {
 
-FocalArgs prepare_focal_args(const at::Tensor& inputs, const at::Tensor& targets, bool with_labels,
-                             int64_t ignore_index, double alpha, double gamma, int64_t reduction,
-                             const std::optional<at::Tensor>& normalizer, bool need_grad) {
+// The kernel op's tensor arguments (see focal_loss.h).
+struct FocalPrepared {
+  Tensor inputs;                // [rows, C], contiguous, the caller's dtype
+  Tensor targets;               // [rows, 1] in the inputs' dtype, or int64 [rows]
+  std::optional<Tensor> scale;  // 0-dim, accumulation dtype, inputs' device; None: scale_host
+  double scale_host;
+};
+
+bool is_complex(ScalarType t) {
+  return t == ScalarType::ComplexHalf || t == ScalarType::ComplexFloat || t == ScalarType::ComplexDouble;
+}
+
+// A 0-dim int64 CPU tensor holding v exactly. Ops on any device read a 0-dim CPU operand on the host (no copy, no
+// sync), as they do a Python number.
+Tensor cpu_long_scalar(int64_t v) {
+  Tensor t = torch::stable::empty({}, kLong, std::nullopt, Device(torch::headeronly::DeviceType::CPU));
+  *t.mutable_data_ptr<int64_t>() = v;
+  return t;
+}
+
+FocalPrepared prepare_focal(const Tensor& inputs, const Tensor& targets, bool with_labels, int64_t ignore_index,
+                            double alpha, double gamma, int64_t reduction, const std::optional<Tensor>& normalizer) {
   const char* in_name = with_labels ? "logits" : "inputs";
   check_floating(inputs, in_name);
   check_reduction(reduction);
-  TORCH_CHECK(!std::isnan(alpha) && alpha <= 1.0, "alpha must be in [0, 1], or negative to disable the alpha ",
-              "weighting, got ", alpha);
-  TORCH_CHECK(std::isfinite(gamma) && gamma >= 0.0, "gamma must be a finite number >= 0, got ", gamma);
-  FocalArgs a;
-  a.with_labels = with_labels;
-  a.ignore_index = ignore_index;
-  a.reduction = reduction;
-  a.params = focal::Params<double>{alpha, gamma, focal::classify_gamma(gamma)};
-  a.inputs = inputs.contiguous();
+  FASTDET_CHECK(!std::isnan(alpha) && alpha <= 1.0, "alpha must be in [0, 1], or negative to disable the alpha ",
+                "weighting, got ", alpha);
+  FASTDET_CHECK(std::isfinite(gamma) && gamma >= 0.0, "gamma must be a finite number >= 0, got ", gamma);
+  FocalPrepared p;
+  int64_t rows = 0, classes = 0;
   if (with_labels) {
-    TORCH_CHECK(inputs.dim() >= 1, "logits must have shape [..., C] (C classes), got a 0-dim tensor");
-    TORCH_CHECK(at::isIntegralType(targets.scalar_type(), /*includeBool=*/false),
-                "labels must be an integer tensor (class index, C or -1 for background, ignore_index to ignore), got ",
-                targets.scalar_type());
-    TORCH_CHECK(targets.sizes() == inputs.sizes().slice(0, inputs.dim() - 1), "labels must have shape ",
-                inputs.sizes().slice(0, inputs.dim() - 1), " (logits' shape without the class dimension), got ",
-                targets.sizes());
+    FASTDET_CHECK(inputs.dim() >= 1, "logits must have shape [..., C] (C classes), got a 0-dim tensor");
+    FASTDET_CHECK(is_integral(targets.scalar_type(), /*include_bool=*/false),
+                  "labels must be an integer tensor (class index, C or -1 for background, ignore_index to ignore), ",
+                  "got ", targets.scalar_type());
+    Shape lead = shape_of(inputs);
+    lead.dims.pop_back();
+    FASTDET_CHECK(shape_of(targets).dims == lead.dims, "labels must have shape ", lead,
+                  " (logits' shape without the class dimension), got ", shape_of(targets));
     check_same_device(inputs, "logits", targets, "labels");
-    a.classes = inputs.size(-1);
-    a.rows = a.classes == 0 ? targets.numel() : inputs.numel() / a.classes;
-    a.targets = targets.to(at::kLong).contiguous();
+    classes = inputs.size(-1);
+    rows = targets.numel();
+    p.targets = aten::reshape(aten::contiguous(aten::to(targets, kLong)), {rows});
   } else {
     check_floating(targets, "targets");
-    TORCH_CHECK(targets.sizes() == inputs.sizes(), "targets must have the shape of inputs ", inputs.sizes(),
-                ", got ", targets.sizes());
+    FASTDET_CHECK(shape_of(targets).dims == shape_of(inputs).dims, "targets must have the shape of inputs ",
+                  shape_of(inputs), ", got ", shape_of(targets));
     check_same_device(inputs, "inputs", targets, "targets");
-    a.classes = 1;
-    a.rows = inputs.numel();
+    classes = 1;
+    rows = inputs.numel();
     // Targets are read in the inputs' dtype (exact for 0/1 targets; soft targets round once to that dtype).
-    a.targets = targets.to(inputs.scalar_type()).contiguous();
+    p.targets = aten::reshape(aten::contiguous(aten::to(targets, inputs.scalar_type())), {rows, 1});
   }
+  p.inputs = aten::reshape(aten::contiguous(inputs), {rows, classes});
 
   const auto acc = focal_accumulate_type(inputs.scalar_type());
-  const auto acc_opts = inputs.options().dtype(acc);
-  a.scale = 1.0;
-  at::Tensor norm;
+  p.scale_host = 1.0;
+  std::optional<Tensor> norm;
   if (normalizer.has_value() && normalizer->defined()) {
-    const auto& n = *normalizer;
-    TORCH_CHECK(n.numel() == 1, "normalizer must hold exactly one number, got shape ", n.sizes());
-    TORCH_CHECK(!n.is_complex() && n.scalar_type() != at::kBool, "normalizer must be a real number, got ",
-                n.scalar_type());
+    const Tensor& n = *normalizer;
+    FASTDET_CHECK(n.numel() == 1, "normalizer must hold exactly one number, got shape ", shape_of(n));
+    FASTDET_CHECK(!is_complex(n.scalar_type()) && n.scalar_type() != kBool, "normalizer must be a real number, got ",
+                  n.scalar_type());
     // A one-element tensor on the inputs' device, or a CPU tensor (copied to the device, no host sync), is accepted.
-    // A device tensor with CPU inputs is refused rather than synchronised (the dispatcher would also route that call
-    // to the CUDA kernel).
-    TORCH_CHECK(n.device() == inputs.device() || n.is_cpu(), "normalizer must be on the device of ", in_name, " (",
-                inputs.device(), ") or on the CPU, got ", n.device());
-    norm = n.reshape({}).to(inputs.device(), acc);
+    // A device tensor with CPU inputs is refused rather than synchronised.
+    FASTDET_CHECK(n.device() == inputs.device() || n.is_cpu(), "normalizer must be on the device of ", in_name, " (",
+                  device_of(inputs), ") or on the CPU, got ", device_of(n));
+    norm = torch::stable::to(aten::reshape(n, {}), acc, std::nullopt, inputs.device());
   }
   if (reduction == kReduceMean) {
     if (with_labels) {
       // Mean over the non-ignored elements: sum / (valid rows * C). With no valid row the loss and its gradient are 0
       // (not 0/0), so a batch whose anchors are all ignored contributes nothing instead of NaN.
-      auto valid = at::ne(a.targets, ignore_index).sum().to(acc).mul_(static_cast<double>(a.classes));
-      auto inv = at::where(valid.eq(0), at::zeros({}, acc_opts), at::reciprocal(valid));
-      a.scale_tensor = norm.defined() ? inv.div_(norm) : inv;
+      const Tensor valid_rows = aten::sum(aten::ne(p.targets, cpu_long_scalar(ignore_index)), 0);
+      const Tensor valid =
+          aten::mul(aten::to(valid_rows, acc), aten::full({}, static_cast<double>(classes), acc, inputs));
+      const Tensor zero = aten::zeros({}, acc, inputs);
+      const Tensor inv = aten::where(aten::eq(valid, zero), zero, aten::reciprocal(valid));
+      p.scale = norm.has_value() ? aten::div(inv, *norm) : inv;
     } else {
       // torchvision's mean: over every element, N * C for [N, C] inputs (mmcv divides by N instead). An empty input
       // gives 0 * (1 / 0) = NaN, as torch's mean of an empty tensor does.
-      a.scale = 1.0 / static_cast<double>(inputs.numel());
-      if (norm.defined()) {
-        a.scale_tensor = at::reciprocal(norm).mul_(a.scale);
+      p.scale_host = 1.0 / static_cast<double>(inputs.numel());
+      if (norm.has_value()) {
+        p.scale = aten::mul(aten::reciprocal(*norm), aten::full({}, p.scale_host, acc, inputs));
       }
     }
-  } else if (norm.defined()) {
-    a.scale_tensor = at::reciprocal(norm);
+  } else if (norm.has_value()) {
+    p.scale = aten::reciprocal(*norm);
   }
-
-  a.loss = reduction == kReduceNone ? at::empty_like(a.inputs) : at::empty({}, inputs.options());
-  a.grad = need_grad ? at::empty_like(a.inputs) : at::empty({0}, inputs.options());
-  return a;
+  return p;
 }
 
+// Calls the kernel and views its [rows, C] outputs as the caller's shape.
+std::tuple<Tensor, Tensor> run(const Tensor& inputs, const FocalPrepared& p, int64_t ignore_index, double alpha,
+                               double gamma, int64_t reduction, bool need_grad) {
+  auto [loss, grad] = call_op<std::tuple<Tensor, Tensor>>("fastdet::_sigmoid_focal_loss_kernel", p.inputs, p.targets,
+                                                           p.scale, p.scale_host, ignore_index, alpha, gamma,
+                                                           reduction, need_grad);
+  if (reduction == kReduceNone) loss = aten::reshape(loss, inputs.sizes());
+  if (need_grad) grad = aten::reshape(grad, inputs.sizes());
+  return {loss, grad};
+}
+
+std::tuple<Tensor, Tensor> sigmoid_focal_loss(const Tensor& inputs, const Tensor& targets, double alpha, double gamma,
+                                              int64_t reduction, const std::optional<Tensor>& normalizer,
+                                              bool need_grad) {
+  const auto p = prepare_focal(inputs, targets, /*with_labels=*/false, 0, alpha, gamma, reduction, normalizer);
+  return run(inputs, p, 0, alpha, gamma, reduction, need_grad);
+}
+
+std::tuple<Tensor, Tensor> sigmoid_focal_loss_with_labels(const Tensor& logits, const Tensor& labels,
+                                                          int64_t ignore_index, double alpha, double gamma,
+                                                          int64_t reduction, const std::optional<Tensor>& normalizer,
+                                                          bool need_grad) {
+  const auto p = prepare_focal(logits, labels, /*with_labels=*/true, ignore_index, alpha, gamma, reduction, normalizer);
+  if (p.targets.is_cpu()) {
+    // Labels are ~1/C of the data, and on the CPU reading them costs no sync: check them here so the kernels have no
+    // error path. CUDA cannot raise without a host sync; its kernel makes a bad label's row NaN instead.
+    const int64_t classes = p.inputs.size(1);
+    const int64_t rows = p.targets.numel();
+    const int64_t* lab = p.targets.const_data_ptr<int64_t>();
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t v = lab[r];
+      FASTDET_CHECK(v == ignore_index || (v >= -1 && v <= classes), "labels must be in [0, C) for a class, -1 or C = ",
+                    classes, " for background, or ignore_index = ", ignore_index, "; got ", v, " at flat index ", r);
+    }
+  }
+  return run(logits, p, ignore_index, alpha, gamma, reduction, need_grad);
+}
+
+}  // namespace
 }  // namespace fastdet
 
-TORCH_LIBRARY_FRAGMENT(fastdet, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(fastdet, m) {
   // Returns (loss, grad). grad is d loss / d inputs for a unit upstream gradient, produced in the same pass as the
   // loss when need_grad (else an empty [0] tensor); the autograd backward only scales it by the upstream gradient.
   // reduction: 0 none, 1 mean, 2 sum. alpha < 0 disables the alpha weighting.
@@ -109,4 +158,14 @@ TORCH_LIBRARY_FRAGMENT(fastdet, m) {
   // for that row (CUDA, which cannot raise without a host sync).
   m.def("sigmoid_focal_loss_with_labels(Tensor logits, Tensor labels, int ignore_index, float alpha, float gamma, "
         "int reduction, Tensor? normalizer, bool need_grad) -> (Tensor, Tensor)");
+  // The per-backend kernel of both forms (arguments prepared by the public ops, see focal_loss.h): inputs [rows, C];
+  // targets [rows, 1] in the inputs' dtype (float form) or int64 [rows] (label form); every term times scale (a
+  // 0-dim tensor) or, when scale is None, scale_host. Returns loss [rows, C] or [], and grad [rows, C] or [0].
+  m.def("_sigmoid_focal_loss_kernel(Tensor inputs, Tensor targets, Tensor? scale, float scale_host, int ignore_index, "
+        "float alpha, float gamma, int reduction, bool need_grad) -> (Tensor, Tensor)");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(fastdet, CompositeExplicitAutograd, m) {
+  m.impl("sigmoid_focal_loss", TORCH_BOX(&fastdet::sigmoid_focal_loss));
+  m.impl("sigmoid_focal_loss_with_labels", TORCH_BOX(&fastdet::sigmoid_focal_loss_with_labels));
 }

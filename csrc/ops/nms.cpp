@@ -1,186 +1,173 @@
-// Schemas of the NMS family and the device-agnostic pipeline around the per-backend keep-flag kernel.
+// Schemas of the NMS family and the device-agnostic pipeline around the per-backend keep-flag kernel: argument checks
+// and layout once here; the kernels (cpu/nms.cpp, cuda/nms.cu) receive prepared tensors only.
 //
 // Ordering contract (identical to torchvision's nms): candidates are visited by decreasing score, ties by increasing
 // index (a stable sort), NaN scores first as torch.sort places them. A visited candidate that no kept candidate of the
 // same category overlaps with IoU > iou_threshold is kept. Results list kept indices in visit order.
 #include "ops/nms.h"
 
-#include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/library.h>
+#include <optional>
+#include <tuple>
 
 #include "ops/checks.h"
 
 namespace fastdet {
 namespace {
 
-at::Tensor call_keep_flags(const at::Tensor& boxes, const std::optional<at::Tensor>& categories,
-                           double iou_threshold, bool sync_free) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fastdet::_nms_keep_flags", "")
-                       .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, double, bool)>();
-  return op.call(boxes, categories, iou_threshold, sync_free);
+// keep flags [B, N] (bool, in score order) and that order [B, N] (int64 indices into the candidates).
+struct ScoreOrderedFlags {
+  Tensor flags;
+  Tensor order;
+};
+
+// float32 for low-precision boxes (IoU in float32, as torchvision), float64 for float64 boxes.
+ScalarType accumulation_type(ScalarType input) {
+  return input == kDouble ? kDouble : kFloat;
 }
 
-void check_scores(const at::Tensor& boxes, const at::Tensor& scores, const char* boxes_shape) {
+// A 0-d int64 tensor on like's device: the scalar operand of a tensor-tensor op.
+Tensor long_scalar(int64_t value, const Tensor& like) {
+  return aten::full({}, static_cast<double>(value), kLong, like);
+}
+
+void check_scores(const Tensor& boxes, const Tensor& scores, const char* boxes_shape) {
   check_floating(scores, "scores");
   check_same_device(boxes, "boxes", scores, "scores");
-  const auto expected = boxes.sizes().slice(0, boxes.dim() - 1);
-  TORCH_CHECK(scores.sizes() == expected, "scores must have shape ", expected, " to match boxes ", boxes_shape,
-              ", got ", scores.sizes());
+  const auto b = boxes.sizes();
+  const IntArrayRef expected(b.data(), b.size() - 1);
+  FASTDET_CHECK(scores.sizes().equals(expected), "scores must have shape ", shape_of(expected), " to match boxes ",
+                boxes_shape, ", got ", shape_of(scores));
 }
 
-void check_idxs(const at::Tensor& boxes, const at::Tensor& idxs) {
-  TORCH_CHECK(at::isIntegralType(idxs.scalar_type(), /*includeBool=*/false), "idxs must be an integer tensor ",
-              "of category indices, got ", idxs.scalar_type());
+void check_idxs(const Tensor& boxes, const Tensor& idxs) {
+  FASTDET_CHECK(is_integral(idxs.scalar_type(), /*include_bool=*/false), "idxs must be an integer tensor ",
+                "of category indices, got ", idxs.scalar_type());
   check_same_device(boxes, "boxes", idxs, "idxs");
-  const auto expected = boxes.sizes().slice(0, boxes.dim() - 1);
-  TORCH_CHECK(idxs.sizes() == expected, "idxs must have shape ", expected, " to match boxes, got ", idxs.sizes());
+  const auto b = boxes.sizes();
+  const IntArrayRef expected(b.data(), b.size() - 1);
+  FASTDET_CHECK(idxs.sizes().equals(expected), "idxs must have shape ", shape_of(expected), " to match boxes, got ",
+                shape_of(idxs));
 }
 
-}  // namespace
-
-void check_keep_flags_args(const at::Tensor& boxes, const std::optional<at::Tensor>& categories,
-                           double iou_threshold) {
-  check_floating(boxes, "boxes");
-  TORCH_CHECK(boxes.dim() == 3 && boxes.size(2) == 4, "boxes must have shape [B, N, 4], got ", boxes.sizes());
-  check_threshold(iou_threshold, "iou_threshold");
-  if (categories.has_value()) {
-    TORCH_CHECK(categories->scalar_type() == at::kLong, "categories must be int64, got ", categories->scalar_type());
-    TORCH_CHECK(categories->sizes() == boxes.sizes().slice(0, 2), "categories must have shape [B, N] = ",
-                boxes.sizes().slice(0, 2), ", got ", categories->sizes());
-    check_same_device(boxes, "boxes", *categories, "categories");
-  }
-}
-
-at::Tensor find_segments(const std::optional<at::Tensor>& categories, int64_t B, int64_t N) {
-  std::vector<int64_t> seg;
-  if (!categories.has_value()) {
-    for (int64_t b = 0; b < B; ++b) {
-      seg.insert(seg.end(), {b, 0, N});
-    }
-  } else {
-    auto cats = categories->contiguous();
-    const int64_t* c = cats.const_data_ptr<int64_t>();
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t* row = c + b * N;
-      int64_t start = 0;
-      for (int64_t i = 1; i <= N; ++i) {
-        if (i == N || row[i] != row[start]) {
-          TORCH_CHECK(i == N || row[i] > row[start], "categories must be sorted within each image");
-          seg.insert(seg.end(), {b, start, i});
-          start = i;
-        }
-      }
-    }
-  }
-  auto out = at::empty({static_cast<int64_t>(seg.size() / 3), 3}, at::kLong);
-  std::copy(seg.begin(), seg.end(), out.mutable_data_ptr<int64_t>());
-  return out;
-}
-
-ScoreOrderedFlags nms_keep_flags_by_score(const at::Tensor& boxes, const at::Tensor& scores,
-                                          const std::optional<at::Tensor>& categories, double iou_threshold,
+// boxes [B, N, 4] floating, scores [B, N] floating, categories [B, N] integer or nullopt (one category), all on one
+// device (checked by the public ops), N > 0. Everything _nms_keep_flags requires of its arguments is established here:
+// boxes gathered into visit order (hence contiguous) and cast to the accumulation dtype, categories int64 and sorted.
+ScoreOrderedFlags nms_keep_flags_by_score(const Tensor& boxes, const Tensor& scores,
+                                          const std::optional<Tensor>& categories, double iou_threshold,
                                           bool sync_free) {
-  auto score_order = std::get<1>(scores.sort(/*stable=*/true, /*dim=*/1, /*descending=*/true));
+  const auto acc = accumulation_type(boxes.scalar_type());
+  auto gather_boxes = [&](const Tensor& order) {
+    auto index = aten::expand(aten::unsqueeze(order, -1), {-1, -1, 4});
+    return aten::contiguous(aten::to(aten::gather(boxes, 1, index), acc));
+  };
+  auto score_order = std::get<1>(aten::sort(scores, /*stable=*/true, /*dim=*/1, /*descending=*/true));
   if (!categories.has_value()) {
-    auto sorted_boxes = boxes.gather(1, score_order.unsqueeze(-1).expand({-1, -1, 4}));
-    return {call_keep_flags(sorted_boxes, std::nullopt, iou_threshold, sync_free), score_order};
+    auto flags = call_op<Tensor>("fastdet::_nms_keep_flags", gather_boxes(score_order), std::optional<Tensor>(),
+                                 iou_threshold, sync_free);
+    return {flags, score_order};
   }
   // Group by category with a stable sort, so each category's candidates stay in score order and form one segment.
-  auto categories_by_score = categories->to(at::kLong).gather(1, score_order);
-  auto [sorted_categories, group_perm] = categories_by_score.sort(/*stable=*/true, /*dim=*/1, /*descending=*/false);
-  auto visit_order = score_order.gather(1, group_perm);
-  auto sorted_boxes = boxes.gather(1, visit_order.unsqueeze(-1).expand({-1, -1, 4}));
-  auto grouped_flags = call_keep_flags(sorted_boxes, sorted_categories, iou_threshold, sync_free);
+  auto categories_by_score = aten::gather(aten::to(*categories, kLong), 1, score_order);
+  auto [sorted_categories, group_perm] =
+      aten::sort(categories_by_score, /*stable=*/true, /*dim=*/1, /*descending=*/false);
+  auto visit_order = aten::gather(score_order, 1, group_perm);
+  auto grouped_flags = call_op<Tensor>("fastdet::_nms_keep_flags", gather_boxes(visit_order),
+                                       std::optional<Tensor>(aten::contiguous(sorted_categories)), iou_threshold,
+                                       sync_free);
   // Position p of the grouped order is position group_perm[p] of the score order.
-  auto flags = at::zeros_like(grouped_flags).scatter_(1, group_perm, grouped_flags);
+  auto flags = aten::scatter(aten::zeros_like(grouped_flags), 1, group_perm, grouped_flags);
   return {flags, score_order};
 }
 
-at::Tensor nms_impl(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold) {
+Tensor nms_impl(const Tensor& boxes, const Tensor& scores, double iou_threshold) {
   check_boxes(boxes, "boxes", /*allow_batched=*/false);
   check_scores(boxes, scores, "[N, 4]");
   check_threshold(iou_threshold, "iou_threshold");
   if (boxes.size(0) == 0) {
-    return at::empty({0}, boxes.options().dtype(at::kLong));
+    return aten::empty({0}, kLong, boxes);
   }
-  auto result = nms_keep_flags_by_score(boxes.unsqueeze(0), scores.unsqueeze(0), std::nullopt, iou_threshold,
-                                        /*sync_free=*/false);
-  return result.order.masked_select(result.flags).contiguous();
+  auto result = nms_keep_flags_by_score(aten::unsqueeze(boxes, 0), aten::unsqueeze(scores, 0), std::nullopt,
+                                        iou_threshold, /*sync_free=*/false);
+  return aten::contiguous(aten::masked_select(result.order, result.flags));
 }
 
-at::Tensor batched_nms_impl(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& idxs,
-                            double iou_threshold) {
+Tensor batched_nms_impl(const Tensor& boxes, const Tensor& scores, const Tensor& idxs, double iou_threshold) {
   check_boxes(boxes, "boxes", /*allow_batched=*/false);
   check_scores(boxes, scores, "[N, 4]");
   check_idxs(boxes, idxs);
   check_threshold(iou_threshold, "iou_threshold");
   if (boxes.size(0) == 0) {
-    return at::empty({0}, boxes.options().dtype(at::kLong));
+    return aten::empty({0}, kLong, boxes);
   }
-  auto result = nms_keep_flags_by_score(boxes.unsqueeze(0), scores.unsqueeze(0), idxs.unsqueeze(0), iou_threshold,
-                                        /*sync_free=*/false);
-  return result.order.masked_select(result.flags).contiguous();
+  auto result = nms_keep_flags_by_score(aten::unsqueeze(boxes, 0), aten::unsqueeze(scores, 0),
+                                        aten::unsqueeze(idxs, 0), iou_threshold, /*sync_free=*/false);
+  return aten::contiguous(aten::masked_select(result.order, result.flags));
 }
 
-std::tuple<at::Tensor, at::Tensor> nms_fixed_impl(const at::Tensor& boxes, const at::Tensor& scores,
-                                                  const std::optional<at::Tensor>& idxs, double iou_threshold,
-                                                  int64_t max_output) {
+std::tuple<Tensor, Tensor> nms_fixed_impl(const Tensor& boxes, const Tensor& scores,
+                                          const std::optional<Tensor>& idxs, double iou_threshold, int64_t max_output) {
   check_boxes(boxes, "boxes", /*allow_batched=*/true);
   check_scores(boxes, scores, boxes.dim() == 3 ? "[B, N, 4]" : "[N, 4]");
   if (idxs.has_value()) {
     check_idxs(boxes, *idxs);
   }
   check_threshold(iou_threshold, "iou_threshold");
-  TORCH_CHECK(max_output >= 0, "max_output must be >= 0, got ", max_output);
+  FASTDET_CHECK(max_output >= 0, "max_output must be >= 0, got ", max_output);
   const bool batched = boxes.dim() == 3;
-  auto boxes3 = batched ? boxes : boxes.unsqueeze(0);
-  auto scores2 = batched ? scores : scores.unsqueeze(0);
-  std::optional<at::Tensor> idxs2;
+  auto boxes3 = batched ? boxes : aten::unsqueeze(boxes, 0);
+  auto scores2 = batched ? scores : aten::unsqueeze(scores, 0);
+  std::optional<Tensor> idxs2;
   if (idxs.has_value()) {
-    idxs2 = batched ? *idxs : idxs->unsqueeze(0);
+    idxs2 = batched ? *idxs : aten::unsqueeze(*idxs, 0);
   }
   const int64_t B = boxes3.size(0), N = boxes3.size(1);
-  auto long_opts = boxes.options().dtype(at::kLong);
-  at::Tensor keep, num_kept;
+  Tensor keep, num_kept;
   if (N == 0 || B == 0) {
-    keep = at::full({B, max_output}, -1, long_opts);
-    num_kept = at::zeros({B}, long_opts);
+    keep = aten::full({B, max_output}, -1.0, kLong, boxes);
+    num_kept = aten::zeros({B}, kLong, boxes);
   } else {
     auto result = nms_keep_flags_by_score(boxes3, scores2, idxs2, iou_threshold, /*sync_free=*/true);
-    // Compaction without a host synchronisation: the k-th kept candidate (k = running count - 1) goes to slot k if
-    // k < max_output; every other candidate goes to a slot of its own past the end, so no two writes collide and the
-    // scatter is deterministic.
-    auto running = result.flags.to(at::kLong).cumsum(1);
-    num_kept = running.select(1, N - 1).clamp_max(max_output);
-    auto spill = at::arange(N, long_opts).add_(max_output).unsqueeze(0);
-    auto slot = at::where(result.flags.logical_and(running.le(max_output)), running - 1, spill);
-    keep = at::full({B, max_output + N}, -1, long_opts).scatter_(1, slot, result.order).narrow(1, 0, max_output);
-    keep = keep.contiguous();
+    // Compaction without a host synchronisation: the k-th kept candidate (k = running count, from 1) goes to slot k
+    // if k <= max_output; every other candidate i goes to slot max_output + 1 + i of its own past the end, so no two
+    // writes collide and the scatter is deterministic. Slot 0 is never written; slots 1..max_output are the output.
+    // (The slots are shifted by one against "running - 1" since integer tensors cannot subtract a scalar here.)
+    auto running = aten::cumsum(result.flags, 1, kLong);
+    auto limit = long_scalar(max_output, boxes);
+    num_kept = aten::minimum(aten::select(running, 1, N - 1), limit);
+    // max_output + 1, max_output + 2, ..., max_output + N: a running sum of (max_output + 1, 1, 1, ...).
+    auto steps = aten::full({1, N}, 1.0, kLong, boxes);
+    torch::stable::fill_(aten::narrow(steps, 1, 0, 1), static_cast<double>(max_output + 1));
+    auto spill = aten::cumsum(steps, 1);
+    auto slot = aten::where(aten::logical_and(result.flags, aten::le(running, limit)), running, spill);
+    auto slots = aten::full({B, max_output + N + 1}, -1.0, kLong, boxes);
+    // A fresh [B, max_output] tensor (not a view at storage offset 1, even for B = 1).
+    keep = aten::empty({B, max_output}, kLong, boxes);
+    torch::stable::copy_(keep, aten::narrow(aten::scatter(slots, 1, slot, result.order), 1, 1, max_output));
   }
   if (!batched) {
-    return {keep.squeeze(0), num_kept.squeeze(0)};
+    return {aten::squeeze(keep, 0), aten::squeeze(num_kept, 0)};
   }
   return {keep, num_kept};
 }
 
+}  // namespace
 }  // namespace fastdet
 
-TORCH_LIBRARY_FRAGMENT(fastdet, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(fastdet, m) {
   m.def("nms(Tensor boxes, Tensor scores, float iou_threshold) -> Tensor");
   m.def("batched_nms(Tensor boxes, Tensor scores, Tensor idxs, float iou_threshold) -> Tensor");
   m.def("nms_fixed(Tensor boxes, Tensor scores, Tensor? idxs, float iou_threshold, int max_output) "
         "-> (Tensor, Tensor)");
-  // Backend kernel: boxes [B, N, 4] already in visit order, categories [B, N] int64 grouped (non-decreasing) within
-  // each image or None. Returns keep flags [B, N] (bool) in the same order. sync_free=True forbids device-to-host
-  // copies (the CUDA kernel then uses a dense N x N bit mask instead of per-category masks).
+  // Backend kernel: boxes [B, N, 4] already in visit order (contiguous, float32 or float64), categories [B, N] int64
+  // grouped (non-decreasing) within each image or None. Returns keep flags [B, N] (bool) in the same order.
+  // sync_free=True forbids device-to-host copies (the CUDA kernel then uses a dense N x N bit mask instead of
+  // per-category masks). Its arguments are prepared by the composites above, which do all the checking.
   m.def("_nms_keep_flags(Tensor boxes, Tensor? categories, float iou_threshold, bool sync_free) -> Tensor");
 }
 
-// The public ops are device-agnostic compositions of ATen ops and _nms_keep_flags, which is registered per backend.
-TORCH_LIBRARY_IMPL(fastdet, CompositeExplicitAutograd, m) {
-  m.impl("nms", &fastdet::nms_impl);
-  m.impl("batched_nms", &fastdet::batched_nms_impl);
-  m.impl("nms_fixed", &fastdet::nms_fixed_impl);
+// The public ops are device-agnostic compositions of torch ops and _nms_keep_flags, which is registered per backend.
+STABLE_TORCH_LIBRARY_IMPL(fastdet, CompositeExplicitAutograd, m) {
+  m.impl("nms", TORCH_BOX(&fastdet::nms_impl));
+  m.impl("batched_nms", TORCH_BOX(&fastdet::batched_nms_impl));
+  m.impl("nms_fixed", TORCH_BOX(&fastdet::nms_fixed_impl));
 }

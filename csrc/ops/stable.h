@@ -347,6 +347,11 @@ inline Tensor reciprocal(const Tensor& t) {
   return detail::call1("aten::reciprocal", "", t);
 }
 
+// a / b (true division, tensor-tensor).
+inline Tensor div(const Tensor& a, const Tensor& b) {
+  return detail::call1("aten::div", "Tensor", a, b);
+}
+
 }  // namespace aten
 
 // ---------------------------------------------------------------------------------------------------------------------

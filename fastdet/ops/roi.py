@@ -103,8 +103,16 @@ def _to_rois(boxes: BoxesArg, device: torch.device) -> Tensor:
 
 
 def _channels_last(t: Tensor) -> bool:
-    # The kernels' rule (roi_memory_format in csrc/ops/roi_align.cpp): channels-last unless also plain contiguous.
+    # The kernels' rule (roi_channels_last in csrc/ops/roi_align.cpp): channels-last unless also plain contiguous.
     return (not t.is_contiguous()) and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _deterministic() -> bool:
+    # The backward ops take the flag as an argument (the native code has no stable way to read torch's global
+    # setting); with it, the CUDA backward sums every gradient element in a fixed order. Read in the autograd backward,
+    # so it is the setting in force when the gradient is computed (under torch.compile: when the backward is traced,
+    # and Dynamo guards on it).
+    return torch.are_deterministic_algorithms_enabled()
 
 
 def check_rois(boxes: BoxesArg, batch_size: int) -> None:
@@ -186,7 +194,7 @@ def _roi_align_fake(input, rois, spatial_scale, pooled_height, pooled_width, sam
 
 @register_fake("_roi_align_backward")
 def _roi_align_backward_fake(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels, height,
-                             width, sampling_ratio, aligned, channels_last):
+                             width, sampling_ratio, aligned, channels_last, deterministic=False):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return grad.new_empty((batch_size, channels, height, width)).contiguous(memory_format=fmt)
 
@@ -200,7 +208,7 @@ def _roi_align_setup_context(ctx, inputs, output):
 
 def _roi_align_backward(ctx, grad):
     (rois,) = ctx.saved_tensors
-    grad_input = torch.ops.fastdet._roi_align_backward(grad, rois, *ctx.args)
+    grad_input = torch.ops.fastdet._roi_align_backward(grad, rois, *ctx.args, _deterministic())
     return grad_input, None, None, None, None, None, None
 
 
@@ -255,7 +263,8 @@ def _roi_pool_fake(input, rois, spatial_scale, pooled_height, pooled_width):
 
 
 @register_fake("_roi_pool_backward")
-def _roi_pool_backward_fake(grad, rois, argmax, spatial_scale, batch_size, channels, height, width, channels_last):
+def _roi_pool_backward_fake(grad, rois, argmax, spatial_scale, batch_size, channels, height, width, channels_last,
+                            deterministic=False):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return grad.new_empty((batch_size, channels, height, width)).contiguous(memory_format=fmt)
 
@@ -269,7 +278,7 @@ def _roi_pool_setup_context(ctx, inputs, output):
 
 def _roi_pool_backward(ctx, grad, grad_argmax):
     rois, argmax = ctx.saved_tensors
-    grad_input = torch.ops.fastdet._roi_pool_backward(grad, rois, argmax, *ctx.args)
+    grad_input = torch.ops.fastdet._roi_pool_backward(grad, rois, argmax, *ctx.args, _deterministic())
     return grad_input, None, None, None, None
 
 
@@ -370,7 +379,8 @@ def _multi_scale_roi_align_fake(features, rois, levels, spatial_scales, pooled_h
 
 @register_fake("_multi_scale_roi_align_backward")
 def _multi_scale_roi_align_backward_fake(grad, rois, levels, spatial_scales, pooled_height, pooled_width, batch_size,
-                                         channels, heights, widths, sampling_ratio, aligned, channels_last):
+                                         channels, heights, widths, sampling_ratio, aligned, channels_last,
+                                         deterministic=False):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return [grad.new_empty((batch_size, channels, h, w)).contiguous(memory_format=fmt) for h, w in zip(heights, widths)]
 
@@ -385,7 +395,7 @@ def _multi_scale_setup_context(ctx, inputs, output):
 
 def _multi_scale_backward(ctx, grad):
     rois, levels = ctx.saved_tensors
-    grads = torch.ops.fastdet._multi_scale_roi_align_backward(grad, rois, levels, *ctx.args)
+    grads = torch.ops.fastdet._multi_scale_roi_align_backward(grad, rois, levels, *ctx.args, _deterministic())
     return list(grads), None, None, None, None, None, None, None
 
 

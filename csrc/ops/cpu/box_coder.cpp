@@ -1,12 +1,12 @@
 // CPU kernels of box coding: parallel loops over rows (decode, encode, gather-decode) or over boxes (the box gradient
 // of decode, which reduces over the rows that share a box in a fixed order, so the result is deterministic).
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/ops/exp.h>
-#include <ATen/ops/log.h>
-#include <torch/library.h>
+//
+// The kernels receive prepared arguments (see box_coder.h): contiguous, one device, one dtype, valid weights.
+#include <algorithm>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
 
 #include "ops/box_coder.h"
 
@@ -17,35 +17,36 @@ using coder::Params;
 
 constexpr int64_t kGrain = 2048;
 
+// The dtype of accumulation type A, for the intermediate arrays.
+template <typename A>
+constexpr ScalarType scalar_type_of() {
+  return std::is_same_v<A, double> ? kDouble : kFloat;
+}
+
 template <typename T, typename A>
 inline void load4(const T* p, A v[4]) {
   for (int k = 0; k < 4; ++k) v[k] = static_cast<A>(p[k]);
 }
 
-// Decode in three steps so that exp is torch's: (1) the clamped size deltas dw, dh into two [R * C] arrays, (2) at::exp
-// on each, (3) the corners. torchvision's decode_single applies torch.exp to [R, C] contiguous tensors of the same
-// values; the same op on the same sizes runs the same vectorised / scalar-tail split over the same thread chunks, so
-// every exp(dw) is torchvision's to the bit (the SLEEF kernels are not correctly rounded, so this matters).
-at::Tensor box_decode_cpu(const at::Tensor& rel_codes, const at::Tensor& boxes, c10::ArrayRef<double> weights,
-                          double clip) {
-  coder::check_decode_args(rel_codes, boxes, weights, clip);
-  auto rel = rel_codes.contiguous();
-  auto bx = boxes.contiguous();
-  auto out = at::empty_like(rel);
+// Decode in three steps so that exp is torch's: (1) the clamped size deltas dw, dh into two [R * C] arrays, (2) torch's
+// exp (aten::exp) on each, (3) the corners. torchvision's decode_single applies torch.exp to [R, C] contiguous tensors
+// of the same values; the same op on the same sizes runs the same vectorised / scalar-tail split over the same thread
+// chunks, so every exp(dw) is torchvision's to the bit (the SLEEF kernels are not correctly rounded, so this matters).
+Tensor box_decode_kernel(const Tensor& rel, const Tensor& bx, std::vector<double> weights, double clip) {
+  auto out = aten::empty_like(rel);
   const int64_t R = rel.size(0), C = rel.size(1) / 4, Rb = bx.size(0);
   if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rel.scalar_type(), "box_decode_cpu", [&] {
-    using A = at::opmath_type<scalar_t>;
+  FASTDET_DISPATCH_FLOATING(rel.scalar_type(), "box_decode_cpu", [&] {
+    using A = opmath_t<scalar_t>;
     const auto p = coder::make_params<A>(weights, clip);
     const scalar_t* r = rel.const_data_ptr<scalar_t>();
     const scalar_t* b = bx.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    const auto acc_opts = rel.options().dtype(c10::CppTypeToScalarType<A>::value);
-    auto dw = at::empty({R * C}, acc_opts);
-    auto dh = at::empty({R * C}, acc_opts);
+    auto dw = aten::empty({R * C}, scalar_type_of<A>(), rel);
+    auto dh = aten::empty({R * C}, scalar_type_of<A>(), rel);
     // (class, box) of element i are stepped, not divided out per element (64-bit division is slow).
     auto for_elements = [&](auto&& body) {
-      at::parallel_for(0, R * C, kGrain, [&](int64_t begin, int64_t end) {
+      parallel_for(0, R * C, kGrain, [&](int64_t begin, int64_t end) {
         int64_t c = begin % C, j = (begin / C) % Rb;
         for (int64_t i = begin; i < end; ++i) {
           A rv[4], bv[4];
@@ -66,8 +67,8 @@ at::Tensor box_decode_cpu(const at::Tensor& rel_codes, const at::Tensor& boxes, 
       dwp[i] = d.dw;
       dhp[i] = d.dh;
     });
-    const auto ew = at::exp(dw);
-    const auto eh = at::exp(dh);
+    const auto ew = aten::exp(dw);
+    const auto eh = aten::exp(dh);
     const A* ewp = ew.const_data_ptr<A>();
     const A* ehp = eh.const_data_ptr<A>();
     for_elements([&](int64_t i, const A* rv, const A* bv) {
@@ -82,20 +83,13 @@ at::Tensor box_decode_cpu(const at::Tensor& rel_codes, const at::Tensor& boxes, 
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> box_decode_backward_cpu(const at::Tensor& grad, const at::Tensor& rel_codes,
-                                                           const at::Tensor& boxes, c10::ArrayRef<double> weights,
-                                                           double clip) {
-  coder::check_decode_args(rel_codes, boxes, weights, clip);
-  TORCH_CHECK(grad.sizes() == rel_codes.sizes(), "grad must have the shape of rel_codes ", rel_codes.sizes(),
-              ", got ", grad.sizes());
-  auto rel = rel_codes.contiguous();
-  auto bx = boxes.contiguous();
-  auto g = grad.to(rel.scalar_type()).contiguous();
-  auto grad_rel = at::empty_like(rel);
-  auto grad_boxes = at::empty_like(bx);
+std::tuple<Tensor, Tensor> box_decode_backward_kernel(const Tensor& g, const Tensor& rel, const Tensor& bx,
+                                                      std::vector<double> weights, double clip) {
+  auto grad_rel = aten::empty_like(rel);
+  auto grad_boxes = aten::empty_like(bx);
   const int64_t R = rel.size(0), C = rel.size(1) / 4, Rb = bx.size(0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rel.scalar_type(), "box_decode_backward_cpu", [&] {
-    using A = at::opmath_type<scalar_t>;
+  FASTDET_DISPATCH_FLOATING(rel.scalar_type(), "box_decode_backward_cpu", [&] {
+    using A = opmath_t<scalar_t>;
     const auto p = coder::make_params<A>(weights, clip);
     const scalar_t* r = rel.const_data_ptr<scalar_t>();
     const scalar_t* b = bx.const_data_ptr<scalar_t>();
@@ -104,53 +98,48 @@ std::tuple<at::Tensor, at::Tensor> box_decode_backward_cpu(const at::Tensor& gra
     scalar_t* gb = grad_boxes.mutable_data_ptr<scalar_t>();
     // One task per box: it owns the box's gradient and the rel_codes gradient of every row using that box (rows
     // j, j + Rb, j + 2 Rb, ...), visited in increasing order.
-    at::parallel_for(0, Rb, std::max<int64_t>(1, kGrain / std::max<int64_t>(C * (R / std::max<int64_t>(Rb, 1)), 1)),
-                     [&](int64_t begin, int64_t end) {
-                       for (int64_t j = begin; j < end; ++j) {
-                         A bv[4], acc[4] = {A(0), A(0), A(0), A(0)};
-                         load4(b + j * 4, bv);
-                         for (int64_t row = j; row < R; row += Rb) {
-                           for (int64_t c = 0; c < C; ++c) {
-                             const int64_t i = row * C + c;
-                             A rv[4], gv[4], grv[4], gbv[4];
-                             load4(r + i * 4, rv);
-                             load4(gp + i * 4, gv);
-                             coder::decode_one_backward<A>(rv, bv, p, gv, grv, gbv);
-                             for (int k = 0; k < 4; ++k) {
-                               gr[i * 4 + k] = static_cast<scalar_t>(grv[k]);
-                               acc[k] += gbv[k];
-                             }
-                           }
+    parallel_for(0, Rb, std::max<int64_t>(1, kGrain / std::max<int64_t>(C * (R / std::max<int64_t>(Rb, 1)), 1)),
+                 [&](int64_t begin, int64_t end) {
+                   for (int64_t j = begin; j < end; ++j) {
+                     A bv[4], acc[4] = {A(0), A(0), A(0), A(0)};
+                     load4(b + j * 4, bv);
+                     for (int64_t row = j; row < R; row += Rb) {
+                       for (int64_t c = 0; c < C; ++c) {
+                         const int64_t i = row * C + c;
+                         A rv[4], gv[4], grv[4], gbv[4];
+                         load4(r + i * 4, rv);
+                         load4(gp + i * 4, gv);
+                         coder::decode_one_backward<A>(rv, bv, p, gv, grv, gbv);
+                         for (int k = 0; k < 4; ++k) {
+                           gr[i * 4 + k] = static_cast<scalar_t>(grv[k]);
+                           acc[k] += gbv[k];
                          }
-                         for (int k = 0; k < 4; ++k) gb[j * 4 + k] = static_cast<scalar_t>(acc[k]);
                        }
-                     });
+                     }
+                     for (int k = 0; k < 4; ++k) gb[j * 4 + k] = static_cast<scalar_t>(acc[k]);
+                   }
+                 });
   });
   return {grad_rel, grad_boxes};
 }
 
-// Encode around torch's own log, for the reason given at box_decode_cpu: torchvision takes torch.log of [N, 1]
+// Encode around torch's own log, for the reason given at box_decode_kernel: torchvision takes torch.log of [N, 1]
 // contiguous ratio tensors, laid out as the [N] arrays here.
-at::Tensor box_encode_cpu(const at::Tensor& reference_boxes, const at::Tensor& proposals,
-                          c10::ArrayRef<double> weights) {
-  coder::check_encode_args(reference_boxes, proposals, weights);
-  auto gt = reference_boxes.contiguous();
-  auto ex = proposals.contiguous();
-  auto out = at::empty_like(gt);
+Tensor box_encode_kernel(const Tensor& gt, const Tensor& ex, std::vector<double> weights) {
+  auto out = aten::empty_like(gt);
   const int64_t N = gt.size(0);
   if (N == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gt.scalar_type(), "box_encode_cpu", [&] {
-    using A = at::opmath_type<scalar_t>;
+  FASTDET_DISPATCH_FLOATING(gt.scalar_type(), "box_encode_cpu", [&] {
+    using A = opmath_t<scalar_t>;
     const auto p = coder::make_params<A>(weights, 0.0);
     const scalar_t* g = gt.const_data_ptr<scalar_t>();
     const scalar_t* e = ex.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    const auto acc_opts = gt.options().dtype(c10::CppTypeToScalarType<A>::value);
-    auto ratio_w = at::empty({N}, acc_opts);
-    auto ratio_h = at::empty({N}, acc_opts);
+    auto ratio_w = aten::empty({N}, scalar_type_of<A>(), gt);
+    auto ratio_h = aten::empty({N}, scalar_type_of<A>(), gt);
     A* rw = ratio_w.mutable_data_ptr<A>();
     A* rh = ratio_h.mutable_data_ptr<A>();
-    at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+    parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         A gv[4], ev[4];
         load4(g + i * 4, gv);
@@ -158,11 +147,11 @@ at::Tensor box_encode_cpu(const at::Tensor& reference_boxes, const at::Tensor& p
         coder::encode_ratios<A>(gv, ev, rw + i, rh + i);
       }
     });
-    const auto log_w = at::log(ratio_w);
-    const auto log_h = at::log(ratio_h);
+    const auto log_w = aten::log(ratio_w);
+    const auto log_h = aten::log(ratio_h);
     const A* lw = log_w.const_data_ptr<A>();
     const A* lh = log_h.const_data_ptr<A>();
-    at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+    parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         A gv[4], ev[4], ov[4];
         load4(g + i * 4, gv);
@@ -175,30 +164,22 @@ at::Tensor box_encode_cpu(const at::Tensor& reference_boxes, const at::Tensor& p
   return out;
 }
 
-at::Tensor decode_select_boxes_cpu(const at::Tensor& rel_codes, const at::Tensor& anchors, const at::Tensor& index,
-                                   const std::optional<at::Tensor>& image_sizes, c10::ArrayRef<double> weights,
-                                   double clip) {
-  coder::check_decode_select_args(rel_codes, anchors, index, image_sizes, weights, clip);
-  auto rel = rel_codes.contiguous();
-  auto anc = anchors.contiguous();
-  auto idx = index.contiguous();
+// image_sizes: float64 [B, 2] or absent; the index values are in [-1, N) (checked by the schema file).
+Tensor decode_select_boxes_kernel(const Tensor& rel, const Tensor& anc, const Tensor& idx,
+                                  const std::optional<Tensor>& image_sizes, std::vector<double> weights,
+                                  double clip) {
   const int64_t B = rel.size(0), N = rel.size(1), K = idx.size(1), Ba = anc.size(0);
-  auto out = at::empty({B, K, 4}, rel.options());
+  auto out = aten::empty({B, K, 4}, rel.scalar_type(), rel);
   if (out.numel() == 0) return out;
   const int64_t* ip = idx.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < B * K; ++i) {
-    TORCH_CHECK(ip[i] >= -1 && ip[i] < N, "index values must be in [-1, ", N, "), got ", ip[i]);
-  }
-  at::Tensor sizes;
-  if (image_sizes.has_value()) sizes = image_sizes->to(at::kDouble).contiguous();
-  const double* sp = image_sizes.has_value() ? sizes.const_data_ptr<double>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rel.scalar_type(), "decode_select_boxes_cpu", [&] {
-    using A = at::opmath_type<scalar_t>;
+  const double* sp = image_sizes.has_value() ? image_sizes->const_data_ptr<double>() : nullptr;
+  FASTDET_DISPATCH_FLOATING(rel.scalar_type(), "decode_select_boxes_cpu", [&] {
+    using A = opmath_t<scalar_t>;
     const auto p = coder::make_params<A>(weights, clip);
     const scalar_t* r = rel.const_data_ptr<scalar_t>();
     const scalar_t* a = anc.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, B * K, kGrain, [&](int64_t begin, int64_t end) {
+    parallel_for(0, B * K, kGrain, [&](int64_t begin, int64_t end) {
       for (int64_t s = begin; s < end; ++s) {
         const int64_t b = s / K, n = ip[s];
         A ov[4] = {A(0), A(0), A(0), A(0)};
@@ -226,9 +207,9 @@ at::Tensor decode_select_boxes_cpu(const at::Tensor& rel_codes, const at::Tensor
 }  // namespace
 }  // namespace fastdet
 
-TORCH_LIBRARY_IMPL(fastdet, CPU, m) {
-  m.impl("box_decode", &fastdet::box_decode_cpu);
-  m.impl("_box_decode_backward", &fastdet::box_decode_backward_cpu);
-  m.impl("box_encode", &fastdet::box_encode_cpu);
-  m.impl("_decode_select_boxes", &fastdet::decode_select_boxes_cpu);
+STABLE_TORCH_LIBRARY_IMPL(fastdet, CPU, m) {
+  m.impl("_box_decode_kernel", TORCH_BOX(&fastdet::box_decode_kernel));
+  m.impl("_box_decode_backward_kernel", TORCH_BOX(&fastdet::box_decode_backward_kernel));
+  m.impl("_box_encode_kernel", TORCH_BOX(&fastdet::box_encode_kernel));
+  m.impl("_decode_select_boxes_kernel", TORCH_BOX(&fastdet::decode_select_boxes_kernel));
 }

@@ -1,12 +1,7 @@
 // CPU kernels of the aligned-pair IoU losses: one parallel pass over the pairs; reduced losses are summed in fixed
 // chunks (see loss_reduction.h), so the value does not depend on the number of threads.
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <torch/library.h>
-
 #include <algorithm>
+#include <tuple>
 #include <vector>
 
 #include "ops/box_loss_math.h"
@@ -16,20 +11,19 @@
 namespace fastdet {
 namespace {
 
-at::Tensor box_pair_loss_cpu(const at::Tensor& boxes1, const at::Tensor& boxes2, int64_t variant, int64_t reduction,
-                             double eps) {
-  auto args = prepare_box_pair_loss_args(boxes1, boxes2, variant, reduction, eps);
-  const int64_t P = args.pairs;
-  const auto opts = args.boxes1.options();
-  at::Tensor out = reduction == kReduceNone ? at::empty(box_pair_loss_shape(boxes1), opts) : at::empty({}, opts);
+Tensor box_pair_loss_kernel(const Tensor& boxes1, const Tensor& boxes2, int64_t variant, int64_t reduction,
+                            double eps) {
+  const int64_t P = boxes1.size(0);
+  Tensor out = reduction == kReduceNone ? aten::empty({P}, boxes1.scalar_type(), boxes1)
+                                        : aten::empty({}, boxes1.scalar_type(), boxes1);
   const int64_t chunks = (P + kLossChunk - 1) / kLossChunk;
-  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "box_pair_loss_cpu", [&] {
+  FASTDET_DISPATCH_FLOAT_DOUBLE(out.scalar_type(), "box_pair_loss_cpu", [&] {
     using T = scalar_t;
-    const T* b1 = args.boxes1.const_data_ptr<T>();
-    const T* b2 = args.boxes2.const_data_ptr<T>();
+    const T* b1 = boxes1.const_data_ptr<T>();
+    const T* b2 = boxes2.const_data_ptr<T>();
     T* o = out.mutable_data_ptr<T>();
     std::vector<double> partial(chunks, 0.0);
-    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t chunk = begin; chunk < end; ++chunk) {
         const int64_t p1 = std::min(P, (chunk + 1) * kLossChunk);
         double acc = 0.0;
@@ -55,27 +49,23 @@ at::Tensor box_pair_loss_cpu(const at::Tensor& boxes1, const at::Tensor& boxes2,
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> box_pair_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& boxes1,
-                                                              const at::Tensor& boxes2, int64_t variant,
-                                                              int64_t reduction, double eps) {
-  auto args = prepare_box_pair_loss_args(boxes1, boxes2, variant, reduction, eps);
-  const int64_t P = args.pairs;
-  TORCH_CHECK(reduction == kReduceNone ? grad.numel() == P : grad.numel() == 1, "grad must have shape ",
-              reduction == kReduceNone ? "[...] (the loss' shape)" : "[] (a reduced loss)", ", got ", grad.sizes());
-  auto g = grad.to(args.boxes1.scalar_type()).contiguous();
-  auto g1 = at::empty_like(args.boxes1);
-  auto g2 = at::empty_like(args.boxes2);
-  AT_DISPATCH_FLOATING_TYPES(g1.scalar_type(), "box_pair_loss_backward_cpu", [&] {
+std::tuple<Tensor, Tensor> box_pair_loss_backward_kernel(const Tensor& grad, const Tensor& boxes1,
+                                                         const Tensor& boxes2, int64_t variant, int64_t reduction,
+                                                         double eps) {
+  const int64_t P = boxes1.size(0);
+  auto g1 = aten::empty_like(boxes1);
+  auto g2 = aten::empty_like(boxes2);
+  FASTDET_DISPATCH_FLOAT_DOUBLE(g1.scalar_type(), "box_pair_loss_backward_cpu", [&] {
     using T = scalar_t;
-    const T* b1 = args.boxes1.const_data_ptr<T>();
-    const T* b2 = args.boxes2.const_data_ptr<T>();
-    const T* gp = g.const_data_ptr<T>();
+    const T* b1 = boxes1.const_data_ptr<T>();
+    const T* b2 = boxes2.const_data_ptr<T>();
+    const T* gp = grad.const_data_ptr<T>();
     T* o1 = g1.mutable_data_ptr<T>();
     T* o2 = g2.mutable_data_ptr<T>();
     // The upstream gradient of a reduced loss reaches every pair once: g for 'sum', g / P for 'mean' (as torch's
     // mean backward divides by the element count).
     const T shared = reduction == kReduceNone ? T(0) : (reduction == kReduceMean ? gp[0] / static_cast<T>(P) : gp[0]);
-    at::parallel_for(0, P, 4096, [&](int64_t begin, int64_t end) {
+    parallel_for(0, P, 4096, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         const T gi = reduction == kReduceNone ? gp[p] : shared;
         boxloss::pair_loss_backward<T>(b1 + 4 * p, b2 + 4 * p, variant, static_cast<T>(eps), gi, o1 + 4 * p,
@@ -83,13 +73,13 @@ std::tuple<at::Tensor, at::Tensor> box_pair_loss_backward_cpu(const at::Tensor& 
       }
     });
   });
-  return {g1.view(boxes1.sizes()).to(boxes1.scalar_type()), g2.view(boxes2.sizes()).to(boxes2.scalar_type())};
+  return {g1, g2};
 }
 
 }  // namespace
 }  // namespace fastdet
 
-TORCH_LIBRARY_IMPL(fastdet, CPU, m) {
-  m.impl("box_pair_loss", &fastdet::box_pair_loss_cpu);
-  m.impl("_box_pair_loss_backward", &fastdet::box_pair_loss_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(fastdet, CPU, m) {
+  m.impl("_box_pair_loss_kernel", TORCH_BOX(&fastdet::box_pair_loss_kernel));
+  m.impl("_box_pair_loss_backward_kernel", TORCH_BOX(&fastdet::box_pair_loss_backward_kernel));
 }

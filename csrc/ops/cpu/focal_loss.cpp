@@ -1,12 +1,9 @@
 // CPU kernels of the sigmoid focal loss: one pass over the logits (and float targets) that writes the loss (or adds it
 // to a chunk's partial sum) and, when asked, the gradient. Chunks are fixed ranges of kLossChunk elements (whole rows
 // for the label form), so the reduced value does not depend on the number of threads.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
 #include <algorithm>
+#include <optional>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -85,8 +82,8 @@ __attribute__((target("avx2,fma,f16c"))) double focal_rows_avx2(const scalar_t* 
 // Rows per chunk are chosen so a chunk is ~kLossChunk elements; the float form is the label form's special case with
 // C = 1 and the target read from memory.
 template <typename scalar_t, bool WithLabels, bool Reduce, bool WithGrad>
-void focal_kernel(const FocalArgs& a, double scale) {
-  using T = at::opmath_type<scalar_t>;
+void focal_kernel(const FocalKernelArgs& a, double scale) {
+  using T = opmath_t<scalar_t>;
   const scalar_t* x = a.inputs.const_data_ptr<scalar_t>();
   const scalar_t* tf = WithLabels ? nullptr : a.targets.const_data_ptr<scalar_t>();
   const int64_t* labels = WithLabels ? a.targets.const_data_ptr<int64_t>() : nullptr;
@@ -108,7 +105,7 @@ void focal_kernel(const FocalArgs& a, double scale) {
 #else
   [[maybe_unused]] const bool vectorised = false;
 #endif
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t r0 = chunk * rows_per_chunk;
       const int64_t r1 = std::min(rows, r0 + rows_per_chunk);
@@ -160,7 +157,7 @@ void focal_kernel(const FocalArgs& a, double scale) {
 }
 
 template <typename scalar_t, bool WithLabels>
-void dispatch_flags(const FocalArgs& a, double scale) {
+void dispatch_flags(const FocalKernelArgs& a, double scale) {
   const bool reduce = a.reduction != kReduceNone;
   const bool with_grad = a.grad.numel() > 0;
   if (reduce && with_grad) focal_kernel<scalar_t, WithLabels, true, true>(a, scale);
@@ -169,43 +166,28 @@ void dispatch_flags(const FocalArgs& a, double scale) {
   else focal_kernel<scalar_t, WithLabels, false, false>(a, scale);
 }
 
-std::tuple<at::Tensor, at::Tensor> run(FocalArgs a) {
-  // On the CPU the value-dependent scale can be read directly: there is no device to synchronise with.
-  const double scale = a.scale_tensor.defined() ? a.scale_tensor.item<double>() : a.scale;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.inputs.scalar_type(), "sigmoid_focal_loss_cpu", [&] {
-    if (a.with_labels) dispatch_flags<scalar_t, true>(a, scale);
-    else dispatch_flags<scalar_t, false>(a, scale);
+// The value of the 0-dim scale tensor. On the CPU it can be read directly: there is no device to synchronise with.
+double read_scale(const Tensor& t) {
+  return t.scalar_type() == kDouble ? *t.const_data_ptr<double>() : static_cast<double>(*t.const_data_ptr<float>());
+}
+
+std::tuple<Tensor, Tensor> sigmoid_focal_loss_kernel(const Tensor& inputs, const Tensor& targets,
+                                                     const std::optional<Tensor>& scale, double scale_host,
+                                                     int64_t ignore_index, double alpha, double gamma,
+                                                     int64_t reduction, bool need_grad) {
+  const auto a =
+      focal_kernel_args(inputs, targets, scale, scale_host, ignore_index, alpha, gamma, reduction, need_grad);
+  const double s = a.scale_tensor.has_value() ? read_scale(*a.scale_tensor) : a.scale;
+  FASTDET_DISPATCH_FLOATING(a.inputs.scalar_type(), "sigmoid_focal_loss_cpu", [&] {
+    if (a.with_labels) dispatch_flags<scalar_t, true>(a, s);
+    else dispatch_flags<scalar_t, false>(a, s);
   });
   return {a.loss, a.grad};
-}
-
-std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_cpu(const at::Tensor& inputs, const at::Tensor& targets,
-                                                          double alpha, double gamma, int64_t reduction,
-                                                          const std::optional<at::Tensor>& normalizer,
-                                                          bool need_grad) {
-  return run(prepare_focal_args(inputs, targets, false, 0, alpha, gamma, reduction, normalizer, need_grad));
-}
-
-std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_with_labels_cpu(const at::Tensor& logits,
-                                                                      const at::Tensor& labels, int64_t ignore_index,
-                                                                      double alpha, double gamma, int64_t reduction,
-                                                                      const std::optional<at::Tensor>& normalizer,
-                                                                      bool need_grad) {
-  auto a = prepare_focal_args(logits, labels, true, ignore_index, alpha, gamma, reduction, normalizer, need_grad);
-  // Labels are ~1/C of the data; checking them first keeps the kernel free of error paths.
-  const int64_t* lab = a.targets.const_data_ptr<int64_t>();
-  for (int64_t r = 0; r < a.rows; ++r) {
-    const int64_t v = lab[r];
-    TORCH_CHECK(v == ignore_index || (v >= -1 && v <= a.classes), "labels must be in [0, C) for a class, -1 or C = ",
-                a.classes, " for background, or ignore_index = ", ignore_index, "; got ", v, " at flat index ", r);
-  }
-  return run(std::move(a));
 }
 
 }  // namespace
 }  // namespace fastdet
 
-TORCH_LIBRARY_IMPL(fastdet, CPU, m) {
-  m.impl("sigmoid_focal_loss", &fastdet::sigmoid_focal_loss_cpu);
-  m.impl("sigmoid_focal_loss_with_labels", &fastdet::sigmoid_focal_loss_with_labels_cpu);
+STABLE_TORCH_LIBRARY_IMPL(fastdet, CPU, m) {
+  m.impl("_sigmoid_focal_loss_kernel", TORCH_BOX(&fastdet::sigmoid_focal_loss_kernel));
 }

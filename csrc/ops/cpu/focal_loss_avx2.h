@@ -1,22 +1,24 @@
 #pragma once
-// AVX2 evaluation of focal::element for 8 elements at a time (float32, or float16/bfloat16 widened to float32), used by the CPU kernel when the machine has AVX2
-// and FMA (checked at run time, so the extension still loads and runs everywhere; other machines take the scalar
-// path). The transcendental functions are SLEEF's 1-ulp AVX2 versions that libtorch_cpu already ships; they are looked
-// up at run time (dlsym), so a torch build that does not export them costs speed, never an import failure.
+// AVX2 evaluation of focal::element for 8 elements at a time (float32, or float16/bfloat16 widened to float32), used
+// by the CPU kernel when the machine has AVX2 and FMA (checked at run time, so the extension still loads and runs
+// everywhere; other machines take the scalar path). The transcendental functions are SLEEF's 1-ulp AVX2 versions
+// that libtorch_cpu already ships; they are looked up at run time (dlsym), so a torch build that does not export them
+// costs speed, never an import failure. Only stable-ABI headers are needed: the 16-bit types are torch's headeronly
+// ones (fastdet::Half / fastdet::BFloat16), and AVX2 is enabled per function (target attributes), not by a flag.
 //
 // The arithmetic is focal::element's, operation for operation (same products, same order, comparisons with the same
 // NaN behaviour), so the two paths differ only by SLEEF's exp/log1p/pow against libm's (<= 1 ulp each).
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
 #define FASTDET_FOCAL_AVX2 1
 #include <dlfcn.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <immintrin.h>
+
+#include "ops/stable.h"  // fastdet::Half, fastdet::BFloat16
 
 namespace fastdet {
 namespace focal_avx2 {
@@ -115,7 +117,7 @@ __attribute__((target("avx2,fma,f16c"))) inline __m256 element8(__m256 x, __m256
 }
 
 // Loads and stores of n <= 8 elements as 8 float lanes (lanes >= n read as 0 and are not written). bfloat16 widens
-// exactly by a shift; narrowing rounds to nearest even, NaN staying a quiet NaN -- c10::BFloat16's conversion, so
+// exactly by a shift; narrowing rounds to nearest even, NaN staying a quiet NaN -- fastdet::BFloat16's conversion, so
 // the results are bitwise those of the element-by-element casts. float16 uses F16C's conversions (also RNE).
 template <typename scalar_t>
 __attribute__((target("avx2,fma,f16c"))) inline __m256 load8(const scalar_t* p, int n) {
@@ -133,7 +135,7 @@ __attribute__((target("avx2,fma,f16c"))) inline __m256 load8(const scalar_t* p, 
       std::memcpy(buf, p, sizeof(uint16_t) * n);
       raw = _mm_load_si128(reinterpret_cast<const __m128i*>(buf));
     }
-    if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    if constexpr (std::is_same_v<scalar_t, fastdet::Half>) {
       return _mm256_cvtph_ps(raw);
     } else {
       return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
@@ -153,7 +155,7 @@ __attribute__((target("avx2,fma,f16c"))) inline void store8(scalar_t* p, __m256 
     }
   } else {
     __m128i packed;
-    if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    if constexpr (std::is_same_v<scalar_t, fastdet::Half>) {
       packed = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     } else {
       const __m256i bits = _mm256_castps_si256(v);

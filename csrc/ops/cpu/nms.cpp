@@ -7,10 +7,6 @@
 // the cores in two ways: independent segments (categories, images) run in parallel; a single large segment is cut
 // into chunks whose candidates are first tested against all earlier kept boxes in parallel, then resolved against
 // each other sequentially. Both produce exactly the sequential greedy result.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -18,6 +14,7 @@
 
 #include "ops/nms.h"
 #include "ops/nms_math.h"
+#include "ops/stable.h"
 
 namespace fastdet {
 namespace {
@@ -191,7 +188,7 @@ void greedy_segment(const Planes<T>& p, int64_t begin, int64_t end, T threshold,
     };
     // A parallel region costs a few microseconds; only worth it when the chunk has real work to share.
     if (allow_parallel && kept_before * (chunk_end - chunk) >= 65536) {
-      at::parallel_for(chunk, chunk_end, 16, screen);
+      parallel_for(chunk, chunk_end, 16, screen);
     } else {
       screen(chunk, chunk_end);
     }
@@ -204,13 +201,13 @@ void greedy_segment(const Planes<T>& p, int64_t begin, int64_t end, T threshold,
 }
 
 template <typename T>
-void keep_flags_kernel(const at::Tensor& planes_t, const at::Tensor& segments, int64_t N, T threshold,
-                       at::Tensor& keep_t) {
-  // planes_t: [B, 5, N] (x1, y1, x2, y2, area); segments: [S, 3] (image, begin, end) in visit order.
+void keep_flags_kernel(const Tensor& planes_t, const std::vector<int64_t>& segments, int64_t N, T threshold,
+                       Tensor& keep_t) {
+  // planes_t: [B, 5, N] (x1, y1, x2, y2, area); segments: S triples (image, begin, end) in visit order.
   const T* planes = planes_t.const_data_ptr<T>();
   bool* keep = keep_t.mutable_data_ptr<bool>();
-  const int64_t* seg = segments.const_data_ptr<int64_t>();
-  const int64_t S = segments.size(0);
+  const int64_t* seg = segments.data();
+  const int64_t S = static_cast<int64_t>(segments.size() / 3);
   auto planes_of = [&](int64_t image) {
     const T* base = planes + image * 5 * N;
     return Planes<T>{base, base + N, base + 2 * N, base + 3 * N, base + 4 * N};
@@ -220,7 +217,7 @@ void keep_flags_kernel(const at::Tensor& planes_t, const at::Tensor& segments, i
     greedy_segment<T>(planes_of(seg[0]), seg[1], seg[2], threshold, keep + seg[0] * N, kept, /*allow_parallel=*/true);
     return;
   }
-  at::parallel_for(0, S, 1, [&](int64_t b, int64_t e) {
+  parallel_for(0, S, 1, [&](int64_t b, int64_t e) {
     KeptBoxes<T> kept;
     for (int64_t s = b; s < e; ++s) {
       const int64_t image = seg[3 * s];
@@ -230,30 +227,48 @@ void keep_flags_kernel(const at::Tensor& planes_t, const at::Tensor& segments, i
   });
 }
 
-at::Tensor nms_keep_flags_cpu(const at::Tensor& boxes, const std::optional<at::Tensor>& categories,
-                              double iou_threshold, bool /*sync_free: the CPU never synchronises*/) {
-  check_keep_flags_args(boxes, categories, iou_threshold);
+// boxes [B, N, 4] contiguous float32/float64 in visit order, categories [B, N] int64 contiguous and grouped, or None
+// (prepared and checked by the composite in nms.cpp).
+Tensor nms_keep_flags_cpu(const Tensor& boxes, const std::optional<Tensor>& categories, double iou_threshold,
+                          bool /*sync_free: the CPU never synchronises*/) {
   const int64_t B = boxes.size(0), N = boxes.size(1);
-  auto keep = at::zeros({B, N}, boxes.options().dtype(at::kBool));
+  auto keep = aten::zeros({B, N}, kBool, boxes);
   if (B == 0 || N == 0) {
     return keep;
   }
-  const auto acc = boxes.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto b = boxes.to(acc);
-  auto area = (b.select(2, 2) - b.select(2, 0)) * (b.select(2, 3) - b.select(2, 1));
-  auto planes = at::cat({b.transpose(1, 2), area.unsqueeze(1)}, 1).contiguous();  // [B, 5, N]
-  auto segments = find_segments(categories, B, N);
-  if (acc == at::kDouble) {
-    keep_flags_kernel<double>(planes, segments, N, iou_threshold, keep);
-  } else {
-    keep_flags_kernel<float>(planes, segments, N, nms::threshold_as_float(iou_threshold), keep);
-  }
+  const auto segments = nms::find_segments(
+      categories.has_value() ? categories->const_data_ptr<int64_t>() : nullptr, B, N);
+  FASTDET_DISPATCH_FLOAT_DOUBLE(boxes.scalar_type(), "_nms_keep_flags", [&] {
+    // Coordinate planes plus areas, [B, 5, N] = (x1, y1, x2, y2, (x2 - x1) * (y2 - y1)): one subtraction per side and
+    // one product, each rounded once, so the areas are bitwise those of the CUDA kernel's elementwise ops.
+    auto planes = aten::empty({B, 5, N}, boxes.scalar_type(), boxes);
+    const scalar_t* src = boxes.const_data_ptr<scalar_t>();
+    scalar_t* dst = planes.mutable_data_ptr<scalar_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      const scalar_t* box = src + b * N * 4;
+      scalar_t* plane = dst + b * 5 * N;
+      for (int64_t i = 0; i < N; ++i) {
+        const scalar_t x1 = box[4 * i], y1 = box[4 * i + 1], x2 = box[4 * i + 2], y2 = box[4 * i + 3];
+        const scalar_t width = x2 - x1;
+        const scalar_t height = y2 - y1;
+        plane[i] = x1;
+        plane[N + i] = y1;
+        plane[2 * N + i] = x2;
+        plane[3 * N + i] = y2;
+        plane[4 * N + i] = width * height;
+      }
+    }
+    const scalar_t threshold = std::is_same_v<scalar_t, double>
+                                   ? static_cast<scalar_t>(iou_threshold)
+                                   : static_cast<scalar_t>(nms::threshold_as_float(iou_threshold));
+    keep_flags_kernel<scalar_t>(planes, segments, N, threshold, keep);
+  });
   return keep;
 }
 
 }  // namespace
 }  // namespace fastdet
 
-TORCH_LIBRARY_IMPL(fastdet, CPU, m) {
-  m.impl("_nms_keep_flags", &fastdet::nms_keep_flags_cpu);
+STABLE_TORCH_LIBRARY_IMPL(fastdet, CPU, m) {
+  m.impl("_nms_keep_flags", TORCH_BOX(&fastdet::nms_keep_flags_cpu));
 }

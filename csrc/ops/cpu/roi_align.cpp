@@ -13,17 +13,10 @@
 // into the gradient planes of its own channels only, so no two threads ever write the same element, no atomics are
 // needed, and every gradient element receives its contributions in one fixed order (RoI, bin, sample, corner) -- the
 // order of torchvision's sequential CPU loop. The result is deterministic for any thread count.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <optional>
 #include <vector>
 
-#include "ops/checks.h"
 #include "ops/roi_align.h"
 #include "ops/roi_align_math.h"
 
@@ -44,7 +37,7 @@ struct Strides {
   int64_t n, c, h, w;
 };
 
-Strides strides_of(const at::Tensor& t) {
+Strides strides_of(const Tensor& t) {
   return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
@@ -128,45 +121,42 @@ bool planar_samples(const AxisTable<T>& ytab, const AxisTable<T>& xtab, int64_t 
   return true;
 }
 
-// Batch index (and level) of every RoI, checked here so the kernels never index out of bounds. On the CPU the check
-// costs nothing extra, so an invalid index is a clear error.
-std::vector<int64_t> checked_batch_indices(const at::Tensor& rois, int64_t N) {
+// Batch index and level of every RoI; -1 where either is invalid (outside [0, N) / [0, L)), which the kernels treat
+// like a non-finite box: the RoI pools to 0 and passes no gradient. The schema file has already rejected such RoIs
+// with a clear error for the public ops, so this only keeps a direct call of the private op in bounds.
+std::vector<int64_t> batch_indices(const Tensor& rois, int64_t N) {
   const int64_t K = rois.size(0);
   std::vector<int64_t> batch(K);
-  AT_DISPATCH_FLOATING_TYPES(rois.scalar_type(), "roi_batch_index", [&] {
+  FASTDET_DISPATCH_FLOAT_DOUBLE(rois.scalar_type(), "roi_batch_index", [&] {
     const auto* r = rois.const_data_ptr<scalar_t>();
     for (int64_t k = 0; k < K; ++k) {
       batch[k] = roi::batch_index(r[k * 5], N);
-      TORCH_CHECK(batch[k] >= 0, "rois[", k, ", 0] = ", r[k * 5], " is not a valid batch index for an input of ",
-                  "batch size ", N, " (expected a value in [0, ", N, "))");
     }
   });
   return batch;
 }
 
-std::vector<int64_t> checked_levels(const std::optional<at::Tensor>& levels, int64_t K, int64_t L) {
+std::vector<int64_t> level_indices(const std::optional<Tensor>& levels, int64_t K, int64_t L) {
   std::vector<int64_t> out(K, 0);
   if (levels.has_value()) {
     const auto* lv = levels->const_data_ptr<int64_t>();
     for (int64_t k = 0; k < K; ++k) {
-      TORCH_CHECK(lv[k] >= 0 && lv[k] < L, "levels[", k, "] = ", lv[k], " is not a valid level (expected [0, ", L,
-                  "))");
-      out[k] = lv[k];
+      out[k] = lv[k] >= 0 && lv[k] < L ? lv[k] : -1;
     }
   }
   return out;
 }
 
 template <typename scalar_t>
-void align_forward_kernel(const std::vector<Level<const scalar_t>>& levels, const at::Tensor& rois,
+void align_forward_kernel(const std::vector<Level<const scalar_t>>& levels, const Tensor& rois,
                           const std::vector<int64_t>& batch, const std::vector<int64_t>& level_of, int64_t C,
                           int64_t PH, int64_t PW, int64_t sampling_ratio, bool aligned, scalar_t* out,
                           Strides os) {
-  using T = at::opmath_type<scalar_t>;
+  using T = opmath_t<scalar_t>;
   const T* rois_ptr = rois.const_data_ptr<T>();
   const int64_t K = rois.size(0);
   const int64_t blocks = (C + kForwardBlock - 1) / kForwardBlock;
-  at::parallel_for(0, K * blocks, grain_for(kForwardBlock * PH * PW), [&](int64_t begin, int64_t end) {
+  parallel_for(0, K * blocks, grain_for(kForwardBlock * PH * PW), [&](int64_t begin, int64_t end) {
     AxisTable<T> ytab, xtab;
     std::vector<Sample<T>> samples;
     std::vector<int64_t> bin_begin;
@@ -175,15 +165,20 @@ void align_forward_kernel(const std::vector<Level<const scalar_t>>& levels, cons
       const int64_t k = item / blocks;
       const int64_t c0 = (item % blocks) * kForwardBlock;
       const int64_t nc = std::min(kForwardBlock, C - c0);
-      const auto& lv = levels[level_of[k]];
-      const auto g = roi::align_geometry<T>(rois_ptr + k * 5 + 1, static_cast<T>(lv.scale), PH, PW, sampling_ratio,
-                                            aligned);
+      const bool known = batch[k] >= 0 && level_of[k] >= 0;  // else pooled to 0, as a non-finite box
+      const auto& lv = levels[known ? level_of[k] : 0];
+      auto g = roi::align_geometry<T>(rois_ptr + k * 5 + 1, static_cast<T>(lv.scale), PH, PW, sampling_ratio,
+                                      aligned);
+      if (!known) {
+        g.valid = false;
+        g.count = T(1);
+      }
       scalar_t* out_k = out + k * os.n + c0 * os.c;
       if (g.valid) {
         ytab.build(g.start_h, g.bin_h, PH, g.grid_h, lv.height, lv.s.h);
         xtab.build(g.start_w, g.bin_w, PW, g.grid_w, lv.width, lv.s.w);
       }
-      const scalar_t* base = lv.data + batch[k] * lv.s.n + c0 * lv.s.c;
+      const scalar_t* base = lv.data + (known ? batch[k] : 0) * lv.s.n + c0 * lv.s.c;
       const int64_t sc = lv.s.c;
       if (g.valid && sc != 1 && planar_samples(ytab, xtab, PH, PW, samples, bin_begin)) {
         // Planar (NCHW-like) layout: the RoI's samples are listed once, then each channel plane is swept bin by bin
@@ -234,19 +229,22 @@ void align_forward_kernel(const std::vector<Level<const scalar_t>>& levels, cons
 }
 
 template <typename scalar_t>
-void align_backward_kernel(const std::vector<Level<at::opmath_type<scalar_t>>>& grads, const at::Tensor& grad,
-                           const at::Tensor& rois, const std::vector<int64_t>& batch,
+void align_backward_kernel(const std::vector<Level<opmath_t<scalar_t>>>& grads, const Tensor& grad,
+                           const Tensor& rois, const std::vector<int64_t>& batch,
                            const std::vector<int64_t>& level_of, int64_t N, int64_t C, int64_t PH, int64_t PW,
                            int64_t sampling_ratio, bool aligned) {
-  using T = at::opmath_type<scalar_t>;
+  using T = opmath_t<scalar_t>;
   const T* rois_ptr = rois.const_data_ptr<T>();
   const scalar_t* grad_ptr = grad.const_data_ptr<scalar_t>();
   const Strides gs = strides_of(grad);
   const int64_t K = rois.size(0);
-  // RoIs of each image, in index order (a stable counting sort).
+  // RoIs of each image, in index order (a stable counting sort); RoIs with an invalid batch index or level pass no
+  // gradient and are left out.
   std::vector<int64_t> first(N + 1, 0), order(K);
   for (int64_t k = 0; k < K; ++k) {
-    ++first[batch[k] + 1];
+    if (batch[k] >= 0 && level_of[k] >= 0) {
+      ++first[batch[k] + 1];
+    }
   }
   for (int64_t n = 0; n < N; ++n) {
     first[n + 1] += first[n];
@@ -254,12 +252,14 @@ void align_backward_kernel(const std::vector<Level<at::opmath_type<scalar_t>>>& 
   {
     std::vector<int64_t> fill(first.begin(), first.end() - 1);
     for (int64_t k = 0; k < K; ++k) {
-      order[fill[batch[k]]++] = k;
+      if (batch[k] >= 0 && level_of[k] >= 0) {
+        order[fill[batch[k]]++] = k;
+      }
     }
   }
   const int64_t blocks = (C + kBackwardBlock - 1) / kBackwardBlock;
   const int64_t rois_per_image = (K + N - 1) / std::max<int64_t>(N, 1);
-  at::parallel_for(0, N * blocks, grain_for(rois_per_image * kBackwardBlock * PH * PW),
+  parallel_for(0, N * blocks, grain_for(rois_per_image * kBackwardBlock * PH * PW),
                    [&](int64_t begin, int64_t end) {
     AxisTable<T> ytab, xtab;
     T gv[kBackwardBlock];
@@ -312,19 +312,19 @@ void align_backward_kernel(const std::vector<Level<at::opmath_type<scalar_t>>>& 
   });
 }
 
-at::Tensor align_forward(const std::vector<at::Tensor>& features, const std::vector<double>& scales,
-                         const at::Tensor& rois_in, const std::optional<at::Tensor>& levels, int64_t PH, int64_t PW,
-                         int64_t sampling_ratio, bool aligned) {
-  const at::Tensor& f0 = features[0];
-  const auto rois = prepare_rois(rois_in, f0);
+// _roi_align_kernel: features share N, C, dtype and device; rois are contiguous in the accumulation dtype.
+Tensor roi_align_kernel(const std::vector<Tensor>& features, const Tensor& rois, const std::optional<Tensor>& levels,
+                        const std::vector<double>& scales, int64_t PH, int64_t PW, int64_t sampling_ratio,
+                        bool aligned, bool channels_last) {
+  const Tensor& f0 = features[0];
   const int64_t K = rois.size(0), N = f0.size(0), C = f0.size(1);
-  const auto batch = checked_batch_indices(rois, N);
-  const auto level_of = checked_levels(levels, K, static_cast<int64_t>(features.size()));
-  auto out = at::empty({K, C, PH, PW}, f0.options().memory_format(roi_memory_format(f0)));
+  auto out = roi_empty({K, C, PH, PW}, f0.scalar_type(), f0, channels_last);
   if (out.numel() == 0) {
     return out;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f0.scalar_type(), "roi_align_cpu", [&] {
+  const auto batch = batch_indices(rois, N);
+  const auto level_of = level_indices(levels, K, static_cast<int64_t>(features.size()));
+  FASTDET_DISPATCH_FLOATING(f0.scalar_type(), "roi_align_cpu", [&] {
     std::vector<Level<const scalar_t>> lv;
     for (size_t l = 0; l < features.size(); ++l) {
       const auto& f = features[l];
@@ -336,28 +336,25 @@ at::Tensor align_forward(const std::vector<at::Tensor>& features, const std::vec
   return out;
 }
 
-std::vector<at::Tensor> align_backward(const at::Tensor& grad, const at::Tensor& rois_in,
-                                       const std::optional<at::Tensor>& levels, const std::vector<double>& scales,
-                                       int64_t PH, int64_t PW, int64_t N, int64_t C,
-                                       const std::vector<int64_t>& heights, const std::vector<int64_t>& widths,
-                                       int64_t sampling_ratio, bool aligned, bool channels_last) {
-  check_floating(grad, "grad");
-  check_roi_grad(grad, rois_in, C, PH, PW);
-  const auto rois = prepare_rois(rois_in, grad.new_empty({0, 0, 0, 0}));
+// _roi_align_backward_kernel: one zero-initialised accumulation-dtype gradient per level, scattered into.
+std::vector<Tensor> roi_align_backward_kernel(const Tensor& grad, const Tensor& rois,
+                                              const std::optional<Tensor>& levels, const std::vector<double>& scales,
+                                              int64_t PH, int64_t PW, int64_t N, int64_t C,
+                                              const std::vector<int64_t>& heights, const std::vector<int64_t>& widths,
+                                              int64_t sampling_ratio, bool aligned, bool channels_last,
+                                              bool /*deterministic: the CPU kernel always is*/) {
   const int64_t K = rois.size(0);
   const int64_t L = static_cast<int64_t>(heights.size());
   const auto acc = roi_acc_type(grad.scalar_type());
-  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  std::vector<at::Tensor> bufs;
+  std::vector<Tensor> bufs;
   for (int64_t l = 0; l < L; ++l) {
-    // at::zeros ignores the memory format of its options; empty + zero_ keeps it.
-    bufs.push_back(at::empty({N, C, heights[l], widths[l]}, grad.options().dtype(acc).memory_format(fmt)).zero_());
+    bufs.push_back(roi_zeros({N, C, heights[l], widths[l]}, acc, grad, channels_last));
   }
   if (K > 0 && C > 0) {
-    const auto batch = checked_batch_indices(rois, N);
-    const auto level_of = checked_levels(levels, K, L);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_backward_cpu", [&] {
-      using T = at::opmath_type<scalar_t>;
+    const auto batch = batch_indices(rois, N);
+    const auto level_of = level_indices(levels, K, L);
+    FASTDET_DISPATCH_FLOATING(grad.scalar_type(), "roi_align_backward_cpu", [&] {
+      using T = opmath_t<scalar_t>;
       std::vector<Level<T>> lv;
       for (int64_t l = 0; l < L; ++l) {
         lv.push_back({bufs[l].mutable_data_ptr<T>(), heights[l], widths[l], strides_of(bufs[l]), scales[l]});
@@ -365,64 +362,13 @@ std::vector<at::Tensor> align_backward(const at::Tensor& grad, const at::Tensor&
       align_backward_kernel<scalar_t>(lv, grad, rois, batch, level_of, N, C, PH, PW, sampling_ratio, aligned);
     });
   }
-  for (auto& b : bufs) {
-    b = b.to(grad.scalar_type());
-  }
   return bufs;
-}
-
-at::Tensor roi_align_cpu(const at::Tensor& input, const at::Tensor& rois, double spatial_scale, int64_t PH,
-                         int64_t PW, int64_t sampling_ratio, bool aligned) {
-  check_roi_feature(input, "input");
-  check_output_size(PH, PW);
-  check_spatial_scale(spatial_scale, "spatial_scale");
-  return align_forward({input}, {spatial_scale}, rois, std::nullopt, PH, PW, sampling_ratio, aligned);
-}
-
-at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois, double spatial_scale, int64_t PH,
-                                  int64_t PW, int64_t N, int64_t C, int64_t H, int64_t W, int64_t sampling_ratio,
-                                  bool aligned, bool channels_last) {
-  check_output_size(PH, PW);
-  check_spatial_scale(spatial_scale, "spatial_scale");
-  return align_backward(grad, rois, std::nullopt, {spatial_scale}, PH, PW, N, C, {H}, {W}, sampling_ratio, aligned,
-                        channels_last)[0];
-}
-
-at::Tensor multi_scale_roi_align_cpu(at::TensorList features, const at::Tensor& rois, const at::Tensor& levels,
-                                     at::ArrayRef<double> spatial_scales, int64_t PH, int64_t PW,
-                                     int64_t sampling_ratio, bool aligned) {
-  std::vector<at::Tensor> feats(features.begin(), features.end());
-  std::vector<double> scales(spatial_scales.begin(), spatial_scales.end());
-  check_output_size(PH, PW);
-  TORCH_CHECK(!feats.empty(), "features must hold at least one level");
-  check_floating(rois, "rois");
-  const auto lv = check_multi_scale_args(feats, rois, levels, scales);
-  return align_forward(feats, scales, rois, lv, PH, PW, sampling_ratio, aligned);
-}
-
-std::vector<at::Tensor> multi_scale_roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois,
-                                                           const at::Tensor& levels,
-                                                           at::ArrayRef<double> spatial_scales, int64_t PH,
-                                                           int64_t PW, int64_t N, int64_t C,
-                                                           at::IntArrayRef heights, at::IntArrayRef widths,
-                                                           int64_t sampling_ratio, bool aligned, bool channels_last) {
-  const auto L = static_cast<int64_t>(spatial_scales.size());
-  TORCH_CHECK(L >= 1 && L <= roi::kMaxLevels && static_cast<int64_t>(heights.size()) == L &&
-                  static_cast<int64_t>(widths.size()) == L,
-              "spatial_scales, heights and widths must have one entry per level (1 to ", roi::kMaxLevels, ")");
-  TORCH_CHECK(levels.scalar_type() == at::kLong && levels.dim() == 1 && levels.size(0) == rois.size(0),
-              "levels must be an int64 tensor of shape [K]");
-  check_output_size(PH, PW);
-  return align_backward(grad, rois, levels.contiguous(), std::vector<double>(spatial_scales.begin(), spatial_scales.end()),
-                        PH, PW, N, C, heights.vec(), widths.vec(), sampling_ratio, aligned, channels_last);
 }
 
 }  // namespace
 }  // namespace fastdet
 
-TORCH_LIBRARY_IMPL(fastdet, CPU, m) {
-  m.impl("roi_align", &fastdet::roi_align_cpu);
-  m.impl("_roi_align_backward", &fastdet::roi_align_backward_cpu);
-  m.impl("multi_scale_roi_align", &fastdet::multi_scale_roi_align_cpu);
-  m.impl("_multi_scale_roi_align_backward", &fastdet::multi_scale_roi_align_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(fastdet, CPU, m) {
+  m.impl("_roi_align_kernel", TORCH_BOX(&fastdet::roi_align_kernel));
+  m.impl("_roi_align_backward_kernel", TORCH_BOX(&fastdet::roi_align_backward_kernel));
 }

@@ -2,18 +2,11 @@
 // per task and reused by the block's channels (channel-inner for channels-last maps, plane by plane otherwise). Backward: one task per (image, block of channels), visiting the
 // image's RoIs in index order, so every gradient element is written by one thread in one fixed order (deterministic,
 // no atomics) -- the order of torchvision's sequential loop.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
 #include <vector>
 
-#include "ops/checks.h"
 #include "ops/roi_align.h"
 #include "ops/roi_pool.h"
 
@@ -29,46 +22,40 @@ int64_t grain_for(int64_t cells_per_item) {
   return std::max<int64_t>(1, kMinCellsPerTask / std::max<int64_t>(cells_per_item, 1));
 }
 
-std::vector<int64_t> checked_batch(const at::Tensor& rois, int64_t N) {
+// Batch index of every RoI; -1 where it is not in [0, N) (the schema file rejects that for the public op; a direct
+// call of the private op pools such a RoI to 0 with argmax -1 and passes it no gradient, as the CUDA kernel does).
+std::vector<int64_t> batch_indices(const Tensor& rois, int64_t N) {
   const int64_t K = rois.size(0);
   std::vector<int64_t> batch(K);
-  AT_DISPATCH_FLOATING_TYPES(rois.scalar_type(), "roi_pool_batch_index", [&] {
+  FASTDET_DISPATCH_FLOAT_DOUBLE(rois.scalar_type(), "roi_pool_batch_index", [&] {
     const auto* r = rois.const_data_ptr<scalar_t>();
     for (int64_t k = 0; k < K; ++k) {
       batch[k] = roi::batch_index(r[k * 5], N);
-      TORCH_CHECK(batch[k] >= 0, "rois[", k, ", 0] = ", r[k * 5], " is not a valid batch index for an input of ",
-                  "batch size ", N, " (expected a value in [0, ", N, "))");
     }
   });
   return batch;
 }
 
-std::tuple<at::Tensor, at::Tensor> roi_pool_cpu(const at::Tensor& input, const at::Tensor& rois_in,
-                                                double spatial_scale, int64_t PH, int64_t PW) {
-  check_roi_feature(input, "input");
-  check_output_size(PH, PW);
-  check_spatial_scale(spatial_scale, "spatial_scale");
-  const auto rois = prepare_rois(rois_in, input);
+// _roi_pool_kernel: rois are contiguous in the accumulation dtype; the plane size fits argmax's int32.
+std::tuple<Tensor, Tensor> roi_pool_kernel(const Tensor& input, const Tensor& rois, double spatial_scale, int64_t PH,
+                                           int64_t PW, bool channels_last) {
   const int64_t K = rois.size(0), N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
-  TORCH_CHECK(H * W <= INT32_MAX, "roi_pool: feature planes of more than 2^31 - 1 pixels are not supported (argmax ",
-              "is an int32 index inside the plane, as in torchvision), got ", H, " x ", W);
-  const auto fmt = roi_memory_format(input);
-  auto out = at::empty({K, C, PH, PW}, input.options().memory_format(fmt));
-  auto argmax = at::empty({K, C, PH, PW}, input.options().dtype(at::kInt).memory_format(fmt));
+  auto out = roi_empty({K, C, PH, PW}, input.scalar_type(), input, channels_last);
+  auto argmax = roi_empty({K, C, PH, PW}, kInt, input, channels_last);
   if (out.numel() == 0) {
     return {out, argmax};
   }
-  const auto batch = checked_batch(rois, N);
+  const auto batch = batch_indices(rois, N);
   const int64_t blocks = (C + kBlock - 1) / kBlock;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "roi_pool_cpu", [&] {
-    using T = at::opmath_type<scalar_t>;
+  FASTDET_DISPATCH_FLOATING(input.scalar_type(), "roi_pool_cpu", [&] {
+    using T = opmath_t<scalar_t>;
     const T* r = rois.const_data_ptr<T>();
     const scalar_t* in = input.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     int32_t* am = argmax.mutable_data_ptr<int32_t>();
     const int64_t isn = input.stride(0), isc = input.stride(1), ish = input.stride(2), isw = input.stride(3);
     const int64_t osn = out.stride(0), osc = out.stride(1), osh = out.stride(2), osw = out.stride(3);
-    at::parallel_for(0, K * blocks, grain_for(kBlock * PH * PW), [&](int64_t begin, int64_t end) {
+    parallel_for(0, K * blocks, grain_for(kBlock * PH * PW), [&](int64_t begin, int64_t end) {
       T best[kBlock];
       int32_t where[kBlock];
       std::vector<int64_t> h0(PH), h1(PH), w0(PW), w1(PW);
@@ -76,8 +63,9 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_cpu(const at::Tensor& input, const a
         const int64_t k = item / blocks;
         const int64_t c0 = (item % blocks) * kBlock;
         const int64_t nc = std::min(kBlock, C - c0);
-        const auto g = roi::pool_geometry<T>(r + k * 5 + 1, static_cast<T>(spatial_scale), PH, PW);
-        const scalar_t* base = in + batch[k] * isn + c0 * isc;
+        auto g = roi::pool_geometry<T>(r + k * 5 + 1, static_cast<T>(spatial_scale), PH, PW);
+        g.valid = g.valid && batch[k] >= 0;  // an invalid batch index pools to 0, as a non-finite box
+        const scalar_t* base = in + (batch[k] >= 0 ? batch[k] : 0) * isn + c0 * isc;
         for (int64_t p = 0; p < PH; ++p) {
           roi::pool_bin_range(g.start_h, g.bin_h, p, H, &h0[p], &h1[p]);
         }
@@ -150,32 +138,31 @@ std::tuple<at::Tensor, at::Tensor> roi_pool_cpu(const at::Tensor& input, const a
   return {out, argmax};
 }
 
-at::Tensor roi_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& rois_in, const at::Tensor& argmax_in,
-                                 double spatial_scale, int64_t N, int64_t C, int64_t H, int64_t W,
-                                 bool channels_last) {
-  TORCH_CHECK(rois_in.dim() == 2 && rois_in.size(1) == 5, "rois must have shape [K, 5], got ", rois_in.sizes());
-  check_roi_grad(grad, rois_in, C, grad.dim() == 4 ? grad.size(2) : 0, grad.dim() == 4 ? grad.size(3) : 0);
-  TORCH_CHECK(argmax_in.scalar_type() == at::kInt && argmax_in.sizes() == grad.sizes(),
-              "argmax must be an int32 tensor shaped like grad ", grad.sizes(), ", got ", argmax_in.scalar_type(), " ",
-              argmax_in.sizes());
-  const auto rois = rois_in.to(roi_acc_type(grad.scalar_type())).contiguous();
+// _roi_pool_backward_kernel: grad and argmax are [K, C, PH, PW] (any strides); returns the accumulation-dtype
+// gradient of the input.
+Tensor roi_pool_backward_kernel(const Tensor& grad, const Tensor& rois, const Tensor& argmax_in,
+                                double /*spatial_scale: only the CUDA gather uses it*/, int64_t N, int64_t C,
+                                int64_t H, int64_t W, bool channels_last, bool /*deterministic: the CPU always is*/) {
   const auto acc = roi_acc_type(grad.scalar_type());
-  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  // at::zeros ignores the memory format of its options; empty + zero_ keeps it.
-  auto buf = at::empty({N, C, H, W}, grad.options().dtype(acc).memory_format(fmt)).zero_();
+  auto buf = roi_zeros({N, C, H, W}, acc, grad, channels_last);
   const int64_t K = rois.size(0), PH = grad.size(2), PW = grad.size(3);
   if (K > 0 && C > 0 && PH > 0 && PW > 0) {
-    const auto batch = checked_batch(rois, N);
+    const auto batch = batch_indices(rois, N);
+    // RoIs of each image in index order (a stable counting sort); RoIs with an invalid batch index are left out.
     std::vector<int64_t> first(N + 1, 0), order(K);
-    for (int64_t k = 0; k < K; ++k) ++first[batch[k] + 1];
+    for (int64_t k = 0; k < K; ++k) {
+      if (batch[k] >= 0) ++first[batch[k] + 1];
+    }
     for (int64_t n = 0; n < N; ++n) first[n + 1] += first[n];
     {
       std::vector<int64_t> fill(first.begin(), first.end() - 1);
-      for (int64_t k = 0; k < K; ++k) order[fill[batch[k]]++] = k;
+      for (int64_t k = 0; k < K; ++k) {
+        if (batch[k] >= 0) order[fill[batch[k]]++] = k;
+      }
     }
     const int64_t blocks = (C + kBlock - 1) / kBlock;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_pool_backward_cpu", [&] {
-      using T = at::opmath_type<scalar_t>;
+    FASTDET_DISPATCH_FLOATING(grad.scalar_type(), "roi_pool_backward_cpu", [&] {
+      using T = opmath_t<scalar_t>;
       const scalar_t* g = grad.const_data_ptr<scalar_t>();
       const int32_t* am = argmax_in.const_data_ptr<int32_t>();
       T* gi = buf.mutable_data_ptr<T>();
@@ -183,9 +170,9 @@ at::Tensor roi_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& rois_
       const int64_t asn = argmax_in.stride(0), asc = argmax_in.stride(1), ash = argmax_in.stride(2),
                     asw = argmax_in.stride(3);
       const int64_t bsn = buf.stride(0), bsc = buf.stride(1), bsw = buf.stride(3);
-      TORCH_INTERNAL_ASSERT(H <= 1 || buf.stride(2) == W * bsw);
+      FASTDET_CHECK(H <= 1 || buf.stride(2) == W * bsw, "roi_pool_backward_cpu: unexpected gradient buffer strides");
       const int64_t rois_per_image = (K + N - 1) / std::max<int64_t>(N, 1);
-      at::parallel_for(0, N * blocks, grain_for(rois_per_image * kBlock * PH * PW), [&](int64_t begin, int64_t end) {
+      parallel_for(0, N * blocks, grain_for(rois_per_image * kBlock * PH * PW), [&](int64_t begin, int64_t end) {
         for (int64_t item = begin; item < end; ++item) {
           const int64_t n = item / blocks;
           const int64_t c0 = (item % blocks) * kBlock;
@@ -211,13 +198,13 @@ at::Tensor roi_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& rois_
       });
     });
   }
-  return buf.to(grad.scalar_type());
+  return buf;
 }
 
 }  // namespace
 }  // namespace fastdet
 
-TORCH_LIBRARY_IMPL(fastdet, CPU, m) {
-  m.impl("roi_pool", &fastdet::roi_pool_cpu);
-  m.impl("_roi_pool_backward", &fastdet::roi_pool_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(fastdet, CPU, m) {
+  m.impl("_roi_pool_kernel", TORCH_BOX(&fastdet::roi_pool_kernel));
+  m.impl("_roi_pool_backward_kernel", TORCH_BOX(&fastdet::roi_pool_backward_kernel));
 }

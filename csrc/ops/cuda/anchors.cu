@@ -3,21 +3,18 @@
 // no synchronisation. Each row is computed by the same anchors::*_row function as on the CPU, so both backends give
 // the same bits (the formulas involve only single conversions and one add or multiply per operation, none of which
 // nvcc can contract into a fused multiply-add that would change the rounding).
-#include <ATen/core/Tensor.h>
-#include <ATen/Dispatch.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
+//
+// The launchers receive prepared arguments (see anchors.h): a contiguous cell table and a validated level description.
 #include <cstdint>
 #include <type_traits>
 
 #include "ops/anchors.h"
+#include "ops/cuda/cuda_utils.cuh"
 
 namespace fastdet {
 namespace {
+
+using DoubleArrayRef = torch::headeronly::HeaderOnlyArrayRef<double>;
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 65535;  // grid-stride beyond this; plenty to fill any current GPU
@@ -54,49 +51,45 @@ __global__ void grid_priors_kernel(const anchors::Levels lv, const double* __res
   }
 }
 
-at::Tensor grid_anchors_cuda(const at::Tensor& cell_anchors, c10::IntArrayRef anchors_per_level,
-                             c10::IntArrayRef grid_sizes, c10::ArrayRef<double> strides, double offset) {
-  const auto lv = anchors::check_grid_anchors_args(cell_anchors, anchors_per_level, grid_sizes, strides, offset);
-  const c10::cuda::CUDAGuard device_guard(cell_anchors.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+Tensor grid_anchors_cuda(const Tensor& table, IntArrayRef anchors_per_level, IntArrayRef grid_sizes,
+                         DoubleArrayRef strides, double offset) {
+  const auto lv = anchors::build_levels(anchors_per_level, grid_sizes, strides);
+  const DeviceGuard device_guard(table.get_device_index());
+  const cudaStream_t stream = current_stream(table);
   const int64_t N = lv.start[lv.num_levels];
-  auto table = cell_anchors.contiguous();
-  auto out = at::empty({N, 4}, table.options());
+  auto out = aten::empty({N, 4}, table.scalar_type(), table);
   if (N == 0) {
     return out;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "grid_anchors_cuda", [&] {
+  FASTDET_DISPATCH_FLOATING(out.scalar_type(), "grid_anchors_cuda", [&] {
     grid_anchors_kernel<scalar_t><<<blocks_for(N), kThreads, 0, stream>>>(
         lv, table.const_data_ptr<scalar_t>(), offset, N, out.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    FASTDET_CUDA_LAUNCH_CHECK();
   });
   return out;
 }
 
-at::Tensor ssd_default_boxes_cuda(const at::Tensor& wh_pairs, c10::IntArrayRef boxes_per_level,
-                                  c10::IntArrayRef grid_sizes, c10::ArrayRef<double> divisors,
-                                  c10::IntArrayRef image_size, at::ScalarType dtype) {
-  const auto lv =
-      anchors::check_ssd_default_boxes_args(wh_pairs, boxes_per_level, grid_sizes, divisors, image_size, dtype);
-  const c10::cuda::CUDAGuard device_guard(wh_pairs.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+Tensor ssd_default_boxes_cuda(const Tensor& table, IntArrayRef boxes_per_level, IntArrayRef grid_sizes,
+                              DoubleArrayRef divisors, IntArrayRef image_size, ScalarType dtype) {
+  const auto lv = anchors::build_levels(boxes_per_level, grid_sizes, divisors);
+  const DeviceGuard device_guard(table.get_device_index());
+  const cudaStream_t stream = current_stream(table);
   const int64_t N = lv.start[lv.num_levels];
-  auto table = wh_pairs.contiguous();
   const auto out_dtype = anchors::ssd_output_dtype(dtype);
-  auto out = at::empty({N, 4}, table.options().dtype(out_dtype));
+  auto out = aten::empty({N, 4}, out_dtype, table);
   if (N == 0) {
     return out;
   }
   const float* wh = table.const_data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "ssd_default_boxes_cuda", [&] {
+  FASTDET_DISPATCH_FLOATING(dtype, "ssd_default_boxes_cuda", [&] {
     using T = scalar_t;
     auto launch = [&](auto* dst) {
       using O = std::remove_pointer_t<decltype(dst)>;
       ssd_default_boxes_kernel<T, O><<<blocks_for(N), kThreads, 0, stream>>>(
           lv, wh, static_cast<O>(image_size[1]), static_cast<O>(image_size[0]), N, dst);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      FASTDET_CUDA_LAUNCH_CHECK();
     };
-    if (out_dtype == at::kDouble) {
+    if (out_dtype == kDouble) {
       launch(out.mutable_data_ptr<double>());
     } else {
       launch(out.mutable_data_ptr<float>());
@@ -105,21 +98,20 @@ at::Tensor ssd_default_boxes_cuda(const at::Tensor& wh_pairs, c10::IntArrayRef b
   return out;
 }
 
-at::Tensor grid_priors_cuda(const at::Tensor& wh, c10::IntArrayRef priors_per_level, c10::IntArrayRef grid_sizes,
-                            c10::ArrayRef<double> strides, double offset, bool xyxy, at::ScalarType dtype) {
-  const auto lv = anchors::check_grid_priors_args(wh, priors_per_level, grid_sizes, strides, offset, dtype);
-  const c10::cuda::CUDAGuard device_guard(wh.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+Tensor grid_priors_cuda(const Tensor& table, IntArrayRef priors_per_level, IntArrayRef grid_sizes,
+                        DoubleArrayRef strides, double offset, bool xyxy, ScalarType dtype) {
+  const auto lv = anchors::build_levels(priors_per_level, grid_sizes, strides);
+  const DeviceGuard device_guard(table.get_device_index());
+  const cudaStream_t stream = current_stream(table);
   const int64_t N = lv.start[lv.num_levels];
-  auto table = wh.contiguous();
-  auto out = at::empty({N, 4}, table.options().dtype(dtype));
+  auto out = aten::empty({N, 4}, dtype, table);
   if (N == 0) {
     return out;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "grid_priors_cuda", [&] {
+  FASTDET_DISPATCH_FLOATING(out.scalar_type(), "grid_priors_cuda", [&] {
     grid_priors_kernel<scalar_t><<<blocks_for(N), kThreads, 0, stream>>>(
         lv, table.const_data_ptr<double>(), offset, xyxy, N, out.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    FASTDET_CUDA_LAUNCH_CHECK();
   });
   return out;
 }
@@ -127,8 +119,8 @@ at::Tensor grid_priors_cuda(const at::Tensor& wh, c10::IntArrayRef priors_per_le
 }  // namespace
 }  // namespace fastdet
 
-TORCH_LIBRARY_IMPL(fastdet, CUDA, m) {
-  m.impl("grid_anchors", &fastdet::grid_anchors_cuda);
-  m.impl("ssd_default_boxes", &fastdet::ssd_default_boxes_cuda);
-  m.impl("grid_priors", &fastdet::grid_priors_cuda);
+STABLE_TORCH_LIBRARY_IMPL(fastdet, CUDA, m) {
+  m.impl("_grid_anchors_kernel", TORCH_BOX(&fastdet::grid_anchors_cuda));
+  m.impl("_ssd_default_boxes_kernel", TORCH_BOX(&fastdet::ssd_default_boxes_cuda));
+  m.impl("_grid_priors_kernel", TORCH_BOX(&fastdet::grid_priors_cuda));
 }

@@ -5,22 +5,17 @@
 // Decode backward: grad_rel_codes is elementwise (one thread per (row, class)); grad_boxes is one thread per box,
 // summing the rows that share it (rows j, j + Rb, ...) and their classes in a fixed order, so the result is bitwise
 // reproducible and needs no atomics.
-#include <ATen/core/Tensor.h>
-#include <ATen/Dispatch.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+//
+// The launchers receive prepared arguments (see box_coder.h): contiguous, one device, one dtype, valid weights.
 #include <torch/headeronly/macros/Macros.h>
-#include <torch/library.h>
 
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "ops/box_coder.h"
-#include "ops/checks.h"
+#include "ops/cuda/cuda_utils.cuh"
 
 namespace fastdet {
 namespace {
@@ -54,8 +49,8 @@ __device__ inline void load4(const T* p, A v[4]) {
 
 template <typename T>
 __global__ void decode_kernel(const T* __restrict__ rel, const T* __restrict__ boxes, int64_t total, int64_t C,
-                              int64_t Rb, const Params<at::opmath_type<T>> p, T* __restrict__ out) {
-  using A = at::opmath_type<T>;
+                              int64_t Rb, const Params<opmath_t<T>> p, T* __restrict__ out) {
+  using A = opmath_t<T>;
   FASTDET_GRID_STRIDE(i, total) {
     A rv[4], bv[4], ov[4];
     load4(rel + i * 4, rv);
@@ -69,8 +64,8 @@ __global__ void decode_kernel(const T* __restrict__ rel, const T* __restrict__ b
 template <typename T>
 __global__ void decode_backward_rel_kernel(const T* __restrict__ grad, const T* __restrict__ rel,
                                            const T* __restrict__ boxes, int64_t total, int64_t C, int64_t Rb,
-                                           const Params<at::opmath_type<T>> p, T* __restrict__ grad_rel) {
-  using A = at::opmath_type<T>;
+                                           const Params<opmath_t<T>> p, T* __restrict__ grad_rel) {
+  using A = opmath_t<T>;
   FASTDET_GRID_STRIDE(i, total) {
     A rv[4], bv[4], gv[4], grv[4], gbv[4];
     load4(rel + i * 4, rv);
@@ -85,8 +80,8 @@ __global__ void decode_backward_rel_kernel(const T* __restrict__ grad, const T* 
 template <typename T>
 __global__ void decode_backward_boxes_kernel(const T* __restrict__ grad, const T* __restrict__ rel,
                                              const T* __restrict__ boxes, int64_t R, int64_t C, int64_t Rb,
-                                             const Params<at::opmath_type<T>> p, T* __restrict__ grad_boxes) {
-  using A = at::opmath_type<T>;
+                                             const Params<opmath_t<T>> p, T* __restrict__ grad_boxes) {
+  using A = opmath_t<T>;
   FASTDET_GRID_STRIDE(j, Rb) {
     A bv[4], acc[4] = {A(0), A(0), A(0), A(0)};
     load4(boxes + j * 4, bv);
@@ -108,8 +103,8 @@ __global__ void decode_backward_boxes_kernel(const T* __restrict__ grad, const T
 
 template <typename T>
 __global__ void encode_kernel(const T* __restrict__ gt, const T* __restrict__ ex, int64_t N,
-                              const Params<at::opmath_type<T>> p, T* __restrict__ out) {
-  using A = at::opmath_type<T>;
+                              const Params<opmath_t<T>> p, T* __restrict__ out) {
+  using A = opmath_t<T>;
   FASTDET_GRID_STRIDE(i, N) {
     A gv[4], ev[4], ov[4];
     load4(gt + i * 4, gv);
@@ -123,9 +118,9 @@ __global__ void encode_kernel(const T* __restrict__ gt, const T* __restrict__ ex
 template <typename T>
 __global__ void decode_select_kernel(const T* __restrict__ rel, const T* __restrict__ anchors,
                                      const int64_t* __restrict__ index, const double* __restrict__ sizes, int64_t B,
-                                     int64_t N, int64_t K, bool shared_anchors, const Params<at::opmath_type<T>> p,
+                                     int64_t N, int64_t K, bool shared_anchors, const Params<opmath_t<T>> p,
                                      T* __restrict__ out) {
-  using A = at::opmath_type<T>;
+  using A = opmath_t<T>;
   FASTDET_GRID_STRIDE(s, B * K) {
     const int64_t b = s / K;
     const int64_t n = index[s];
@@ -151,111 +146,88 @@ __global__ void decode_select_kernel(const T* __restrict__ rel, const T* __restr
   }
 }
 
-at::Tensor box_decode_cuda(const at::Tensor& rel_codes, const at::Tensor& boxes, c10::ArrayRef<double> weights,
-                           double clip) {
-  coder::check_decode_args(rel_codes, boxes, weights, clip);
-  const c10::cuda::CUDAGuard device_guard(rel_codes.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  auto rel = rel_codes.contiguous();
-  auto bx = boxes.contiguous();
-  auto out = at::empty_like(rel);
+Tensor box_decode_kernel(const Tensor& rel, const Tensor& bx, std::vector<double> weights, double clip) {
+  const DeviceGuard device_guard(rel.get_device_index());
+  const cudaStream_t stream = current_stream(rel);
+  auto out = aten::empty_like(rel);
   const int64_t R = rel.size(0), C = rel.size(1) / 4, Rb = bx.size(0);
   if (out.numel() == 0) {
     return out;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rel.scalar_type(), "box_decode_cuda", [&] {
-    using A = at::opmath_type<scalar_t>;
+  FASTDET_DISPATCH_FLOATING(rel.scalar_type(), "box_decode_cuda", [&] {
+    using A = opmath_t<scalar_t>;
     decode_kernel<scalar_t><<<blocks_for(R * C), kThreads, 0, stream>>>(
         rel.const_data_ptr<scalar_t>(), bx.const_data_ptr<scalar_t>(), R * C, C, Rb,
         coder::make_params<A>(weights, clip), out.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    FASTDET_CUDA_LAUNCH_CHECK();
   });
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> box_decode_backward_cuda(const at::Tensor& grad, const at::Tensor& rel_codes,
-                                                            const at::Tensor& boxes, c10::ArrayRef<double> weights,
-                                                            double clip) {
-  coder::check_decode_args(rel_codes, boxes, weights, clip);
-  TORCH_CHECK(grad.sizes() == rel_codes.sizes(), "grad must have the shape of rel_codes ", rel_codes.sizes(),
-              ", got ", grad.sizes());
-  check_same_device(grad, "grad", rel_codes, "rel_codes");
-  const c10::cuda::CUDAGuard device_guard(rel_codes.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  auto rel = rel_codes.contiguous();
-  auto bx = boxes.contiguous();
-  auto g = grad.to(rel.scalar_type()).contiguous();
-  auto grad_rel = at::empty_like(rel);
-  auto grad_boxes = at::empty_like(bx);
+std::tuple<Tensor, Tensor> box_decode_backward_kernel(const Tensor& g, const Tensor& rel, const Tensor& bx,
+                                                      std::vector<double> weights, double clip) {
+  const DeviceGuard device_guard(rel.get_device_index());
+  const cudaStream_t stream = current_stream(rel);
+  auto grad_rel = aten::empty_like(rel);
+  auto grad_boxes = aten::empty_like(bx);
   const int64_t R = rel.size(0), C = rel.size(1) / 4, Rb = bx.size(0);
   if (Rb == 0) {
     return {grad_rel, grad_boxes};  // R == 0 too (checked): nothing to compute
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rel.scalar_type(), "box_decode_backward_cuda", [&] {
-    using A = at::opmath_type<scalar_t>;
+  FASTDET_DISPATCH_FLOATING(rel.scalar_type(), "box_decode_backward_cuda", [&] {
+    using A = opmath_t<scalar_t>;
     const auto p = coder::make_params<A>(weights, clip);
     if (R * C > 0) {
       decode_backward_rel_kernel<scalar_t><<<blocks_for(R * C), kThreads, 0, stream>>>(
           g.const_data_ptr<scalar_t>(), rel.const_data_ptr<scalar_t>(), bx.const_data_ptr<scalar_t>(), R * C, C, Rb,
           p, grad_rel.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      FASTDET_CUDA_LAUNCH_CHECK();
     }
     // also writes zeros for boxes no row uses (C == 0)
     decode_backward_boxes_kernel<scalar_t><<<blocks_for(Rb), kThreads, 0, stream>>>(
         g.const_data_ptr<scalar_t>(), rel.const_data_ptr<scalar_t>(), bx.const_data_ptr<scalar_t>(), R, C, Rb, p,
         grad_boxes.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    FASTDET_CUDA_LAUNCH_CHECK();
   });
   return {grad_rel, grad_boxes};
 }
 
-at::Tensor box_encode_cuda(const at::Tensor& reference_boxes, const at::Tensor& proposals,
-                           c10::ArrayRef<double> weights) {
-  coder::check_encode_args(reference_boxes, proposals, weights);
-  const c10::cuda::CUDAGuard device_guard(reference_boxes.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  auto gt = reference_boxes.contiguous();
-  auto ex = proposals.contiguous();
-  auto out = at::empty_like(gt);
+Tensor box_encode_kernel(const Tensor& gt, const Tensor& ex, std::vector<double> weights) {
+  const DeviceGuard device_guard(gt.get_device_index());
+  const cudaStream_t stream = current_stream(gt);
+  auto out = aten::empty_like(gt);
   const int64_t N = gt.size(0);
   if (N == 0) {
     return out;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gt.scalar_type(), "box_encode_cuda", [&] {
-    using A = at::opmath_type<scalar_t>;
+  FASTDET_DISPATCH_FLOATING(gt.scalar_type(), "box_encode_cuda", [&] {
+    using A = opmath_t<scalar_t>;
     encode_kernel<scalar_t><<<blocks_for(N), kThreads, 0, stream>>>(
         gt.const_data_ptr<scalar_t>(), ex.const_data_ptr<scalar_t>(), N, coder::make_params<A>(weights, 0.0),
         out.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    FASTDET_CUDA_LAUNCH_CHECK();
   });
   return out;
 }
 
-at::Tensor decode_select_boxes_cuda(const at::Tensor& rel_codes, const at::Tensor& anchors, const at::Tensor& index,
-                                    const std::optional<at::Tensor>& image_sizes, c10::ArrayRef<double> weights,
-                                    double clip) {
-  coder::check_decode_select_args(rel_codes, anchors, index, image_sizes, weights, clip);
-  const c10::cuda::CUDAGuard device_guard(rel_codes.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  auto rel = rel_codes.contiguous();
-  auto anc = anchors.contiguous();
-  auto idx = index.contiguous();
+// image_sizes: float64 [B, 2] on the device, or absent. The index values are bounds-checked by a device assertion.
+Tensor decode_select_boxes_kernel(const Tensor& rel, const Tensor& anc, const Tensor& idx,
+                                  const std::optional<Tensor>& image_sizes, std::vector<double> weights,
+                                  double clip) {
+  const DeviceGuard device_guard(rel.get_device_index());
+  const cudaStream_t stream = current_stream(rel);
   const int64_t B = rel.size(0), N = rel.size(1), K = idx.size(1);
-  auto out = at::empty({B, K, 4}, rel.options());
+  auto out = aten::empty({B, K, 4}, rel.scalar_type(), rel);
   if (out.numel() == 0) {
     return out;
   }
-  at::Tensor sizes;
-  if (image_sizes.has_value()) {
-    sizes = image_sizes->to(at::kDouble).contiguous();  // on the device already (checked): no host round trip
-  }
-  const double* sp = image_sizes.has_value() ? sizes.const_data_ptr<double>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rel.scalar_type(), "decode_select_boxes_cuda", [&] {
-    using A = at::opmath_type<scalar_t>;
+  const double* sp = image_sizes.has_value() ? image_sizes->const_data_ptr<double>() : nullptr;
+  FASTDET_DISPATCH_FLOATING(rel.scalar_type(), "decode_select_boxes_cuda", [&] {
+    using A = opmath_t<scalar_t>;
     decode_select_kernel<scalar_t><<<blocks_for(B * K), kThreads, 0, stream>>>(
         rel.const_data_ptr<scalar_t>(), anc.const_data_ptr<scalar_t>(), idx.const_data_ptr<int64_t>(), sp, B, N, K,
         anc.size(0) == 1, coder::make_params<A>(weights, clip), out.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    FASTDET_CUDA_LAUNCH_CHECK();
   });
   return out;
 }
@@ -263,9 +235,9 @@ at::Tensor decode_select_boxes_cuda(const at::Tensor& rel_codes, const at::Tenso
 }  // namespace
 }  // namespace fastdet
 
-TORCH_LIBRARY_IMPL(fastdet, CUDA, m) {
-  m.impl("box_decode", &fastdet::box_decode_cuda);
-  m.impl("_box_decode_backward", &fastdet::box_decode_backward_cuda);
-  m.impl("box_encode", &fastdet::box_encode_cuda);
-  m.impl("_decode_select_boxes", &fastdet::decode_select_boxes_cuda);
+STABLE_TORCH_LIBRARY_IMPL(fastdet, CUDA, m) {
+  m.impl("_box_decode_kernel", TORCH_BOX(&fastdet::box_decode_kernel));
+  m.impl("_box_decode_backward_kernel", TORCH_BOX(&fastdet::box_decode_backward_kernel));
+  m.impl("_box_encode_kernel", TORCH_BOX(&fastdet::box_encode_kernel));
+  m.impl("_decode_select_boxes_kernel", TORCH_BOX(&fastdet::decode_select_boxes_kernel));
 }

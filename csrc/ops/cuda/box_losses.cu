@@ -1,23 +1,15 @@
 // CUDA kernels of the aligned-pair IoU losses (GIoU, DIoU, CIoU): one thread per pair, evaluated by the same
 // boxloss::pair_loss / pair_loss_backward as the CPU kernel. A reduced loss uses the deterministic two-pass sum of
 // loss_reduce.cuh over the same fixed chunks as the CPU kernel.
-#include <ATen/core/Tensor.h>
-#include <ATen/Dispatch.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <tuple>
 
 #include "ops/box_loss_math.h"
 #include "ops/box_losses.h"
-#include "ops/checks.h"
+#include "ops/cuda/cuda_utils.cuh"
 #include "ops/cuda/loss_reduce.cuh"
 #include "ops/loss_reduction.h"
 
@@ -83,76 +75,71 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-at::Tensor box_pair_loss_cuda(const at::Tensor& boxes1, const at::Tensor& boxes2, int64_t variant, int64_t reduction,
-                              double eps) {
-  auto args = prepare_box_pair_loss_args(boxes1, boxes2, variant, reduction, eps);
-  const c10::cuda::CUDAGuard device_guard(args.boxes1.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t P = args.pairs;
-  const auto opts = args.boxes1.options();
+Tensor box_pair_loss_cuda(const Tensor& boxes1, const Tensor& boxes2, int64_t variant, int64_t reduction,
+                          double eps) {
+  const DeviceGuard device_guard(boxes1.get_device_index());
+  const cudaStream_t stream = current_stream(boxes1);
+  const int64_t P = boxes1.size(0);
+  const auto dtype = boxes1.scalar_type();
   const bool reduce = reduction != kReduceNone;
-  at::Tensor out = reduce ? at::empty({}, opts) : at::empty(box_pair_loss_shape(boxes1), opts);
+  Tensor out = reduce ? aten::empty({}, dtype, boxes1) : aten::empty({P}, dtype, boxes1);
   const int64_t chunks = (P + kLossChunk - 1) / kLossChunk;
-  TORCH_CHECK(chunks <= std::numeric_limits<int32_t>::max(), "box_pair_loss: too many pairs (", P, ")");
+  // A launch limit of this kernel (grid size), not an argument check.
+  FASTDET_CHECK(chunks <= std::numeric_limits<int32_t>::max(), "box_pair_loss: too many pairs (", P, ")");
   if (!reduce && P == 0) {
     return out;
   }
-  at::Tensor partial = reduce ? at::empty({std::max<int64_t>(chunks, 1)}, opts) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "box_pair_loss_cuda", [&] {
-    const auto* b1 = args.boxes1.const_data_ptr<scalar_t>();
-    const auto* b2 = args.boxes2.const_data_ptr<scalar_t>();
+  const std::optional<Tensor> partial =
+      reduce ? std::optional<Tensor>(aten::empty({std::max<int64_t>(chunks, 1)}, dtype, boxes1)) : std::nullopt;
+  FASTDET_DISPATCH_FLOAT_DOUBLE(dtype, "box_pair_loss_cuda", [&] {
+    const auto* b1 = boxes1.const_data_ptr<scalar_t>();
+    const auto* b2 = boxes2.const_data_ptr<scalar_t>();
     const auto eps_t = static_cast<scalar_t>(eps);
     if (reduce) {
       if (chunks > 0) {
         box_pair_loss_kernel<scalar_t, true><<<static_cast<unsigned int>(chunks), kThreads, 0, stream>>>(
-            b1, b2, P, variant, eps_t, nullptr, partial.mutable_data_ptr<scalar_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+            b1, b2, P, variant, eps_t, nullptr, partial->mutable_data_ptr<scalar_t>());
+        FASTDET_CUDA_LAUNCH_CHECK();
       }
       // torchvision: the mean of no pairs is 0 (0.0 * sum), so scale 0 rather than 1 / 0.
       const double scale = reduction == kReduceMean ? (P > 0 ? 1.0 / static_cast<double>(P) : 0.0) : 1.0;
       cuda_reduce::finish_sum_kernel<scalar_t, scalar_t><<<1, kThreads, 0, stream>>>(
-          partial.const_data_ptr<scalar_t>(), chunks, nullptr, scale, out.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+          partial->const_data_ptr<scalar_t>(), chunks, nullptr, scale, out.mutable_data_ptr<scalar_t>());
+      FASTDET_CUDA_LAUNCH_CHECK();
     } else {
       box_pair_loss_kernel<scalar_t, false><<<static_cast<unsigned int>(chunks), kThreads, 0, stream>>>(
           b1, b2, P, variant, eps_t, out.mutable_data_ptr<scalar_t>(), nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      FASTDET_CUDA_LAUNCH_CHECK();
     }
   });
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> box_pair_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& boxes1,
-                                                               const at::Tensor& boxes2, int64_t variant,
-                                                               int64_t reduction, double eps) {
-  auto args = prepare_box_pair_loss_args(boxes1, boxes2, variant, reduction, eps);
-  const int64_t P = args.pairs;
-  TORCH_CHECK(reduction == kReduceNone ? grad.numel() == P : grad.numel() == 1, "grad must have shape ",
-              reduction == kReduceNone ? "[...] (the loss' shape)" : "[] (a reduced loss)", ", got ", grad.sizes());
-  // The dispatcher sends mixed-device calls here too; the CPU kernel only ever sees CPU tensors.
-  check_same_device(grad, "grad", boxes1, "boxes1");
-  const c10::cuda::CUDAGuard device_guard(args.boxes1.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  auto g1 = at::empty_like(args.boxes1);
-  auto g2 = at::empty_like(args.boxes2);
+std::tuple<Tensor, Tensor> box_pair_loss_backward_cuda(const Tensor& grad, const Tensor& boxes1,
+                                                       const Tensor& boxes2, int64_t variant, int64_t reduction,
+                                                       double eps) {
+  const DeviceGuard device_guard(boxes1.get_device_index());
+  const cudaStream_t stream = current_stream(boxes1);
+  const int64_t P = boxes1.size(0);
+  auto g1 = aten::empty_like(boxes1);
+  auto g2 = aten::empty_like(boxes2);
   if (P > 0) {
-    auto g = grad.to(args.boxes1.scalar_type()).contiguous();
     const int64_t blocks = std::min<int64_t>((P + kThreads - 1) / kThreads, 65536);
-    AT_DISPATCH_FLOATING_TYPES(g1.scalar_type(), "box_pair_loss_backward_cuda", [&] {
+    FASTDET_DISPATCH_FLOAT_DOUBLE(g1.scalar_type(), "box_pair_loss_backward_cuda", [&] {
       box_pair_loss_backward_kernel<scalar_t><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(
-          g.const_data_ptr<scalar_t>(), args.boxes1.const_data_ptr<scalar_t>(),
-          args.boxes2.const_data_ptr<scalar_t>(), P, variant, reduction, static_cast<scalar_t>(eps),
-          g1.mutable_data_ptr<scalar_t>(), g2.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+          grad.const_data_ptr<scalar_t>(), boxes1.const_data_ptr<scalar_t>(), boxes2.const_data_ptr<scalar_t>(), P,
+          variant, reduction, static_cast<scalar_t>(eps), g1.mutable_data_ptr<scalar_t>(),
+          g2.mutable_data_ptr<scalar_t>());
+      FASTDET_CUDA_LAUNCH_CHECK();
     });
   }
-  return {g1.view(boxes1.sizes()).to(boxes1.scalar_type()), g2.view(boxes2.sizes()).to(boxes2.scalar_type())};
+  return {g1, g2};
 }
 
 }  // namespace
 }  // namespace fastdet
 
-TORCH_LIBRARY_IMPL(fastdet, CUDA, m) {
-  m.impl("box_pair_loss", &fastdet::box_pair_loss_cuda);
-  m.impl("_box_pair_loss_backward", &fastdet::box_pair_loss_backward_cuda);
+STABLE_TORCH_LIBRARY_IMPL(fastdet, CUDA, m) {
+  m.impl("_box_pair_loss_kernel", TORCH_BOX(&fastdet::box_pair_loss_cuda));
+  m.impl("_box_pair_loss_backward_kernel", TORCH_BOX(&fastdet::box_pair_loss_backward_cuda));
 }

@@ -2,19 +2,13 @@
 // once and writes the per-element loss, or a per-block partial sum of it, and, when the caller needs a gradient, the
 // gradient in the same pass; a second tiny kernel finishes a reduced loss (see loss_reduce.cuh). The scale (1 /
 // normalizer, 1 / count) is read from device memory, so nothing here synchronises with the host.
-#include <ATen/core/Tensor.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <optional>
+#include <tuple>
 
+#include "ops/cuda/cuda_utils.cuh"
 #include "ops/cuda/loss_reduce.cuh"
 #include "ops/focal_loss.h"
 #include "ops/focal_loss_math.h"
@@ -32,10 +26,10 @@ template <typename scalar_t, bool WithLabels, bool Reduce, bool WithGrad>
 __global__ void __launch_bounds__(kThreads)
     focal_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ tf, const int64_t* __restrict__ labels,
                  int64_t rows, int64_t classes, int64_t rows_per_chunk, int64_t ignore_index,
-                 focal::Params<at::opmath_type<scalar_t>> prm, const at::opmath_type<scalar_t>* __restrict__ scale_ptr,
+                 focal::Params<opmath_t<scalar_t>> prm, const opmath_t<scalar_t>* __restrict__ scale_ptr,
                  double scale_host, scalar_t* __restrict__ loss, scalar_t* __restrict__ grad,
-                 at::opmath_type<scalar_t>* __restrict__ partial) {
-  using T = at::opmath_type<scalar_t>;
+                 opmath_t<scalar_t>* __restrict__ partial) {
+  using T = opmath_t<scalar_t>;
   const T s = scale_ptr != nullptr ? *scale_ptr : static_cast<T>(scale_host);
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * rows_per_chunk;
   const int64_t r1 = r0 + rows_per_chunk < rows ? r0 + rows_per_chunk : rows;
@@ -90,22 +84,22 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename scalar_t, bool WithLabels, bool Reduce, bool WithGrad>
-void launch(const FocalArgs& a, int64_t rows_per_chunk, int64_t chunks, const at::Tensor& partial,
+void launch(const FocalKernelArgs& a, int64_t rows_per_chunk, int64_t chunks, const std::optional<Tensor>& partial,
             cudaStream_t stream) {
-  using T = at::opmath_type<scalar_t>;
+  using T = opmath_t<scalar_t>;
   const focal::Params<T> prm{static_cast<T>(a.params.alpha), static_cast<T>(a.params.gamma), a.params.gamma_kind};
-  const T* scale_ptr = a.scale_tensor.defined() ? a.scale_tensor.const_data_ptr<T>() : nullptr;
+  const T* scale_ptr = a.scale_tensor.has_value() ? a.scale_tensor->const_data_ptr<T>() : nullptr;
   focal_kernel<scalar_t, WithLabels, Reduce, WithGrad><<<static_cast<unsigned int>(chunks), kThreads, 0, stream>>>(
       a.inputs.const_data_ptr<scalar_t>(), WithLabels ? nullptr : a.targets.const_data_ptr<scalar_t>(),
       WithLabels ? a.targets.const_data_ptr<int64_t>() : nullptr, a.rows, a.classes, rows_per_chunk, a.ignore_index,
       prm, scale_ptr, a.scale, Reduce ? nullptr : a.loss.mutable_data_ptr<scalar_t>(),
-      WithGrad ? a.grad.mutable_data_ptr<scalar_t>() : nullptr, Reduce ? partial.mutable_data_ptr<T>() : nullptr);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+      WithGrad ? a.grad.mutable_data_ptr<scalar_t>() : nullptr, Reduce ? partial->mutable_data_ptr<T>() : nullptr);
+  FASTDET_CUDA_LAUNCH_CHECK();
 }
 
 template <typename scalar_t, bool WithLabels>
-void launch_flags(const FocalArgs& a, int64_t rows_per_chunk, int64_t chunks, const at::Tensor& partial,
-                  cudaStream_t stream) {
+void launch_flags(const FocalKernelArgs& a, int64_t rows_per_chunk, int64_t chunks,
+                  const std::optional<Tensor>& partial, cudaStream_t stream) {
   const bool reduce = a.reduction != kReduceNone;
   const bool with_grad = a.grad.numel() > 0;
   if (reduce && with_grad) launch<scalar_t, WithLabels, true, true>(a, rows_per_chunk, chunks, partial, stream);
@@ -114,53 +108,44 @@ void launch_flags(const FocalArgs& a, int64_t rows_per_chunk, int64_t chunks, co
   else launch<scalar_t, WithLabels, false, false>(a, rows_per_chunk, chunks, partial, stream);
 }
 
-std::tuple<at::Tensor, at::Tensor> run(const FocalArgs& a) {
-  const c10::cuda::CUDAGuard device_guard(a.inputs.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+std::tuple<Tensor, Tensor> sigmoid_focal_loss_kernel(const Tensor& inputs, const Tensor& targets,
+                                                     const std::optional<Tensor>& scale, double scale_host,
+                                                     int64_t ignore_index, double alpha, double gamma,
+                                                     int64_t reduction, bool need_grad) {
+  const DeviceGuard device_guard(inputs.get_device_index());
+  const cudaStream_t stream = current_stream(inputs);
+  const auto a =
+      focal_kernel_args(inputs, targets, scale, scale_host, ignore_index, alpha, gamma, reduction, need_grad);
   const bool reduce = a.reduction != kReduceNone;
   const int64_t C = a.classes;
   const int64_t rows_per_chunk = std::max<int64_t>(1, kLossChunk / std::max<int64_t>(C, 1));
   const int64_t chunks = (C == 0 || a.rows == 0) ? 0 : (a.rows + rows_per_chunk - 1) / rows_per_chunk;
-  TORCH_CHECK(chunks <= std::numeric_limits<int32_t>::max() && C <= std::numeric_limits<int32_t>::max(),
-              "sigmoid_focal_loss: input too large (", a.rows, " rows of ", C, " classes)");
+  // A launch limit of this kernel (grid size, 32-bit in-chunk offsets), not an argument check.
+  FASTDET_CHECK(chunks <= std::numeric_limits<int32_t>::max() && C <= std::numeric_limits<int32_t>::max(),
+                "sigmoid_focal_loss: input too large (", a.rows, " rows of ", C, " classes)");
   const auto acc = focal_accumulate_type(a.inputs.scalar_type());
-  at::Tensor partial = reduce ? at::empty({std::max<int64_t>(chunks, 1)}, a.inputs.options().dtype(acc)) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.inputs.scalar_type(), "sigmoid_focal_loss_cuda", [&] {
-    using T = at::opmath_type<scalar_t>;
+  const std::optional<Tensor> partial =
+      reduce ? std::optional<Tensor>(aten::empty({std::max<int64_t>(chunks, 1)}, acc, a.inputs)) : std::nullopt;
+  FASTDET_DISPATCH_FLOATING(a.inputs.scalar_type(), "sigmoid_focal_loss_cuda", [&] {
+    using T = opmath_t<scalar_t>;
     if (chunks > 0) {
       if (a.with_labels) launch_flags<scalar_t, true>(a, rows_per_chunk, chunks, partial, stream);
       else launch_flags<scalar_t, false>(a, rows_per_chunk, chunks, partial, stream);
     }
     if (reduce) {
       // Also for empty input: the sum of nothing is 0, times the scale (NaN for the float form's mean, as torch).
-      const T* scale_ptr = a.scale_tensor.defined() ? a.scale_tensor.const_data_ptr<T>() : nullptr;
+      const T* scale_ptr = a.scale_tensor.has_value() ? a.scale_tensor->const_data_ptr<T>() : nullptr;
       cuda_reduce::finish_sum_kernel<scalar_t, T><<<1, kThreads, 0, stream>>>(
-          partial.const_data_ptr<T>(), chunks, scale_ptr, a.scale, a.loss.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+          partial->const_data_ptr<T>(), chunks, scale_ptr, a.scale, a.loss.mutable_data_ptr<scalar_t>());
+      FASTDET_CUDA_LAUNCH_CHECK();
     }
   });
   return {a.loss, a.grad};
 }
 
-std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_cuda(const at::Tensor& inputs, const at::Tensor& targets,
-                                                           double alpha, double gamma, int64_t reduction,
-                                                           const std::optional<at::Tensor>& normalizer,
-                                                           bool need_grad) {
-  return run(prepare_focal_args(inputs, targets, false, 0, alpha, gamma, reduction, normalizer, need_grad));
-}
-
-std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_with_labels_cuda(const at::Tensor& logits,
-                                                                       const at::Tensor& labels, int64_t ignore_index,
-                                                                       double alpha, double gamma, int64_t reduction,
-                                                                       const std::optional<at::Tensor>& normalizer,
-                                                                       bool need_grad) {
-  return run(prepare_focal_args(logits, labels, true, ignore_index, alpha, gamma, reduction, normalizer, need_grad));
-}
-
 }  // namespace
 }  // namespace fastdet
 
-TORCH_LIBRARY_IMPL(fastdet, CUDA, m) {
-  m.impl("sigmoid_focal_loss", &fastdet::sigmoid_focal_loss_cuda);
-  m.impl("sigmoid_focal_loss_with_labels", &fastdet::sigmoid_focal_loss_with_labels_cuda);
+STABLE_TORCH_LIBRARY_IMPL(fastdet, CUDA, m) {
+  m.impl("_sigmoid_focal_loss_kernel", TORCH_BOX(&fastdet::sigmoid_focal_loss_kernel));
 }

@@ -10,21 +10,14 @@
 // the segment table is built on the host (one device-to-host copy of the categories, allowed because the output of
 // nms / batched_nms is data-sized anyway), so memory is the sum over categories of n^2 / 8 bytes. With sync_free=true,
 // each image is one dense segment whose mask tests categories inside the kernel: N^2 / 8 bytes per image, no copies.
-#include <ATen/core/Tensor.h>
-#include <ATen/Dispatch.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "ops/nms.h"
 #include "ops/nms_math.h"
+#include "ops/cuda/cuda_utils.cuh"
 
 namespace fastdet {
 namespace {
@@ -180,33 +173,33 @@ __global__ void nms_scan_kernel(const uint64_t* __restrict__ mask, SegmentSource
   }
 }
 
-at::Tensor nms_keep_flags_cuda(const at::Tensor& boxes, const std::optional<at::Tensor>& categories,
-                               double iou_threshold, bool sync_free) {
-  check_keep_flags_args(boxes, categories, iou_threshold);
-  c10::cuda::CUDAGuard device_guard(boxes.device());
+// boxes [B, N, 4] contiguous float32/float64 in visit order, categories [B, N] int64 contiguous and grouped, or None
+// (prepared and checked by the composite in nms.cpp).
+Tensor nms_keep_flags_cuda(const Tensor& boxes, const std::optional<Tensor>& categories, double iou_threshold,
+                           bool sync_free) {
+  const DeviceGuard device_guard(boxes.get_device_index());
   const int64_t B = boxes.size(0), N = boxes.size(1);
-  auto keep = at::zeros({B, N}, boxes.options().dtype(at::kBool));
+  auto keep = aten::zeros({B, N}, kBool, boxes);
   if (B == 0 || N == 0) {
     return keep;
   }
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const auto acc = boxes.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto coords = boxes.to(acc).contiguous();
+  const cudaStream_t stream = current_stream(boxes);
   // Areas come from separate elementwise kernels (no fused multiply-add), so they are bitwise equal to the CPU's.
-  auto width = coords.select(2, 2).sub(coords.select(2, 0));
-  auto area = width.mul(coords.select(2, 3).sub(coords.select(2, 1))).contiguous();
+  auto width = torch::stable::subtract(aten::select(boxes, 2, 2), aten::select(boxes, 2, 0));
+  auto height = torch::stable::subtract(aten::select(boxes, 2, 3), aten::select(boxes, 2, 1));
+  auto area = aten::contiguous(aten::mul(width, height));
 
   SegmentSource source{nullptr, B, N};
-  at::Tensor table;  // keeps the device copy of the segment table alive
+  Tensor table;  // keeps the device copy of the segment table alive
   const int64_t* category_ptr = nullptr;
-  at::Tensor categories_contig;
   int64_t total_tiles, total_words, total_removed;
   if (categories.has_value() && !sync_free) {
     // One device-to-host copy of the categories to size each category's own mask.
-    auto segments = find_segments(categories->cpu(), B, N);
-    const int64_t S = segments.size(0);
-    auto host = at::empty({S, kFields}, segments.options());
-    const int64_t* seg = segments.const_data_ptr<int64_t>();
+    const Device cpu(torch::headeronly::DeviceType::CPU);
+    const auto host_categories = torch::stable::to(*categories, cpu);
+    const auto seg = nms::find_segments(host_categories.const_data_ptr<int64_t>(), B, N);
+    const int64_t S = static_cast<int64_t>(seg.size() / 3);
+    auto host = aten::empty({S, kFields}, kLong, host_categories);
     int64_t* row = host.mutable_data_ptr<int64_t>();
     total_tiles = total_words = total_removed = 0;
     for (int64_t s = 0; s < S; ++s, row += kFields) {
@@ -223,12 +216,11 @@ at::Tensor nms_keep_flags_cuda(const at::Tensor& boxes, const std::optional<at::
       total_removed += words;
       total_tiles += words * words;
     }
-    table = host.to(boxes.device());
+    table = torch::stable::to(host, boxes.device());
     source = SegmentSource{table.const_data_ptr<int64_t>(), S, N};
   } else {
     if (categories.has_value()) {
-      categories_contig = categories->contiguous();
-      category_ptr = categories_contig.const_data_ptr<int64_t>();
+      category_ptr = categories->const_data_ptr<int64_t>();
     }
     const int64_t words = (N + kBlockBits - 1) / kBlockBits;
     total_tiles = B * words * words;
@@ -236,30 +228,31 @@ at::Tensor nms_keep_flags_cuda(const at::Tensor& boxes, const std::optional<at::
     total_removed = B * words;
   }
 
-  auto mask = at::empty({total_words}, boxes.options().dtype(at::kLong));
-  auto removed = at::zeros({total_removed}, boxes.options().dtype(at::kLong));
+  auto mask = aten::empty({total_words}, kLong, boxes);
+  auto removed = aten::zeros({total_removed}, kLong, boxes);
   auto* mask_ptr = reinterpret_cast<uint64_t*>(mask.mutable_data_ptr<int64_t>());
   auto* removed_ptr = reinterpret_cast<uint64_t*>(removed.mutable_data_ptr<int64_t>());
 
-  AT_DISPATCH_FLOATING_TYPES(acc, "nms_keep_flags_cuda", [&] {
-    const scalar_t threshold = acc == at::kDouble ? static_cast<scalar_t>(iou_threshold)
-                                                  : static_cast<scalar_t>(nms::threshold_as_float(iou_threshold));
+  FASTDET_DISPATCH_FLOAT_DOUBLE(boxes.scalar_type(), "_nms_keep_flags", [&] {
+    const scalar_t threshold = std::is_same_v<scalar_t, double>
+                                   ? static_cast<scalar_t>(iou_threshold)
+                                   : static_cast<scalar_t>(nms::threshold_as_float(iou_threshold));
     const auto grid = static_cast<unsigned int>(std::min<int64_t>(total_tiles, kMaxBlocks));
-    nms_mask_kernel<scalar_t><<<grid, kBlockBits, 0, stream>>>(coords.const_data_ptr<scalar_t>(),
+    nms_mask_kernel<scalar_t><<<grid, kBlockBits, 0, stream>>>(boxes.const_data_ptr<scalar_t>(),
                                                                area.const_data_ptr<scalar_t>(), category_ptr, source,
                                                                total_tiles, threshold, mask_ptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    FASTDET_CUDA_LAUNCH_CHECK();
   });
   const auto scan_grid = static_cast<unsigned int>(std::min<int64_t>(source.num_segments, kMaxBlocks));
   nms_scan_kernel<<<scan_grid, kScanThreads, 0, stream>>>(mask_ptr, source, removed_ptr,
                                                           keep.mutable_data_ptr<bool>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  FASTDET_CUDA_LAUNCH_CHECK();
   return keep;
 }
 
 }  // namespace
 }  // namespace fastdet
 
-TORCH_LIBRARY_IMPL(fastdet, CUDA, m) {
-  m.impl("_nms_keep_flags", &fastdet::nms_keep_flags_cuda);
+STABLE_TORCH_LIBRARY_IMPL(fastdet, CUDA, m) {
+  m.impl("_nms_keep_flags", TORCH_BOX(&fastdet::nms_keep_flags_cuda));
 }

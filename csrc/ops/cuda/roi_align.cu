@@ -11,32 +11,23 @@
 // Backward, two modes:
 //   * default: the same thread layout scatters with atomicAdd into a float32 (float64) gradient buffer; fast, but the
 //     order of additions, and therefore the rounding, varies from run to run.
-//   * torch.use_deterministic_algorithms(True): a gather. One thread owns one row y of one (level, image, channel)
-//     gradient plane and visits the RoIs of that image in index order, then bins, samples and corners in the CPU
-//     kernel's order, adding only the contributions that land in its row. Nothing is shared between threads, so no
-//     atomics and no extra memory (torchvision's deterministic fallback materialises per-sample gradients, ~30 GB for
-//     a 400x400 input); a RoI is skipped after one bounding test when its samples cannot reach the row. Consecutive
-//     threads own consecutive channels of the same row, so a warp follows one identical control path. Every element
-//     receives its contributions in the CPU kernel's order, so results are bitwise reproducible across runs (they can
-//     differ from the CPU in the last bits only through FMA contraction of the weight products).
+//   * deterministic (the backward op's argument, torch.are_deterministic_algorithms_enabled() from fastdet.ops.roi):
+//     a gather. One thread owns one row y of one (level, image, channel) gradient plane and visits the RoIs of that
+//     image in index order, then bins, samples and corners in the CPU kernel's order, adding only the contributions
+//     that land in its row. Nothing is shared between threads, so no atomics and no extra memory (torchvision's
+//     deterministic fallback materialises per-sample gradients, ~30 GB for a 400x400 input); a RoI is skipped after
+//     one bounding test when its samples cannot reach the row. Consecutive threads own consecutive channels of the
+//     same row, so a warp follows one identical control path. Every element receives its contributions in the CPU
+//     kernel's order, so results are bitwise reproducible across runs (they can differ from the CPU in the last bits
+//     only through FMA contraction of the weight products).
 //
 // Invalid batch indices (outside [0, N)) and level indices cannot be reported without a host synchronisation here;
 // such RoIs pool to 0 and pass no gradient (see fastdet.ops.roi.check_rois). All offsets are 64-bit.
-#include <ATen/core/Tensor.h>
-#include <ATen/Context.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
 #include <cstdint>
 #include <optional>
 #include <vector>
 
-#include "ops/checks.h"
+#include "ops/cuda/cuda_utils.cuh"
 #include "ops/roi_align.h"
 #include "ops/roi_align_math.h"
 
@@ -58,7 +49,7 @@ struct LevelTable {
 };
 
 template <typename P>
-LevelTable<P> make_table(const std::vector<at::Tensor>& maps, const std::vector<double>& scales,
+LevelTable<P> make_table(const std::vector<Tensor>& maps, const std::vector<double>& scales,
                          std::vector<P*> pointers) {
   LevelTable<P> t{};
   t.count = static_cast<int>(maps.size());
@@ -101,12 +92,12 @@ __device__ inline Work decompose(int64_t idx, int64_t PH, int64_t PW, int64_t cb
 }
 
 template <typename scalar_t>
-__global__ void align_forward_kernel(LevelTable<const scalar_t> lv, const at::opmath_type<scalar_t>* __restrict__ rois,
+__global__ void align_forward_kernel(LevelTable<const scalar_t> lv, const opmath_t<scalar_t>* __restrict__ rois,
                                      const int64_t* __restrict__ levels, int64_t K, int64_t N, int64_t C, int64_t PH,
                                      int64_t PW, int64_t sampling_ratio, bool aligned, bool channels_inner,
                                      scalar_t* __restrict__ out, int64_t osn, int64_t osc, int64_t osh,
                                      int64_t osw) {
-  using T = at::opmath_type<scalar_t>;
+  using T = opmath_t<scalar_t>;
   const int64_t cblocks = (C + kChannels - 1) / kChannels;
   const int64_t total = K * PH * PW * cblocks;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
@@ -168,13 +159,13 @@ __global__ void align_forward_kernel(LevelTable<const scalar_t> lv, const at::op
 
 // Non-deterministic backward: scatter with atomicAdd into the accumulation-dtype buffers.
 template <typename scalar_t>
-__global__ void align_backward_atomic_kernel(LevelTable<at::opmath_type<scalar_t>> gl,
-                                             const at::opmath_type<scalar_t>* __restrict__ rois,
+__global__ void align_backward_atomic_kernel(LevelTable<opmath_t<scalar_t>> gl,
+                                             const opmath_t<scalar_t>* __restrict__ rois,
                                              const int64_t* __restrict__ levels, const scalar_t* __restrict__ grad,
                                              int64_t gsn, int64_t gsc, int64_t gsh, int64_t gsw, int64_t K, int64_t N,
                                              int64_t C, int64_t PH, int64_t PW, int64_t sampling_ratio, bool aligned,
                                              bool channels_inner) {
-  using T = at::opmath_type<scalar_t>;
+  using T = opmath_t<scalar_t>;
   const int64_t cblocks = (C + kChannels - 1) / kChannels;
   const int64_t total = K * PH * PW * cblocks;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
@@ -232,13 +223,13 @@ __global__ void align_backward_atomic_kernel(LevelTable<at::opmath_type<scalar_t
 
 // Deterministic backward: one thread per gradient row (level, image n, channel c, row y), channels fastest.
 template <typename scalar_t>
-__global__ void align_backward_gather_kernel(LevelTable<at::opmath_type<scalar_t>> gl,
-                                             const at::opmath_type<scalar_t>* __restrict__ rois,
+__global__ void align_backward_gather_kernel(LevelTable<opmath_t<scalar_t>> gl,
+                                             const opmath_t<scalar_t>* __restrict__ rois,
                                              const int64_t* __restrict__ levels, const scalar_t* __restrict__ grad,
                                              int64_t gsn, int64_t gsc, int64_t gsh, int64_t gsw, int64_t K, int64_t N,
                                              int64_t C, int64_t PH, int64_t PW, int64_t sampling_ratio,
                                              bool aligned) {
-  using T = at::opmath_type<scalar_t>;
+  using T = opmath_t<scalar_t>;
   const int64_t total = gl.row_begin[gl.count];
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -315,23 +306,22 @@ __global__ void align_backward_gather_kernel(LevelTable<at::opmath_type<scalar_t
   }
 }
 
-at::Tensor align_forward(const std::vector<at::Tensor>& features, const std::vector<double>& scales,
-                         const at::Tensor& rois_in, const std::optional<at::Tensor>& levels, int64_t PH, int64_t PW,
-                         int64_t sampling_ratio, bool aligned) {
-  const at::Tensor& f0 = features[0];
-  const auto rois = prepare_rois(rois_in, f0);
-  const c10::cuda::CUDAGuard device_guard(f0.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+// _roi_align_kernel: features share N, C, dtype and device; rois are contiguous in the accumulation dtype; levels
+// (None for a single level) is contiguous int64.
+Tensor roi_align_kernel(const std::vector<Tensor>& features, const Tensor& rois, const std::optional<Tensor>& levels,
+                        const std::vector<double>& scales, int64_t PH, int64_t PW, int64_t sampling_ratio,
+                        bool aligned, bool channels_last) {
+  const Tensor& f0 = features[0];
+  const DeviceGuard device_guard(f0.get_device_index());
+  const cudaStream_t stream = current_stream(f0);
   const int64_t K = rois.size(0), N = f0.size(0), C = f0.size(1);
-  const auto fmt = roi_memory_format(f0);
-  auto out = at::empty({K, C, PH, PW}, f0.options().memory_format(fmt));
+  auto out = roi_empty({K, C, PH, PW}, f0.scalar_type(), f0, channels_last);
   if (out.numel() == 0) {
     return out;
   }
-  const bool channels_inner = fmt == at::MemoryFormat::ChannelsLast;
   const int64_t work = K * PH * PW * ((C + kChannels - 1) / kChannels);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f0.scalar_type(), "roi_align_cuda", [&] {
-    using T = at::opmath_type<scalar_t>;
+  FASTDET_DISPATCH_FLOATING(f0.scalar_type(), "roi_align_cuda", [&] {
+    using T = opmath_t<scalar_t>;
     std::vector<const scalar_t*> ptrs;
     for (const auto& f : features) {
       ptrs.push_back(f.const_data_ptr<scalar_t>());
@@ -339,36 +329,33 @@ at::Tensor align_forward(const std::vector<at::Tensor>& features, const std::vec
     const auto table = make_table<const scalar_t>(features, scales, ptrs);
     align_forward_kernel<scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
         table, rois.const_data_ptr<T>(), levels.has_value() ? levels->const_data_ptr<int64_t>() : nullptr, K, N, C,
-        PH, PW, sampling_ratio, aligned, channels_inner, out.mutable_data_ptr<scalar_t>(), out.stride(0),
+        PH, PW, sampling_ratio, aligned, channels_last, out.mutable_data_ptr<scalar_t>(), out.stride(0),
         out.stride(1), out.stride(2), out.stride(3));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    FASTDET_CUDA_LAUNCH_CHECK();
   });
   return out;
 }
 
-std::vector<at::Tensor> align_backward(const at::Tensor& grad, const at::Tensor& rois_in,
-                                       const std::optional<at::Tensor>& levels, const std::vector<double>& scales,
-                                       int64_t PH, int64_t PW, int64_t N, int64_t C,
-                                       const std::vector<int64_t>& heights, const std::vector<int64_t>& widths,
-                                       int64_t sampling_ratio, bool aligned, bool channels_last) {
-  check_roi_grad(grad, rois_in, C, PH, PW);
-  TORCH_CHECK(rois_in.dim() == 2 && rois_in.size(1) == 5, "rois must have shape [K, 5], got ", rois_in.sizes());
-  const c10::cuda::CUDAGuard device_guard(grad.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+// _roi_align_backward_kernel: one zero-initialised accumulation-dtype gradient per level; deterministic selects the
+// gather kernel.
+std::vector<Tensor> roi_align_backward_kernel(const Tensor& grad, const Tensor& rois,
+                                              const std::optional<Tensor>& levels, const std::vector<double>& scales,
+                                              int64_t PH, int64_t PW, int64_t N, int64_t C,
+                                              const std::vector<int64_t>& heights, const std::vector<int64_t>& widths,
+                                              int64_t sampling_ratio, bool aligned, bool channels_last,
+                                              bool deterministic) {
+  const DeviceGuard device_guard(grad.get_device_index());
+  const cudaStream_t stream = current_stream(grad);
   const auto acc = roi_acc_type(grad.scalar_type());
-  const auto rois = rois_in.to(acc).contiguous();
   const int64_t K = rois.size(0);
   const int64_t L = static_cast<int64_t>(heights.size());
-  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  std::vector<at::Tensor> bufs;
+  std::vector<Tensor> bufs;
   for (int64_t l = 0; l < L; ++l) {
-    // at::zeros ignores the memory format of its options; empty + zero_ keeps it.
-    bufs.push_back(at::empty({N, C, heights[l], widths[l]}, grad.options().dtype(acc).memory_format(fmt)).zero_());
+    bufs.push_back(roi_zeros({N, C, heights[l], widths[l]}, acc, grad, channels_last));
   }
   if (K > 0 && C > 0 && N > 0) {
-    const bool deterministic = at::globalContext().deterministicAlgorithms();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_backward_cuda", [&] {
-      using T = at::opmath_type<scalar_t>;
+    FASTDET_DISPATCH_FLOATING(grad.scalar_type(), "roi_align_backward_cuda", [&] {
+      using T = opmath_t<scalar_t>;
       std::vector<T*> ptrs;
       for (auto& b : bufs) {
         ptrs.push_back(b.mutable_data_ptr<T>());
@@ -381,78 +368,24 @@ std::vector<at::Tensor> align_backward(const at::Tensor& grad, const at::Tensor&
           align_backward_gather_kernel<scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
               table, rois.const_data_ptr<T>(), lv, grad.const_data_ptr<scalar_t>(), grad.stride(0), grad.stride(1),
               grad.stride(2), grad.stride(3), K, N, C, PH, PW, sampling_ratio, aligned);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          FASTDET_CUDA_LAUNCH_CHECK();
         }
       } else {
         const int64_t work = K * PH * PW * ((C + kChannels - 1) / kChannels);
         align_backward_atomic_kernel<scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
             table, rois.const_data_ptr<T>(), lv, grad.const_data_ptr<scalar_t>(), grad.stride(0), grad.stride(1),
             grad.stride(2), grad.stride(3), K, N, C, PH, PW, sampling_ratio, aligned, channels_last);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        FASTDET_CUDA_LAUNCH_CHECK();
       }
     });
   }
-  for (auto& b : bufs) {
-    b = b.to(grad.scalar_type());
-  }
   return bufs;
-}
-
-at::Tensor roi_align_cuda(const at::Tensor& input, const at::Tensor& rois, double spatial_scale, int64_t PH,
-                          int64_t PW, int64_t sampling_ratio, bool aligned) {
-  check_roi_feature(input, "input");
-  check_output_size(PH, PW);
-  check_spatial_scale(spatial_scale, "spatial_scale");
-  return align_forward({input}, {spatial_scale}, rois, std::nullopt, PH, PW, sampling_ratio, aligned);
-}
-
-at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& rois, double spatial_scale, int64_t PH,
-                                   int64_t PW, int64_t N, int64_t C, int64_t H, int64_t W, int64_t sampling_ratio,
-                                   bool aligned, bool channels_last) {
-  check_output_size(PH, PW);
-  check_spatial_scale(spatial_scale, "spatial_scale");
-  return align_backward(grad, rois, std::nullopt, {spatial_scale}, PH, PW, N, C, {H}, {W}, sampling_ratio, aligned,
-                        channels_last)[0];
-}
-
-at::Tensor multi_scale_roi_align_cuda(at::TensorList features, const at::Tensor& rois, const at::Tensor& levels,
-                                      at::ArrayRef<double> spatial_scales, int64_t PH, int64_t PW,
-                                      int64_t sampling_ratio, bool aligned) {
-  std::vector<at::Tensor> feats(features.begin(), features.end());
-  std::vector<double> scales(spatial_scales.begin(), spatial_scales.end());
-  check_output_size(PH, PW);
-  TORCH_CHECK(!feats.empty(), "features must hold at least one level");
-  check_floating(rois, "rois");
-  const auto lv = check_multi_scale_args(feats, rois, levels, scales);
-  return align_forward(feats, scales, rois, lv, PH, PW, sampling_ratio, aligned);
-}
-
-std::vector<at::Tensor> multi_scale_roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& rois,
-                                                            const at::Tensor& levels,
-                                                            at::ArrayRef<double> spatial_scales, int64_t PH,
-                                                            int64_t PW, int64_t N, int64_t C,
-                                                            at::IntArrayRef heights, at::IntArrayRef widths,
-                                                            int64_t sampling_ratio, bool aligned,
-                                                            bool channels_last) {
-  const auto L = static_cast<int64_t>(spatial_scales.size());
-  TORCH_CHECK(L >= 1 && L <= roi::kMaxLevels && static_cast<int64_t>(heights.size()) == L &&
-                  static_cast<int64_t>(widths.size()) == L,
-              "spatial_scales, heights and widths must have one entry per level (1 to ", roi::kMaxLevels, ")");
-  TORCH_CHECK(levels.scalar_type() == at::kLong && levels.dim() == 1 && levels.size(0) == rois.size(0),
-              "levels must be an int64 tensor of shape [K]");
-  check_same_device(grad, "grad", levels, "levels");
-  check_output_size(PH, PW);
-  return align_backward(grad, rois, levels.contiguous(),
-                        std::vector<double>(spatial_scales.begin(), spatial_scales.end()), PH, PW, N, C,
-                        heights.vec(), widths.vec(), sampling_ratio, aligned, channels_last);
 }
 
 }  // namespace
 }  // namespace fastdet
 
-TORCH_LIBRARY_IMPL(fastdet, CUDA, m) {
-  m.impl("roi_align", &fastdet::roi_align_cuda);
-  m.impl("_roi_align_backward", &fastdet::roi_align_backward_cuda);
-  m.impl("multi_scale_roi_align", &fastdet::multi_scale_roi_align_cuda);
-  m.impl("_multi_scale_roi_align_backward", &fastdet::multi_scale_roi_align_backward_cuda);
+STABLE_TORCH_LIBRARY_IMPL(fastdet, CUDA, m) {
+  m.impl("_roi_align_kernel", TORCH_BOX(&fastdet::roi_align_kernel));
+  m.impl("_roi_align_backward_kernel", TORCH_BOX(&fastdet::roi_align_backward_kernel));
 }

@@ -4,26 +4,17 @@
 // warp's reads of one pixel are one contiguous run), for NCHW maps consecutive bins.
 // Backward, two modes:
 //   * default: each output element adds its gradient to its argmax pixel with atomicAdd (order varies between runs);
-//   * torch.use_deterministic_algorithms(True): a gather with one thread per gradient row (image n, channel c, row y),
-//     channels fastest. The thread visits the image's RoIs in index order, skips those whose pixel span misses row y,
-//     and for the bin rows covering y adds the gradients whose argmax lies in row y, in (RoI, ph, pw) order -- the
-//     CPU kernel's order, so the result is bitwise reproducible and equal to the CPU's. No atomics, no extra memory.
+//   * deterministic (the backward op's argument, torch.are_deterministic_algorithms_enabled() from fastdet.ops.roi):
+//     a gather with one thread per gradient row (image n, channel c, row y), channels fastest. The thread visits the
+//     image's RoIs in index order, skips those whose pixel span misses row y, and for the bin rows covering y adds the
+//     gradients whose argmax lies in row y, in (RoI, ph, pw) order -- the CPU kernel's order, so the result is
+//     bitwise reproducible and equal to the CPU's. No atomics, no extra memory.
 // Invalid batch indices cannot be reported without a host synchronisation: such RoIs pool to 0 (argmax -1) and pass
 // no gradient. All offsets are 64-bit.
-#include <ATen/core/Tensor.h>
-#include <ATen/Context.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
 #include <cstdint>
 #include <tuple>
 
-#include "ops/checks.h"
+#include "ops/cuda/cuda_utils.cuh"
 #include "ops/roi_align.h"
 #include "ops/roi_pool.h"
 
@@ -44,11 +35,11 @@ struct Shape4 {
 
 template <typename scalar_t>
 __global__ void pool_forward_kernel(const scalar_t* __restrict__ input, Shape4 is, int64_t N, int64_t C, int64_t H,
-                                    int64_t W, const at::opmath_type<scalar_t>* __restrict__ rois, int64_t K,
-                                    at::opmath_type<scalar_t> spatial_scale, int64_t PH, int64_t PW,
+                                    int64_t W, const opmath_t<scalar_t>* __restrict__ rois, int64_t K,
+                                    opmath_t<scalar_t> spatial_scale, int64_t PH, int64_t PW,
                                     bool channels_inner, scalar_t* __restrict__ out, int32_t* __restrict__ argmax,
                                     Shape4 os) {
-  using T = at::opmath_type<scalar_t>;
+  using T = opmath_t<scalar_t>;
   const int64_t total = K * C * PH * PW;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -93,10 +84,10 @@ __global__ void pool_forward_kernel(const scalar_t* __restrict__ input, Shape4 i
 template <typename scalar_t>
 __global__ void pool_backward_atomic_kernel(const scalar_t* __restrict__ grad, Shape4 gs,
                                             const int32_t* __restrict__ argmax, Shape4 as,
-                                            const at::opmath_type<scalar_t>* __restrict__ rois, int64_t K, int64_t N,
+                                            const opmath_t<scalar_t>* __restrict__ rois, int64_t K, int64_t N,
                                             int64_t C, int64_t H, int64_t W, int64_t PH, int64_t PW,
-                                            at::opmath_type<scalar_t>* __restrict__ buf, Shape4 bs) {
-  using T = at::opmath_type<scalar_t>;
+                                            opmath_t<scalar_t>* __restrict__ buf, Shape4 bs) {
+  using T = opmath_t<scalar_t>;
   const int64_t total = K * C * PH * PW;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -115,11 +106,11 @@ __global__ void pool_backward_atomic_kernel(const scalar_t* __restrict__ grad, S
 template <typename scalar_t>
 __global__ void pool_backward_gather_kernel(const scalar_t* __restrict__ grad, Shape4 gs,
                                             const int32_t* __restrict__ argmax, Shape4 as,
-                                            const at::opmath_type<scalar_t>* __restrict__ rois, int64_t K, int64_t N,
+                                            const opmath_t<scalar_t>* __restrict__ rois, int64_t K, int64_t N,
                                             int64_t C, int64_t H, int64_t W, int64_t PH, int64_t PW,
-                                            at::opmath_type<scalar_t> spatial_scale,
-                                            at::opmath_type<scalar_t>* __restrict__ buf, Shape4 bs) {
-  using T = at::opmath_type<scalar_t>;
+                                            opmath_t<scalar_t> spatial_scale,
+                                            opmath_t<scalar_t>* __restrict__ buf, Shape4 bs) {
+  using T = opmath_t<scalar_t>;
   const int64_t total = N * C * H;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -156,59 +147,44 @@ __global__ void pool_backward_gather_kernel(const scalar_t* __restrict__ grad, S
   }
 }
 
-Shape4 strides_of(const at::Tensor& t) {
+Shape4 strides_of(const Tensor& t) {
   return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
-std::tuple<at::Tensor, at::Tensor> roi_pool_cuda(const at::Tensor& input, const at::Tensor& rois_in,
-                                                 double spatial_scale, int64_t PH, int64_t PW) {
-  check_roi_feature(input, "input");
-  check_output_size(PH, PW);
-  check_spatial_scale(spatial_scale, "spatial_scale");
-  const auto rois = prepare_rois(rois_in, input);
-  const c10::cuda::CUDAGuard device_guard(input.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+// _roi_pool_kernel: rois are contiguous in the accumulation dtype; the plane size fits argmax's int32.
+std::tuple<Tensor, Tensor> roi_pool_kernel(const Tensor& input, const Tensor& rois, double spatial_scale, int64_t PH,
+                                           int64_t PW, bool channels_last) {
+  const DeviceGuard device_guard(input.get_device_index());
+  const cudaStream_t stream = current_stream(input);
   const int64_t K = rois.size(0), N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
-  TORCH_CHECK(H * W <= INT32_MAX, "roi_pool: feature planes of more than 2^31 - 1 pixels are not supported (argmax ",
-              "is an int32 index inside the plane, as in torchvision), got ", H, " x ", W);
-  const auto fmt = roi_memory_format(input);
-  auto out = at::empty({K, C, PH, PW}, input.options().memory_format(fmt));
-  auto argmax = at::empty({K, C, PH, PW}, input.options().dtype(at::kInt).memory_format(fmt));
+  auto out = roi_empty({K, C, PH, PW}, input.scalar_type(), input, channels_last);
+  auto argmax = roi_empty({K, C, PH, PW}, kInt, input, channels_last);
   if (out.numel() == 0) {
     return {out, argmax};
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "roi_pool_cuda", [&] {
-    using T = at::opmath_type<scalar_t>;
+  FASTDET_DISPATCH_FLOATING(input.scalar_type(), "roi_pool_cuda", [&] {
+    using T = opmath_t<scalar_t>;
     pool_forward_kernel<scalar_t><<<blocks_for(out.numel()), kThreads, 0, stream>>>(
         input.const_data_ptr<scalar_t>(), strides_of(input), N, C, H, W, rois.const_data_ptr<T>(), K,
-        static_cast<T>(spatial_scale), PH, PW, fmt == at::MemoryFormat::ChannelsLast,
-        out.mutable_data_ptr<scalar_t>(), argmax.mutable_data_ptr<int32_t>(), strides_of(out));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+        static_cast<T>(spatial_scale), PH, PW, channels_last, out.mutable_data_ptr<scalar_t>(),
+        argmax.mutable_data_ptr<int32_t>(), strides_of(out));
+    FASTDET_CUDA_LAUNCH_CHECK();
   });
   return {out, argmax};
 }
 
-at::Tensor roi_pool_backward_cuda(const at::Tensor& grad, const at::Tensor& rois_in, const at::Tensor& argmax,
-                                  double spatial_scale, int64_t N, int64_t C, int64_t H, int64_t W,
-                                  bool channels_last) {
-  TORCH_CHECK(rois_in.dim() == 2 && rois_in.size(1) == 5, "rois must have shape [K, 5], got ", rois_in.sizes());
-  check_roi_grad(grad, rois_in, C, grad.dim() == 4 ? grad.size(2) : 0, grad.dim() == 4 ? grad.size(3) : 0);
-  TORCH_CHECK(argmax.scalar_type() == at::kInt && argmax.sizes() == grad.sizes(),
-              "argmax must be an int32 tensor shaped like grad ", grad.sizes(), ", got ", argmax.scalar_type(), " ",
-              argmax.sizes());
-  check_same_device(grad, "grad", argmax, "argmax");
-  const c10::cuda::CUDAGuard device_guard(grad.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+// _roi_pool_backward_kernel: grad and argmax are [K, C, PH, PW] (any strides); returns the accumulation-dtype
+// gradient of the input. deterministic selects the gather kernel.
+Tensor roi_pool_backward_kernel(const Tensor& grad, const Tensor& rois, const Tensor& argmax, double spatial_scale,
+                                int64_t N, int64_t C, int64_t H, int64_t W, bool channels_last, bool deterministic) {
+  const DeviceGuard device_guard(grad.get_device_index());
+  const cudaStream_t stream = current_stream(grad);
   const auto acc = roi_acc_type(grad.scalar_type());
-  const auto rois = rois_in.to(acc).contiguous();
-  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  // at::zeros ignores the memory format of its options; empty + zero_ keeps it.
-  auto buf = at::empty({N, C, H, W}, grad.options().dtype(acc).memory_format(fmt)).zero_();
+  auto buf = roi_zeros({N, C, H, W}, acc, grad, channels_last);
   const int64_t K = rois.size(0), PH = grad.size(2), PW = grad.size(3);
   if (K > 0 && C > 0 && PH > 0 && PW > 0 && buf.numel() > 0) {
-    const bool deterministic = at::globalContext().deterministicAlgorithms();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_pool_backward_cuda", [&] {
-      using T = at::opmath_type<scalar_t>;
+    FASTDET_DISPATCH_FLOATING(grad.scalar_type(), "roi_pool_backward_cuda", [&] {
+      using T = opmath_t<scalar_t>;
       if (deterministic) {
         pool_backward_gather_kernel<scalar_t><<<blocks_for(N * C * H), kThreads, 0, stream>>>(
             grad.const_data_ptr<scalar_t>(), strides_of(grad), argmax.const_data_ptr<int32_t>(), strides_of(argmax),
@@ -219,16 +195,16 @@ at::Tensor roi_pool_backward_cuda(const at::Tensor& grad, const at::Tensor& rois
             grad.const_data_ptr<scalar_t>(), strides_of(grad), argmax.const_data_ptr<int32_t>(), strides_of(argmax),
             rois.const_data_ptr<T>(), K, N, C, H, W, PH, PW, buf.mutable_data_ptr<T>(), strides_of(buf));
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      FASTDET_CUDA_LAUNCH_CHECK();
     });
   }
-  return buf.to(grad.scalar_type());
+  return buf;
 }
 
 }  // namespace
 }  // namespace fastdet
 
-TORCH_LIBRARY_IMPL(fastdet, CUDA, m) {
-  m.impl("roi_pool", &fastdet::roi_pool_cuda);
-  m.impl("_roi_pool_backward", &fastdet::roi_pool_backward_cuda);
+STABLE_TORCH_LIBRARY_IMPL(fastdet, CUDA, m) {
+  m.impl("_roi_pool_kernel", TORCH_BOX(&fastdet::roi_pool_kernel));
+  m.impl("_roi_pool_backward_kernel", TORCH_BOX(&fastdet::roi_pool_backward_kernel));
 }
