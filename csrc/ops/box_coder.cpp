@@ -62,7 +62,7 @@ Tensor box_decode(const Tensor& rel_codes, const Tensor& boxes, std::vector<doub
 std::tuple<Tensor, Tensor> box_decode_backward(const Tensor& grad, const Tensor& rel_codes, const Tensor& boxes,
                                                std::vector<double> weights, double clip) {
   check_decode_args(rel_codes, boxes, weights, clip);
-  FASTDET_CHECK(grad.sizes() == rel_codes.sizes(), "grad must have the shape of rel_codes ", shape_of(rel_codes),
+  FASTDET_CHECK(same_shape(grad.sizes(), rel_codes.sizes()), "grad must have the shape of rel_codes ", shape_of(rel_codes),
                 ", got ", shape_of(grad));
   check_same_device(grad, "grad", rel_codes, "rel_codes");
   auto g = aten::contiguous(aten::to(grad, rel_codes.scalar_type()));

@@ -18,6 +18,9 @@
 #include <torch/headeronly/util/BFloat16.h>
 #include <torch/headeronly/util/Half.h>
 
+#include <dlfcn.h>
+
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <optional>
@@ -58,6 +61,9 @@ inline Shape shape_of(const Tensor& t) {
 }
 inline Shape shape_of(IntArrayRef s) {
   return Shape{std::vector<int64_t>(s.begin(), s.end())};
+}
+inline bool same_shape(IntArrayRef a, IntArrayRef b) {
+  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
 }
 inline std::ostream& operator<<(std::ostream& os, const Shape& s) {
   os << '[';
@@ -194,12 +200,33 @@ namespace detail {
 
 using torch::stable::detail::from;
 
+// torch keeps the message of an exception caught at its C boundary; torch >= 2.13 hands it out through
+// torch_exception_get_what_without_backtrace. Older torch (the 2.11 this build targets) has no such call, so it is
+// looked up at run time and the error names only the failed op there.
+[[noreturn]] inline void throw_call_error(const char* name, const char* overload) {
+  using GetWhat = const char* (*)();
+  static const GetWhat get_what = [] {
+    void* sym = nullptr;
+    if (void* torch_cpu = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD)) {
+      sym = dlsym(torch_cpu, "torch_exception_get_what_without_backtrace");
+      dlclose(torch_cpu);
+    }
+    if (sym == nullptr) sym = dlsym(RTLD_DEFAULT, "torch_exception_get_what_without_backtrace");
+    return reinterpret_cast<GetWhat>(sym);
+  }();
+  const char* what = get_what != nullptr ? get_what() : nullptr;
+  if (what != nullptr && what[0] != '\0') throw std::runtime_error(what);
+  throw std::runtime_error(fastdet::detail::message(name, *overload ? "." : "", overload, " failed"));
+}
+
 // Calls `name.overload` with args; returns the stack, whose first entries hold the outputs.
 template <size_t NumOutputs, typename... Args>
 auto call(const char* name, const char* overload, const Args&... args) {
   constexpr size_t n = sizeof...(Args) > NumOutputs ? sizeof...(Args) : NumOutputs;
   std::array<StableIValue, n> stack{from(args)...};
-  STABLE_TORCH_ERROR_CODE_CHECK(torch_call_dispatcher(name, overload, stack.data(), TORCH_ABI_VERSION));
+  if (torch_call_dispatcher(name, overload, stack.data(), TORCH_ABI_VERSION) != TORCH_SUCCESS) {
+    throw_call_error(name, overload);
+  }
   return stack;
 }
 
@@ -235,9 +262,15 @@ inline Tensor zeros_like(const Tensor& t) {
   torch::stable::zero_(out);
   return out;
 }
-// 0, 1, ..., n - 1 as int64 on like's device.
+// 0, 1, ..., n - 1 as int64 on like's device (aten::arange takes Scalars, which the dispatcher call cannot pass):
+// the running sum of 0, 1, 1, ..., 1.
 inline Tensor arange(int64_t n, const Tensor& like) {
-  return detail::call1("aten::cumsum", "", full({n}, 1.0, kLong, like), int64_t{0}, std::optional<ScalarType>()) ;
+  auto steps = full({n}, 1.0, kLong, like);
+  if (n > 0) {
+    auto first = torch::stable::narrow(steps, 0, 0, 1);
+    torch::stable::zero_(first);
+  }
+  return detail::call1("aten::cumsum", "", steps, int64_t{0}, std::optional<ScalarType>());
 }
 
 // Conversion and layout.
@@ -266,7 +299,7 @@ inline Tensor reshape(const Tensor& t, IntArrayRef shape) {
   return torch::stable::reshape(t, shape);
 }
 inline Tensor permute(const Tensor& t, IntArrayRef dims) {
-  return torch::stable::permute(t, dims);
+  return detail::call1("aten::permute", "", t, dims);
 }
 inline Tensor expand(const Tensor& t, IntArrayRef size) {
   return detail::call1("aten::expand", "", t, size, false);
