@@ -207,8 +207,20 @@ def test_decode_gradients_match_reference(device, repeats, seed):
         r, b = rel.clone().requires_grad_(True), boxes.clone().requires_grad_(True)
         return torch.autograd.grad(module.box_decode(r, b, weights, CLIP), (r, b), upstream)
 
-    for g, w, name in zip(grads(ops), grads(ref), ("rel_codes", "boxes")):
+    got, want = grads(ops), grads(ref)
+    if _clamp_passes_gradient_at_its_bound():
+        # torch < 2.14 differentiates clamp(max=c) at x == c as 1, torch >= 2.14 as 0. fastdet's kernel is one build for
+        # every torch and keeps the newer convention: no gradient through a size delta sitting exactly on the clip.
+        want = (want[0].clone(), want[1])
+        want[0][0, 2] = 0.0
+    for g, w, name in zip(got, want, ("rel_codes", "boxes")):
         assert_close(g, w, seed=seed, what=f"d/d{name}", rtol=1e-10, atol=1e-9)
+
+
+def _clamp_passes_gradient_at_its_bound() -> bool:
+    x = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(x.clamp(max=1.0), x)
+    return bool(grad != 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
