@@ -20,13 +20,24 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$VENV/bin/python"
 
-if ! "$PY" -c "import torch, torchvision" >/dev/null 2>&1; then
+# One quick probe (find_spec imports nothing) tells what is missing, so a ready environment costs no pip call.
+probe() {
+  "$PY" - <<'PYEOF'
+import importlib.util
+def have(*names):
+    return all(importlib.util.find_spec(n) is not None for n in names)
+print("torch-ok" if have("torch", "torchvision") else "torch-missing",
+      "deps-ok" if have("setuptools", "wheel", "ninja", "numpy", "pytest", "pytest_benchmark", "PIL", "pycocotools",
+                        "matplotlib", "tqdm", "yaml") else "deps-missing")
+PYEOF
+}
+state=$(probe)
+if [[ $state == *torch-missing* ]]; then
   echo "[fastdet] installing $TORCH_SPEC (a few minutes the first time)"
   # shellcheck disable=SC2086
   "$PY" -m pip install -q --disable-pip-version-check $TORCH_SPEC
 fi
-if ! "$PY" -c "import setuptools, wheel, ninja, numpy, pytest, pytest_benchmark, PIL, pycocotools, matplotlib, tqdm, yaml" \
-    >/dev/null 2>&1; then
+if [[ $state == *deps-missing* ]]; then
   "$PY" -m pip install -q --disable-pip-version-check "setuptools>=77" wheel ninja numpy "pytest>=8" \
     "pytest-benchmark>=4" pillow "pycocotools>=2.0.7" matplotlib tqdm pyyaml
 fi
@@ -40,7 +51,8 @@ stamp=$(
   cd "$REPO" && {
     find csrc -type f | LC_ALL=C sort | xargs sha256sum
     sha256sum setup.py pyproject.toml
-    "$PY" -c "import torch; print(torch.__version__, torch.version.cuda)"
+    # torch's version without importing torch (seconds): its dist-info names it
+    "$PY" -c "import importlib.metadata as m; print(m.version('torch'))"
     echo "FASTDET_CUDA=${FASTDET_CUDA:-auto} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-}"
   } | sha256sum | cut -d' ' -f1
 )
