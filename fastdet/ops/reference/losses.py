@@ -8,7 +8,8 @@ Semantics shared with fastdet (see its docstrings for the details):
 
 * ``sigmoid_focal_loss``: torchvision's formula; ``'mean'`` divides by the number of elements; ``alpha < 0`` disables
   the alpha weighting; an optional ``normalizer`` divides the result. Written with ``sigmoid(-x)`` for ``1 - p`` and
-  with zero-coefficient terms dropped, so that infinite logits give the limits fastdet documents instead of NaN.
+  with 0 * inf taken as 0 where a coefficient is exactly zero, so that infinite logits give the limits fastdet
+  documents instead of NaN (while the gradient with respect to a target of exactly 0 or 1 stays the true one).
 * ``sigmoid_focal_loss_with_labels``: the one-hot form; ``-1`` and ``C`` are background rows, ``ignore_index`` rows
   are dropped, ``'mean'`` divides by (kept rows * C) and is 0 when no row is kept.
 * box losses: torchvision's formulas (including CIoU's fixed inner eps of 1e-7); ``'mean'`` of no pairs is 0.
