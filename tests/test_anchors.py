@@ -235,6 +235,24 @@ def test_yolo_grid_priors_match_reference(device, dtype, fmt, anchored, seed):
         assert got[0].tolist() == [4.0, 4.0, 10.0, 13.0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_centres_are_rounded_before_the_corners(device, dtype):
+    # The centre (x + offset) * stride is rounded on its own before -/+ w / 2 (or + cell anchor) is added, on every
+    # backend: nvcc used to fuse them into one float64 FMA (stride 24, offset 0.3 differed in the last bit on CUDA).
+    grids, strides = [(40, 40), (20, 21)], [24, (24, 40)]
+    for fmt in ("cxcywh", "xyxy"):
+        got = ops.yolo_grid_priors(grids, strides, [[(10.3, 13.1)], [(33.7, 23.9)]], offset=0.3, fmt=fmt, dtype=dtype,
+                                   device=device)
+        want = ref.yolo_grid_priors(grids, strides, [[(10.3, 13.1)], [(33.7, 23.9)]], offset=0.3, fmt=fmt,
+                                    dtype=dtype, device="cpu")
+        assert torch.equal(got.cpu(), want), fmt
+    got = ops.generate_anchors(grids, strides, [(32.3,), (64.1,)], [(0.5, 1.0, 2.0)] * 2, offset=0.3, dtype=dtype,
+                               device=device)
+    want = ref.generate_anchors(grids, strides, [(32.3,), (64.1,)], [(0.5, 1.0, 2.0)] * 2, offset=0.3, dtype=dtype,
+                                device="cpu")
+    assert torch.equal(got.cpu(), want)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # operator registration and torch.compile
 # --------------------------------------------------------------------------------------------------------------------

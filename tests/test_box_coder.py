@@ -461,6 +461,19 @@ def test_native_box_coder_checks(call, message):
 
 
 @pytest.mark.cuda
+def test_cuda_decode_select_bad_index_gives_nan_box():
+    # CUDA cannot raise without a sync; a device assert would kill the context. A bad index gives a NaN box instead,
+    # and the context stays usable.
+    rel, anc = torch.rand(1, 3, 4, device="cuda"), torch.rand(1, 3, 4, device="cuda")
+    index = torch.tensor([[3, 0, -1, -2]], device="cuda")
+    out = torch.ops.fastdet._decode_select_boxes(rel, anc, index, None, [1.0] * 4, CLIP)
+    assert out[0, [0, 3]].isnan().all() and out[0, 1].isfinite().all() and (out[0, 2] == 0).all()
+    torch.cuda.synchronize()
+    want = torch.ops.fastdet._decode_select_boxes(rel.cpu(), anc.cpu(), index[:, 1:3].cpu(), None, [1.0] * 4, CLIP)
+    torch.testing.assert_close(out[:, 1:3].cpu(), want)
+
+
+@pytest.mark.cuda
 def test_cuda_paths_do_not_synchronise(seed):
     """decode_and_select (with tensor or list image sizes), a warm AnchorGenerator and decode must not wait on the
     device: torch's sync debug mode turns any synchronisation into an error."""

@@ -176,6 +176,32 @@ def test_focal_non_finite_logits(device, dtype):
     assert ops.sigmoid_focal_loss(x[:4], t[:4], reduction="mean").item() == INF
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_focal_zero_weight_side_with_infinite_logits(device, dtype, alpha):
+    # alpha 1 weighs targets 0 by 0 (alpha 0: targets 1): their loss is 0 at every finite logit, so the limit at an
+    # infinite one is 0 too (it used to be 0 * inf = NaN). 17 elements: the vectorised CPU path and its scalar tail.
+    x = torch.tensor([INF, -INF, INF, -INF, 3.0, -3.0, NAN, 200.0, -200.0] * 2, dtype=dtype, device=device)[:17]
+    zero_side = 0.0 if alpha == 1.0 else 1.0
+    t = torch.full_like(x, zero_side)
+    t[2::4] = 1 - zero_side  # some elements on the weighted side
+    out, (g,) = run_with_grad(lambda a: ops.sigmoid_focal_loss(a, t, alpha=alpha, gamma=2.0), x)
+    weighted = t != zero_side
+    assert (out[~weighted & ~x.isnan()] == 0).all() and (g[~weighted & ~x.isnan()] == 0).all()
+    assert out[x.isnan()].isnan().all()
+    assert not out[~x.isnan()].isnan().any() and not g[~x.isnan()].isnan().any()
+    torch.testing.assert_close(ref.sigmoid_focal_loss(x, t, alpha=alpha, gamma=2.0), out, equal_nan=True)
+    finite = ~x.isnan()
+    assert torch.isinf(ops.sigmoid_focal_loss(x[finite], t[finite], alpha=alpha, reduction="sum")).item()
+    # The label form: alpha 1 makes every background logit weightless, alpha 0 every positive one.
+    logits = torch.tensor([[INF, -INF, 1.0], [-INF, INF, INF]], dtype=dtype, device=device)
+    labels = torch.tensor([2, -1], device=device)
+    loss = ops.sigmoid_focal_loss_with_labels(logits, labels, alpha=alpha)
+    onehot = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]], dtype=dtype, device=device)
+    torch.testing.assert_close(loss, ops.sigmoid_focal_loss(logits, onehot, alpha=alpha))
+    assert not loss.isnan().any()
+
+
 def test_focal_empty(device):
     x = torch.empty(0, 80, device=device, requires_grad=True)
     t = torch.empty(0, 80, device=device)
@@ -187,15 +213,48 @@ def test_focal_empty(device):
     assert x.grad.shape == (0, 80)
 
 
-def test_focal_targets_requiring_grad(device, seed):
-    # Soft targets that require grad are differentiated too (through the composite), as in torchvision.
+def _focal_textbook(x, t, alpha, gamma):
+    """The focal loss as the plain differentiable formula (float64, finite logits), independent of fastdet's kernels
+    and reference: autograd of it is the oracle for gradients with respect to the targets."""
+    p = torch.sigmoid(x)
+    ce = -(t * torch.log(p) + (1 - t) * torch.log1p(-p))
+    loss = ce * (p * (1 - t) + (1 - p) * t) ** gamma
+    return (alpha * t + (1 - alpha) * (1 - t)) * loss if alpha >= 0 else loss
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.0, 2.0, 1.5])
+@pytest.mark.parametrize("alpha", [0.25, -1.0, 1.0])
+@REDUCTIONS
+def test_focal_targets_requiring_grad(device, seed, gamma, alpha, reduction):
+    # Targets that require grad are differentiated too, as in torchvision; targets of exactly 0 and 1 included (the
+    # gradient there used to be ~0: the term of a zero coefficient was dropped with its derivative).
     gen = torch.Generator().manual_seed(seed)
-    x, t = focal_inputs(gen, (10, 4), torch.float64, device, soft=True)
-    out, (gx, gt) = run_with_grad(lambda a, b: ops.sigmoid_focal_loss(a, b, reduction="sum"), x, t)
-    exp, (ex, et) = run_with_grad(lambda a, b: ref.sigmoid_focal_loss(a, b, reduction="sum"), x, t)
+    x = (torch.rand(10, 4, generator=gen, dtype=torch.float64) * 16 - 8).to(device)
+    t = torch.rand(10, 4, generator=gen, dtype=torch.float64)
+    t = torch.where(torch.rand(10, 4, generator=gen) < 0.5, (t < 0.3).double(), t).to(device)  # half exactly 0 or 1
+    kw = dict(alpha=alpha, gamma=gamma)
+    out, (gx, gt) = run_with_grad(lambda a, b: ops.sigmoid_focal_loss(a, b, reduction=reduction, **kw), x, t)
+    exp, (ex, et) = run_with_grad(lambda a, b: _reduce_textbook(_focal_textbook(a, b, **kw), reduction), x, t)
     assert_close(out, exp, seed=seed)
     assert_close(gx, ex, seed=seed)
     assert_close(gt, et, seed=seed)
+
+
+def _reduce_textbook(loss, reduction):
+    return {"none": loss, "mean": loss.mean(), "sum": loss.sum()}[reduction]
+
+
+def test_focal_targets_gradient_regression(device):
+    # The fuzzing case: fastdet gave [-2.6e-09, -0.0121]; torchvision's autograd gives the values below.
+    x = torch.tensor([-20.0, 3.0], dtype=torch.float64, device=device)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64, device=device, requires_grad=True)
+    ops.sigmoid_focal_loss(x, t, gamma=0.0, reduction="sum").backward()
+    want = [0.75 * 20 - 0.5 * math.log1p(math.exp(-20)), -0.25 * 3 - 0.5 * math.log1p(math.exp(-3))]
+    torch.testing.assert_close(t.grad.cpu(), torch.tensor(want, dtype=torch.float64))
+    tv = torchvision_ops()
+    t2 = t.detach().clone().requires_grad_(True)
+    tv.sigmoid_focal_loss(x, t2, gamma=0.0, reduction="sum").backward()
+    torch.testing.assert_close(t.grad, t2.grad)
 
 
 def test_focal_targets_may_change_after_forward(device, seed):
@@ -286,6 +345,19 @@ def test_focal_labels_all_ignored_mean_is_zero(device):
     empty = torch.empty(0, 6, device=device)
     assert ops.sigmoid_focal_loss_with_labels(empty, labels[:0], reduction="mean").item() == 0.0
     assert ops.sigmoid_focal_loss_with_labels(empty, labels[:0]).shape == (0, 6)
+
+
+def test_focal_labels_ignored_rows_are_zero_with_non_finite_scale(device):
+    # A zero normaliser makes the scale infinite: ignored rows still get loss and gradient exactly 0 (CUDA wrote
+    # 0 * inf = NaN there).
+    x = torch.randn(4, 3, device=device, requires_grad=True)
+    labels = torch.tensor([0, -100, 3, -100], device=device)
+    for normalizer in (0.0, torch.tensor(0.0), torch.tensor(0.0, device=device)):
+        loss = ops.sigmoid_focal_loss_with_labels(x, labels, normalizer=normalizer)
+        (g,) = torch.autograd.grad(loss.sum(), x)
+        assert torch.equal(loss[1::2].detach(), torch.zeros(2, 3, device=device))
+        assert torch.equal(g[1::2], torch.zeros(2, 3, device=device))
+        assert not torch.isfinite(loss[0::2]).any()
 
 
 def test_focal_labels_out_of_range_cpu():
@@ -555,6 +627,9 @@ def test_cuda_losses_do_not_synchronise(seed):
                  + ops.sigmoid_focal_loss_with_labels(x, labels, reduction="mean")
                  + ops.sigmoid_focal_loss(x, t, reduction="mean", normalizer=num_fg)
                  + ops.sigmoid_focal_loss(x, t).sum()
+                 # a CPU normaliser is copied to the device without a blocking copy
+                 + ops.sigmoid_focal_loss(x, t, reduction="sum", normalizer=torch.tensor(7.0))
+                 + ops.sigmoid_focal_loss_with_labels(x, labels, reduction="mean", normalizer=torch.tensor(3))
                  + ops.generalized_box_iou_loss(b1, b2, reduction="mean")
                  + ops.complete_box_iou_loss(b1, b2).sum())
         total.backward()

@@ -286,6 +286,25 @@ def test_multiclass_nms_nothing_passes(device):
     assert num.tolist() == [0, 0] and (det_labels == -1).all() and (det_boxes == 0).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("per_class_boxes", [False, True], ids=["shared", "per_class"])
+@pytest.mark.parametrize("case", ["no_boxes", "no_classes", "top_k_0"])
+def test_multiclass_nms_no_candidates(device, per_class_boxes, case):
+    # Regression (fuzzing): no candidate at all raised "index 0 is out of bounds" instead of returning K padding slots.
+    B, N, C = 2, {"no_boxes": 0}.get(case, 7), {"no_classes": 0}.get(case, 3)
+    top_k = 0 if case == "top_k_0" else 100
+    boxes = torch.rand(B, N, C, 4, dtype=torch.float64, device=device) if per_class_boxes else \
+        torch.rand(B, N, 4, dtype=torch.float64, device=device)
+    boxes[..., 2:] += 1
+    scores = torch.rand(B, N, C, dtype=torch.float16, device=device)
+    det_boxes, det_scores, det_labels, num = ops.multiclass_nms(boxes, scores, 0.0, 0.5, 5, top_k)
+    assert det_boxes.shape == (B, 5, 4) and det_boxes.dtype == torch.float64 and (det_boxes == 0).all()
+    assert det_scores.shape == (B, 5) and det_scores.dtype == torch.float16 and (det_scores == 0).all()
+    assert det_labels.shape == (B, 5) and det_labels.dtype == torch.int64 and (det_labels == -1).all()
+    assert num.shape == (B,) and num.dtype == torch.int64 and num.tolist() == [0, 0]
+    assert {t.device for t in (det_boxes, det_scores, det_labels, num)} == {boxes.device}
+
+
 # ---------------------------------------------------------------------------------------------- compile, opcheck, errors
 
 

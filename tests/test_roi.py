@@ -511,6 +511,38 @@ def test_empty_feature_maps(device):
     assert torch.equal(out, torch.zeros(1, 2, 2, 2, device=device))
 
 
+@pytest.mark.parametrize("hw", [(0, 4), (4, 0), (0, 0), (3, 0), (0, 1)], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_empty_feature_maps_backward(device, hw, layout):
+    # Regression (fuzzing): roi_pool's backward on a map of width 0 and height > 1 failed an internal stride check.
+    x = torch.zeros(2, 3, *hw, device=device)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    rois = torch.tensor([[0.0, 1, 1, 5, 5], [1.0, 0, 0, 2, 3]], device=device)
+    for out in (ops.roi_pool(x, rois, (2, 3)), ops.roi_align(x, rois, (2, 3)),
+                ops.roi_align(x, rois, (2, 3), 1.0, 2, True)):
+        assert torch.equal(out, torch.zeros(2, 3, 2, 3, device=device))
+        (grad,) = torch.autograd.grad(out.sum(), x)
+        assert grad.shape == x.shape and grad.dtype == x.dtype
+
+
+def test_sampling_ratio_is_bounded(device):
+    # Regression (fuzzing): sampling_ratio=100000 ran for minutes (s^2 samples per bin). The bound is 64 per axis.
+    x = torch.randn(1, 1, 8, 8, device=device)
+    rois = torch.tensor([[0.0, 1, 1, 5, 5]], device=device)
+    started = time.perf_counter()
+    for ratio in (65, 100000, 2**40):
+        with pytest.raises(RuntimeError, match="sampling_ratio must be at most 64"):
+            ops.roi_align(x, rois, 1, 1.0, ratio)
+        with pytest.raises(RuntimeError, match="sampling_ratio must be at most 64"):
+            ops.multi_scale_roi_align([x], rois, 1, ratio, spatial_scales=[1.0])
+    assert time.perf_counter() - started < 5.0
+    # The limit itself works and agrees with torchvision.
+    out = ops.roi_align(x, rois, 2, 1.0, 64)
+    assert torch.allclose(out.cpu(), torchvision_ops().roi_align(x.cpu(), rois.cpu(), 2, 1.0, 64), atol=1e-5)
+
+
 def test_boxes_in_another_floating_dtype_are_accepted(device, seed):
     gen = torch.Generator().manual_seed(seed)
     x = random_features(gen, N, C, H, W, dtype=torch.float16, device=device)

@@ -14,6 +14,7 @@
 
 #include <cstdint>
 
+#include "ops/exact_math.h"
 #include "ops/stable.h"
 
 namespace fastdet {
@@ -110,6 +111,14 @@ inline void for_each_row(const Levels& lv, int64_t begin, int64_t end, F&& f) {
 }
 
 // ---- per-row formulas, shared by both backends so they round identically ----------------------------------------
+// Every double operation below is explicitly rounded (exact_math.h): nvcc would otherwise fuse the centre
+// (x + offset) * stride with the following -/+ 0.5 * w or + cell anchor into one FMA, so for float64 the centre would
+// not be rounded on its own as on the CPU and in the reference (stride 24, offset 0.3 differ in the last bit).
+
+// The shift (x + offset) * stride of grid cell x, rounded after each operation.
+C10_HOST_DEVICE inline double grid_shift(int64_t x, double offset, double stride) {
+  return exact::mul_rn(exact::add_rn(static_cast<double>(x), offset), stride);
+}
 
 // torchvision AnchorGenerator: shift + cell anchor, where the shift (x * stride) is converted to the output dtype T
 // first and the sum is rounded once to T. torchvision adds an integer shift tensor to the T cell anchors, which type
@@ -119,15 +128,15 @@ template <typename T>
 C10_HOST_DEVICE inline void grid_anchor_row(const Levels& lv, const T* cell_anchors, double offset, const Cell& c,
                                             T* out) {
   using A = opmath_t<T>;
-  const double sx = (static_cast<double>(c.x) + offset) * lv.step_x[c.level];
-  const double sy = (static_cast<double>(c.y) + offset) * lv.step_y[c.level];
+  const double sx = grid_shift(c.x, offset, lv.step_x[c.level]);
+  const double sy = grid_shift(c.y, offset, lv.step_y[c.level]);
   const A ax = static_cast<A>(round_to<T>(sx));
   const A ay = static_cast<A>(round_to<T>(sy));
   const T* base = cell_anchors + c.table_row * 4;
-  out[0] = static_cast<T>(ax + static_cast<A>(base[0]));
-  out[1] = static_cast<T>(ay + static_cast<A>(base[1]));
-  out[2] = static_cast<T>(ax + static_cast<A>(base[2]));
-  out[3] = static_cast<T>(ay + static_cast<A>(base[3]));
+  out[0] = static_cast<T>(exact::add_rn(ax, static_cast<A>(base[0])));
+  out[1] = static_cast<T>(exact::add_rn(ay, static_cast<A>(base[1])));
+  out[2] = static_cast<T>(exact::add_rn(ax, static_cast<A>(base[2])));
+  out[3] = static_cast<T>(exact::add_rn(ay, static_cast<A>(base[3])));
 }
 
 // SSD default boxes, as torchvision's DefaultBoxGenerator computes them: the centre (x + 0.5) / f_k in float32,
@@ -142,6 +151,7 @@ C10_HOST_DEVICE inline void ssd_default_box_row(const Levels& lv, const float* w
   const O cy = static_cast<O>(static_cast<T>(fy));
   const O hw = O(0.5) * static_cast<O>(wh[c.table_row * 2]);  // exact: a halving
   const O hh = O(0.5) * static_cast<O>(wh[c.table_row * 2 + 1]);
+  // nvcc may fuse c -/+ 0.5 * w into one FMA: harmless, the halving is exact, so the sum is rounded once either way.
   const O x1 = cx - hw, y1 = cy - hh, x2 = cx + hw, y2 = cy + hh;
   out[0] = x1 * image_w;
   out[1] = y1 * image_h;
@@ -154,15 +164,15 @@ C10_HOST_DEVICE inline void ssd_default_box_row(const Levels& lv, const float* w
 template <typename T>
 C10_HOST_DEVICE inline void grid_prior_row(const Levels& lv, const double* wh, double offset, bool xyxy, const Cell& c,
                                            T* out) {
-  const double cx = (static_cast<double>(c.x) + offset) * lv.step_x[c.level];
-  const double cy = (static_cast<double>(c.y) + offset) * lv.step_y[c.level];
+  const double cx = grid_shift(c.x, offset, lv.step_x[c.level]);
+  const double cy = grid_shift(c.y, offset, lv.step_y[c.level]);
   const double w = wh[c.table_row * 2];
   const double h = wh[c.table_row * 2 + 1];
   if (xyxy) {
-    out[0] = round_to<T>(cx - 0.5 * w);
-    out[1] = round_to<T>(cy - 0.5 * h);
-    out[2] = round_to<T>(cx + 0.5 * w);
-    out[3] = round_to<T>(cy + 0.5 * h);
+    out[0] = round_to<T>(exact::sub_rn(cx, 0.5 * w));
+    out[1] = round_to<T>(exact::sub_rn(cy, 0.5 * h));
+    out[2] = round_to<T>(exact::add_rn(cx, 0.5 * w));
+    out[3] = round_to<T>(exact::add_rn(cy, 0.5 * h));
   } else {
     out[0] = round_to<T>(cx);
     out[1] = round_to<T>(cy);

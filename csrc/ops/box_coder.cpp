@@ -131,7 +131,8 @@ STABLE_TORCH_LIBRARY_FRAGMENT(fastdet, m) {
   // torchvision BoxCoder.encode_single: reference_boxes [N, 4] encoded against proposals [N, 4].
   m.def("box_encode(Tensor reference_boxes, Tensor proposals, float[] weights) -> Tensor");
   // Gather + decode + clip of pre-selected candidates: rel_codes [B, N, 4], anchors [1 or B, N, 4], index [B, K]
-  // (-1 = empty slot, written as a zero box), image_sizes [B, 2] (height, width) or None (no clipping).
+  // (-1 = empty slot, written as a zero box), image_sizes [B, 2] (height, width) or None (no clipping). An index
+  // outside [-1, N) is an error on the CPU; on CUDA (no host sync) that slot's box is NaN.
   m.def("_decode_select_boxes(Tensor rel_codes, Tensor anchors, Tensor index, Tensor? image_sizes, float[] weights, "
         "float bbox_xform_clip) -> Tensor");
   // Per-backend kernels (prepared arguments only, see box_coder.h).

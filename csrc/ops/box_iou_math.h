@@ -12,9 +12,16 @@
 // clamp(min=0) with a scalar bound passes the gradient only where the input is > 0 (an input exactly at the bound,
 // e.g. two boxes touching along an edge, gets none), and a tie in an elementwise min/max splits the gradient evenly
 // between both arguments.
+//
+// The forward values are a bitwise contract between the backends (and torchvision's CPU results): every sum of
+// products in them is written with the explicitly rounded helpers of exact_math.h, which nvcc cannot contract into
+// an FMA (it would, e.g., fuse area_a + area_b - iw * ih and cw * cw + ch * ch). The backward's arithmetic may be
+// contracted: gradients agree between the backends to rounding, and every discrete decision in it (clamps, min/max
+// ties) compares plain differences of coordinates, which no contraction changes.
 #include <torch/headeronly/macros/Macros.h>
 
 #include "ops/box_pair_grad.h"
+#include "ops/exact_math.h"
 
 namespace fastdet {
 namespace iou {
@@ -47,14 +54,26 @@ C10_HOST_DEVICE inline T ciou_k() {
   return T(0.40528473456935108578);
 }
 
+// area_a + area_b - inter, each operation rounded on its own (as on the CPU and in torchvision).
+template <typename T>
+C10_HOST_DEVICE inline T union_area(T area_a, T area_b, T inter) {
+  return exact::sub_rn(exact::add_rn(area_a, area_b), inter);
+}
+
+// a * a + b * b, rounded after each operation.
+template <typename T>
+C10_HOST_DEVICE inline T sum_of_squares(T a, T b) {
+  return exact::add_rn(exact::mul_rn(a, a), exact::mul_rn(b, b));
+}
+
 template <typename T>
 C10_HOST_DEVICE inline T pair_forward(const Box<T>& a, const Box<T>& b, int64_t variant, T eps) {
-  const T area_a = (a.x2 - a.x1) * (a.y2 - a.y1);
-  const T area_b = (b.x2 - b.x1) * (b.y2 - b.y1);
+  const T area_a = exact::mul_rn(a.x2 - a.x1, a.y2 - a.y1);
+  const T area_b = exact::mul_rn(b.x2 - b.x1, b.y2 - b.y1);
   const T iw = clamp_min_zero(minimum(a.x2, b.x2) - maximum(a.x1, b.x1));
   const T ih = clamp_min_zero(minimum(a.y2, b.y2) - maximum(a.y1, b.y1));
-  const T inter = iw * ih;
-  const T uni = area_a + area_b - inter;
+  const T inter = exact::mul_rn(iw, ih);
+  const T uni = union_area(area_a, area_b, inter);
   const T iou = inter / uni;
   if (variant == kIoU) {
     return iou;
@@ -62,20 +81,20 @@ C10_HOST_DEVICE inline T pair_forward(const Box<T>& a, const Box<T>& b, int64_t 
   const T cw = clamp_min_zero(maximum(a.x2, b.x2) - minimum(a.x1, b.x1));
   const T ch = clamp_min_zero(maximum(a.y2, b.y2) - minimum(a.y1, b.y1));
   if (variant == kGIoU) {
-    const T enclosure = cw * ch;
-    return iou - (enclosure - uni) / enclosure;
+    const T enclosure = exact::mul_rn(cw, ch);
+    return iou - exact::sub_rn(enclosure, uni) / enclosure;
   }
-  const T diag = cw * cw + ch * ch + eps;
+  const T diag = exact::add_rn(sum_of_squares(cw, ch), eps);
   const T dx = (a.x1 + a.x2) / T(2) - (b.x1 + b.x2) / T(2);
   const T dy = (a.y1 + a.y2) / T(2) - (b.y1 + b.y2) / T(2);
-  const T diou = iou - (dx * dx + dy * dy) / diag;
+  const T diou = iou - sum_of_squares(dx, dy) / diag;
   if (variant == kDIoU) {
     return diou;
   }
   const T dtheta = ::atan((a.x2 - a.x1) / (a.y2 - a.y1)) - ::atan((b.x2 - b.x1) / (b.y2 - b.y1));
   const T v = ciou_k<T>() * (dtheta * dtheta);  // k * dtheta^2, rounded in the same order as torchvision
   const T alpha = v / (T(1) - iou + v + eps);
-  return diou - alpha * v;
+  return exact::sub_rn(diou, exact::mul_rn(alpha, v));
 }
 
 // Gradient of g * pair_forward(a, b) with respect to both boxes (written into ga and gb, order x1, y1, x2, y2).
@@ -84,12 +103,13 @@ C10_HOST_DEVICE inline void pair_backward(const Box<T>& a, const Box<T>& b, int6
                                           T gb[4]) {
   const T wa = a.x2 - a.x1, ha = a.y2 - a.y1;
   const T wb = b.x2 - b.x1, hb = b.y2 - b.y1;
-  const T area_a = wa * ha, area_b = wb * hb;
+  // The intermediates the forward also forms are rounded as there, so iou, union, diag, ... are the forward's values.
+  const T area_a = exact::mul_rn(wa, ha), area_b = exact::mul_rn(wb, hb);
   const T iw_raw = minimum(a.x2, b.x2) - maximum(a.x1, b.x1);
   const T ih_raw = minimum(a.y2, b.y2) - maximum(a.y1, b.y1);
   const T iw = clamp_min_zero(iw_raw), ih = clamp_min_zero(ih_raw);
-  const T inter = iw * ih;
-  const T uni = area_a + area_b - inter;
+  const T inter = exact::mul_rn(iw, ih);
+  const T uni = union_area(area_a, area_b, inter);
   const T iou = inter / uni;
 
   // Gradients with respect to the intermediate quantities.
@@ -109,17 +129,17 @@ C10_HOST_DEVICE inline void pair_backward(const Box<T>& a, const Box<T>& b, int6
   }
   if (variant == kGIoU) {
     // giou = iou - (C - U) / C
-    const T enclosure = cw * ch;
+    const T enclosure = exact::mul_rn(cw, ch);
     const T g_enclosure = -g * uni / (enclosure * enclosure);
     g_union += g / enclosure;
     g_cw += g_enclosure * ch;
     g_ch += g_enclosure * cw;
   } else if (variant == kDIoU || variant == kCIoU) {
     // diou = iou - rho2 / D, D = cw^2 + ch^2 + eps, rho2 = dx^2 + dy^2
-    const T diag = cw * cw + ch * ch + eps;
+    const T diag = exact::add_rn(sum_of_squares(cw, ch), eps);
     const T dx = (a.x1 + a.x2) / T(2) - (b.x1 + b.x2) / T(2);
     const T dy = (a.y1 + a.y2) / T(2) - (b.y1 + b.y2) / T(2);
-    const T rho2 = dx * dx + dy * dy;
+    const T rho2 = sum_of_squares(dx, dy);
     const T g_rho2 = -g / diag;
     const T g_diag = g * rho2 / (diag * diag);
     g_cw += g_diag * T(2) * cw;

@@ -14,9 +14,14 @@
 //     alpha sees the caller's eps); fastdet reproduces that, see kCIoUInnerEps.
 // The backward mirrors torch's autograd for those expressions (torch 2.14): an elementwise min/max tie splits the
 // gradient evenly between both arguments.
+//
+// As in box_iou_math.h, the loss values are a contract between the backends: their sums of products use the explicitly
+// rounded helpers of exact_math.h, so nvcc cannot contract them into FMAs and the CUDA losses equal the CPU's bitwise.
+// The backward may be contracted (gradients agree to rounding; its decisions compare plain coordinate differences).
 #include <torch/headeronly/macros/Macros.h>
 
 #include "ops/box_pair_grad.h"
+#include "ops/exact_math.h"
 
 #include <cmath>
 
@@ -41,33 +46,49 @@ C10_HOST_DEVICE inline T four_over_pi_sq() {
   return T(0.40528473456935108578);
 }
 
+using exact::add_rn;
+using exact::mul_rn;
+using exact::sub_rn;
+
+// wa * ha + wb * hb - inter, each operation rounded on its own.
+template <typename T>
+C10_HOST_DEVICE inline T union_area(T wa, T ha, T wb, T hb, T inter) {
+  return sub_rn(add_rn(mul_rn(wa, ha), mul_rn(wb, hb)), inter);
+}
+
+// a * a + b * b, rounded after each operation.
+template <typename T>
+C10_HOST_DEVICE inline T sum_of_squares(T a, T b) {
+  return add_rn(mul_rn(a, a), mul_rn(b, b));
+}
+
 // Loss of one pair; a = predicted (boxes1), b = target (boxes2), each {x1, y1, x2, y2}.
 template <typename T>
 C10_HOST_DEVICE inline T pair_loss(const T a[4], const T b[4], int64_t variant, T eps) {
   const T xk1 = maxv(a[0], b[0]), yk1 = maxv(a[1], b[1]);
   const T xk2 = minv(a[2], b[2]), yk2 = minv(a[3], b[3]);
   const bool overlap = (yk2 > yk1) && (xk2 > xk1);
-  const T inter = overlap ? (xk2 - xk1) * (yk2 - yk1) : T(0);
-  const T uni = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter;
+  const T inter = overlap ? mul_rn(xk2 - xk1, yk2 - yk1) : T(0);
+  const T uni = union_area(a[2] - a[0], a[3] - a[1], b[2] - b[0], b[3] - b[1], inter);
   const T eps_iou = variant == kCIoU ? T(kCIoUInnerEps) : eps;
   const T iou = inter / (uni + eps_iou);
   const T cw = maxv(a[2], b[2]) - minv(a[0], b[0]);
   const T ch = maxv(a[3], b[3]) - minv(a[1], b[1]);
   if (variant == kGIoU) {
-    const T area_c = cw * ch;
+    const T area_c = mul_rn(cw, ch);
     return T(1) - (iou - (area_c - uni) / (area_c + eps));
   }
-  const T diag = cw * cw + ch * ch + eps_iou;
+  const T diag = add_rn(sum_of_squares(cw, ch), eps_iou);
   const T dx = (a[2] + a[0]) / T(2) - (b[0] + b[2]) / T(2);
   const T dy = (a[3] + a[1]) / T(2) - (b[1] + b[3]) / T(2);
-  const T diou = (T(1) - iou) + (dx * dx + dy * dy) / diag;
+  const T diou = (T(1) - iou) + sum_of_squares(dx, dy) / diag;
   if (variant == kDIoU) {
     return diou;
   }
   const T dtheta = ::atan((b[2] - b[0]) / (b[3] - b[1])) - ::atan((a[2] - a[0]) / (a[3] - a[1]));
   const T v = four_over_pi_sq<T>() * (dtheta * dtheta);
   const T alpha = v / (T(1) - iou + v + eps);
-  return diou + alpha * v;
+  return add_rn(diou, mul_rn(alpha, v));
 }
 
 // Gradient of g * pair_loss(a, b) with respect to both boxes, written into ga and gb.
@@ -80,8 +101,9 @@ C10_HOST_DEVICE inline void pair_loss_backward(const T a[4], const T b[4], int64
   const T xk2 = minv(a[2], b[2]), yk2 = minv(a[3], b[3]);
   const bool overlap = (yk2 > yk1) && (xk2 > xk1);
   const T iw = xk2 - xk1, ih = yk2 - yk1;
-  const T inter = overlap ? iw * ih : T(0);
-  const T uni = wa * ha + wb * hb - inter;
+  // Intermediates the forward also forms are rounded as there.
+  const T inter = overlap ? mul_rn(iw, ih) : T(0);
+  const T uni = union_area(wa, ha, wb, hb, inter);
   const T eps_iou = variant == kCIoU ? T(kCIoUInnerEps) : eps;
   const T den = uni + eps_iou;
   const T iou = inter / den;
@@ -92,7 +114,7 @@ C10_HOST_DEVICE inline void pair_loss_backward(const T a[4], const T b[4], int64
   T g_wa = T(0), g_ha = T(0), g_wb = T(0), g_hb = T(0);
   if (variant == kGIoU) {
     // loss = 1 - iou + (C - U) / (C + eps)
-    const T area_c = cw * ch;
+    const T area_c = mul_rn(cw, ch);
     const T cden = area_c + eps;
     g_iou = -g;
     const T g_frac = g / cden;
@@ -102,10 +124,10 @@ C10_HOST_DEVICE inline void pair_loss_backward(const T a[4], const T b[4], int64
     g_ch = g_area_c * cw;
   } else {
     // loss = (1 - iou) + rho2 / D [+ alpha * v]
-    const T diag = cw * cw + ch * ch + eps_iou;
+    const T diag = add_rn(sum_of_squares(cw, ch), eps_iou);
     const T dx = (a[2] + a[0]) / T(2) - (b[0] + b[2]) / T(2);
     const T dy = (a[3] + a[1]) / T(2) - (b[1] + b[3]) / T(2);
-    const T rho2 = dx * dx + dy * dy;
+    const T rho2 = sum_of_squares(dx, dy);
     g_iou = -g;
     const T g_rho2 = g / diag;
     const T g_diag = -g * rho2 / (diag * diag);

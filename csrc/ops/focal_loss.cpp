@@ -80,7 +80,10 @@ FocalPrepared prepare_focal(const Tensor& inputs, const Tensor& targets, bool wi
     // A device tensor with CPU inputs is refused rather than synchronised.
     FASTDET_CHECK(n.device() == inputs.device() || n.is_cpu(), "normalizer must be on the device of ", in_name, " (",
                   device_of(inputs), ") or on the CPU, got ", device_of(n));
-    norm = torch::stable::to(aten::reshape(n, {}), acc, std::nullopt, inputs.device());
+    // non_blocking: a host-to-device copy from pageable memory is staged before cudaMemcpyAsync returns, so it needs
+    // no stream synchronisation (a blocking copy would synchronise, which the docs promise never happens).
+    norm = torch::stable::to(aten::reshape(n, {}), acc, std::nullopt, inputs.device(), std::nullopt,
+                             /*non_blocking=*/true);
   }
   if (reduction == kReduceMean) {
     if (with_labels) {

@@ -16,6 +16,7 @@
 //     x = +inf gives loss 0 for t = 1 and +inf for t = 0 (torchvision: NaN and +inf), x = -inf gives +inf for t = 1 and
 //     0 for t = 0 (torchvision: NaN, NaN). The gradients are the finite limits: -a_t * (t - p) * q^gamma with the
 //     q-derivative term vanishing, i.e. 0, 1 - alpha, -alpha, 0 for the four cases above. NaN in x or t gives NaN.
+//     With alpha 0 (or 1) the targets 1 (or 0) weigh a_t = 0: their loss is 0 at every logit, infinite ones included.
 //   * d loss / dx = a_t * [(p - t) * q^gamma + ce * gamma * q^(gamma - 1) * dq/dx],  dq/dx = (1 - 2t) * p * p_m.
 //     The second term is taken as 0 where dq/dx == 0 or q == 0 (both mean p saturated at 0 or 1 with t in {0, 1}),
 //     which is its limit for every gamma > 0; torchvision's autograd gives NaN there for gamma < 1 (0 * inf).
@@ -89,6 +90,9 @@ C10_HOST_DEVICE inline T element(T x, T t, const Params<T>& prm, T* grad) {
     }
     *grad = a_t * g;
   }
+  // alpha 0 or 1 gives one side the weight a_t == 0: its loss is 0 for every finite logit, so the limit at an infinite
+  // one (ce = +inf) is 0 too, not 0 * inf. (Its gradient a_t * g is already 0: g is finite there.)
+  if (a_t == T(0) && ce == T(INFINITY)) return T(0);
   return a_t * ce * m;
 }
 

@@ -5,12 +5,16 @@
 #include <cmath>
 #include <limits>
 
+#include "ops/exact_math.h"
+
 namespace fastdet {
 namespace nms {
 
 // IoU(i, j) > threshold with IoU computed as torchvision's kernels do: sides clamped at zero, areas unclamped,
 // inter / (area_i + area_j - inter). T is float for float16/bfloat16/float32 boxes and double for float64. A NaN IoU
-// never suppresses. The comparison is symmetric in (i, j), which the CPU kernel relies on.
+// never suppresses. The comparison is symmetric in (i, j), which the CPU kernel relies on. The union is formed with
+// explicitly rounded operations (exact_math.h): nvcc would otherwise contract area_a + area_b - w * h into an FMA, and
+// a keep decision is a discrete result that must be the CPU's.
 template <typename T>
 C10_HOST_DEVICE inline bool iou_above(T ax1, T ay1, T ax2, T ay2, T area_a, T bx1, T by1, T bx2, T by2, T area_b,
                                       T threshold) {
@@ -20,8 +24,8 @@ C10_HOST_DEVICE inline bool iou_above(T ax1, T ay1, T ax2, T ay2, T area_a, T bx
   const T bottom = ay2 < by2 ? ay2 : by2;
   const T w = right - left > T(0) ? right - left : T(0);
   const T h = bottom - top > T(0) ? bottom - top : T(0);
-  const T inter = w * h;
-  return inter / (area_a + area_b - inter) > threshold;
+  const T inter = exact::mul_rn(w, h);
+  return inter / exact::sub_rn(exact::add_rn(area_a, area_b), inter) > threshold;
 }
 
 // torchvision's CPU kernel compares a float IoU against the double threshold. For a float x, `x > t` (in double)

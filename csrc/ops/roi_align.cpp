@@ -58,8 +58,17 @@ void check_spatial_scale(double spatial_scale, const char* name) {
                 spatial_scale);
 }
 
+// An explicit sampling_ratio s costs s^2 bilinear samples per output element (those certainly off the map are skipped,
+// but a box on the map has all of them), so it is bounded: 64 per axis, i.e. at most 4096 samples per bin -- what the
+// adaptive grid takes for a bin 64 pixels on a side; practical values are 0 (adaptive) to 8. (1024 would still allow
+// ~2^20 samples per output element: minutes for one 7 x 7 RoI of a 256-channel map.) The adaptive grid
+// (sampling_ratio <= 0) is ceil(bin size) per axis, about one sample per pixel of the box, and only the samples within
+// one pixel of the map are visited: its cost is bounded by the map size however large the box is (its grid is
+// clamped to roi::kMaxGrid per axis only to keep the sample count in range).
+constexpr int64_t kMaxSamplingRatio = 64;
+
 void check_sampling_ratio(int64_t sampling_ratio) {
-  FASTDET_CHECK(sampling_ratio <= roi::kMaxGrid, "sampling_ratio must be at most ", roi::kMaxGrid,
+  FASTDET_CHECK(sampling_ratio <= kMaxSamplingRatio, "sampling_ratio must be at most ", kMaxSamplingRatio,
                 " samples per bin and axis (<= 0 is adaptive), got ", sampling_ratio);
 }
 

@@ -128,7 +128,8 @@ def sigmoid_focal_loss(
     instead (slower, same values).
 
     Non-finite logits give the mathematical limit instead of torchvision's NaN: ``+inf`` gives loss 0 for target 1
-    and ``+inf`` for target 0 (``-inf``: ``+inf`` and 0), with finite gradients (0, ``1 - alpha``, ``-alpha``, 0). NaN
+    and ``+inf`` for target 0 (``-inf``: ``+inf`` and 0), with finite gradients (0, ``1 - alpha``, ``-alpha``, 0); with
+    ``alpha`` 0 or 1, the side weighted by 0 has loss 0 at infinite logits too. NaN
     logits or targets give NaN for that element (and for a reduced loss). An empty input gives an empty loss, 0 for
     ``'sum'`` and NaN for ``'mean'``, as torch's mean of nothing.
     """

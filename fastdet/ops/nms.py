@@ -219,6 +219,14 @@ def multiclass_nms(
     passing = _strictly_above(flat_scores, score_threshold)
     ranked = torch.where(passing, flat_scores, torch.full_like(flat_scores, float("-inf")))
     top = min(pre_nms_top_k, N * C)
+    if top == 0:
+        # No candidate at all (N = 0, C = 0 or pre_nms_top_k = 0): every slot is padding.
+        return (
+            boxes.new_zeros((B, max_detections, 4)),
+            scores.new_zeros((B, max_detections)),
+            torch.full((B, max_detections), -1, dtype=torch.int64, device=scores.device),
+            torch.zeros((B,), dtype=torch.int64, device=scores.device),
+        )
     order = _top_k_stable(ranked, top)
     cand_scores = ranked.gather(1, order)
     cand_passing = passing.gather(1, order)

@@ -154,7 +154,9 @@ def roi_align(
         spatial_scale (float): feature-map pixels per input-image pixel, e.g. ``1/16`` for a stride-16 map. Box
             coordinates are multiplied by it.
         sampling_ratio (int): bilinear samples per bin along each axis. ``<= 0`` is adaptive:
-            ``ceil(box_height / pooled_height)`` (resp. width) samples, computed per box.
+            ``ceil(box_height / pooled_height)`` (resp. width) samples, computed per box (only samples on the map are
+            visited, so a huge box costs at most about one sample per map pixel). An explicit value costs its square
+            per output element and must be at most 64 (a ``RuntimeError`` otherwise; torchvision has no limit).
         aligned (bool): the pixel model.
 
             * ``False`` (torchvision's default, and the original Mask R-CNN): a box coordinate ``x`` is used as is,

@@ -93,7 +93,11 @@ __attribute__((target("avx2,fma,f16c"))) inline __m256 element8(__m256 x, __m256
   const __m256 a_t = alpha < 0.0f ? one
                                   : _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(alpha), t),
                                                   _mm256_mul_ps(_mm256_set1_ps(1.0f - alpha), omt));
-  const __m256 loss = _mm256_mul_ps(_mm256_mul_ps(a_t, ce), m);
+  // a_t == 0 and ce == +inf (alpha 0 or 1, an infinite logit on the zero-weighted side): the limit 0, as in
+  // focal::element.
+  const __m256 zero_weight_inf = _mm256_and_ps(_mm256_cmp_ps(a_t, zero, _CMP_EQ_OQ),
+                                               _mm256_cmp_ps(ce, _mm256_set1_ps(INFINITY), _CMP_EQ_OQ));
+  const __m256 loss = _mm256_blendv_ps(_mm256_mul_ps(_mm256_mul_ps(a_t, ce), m), zero, zero_weight_inf);
   if constexpr (!WithGrad) return loss;
   const __m256 dce = _mm256_sub_ps(_mm256_mul_ps(p, omt), _mm256_mul_ps(pm, t));
   const __m256 dq = _mm256_mul_ps(_mm256_mul_ps(_mm256_sub_ps(one, _mm256_mul_ps(two, t)), p), pm);

@@ -146,7 +146,9 @@ Tensor roi_pool_backward_kernel(const Tensor& grad, const Tensor& rois, const Te
   const auto acc = roi_acc_type(grad.scalar_type());
   auto buf = roi_zeros({N, C, H, W}, acc, grad, channels_last);
   const int64_t K = rois.size(0), PH = grad.size(2), PW = grad.size(3);
-  if (K > 0 && C > 0 && PH > 0 && PW > 0) {
+  // An empty map (H or W == 0) has no pixel an argmax can name: its gradient is the empty buffer (whose strides need
+  // not satisfy the layout test below).
+  if (K > 0 && C > 0 && PH > 0 && PW > 0 && buf.numel() > 0) {
     const auto batch = batch_indices(rois, N);
     // RoIs of each image in index order (a stable counting sort); RoIs with an invalid batch index are left out.
     std::vector<int64_t> first(N + 1, 0), order(K);

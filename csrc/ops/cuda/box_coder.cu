@@ -10,6 +10,7 @@
 #include <torch/headeronly/macros/Macros.h>
 
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -124,7 +125,16 @@ __global__ void decode_select_kernel(const T* __restrict__ rel, const T* __restr
   FASTDET_GRID_STRIDE(s, B * K) {
     const int64_t b = s / K;
     const int64_t n = index[s];
-    CUDA_KERNEL_ASSERT(n >= -1 && n < N);
+    // An index outside [-1, N) cannot be raised here without a host sync, and a device assert would kill the CUDA
+    // context (every later call in the process fails). The slot is written as a NaN box instead -- the bad index
+    // shows up in the output, as a bad label does in the focal loss -- and nothing outside the tensors is read.
+    // (The CPU raises; the public caller, fastdet.ops.decode_and_select, only passes indices from its top-k.)
+    if (n < -1 || n >= N) {
+      const T nan = static_cast<T>(std::numeric_limits<A>::quiet_NaN());
+#pragma unroll
+      for (int k = 0; k < 4; ++k) out[s * 4 + k] = nan;
+      continue;
+    }
     A ov[4] = {A(0), A(0), A(0), A(0)};
     if (n >= 0) {
       A rv[4], av[4];
@@ -210,7 +220,8 @@ Tensor box_encode_kernel(const Tensor& gt, const Tensor& ex, std::vector<double>
   return out;
 }
 
-// image_sizes: float64 [B, 2] on the device, or absent. The index values are bounds-checked by a device assertion.
+// image_sizes: float64 [B, 2] on the device, or absent. An index value outside [-1, N) gives a NaN box (see the
+// kernel).
 Tensor decode_select_boxes_kernel(const Tensor& rel, const Tensor& anc, const Tensor& idx,
                                   const std::optional<Tensor>& image_sizes, std::vector<double> weights,
                                   double clip) {

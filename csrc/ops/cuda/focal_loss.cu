@@ -68,13 +68,15 @@ __global__ void __launch_bounds__(kThreads)
         g = nan;
       }
     }
+    // An ignored row's outputs are written as 0, not 0 * s: the scale may be inf or NaN (a zero normalizer), and the
+    // CPU kernel writes 0 there too.
     if (Reduce) {
       acc += l;
     } else {
-      loss[i] = static_cast<scalar_t>(l * s);
+      loss[i] = ignored ? scalar_t(0) : static_cast<scalar_t>(l * s);
     }
     if (WithGrad) {
-      grad[i] = static_cast<scalar_t>(g * s);
+      grad[i] = ignored ? scalar_t(0) : static_cast<scalar_t>(g * s);
     }
   }
   if (Reduce) {

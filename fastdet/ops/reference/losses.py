@@ -8,7 +8,8 @@ Semantics shared with fastdet (see its docstrings for the details):
 
 * ``sigmoid_focal_loss``: torchvision's formula; ``'mean'`` divides by the number of elements; ``alpha < 0`` disables
   the alpha weighting; an optional ``normalizer`` divides the result. Written with ``sigmoid(-x)`` for ``1 - p`` and
-  with zero-coefficient terms dropped, so that infinite logits give the limits fastdet documents instead of NaN.
+  with 0 * inf taken as 0 where a coefficient is exactly zero, so that infinite logits give the limits fastdet
+  documents instead of NaN (while the gradient with respect to a target of exactly 0 or 1 stays the true one).
 * ``sigmoid_focal_loss_with_labels``: the one-hot form; ``-1`` and ``C`` are background rows, ``ignore_index`` rows
   are dropped, ``'mean'`` divides by (kept rows * C) and is 0 when no row is kept.
 * box losses: torchvision's formulas (including CIoU's fixed inner eps of 1e-7); ``'mean'`` of no pairs is 0.
@@ -50,15 +51,23 @@ def _softplus(x: Tensor) -> Tensor:
 
 def _focal_terms(x: Tensor, t: Tensor, alpha: float, gamma: float) -> Tensor:
     p, pm = torch.sigmoid(x), torch.sigmoid(-x)
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    # BCE with logits = t * softplus(-x) + (1 - t) * softplus(x); a term with a zero coefficient is dropped (where),
-    # so that 0 * inf does not turn an infinite logit into NaN.
-    ce = torch.where(t != 0, t * _softplus(-x), zero) + torch.where(t != 1, (1 - t) * _softplus(x), zero)
+    # BCE with logits = t * softplus(-x) + (1 - t) * softplus(x). Where a coefficient is exactly zero and its softplus
+    # is infinite (an infinite logit), the softplus is replaced by 0 so that 0 * inf does not turn the limit into NaN.
+    # The coefficient itself stays in the product: the gradient with respect to a target of exactly 0 or 1 is the
+    # softplus it multiplies (dropping the whole term would make it 0).
+    ce = t * _zero_inf_where(t == 0, _softplus(-x)) + (1 - t) * _zero_inf_where(t == 1, _softplus(x))
     q = p * (1 - t) + pm * t  # 1 - p_t
     loss = ce * q**gamma if gamma != 0 else ce
     if alpha >= 0:
-        loss = (alpha * t + (1 - alpha) * (1 - t)) * loss
+        # alpha 0 or 1 gives one side a zero weight: its loss is 0 even where the unweighted loss is infinite.
+        a_t = alpha * t + (1 - alpha) * (1 - t)
+        loss = a_t * _zero_inf_where(a_t == 0, loss)
     return loss
+
+
+def _zero_inf_where(zero_coefficient: Tensor, v: Tensor) -> Tensor:
+    """v, with 0 where its coefficient is exactly zero and v is infinite (0 * inf -> the limit 0, not NaN)."""
+    return torch.where(zero_coefficient & torch.isinf(v), torch.zeros_like(v), v)
 
 
 def _reduce(loss: Tensor, reduction: str, count, normalizer) -> Tensor:
