@@ -241,19 +241,30 @@ def multiclass_nms(
     return det_boxes.to(boxes.dtype), det_scores.to(scores.dtype), det_labels, num_detections
 
 
+def _kept_count(boxes: Tensor):
+    """The data-dependent length of nms / batched_nms' output: an unbacked symint in ``[0, N]``.
+
+    ``new_dynamic_size`` only takes a static ``max``; with a dynamic number of boxes (torch.compile(dynamic=True),
+    torch.export with a Dim) N is symbolic, so the upper bound is stated with ``torch._check`` instead.
+    """
+    n = boxes.shape[0]
+    ctx = torch.library.get_ctx()
+    k = ctx.new_dynamic_size(max=n) if isinstance(n, int) else ctx.new_dynamic_size()
+    torch._check(k <= n)
+    return k
+
+
 # Fake kernels. nms / batched_nms return a data-dependent number of indices: an unbacked symint bounded by N.
 @register_fake("nms")
 def _nms_fake(boxes, scores, iou_threshold):
     torch._check(boxes.dim() == 2 and boxes.shape[-1] == 4)
-    k = torch.library.get_ctx().new_dynamic_size(max=boxes.shape[0])
-    return boxes.new_empty((k,), dtype=torch.int64)
+    return boxes.new_empty((_kept_count(boxes),), dtype=torch.int64)
 
 
 @register_fake("batched_nms")
 def _batched_nms_fake(boxes, scores, idxs, iou_threshold):
     torch._check(boxes.dim() == 2 and boxes.shape[-1] == 4)
-    k = torch.library.get_ctx().new_dynamic_size(max=boxes.shape[0])
-    return boxes.new_empty((k,), dtype=torch.int64)
+    return boxes.new_empty((_kept_count(boxes),), dtype=torch.int64)
 
 
 @register_fake("nms_fixed")

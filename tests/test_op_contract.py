@@ -1,0 +1,323 @@
+"""The contract around fastdet.ops' values that code written against torchvision.ops relies on: dynamic shapes
+(opcheck with its aot_dispatch_dynamic test, torch.compile(dynamic=True, fullgraph=True), torch.export with Dim
+dynamic shapes), integer boxes, torch.fx tracing, exception types and autocast.
+
+Compiled and exported results are compared with eager fastdet, which the other test files compare with torchvision and
+the reference. Runs on the CPU (the autocast tests also on CUDA where one is present).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastdet import ops
+
+tv_ops = pytest.importorskip("torchvision.ops", reason="torchvision is not installed; contract tests need it")
+
+
+def _boxes(gen, n, *, scale=50.0, dtype=torch.float32, device="cpu"):
+    xy = torch.rand(n, 2, generator=gen, dtype=torch.float64) * scale
+    wh = torch.rand(n, 2, generator=gen, dtype=torch.float64) * scale / 2
+    return torch.cat([xy, xy + wh], dim=1).to(dtype=dtype, device=device)
+
+
+def _rois(gen, k, batch, *, size=32.0):
+    boxes = _boxes(gen, k, scale=size)
+    index = torch.randint(batch, (k, 1), generator=gen).double()
+    return torch.cat([index, boxes], dim=1).float()
+
+
+def _compiled(fn, backend="aot_eager"):
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=True, fullgraph=True, backend=backend)
+
+
+def _assert_same(actual, expected):
+    if isinstance(expected, (tuple, list)):
+        assert len(actual) == len(expected)
+        for a, e in zip(actual, expected):
+            _assert_same(a, e)
+        return
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# dynamic shapes: opcheck (incl. aot_dispatch_dynamic), torch.compile(dynamic=True), torch.export
+# --------------------------------------------------------------------------------------------------------------------
+
+ALL_OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def test_opcheck_default_utils_include_the_dynamic_aot_test():
+    # The other test files call opcheck with its default test_utils; they only cover dynamic shapes if it runs them.
+    from torch.testing._internal.optests.generate_tests import DEFAULT_TEST_UTILS
+
+    assert "test_aot_dispatch_dynamic" in DEFAULT_TEST_UTILS
+
+
+@pytest.mark.parametrize("n", [0, 1, 40])
+def test_opcheck_nms_ops_with_data_dependent_output(n):
+    gen = torch.Generator().manual_seed(n)
+    boxes, scores = _boxes(gen, n), torch.rand(n, generator=gen)
+    idxs = torch.randint(3, (n,), generator=gen)
+    torch.library.opcheck(torch.ops.fastdet.nms.default, (boxes, scores, 0.5), test_utils=ALL_OPCHECK_UTILS)
+    torch.library.opcheck(torch.ops.fastdet.batched_nms.default, (boxes, scores, idxs, 0.5),
+                          test_utils=ALL_OPCHECK_UTILS)
+
+
+def _check_dynamic(fn, *arg_sets, backend="aot_eager"):
+    """fn compiled with dynamic=True, fullgraph=True gives eager's results on every argument set (of different
+    sizes, so the second and later calls run the same symbolic graph)."""
+    compiled = _compiled(fn, backend)
+    for args in arg_sets:
+        _assert_same(compiled(*args), fn(*args))
+
+
+def test_compile_dynamic_nms():
+    gen = torch.Generator().manual_seed(0)
+
+    def fn(boxes, scores):
+        keep = ops.nms(boxes, scores, 0.5)
+        return keep, boxes[keep]
+
+    sets = [(_boxes(gen, n), torch.rand(n, generator=gen)) for n in (30, 57, 1)]
+    _check_dynamic(fn, *sets, backend="inductor")
+    # No boxes at all (a size torch.compile specialises on); inductor cannot lower boxes[keep] for 0 boxes.
+    _check_dynamic(fn, *sets[:1], (_boxes(gen, 0), torch.rand(0, generator=gen)))
+
+
+def test_compile_dynamic_batched_nms():
+    gen = torch.Generator().manual_seed(1)
+
+    def fn(boxes, scores, idxs):
+        return ops.batched_nms(boxes, scores, idxs, 0.4)
+
+    sets = [(_boxes(gen, n), torch.rand(n, generator=gen), torch.randint(4, (n,), generator=gen)) for n in (25, 61)]
+    _check_dynamic(fn, *sets)
+
+
+def test_compile_dynamic_nms_fixed_and_multiclass_nms():
+    gen = torch.Generator().manual_seed(2)
+
+    def fixed(boxes, scores, idxs):
+        return ops.nms_fixed(boxes, scores, idxs, 0.5, 10)
+
+    _check_dynamic(fixed, *[(_boxes(gen, 2 * n).reshape(2, n, 4), torch.rand(2, n, generator=gen),
+                             torch.randint(3, (2, n), generator=gen)) for n in (12, 33)])
+
+    def multiclass(boxes, scores):
+        return ops.multiclass_nms(boxes, scores, 0.2, 0.5, 8, 50)
+
+    _check_dynamic(multiclass, *[(_boxes(gen, b * n).reshape(b, n, 4), torch.rand(b, n, 3, generator=gen))
+                                 for b, n in ((2, 20), (3, 41))])
+
+
+def test_compile_dynamic_box_iou_family():
+    gen = torch.Generator().manual_seed(3)
+
+    def fn(boxes1, boxes2):
+        return (ops.box_iou(boxes1, boxes2), ops.box_iou(boxes1, boxes2, fmt="cxcywh"),
+                ops.generalized_box_iou(boxes1, boxes2), ops.distance_box_iou(boxes1, boxes2),
+                ops.complete_box_iou(boxes1, boxes2), ops.box_area(boxes1),
+                ops.box_convert(boxes1, "xyxy", "xywh"), ops.clip_boxes_to_image(boxes1, (30, 40)))
+
+    _check_dynamic(fn, *[(_boxes(gen, n), _boxes(gen, m)) for n, m in ((5, 7), (11, 3), (2, 9))])
+
+    def batched(boxes1, boxes2):
+        return ops.box_iou(boxes1, boxes2)
+
+    _check_dynamic(batched, *[(_boxes(gen, b * 6).reshape(b, 6, 4), _boxes(gen, b * m).reshape(b, m, 4))
+                              for b, m in ((2, 4), (3, 9))])
+
+
+def test_compile_dynamic_roi_ops():
+    gen = torch.Generator().manual_seed(4)
+
+    def fn(x, rois):
+        return ops.roi_align(x, rois, (3, 2), 0.5, 2, True), ops.roi_pool(x, rois, 2, 0.5)
+
+    sets = [(torch.randn(n, 3, h, w, generator=gen), _rois(gen, k, n)) for n, h, w, k in ((2, 12, 15, 6),
+                                                                                        (3, 9, 20, 11))]
+    _check_dynamic(fn, *sets)
+    _check_dynamic(lambda x, rois: ops.roi_align(x, rois, 2, 0.5), *sets, backend="inductor")
+
+    def loss(x, rois):
+        return ops.roi_align(x, rois, 2, 0.5, -1).square().sum() + ops.roi_pool(x, rois, 2, 0.5).sum()
+
+    compiled = _compiled(loss)
+    for x, rois in sets:  # the backward graph is dynamic too
+        x = x.requires_grad_(True)
+        (expected,) = torch.autograd.grad(loss(x, rois), x)
+        (actual,) = torch.autograd.grad(compiled(x, rois), x)
+        _assert_same(actual, expected)
+
+
+def test_compile_dynamic_multi_scale_roi_align():
+    gen = torch.Generator().manual_seed(5)
+    pooler = ops.MultiScaleRoIAlign(["p2", "p3"], 2, 2)
+
+    def fn(p2, p3, boxes):
+        return pooler({"p2": p2, "p3": p3}, [boxes, boxes], [(64, 64), (64, 64)])
+
+    _check_dynamic(fn, *[(torch.randn(2, 3, 16, 16, generator=gen), torch.randn(2, 3, 8, 8, generator=gen),
+                          _boxes(gen, k, scale=40.0)) for k in (5, 13)])
+
+
+def test_compile_dynamic_box_coder():
+    gen = torch.Generator().manual_seed(6)
+    coder = ops.BoxCoder((10.0, 10.0, 5.0, 5.0))
+
+    def fn(rel, boxes, gt):
+        return coder.decode_single(rel, boxes), coder.encode_single(gt, boxes)
+
+    _check_dynamic(fn, *[(torch.randn(n, 4, generator=gen), _boxes(gen, n), _boxes(gen, n)) for n in (6, 19)])
+
+    def select(rel, anchors, scores):
+        return ops.decode_and_select(rel, anchors, scores, 0.3, 5, [(40, 50)] * rel.shape[0])
+
+    _check_dynamic(select, *[(torch.randn(b, n, 4, generator=gen), _boxes(gen, n), torch.rand(b, n, 3, generator=gen))
+                             for b, n in ((2, 12), (3, 30))])
+
+
+def test_compile_dynamic_anchors():
+    def fn(f1, f2):
+        grids = [(f1.shape[-2], f1.shape[-1]), (f2.shape[-2], f2.shape[-1])]
+        anchors = ops.generate_anchors(grids, [8, 16], ((16, 32), (64,)), ((0.5, 1.0), (1.0, 2.0)))
+        priors = ops.yolo_grid_priors(grids, [8, 16])
+        return anchors, priors
+
+    _check_dynamic(fn, *[(torch.zeros(1, 1, h, w), torch.zeros(1, 1, h // 2, w // 2)) for h, w in ((8, 10), (12, 6))])
+
+
+def test_compile_dynamic_losses():
+    gen = torch.Generator().manual_seed(7)
+
+    def fn(logits, targets, labels, boxes1, boxes2):
+        return (ops.sigmoid_focal_loss(logits, targets, reduction="sum"),
+                ops.sigmoid_focal_loss(logits, targets),
+                ops.sigmoid_focal_loss_with_labels(logits, labels, reduction="mean"),
+                ops.generalized_box_iou_loss(boxes1, boxes2), ops.distance_box_iou_loss(boxes1, boxes2, "mean"),
+                ops.complete_box_iou_loss(boxes1, boxes2, "sum"), ops.smooth_l1_loss(boxes1, boxes2, 0.5))
+
+    _check_dynamic(fn, *[(torch.randn(n, 4, generator=gen), torch.rand(n, 4, generator=gen),
+                          torch.randint(-1, 4, (n,), generator=gen), _boxes(gen, n), _boxes(gen, n)) for n in (7, 15)])
+
+
+class _NmsModule(torch.nn.Module):
+    def forward(self, boxes, scores, idxs):
+        return ops.nms(boxes, scores, 0.5), ops.batched_nms(boxes, scores, idxs, 0.5)
+
+
+class _RoiModule(torch.nn.Module):
+    def forward(self, x, rois):
+        return ops.roi_align(x, rois, 2, 0.5, 2, True), ops.roi_pool(x, rois, 2, 0.5)
+
+
+class _IouModule(torch.nn.Module):
+    def forward(self, boxes1, boxes2):
+        return ops.box_iou(boxes1, boxes2), ops.generalized_box_iou(boxes1, boxes2)
+
+
+def _check_export(module, example, dynamic_shapes, *arg_sets):
+    exported = torch.export.export(module, example, dynamic_shapes=dynamic_shapes)
+    for args in (example, *arg_sets):
+        _assert_same(exported.module()(*args), module(*args))
+
+
+def test_export_nms_with_a_dynamic_number_of_boxes():
+    gen = torch.Generator().manual_seed(8)
+    n = torch.export.Dim("n")
+
+    def args(k):
+        return _boxes(gen, k), torch.rand(k, generator=gen), torch.randint(3, (k,), generator=gen)
+
+    _check_export(_NmsModule(), args(30), ({0: n}, {0: n}, {0: n}), args(7), args(64))
+
+
+def test_export_roi_ops_with_dynamic_batch_and_boxes():
+    gen = torch.Generator().manual_seed(9)
+    batch, k = torch.export.Dim("batch"), torch.export.Dim("k")
+
+    def args(b, kk):
+        return torch.randn(b, 3, 10, 12, generator=gen), _rois(gen, kk, b)
+
+    _check_export(_RoiModule(), args(2, 5), ({0: batch}, {0: k}), args(3, 9), args(4, 2))
+
+
+def test_export_box_iou_with_dynamic_box_counts():
+    gen = torch.Generator().manual_seed(10)
+    n, m = torch.export.Dim("n"), torch.export.Dim("m")
+    _check_export(_IouModule(), (_boxes(gen, 5), _boxes(gen, 6)), ({0: n}, {0: m}), (_boxes(gen, 9), _boxes(gen, 3)))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# integer boxes
+# --------------------------------------------------------------------------------------------------------------------
+
+INT_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64]
+IOU_FUNCTIONS = ["box_iou", "generalized_box_iou", "distance_box_iou", "complete_box_iou"]
+
+
+def _int_boxes(gen, n, dtype):
+    return _boxes(gen, n, scale=80.0).round().to(dtype)  # coordinates < 127: every integer dtype holds them
+
+
+@pytest.mark.parametrize("dtype", INT_DTYPES + [torch.bool], ids=str)
+@pytest.mark.parametrize("fmt", ["xyxy", "xywh", "cxcywh"])
+def test_box_area_of_integer_boxes_matches_torchvision(dtype, fmt):
+    gen = torch.Generator().manual_seed(11)
+    boxes = _int_boxes(gen, 9, dtype) if dtype != torch.bool else torch.rand(9, 4, generator=gen) > 0.5
+    expected = tv_ops.box_area(boxes, fmt=fmt)
+    _assert_same(ops.box_area(boxes, fmt=fmt), expected)
+    assert not expected.is_floating_point()
+
+
+@pytest.mark.parametrize("dtype", INT_DTYPES, ids=str)
+@pytest.mark.parametrize("name", IOU_FUNCTIONS)
+def test_iou_family_of_integer_boxes_matches_torchvision(dtype, name):
+    gen = torch.Generator().manual_seed(12)
+    boxes1, boxes2 = _int_boxes(gen, 7, dtype), _int_boxes(gen, 5, dtype)
+    boxes2[0] = boxes1[0]  # an exact match
+    actual = getattr(ops, name)(boxes1, boxes2)
+    assert actual.dtype == getattr(tv_ops, name)(boxes1, boxes2).dtype == torch.float32
+    # torchvision forms corner differences in the boxes' dtype, so uint8 wraps around for disjoint boxes (a negative
+    # overlap becomes ~255 pixels); fastdet computes exactly: compare with torchvision where nothing wraps.
+    wide = (boxes1.short(), boxes2.short()) if dtype == torch.uint8 else (boxes1, boxes2)
+    expected = getattr(tv_ops, name)(*wide)
+    if name == "box_iou":  # inter and union are exact integers; one rounding of their quotient either way
+        _assert_same(actual, expected)
+    else:  # torchvision rounds the extra terms in float32 on the way
+        torch.testing.assert_close(actual, expected, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("fmt", ["xywh", "cxcywh"])
+def test_box_iou_of_integer_boxes_in_other_formats_and_mixed_dtypes(fmt):
+    gen = torch.Generator().manual_seed(13)
+    boxes1, boxes2 = _int_boxes(gen, 6, torch.int64), _int_boxes(gen, 4, torch.int32)
+    _assert_same(ops.box_iou(boxes1, boxes2, fmt=fmt), tv_ops.box_iou(boxes1, boxes2, fmt=fmt))
+    for float_dtype in (torch.float32, torch.float64):
+        other = boxes2.to(float_dtype)
+        for a, b in ((boxes1, other), (other, boxes1)):
+            expected = tv_ops.box_iou(a, b, fmt=fmt)
+            actual = ops.box_iou(a, b, fmt=fmt)
+            assert actual.dtype == expected.dtype == float_dtype
+            torch.testing.assert_close(actual, expected)
+            torch.testing.assert_close(ops.generalized_box_iou(a, b), tv_ops.generalized_box_iou(a, b))
+
+
+def test_integer_boxes_in_batched_iou_and_box_utilities():
+    gen = torch.Generator().manual_seed(14)
+    boxes1, boxes2 = _int_boxes(gen, 8, torch.int64).reshape(2, 4, 4), _int_boxes(gen, 6, torch.int64).reshape(2, 3, 4)
+    _assert_same(ops.box_iou(boxes1, boxes2), tv_ops.box_iou(boxes1, boxes2))
+    boxes = boxes1[0]
+    for in_fmt, out_fmt in (("xyxy", "xywh"), ("xywh", "xyxy"), ("xyxy", "cxcywh"), ("cxcywh", "xyxy")):
+        _assert_same(ops.box_convert(boxes, in_fmt, out_fmt), tv_ops.box_convert(boxes, in_fmt, out_fmt))
+    _assert_same(ops.clip_boxes_to_image(boxes, (30, 40)), tv_ops.clip_boxes_to_image(boxes, (30, 40)))
+    _assert_same(ops.remove_small_boxes(boxes, 10), tv_ops.remove_small_boxes(boxes, 10))
+
+
+def test_complex_boxes_are_rejected_with_a_clear_error():
+    with pytest.raises(TypeError, match="boxes1 must be a real"):
+        ops.box_iou(torch.zeros(2, 4, dtype=torch.complex64), torch.zeros(2, 4))
