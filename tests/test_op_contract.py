@@ -321,3 +321,174 @@ def test_integer_boxes_in_batched_iou_and_box_utilities():
 def test_complex_boxes_are_rejected_with_a_clear_error():
     with pytest.raises(TypeError, match="boxes1 must be a real"):
         ops.box_iou(torch.zeros(2, 4, dtype=torch.complex64), torch.zeros(2, 4))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# torch.fx: the RoI modules and functions are leaf calls of a traced graph
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class _RoiHead(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.align = ops.RoIAlign((3, 2), 0.5, 2, aligned=True)
+        self.pool = ops.RoIPool(2, 0.5)
+        self.pooler = ops.MultiScaleRoIAlign(["p2", "p3"], 2, 2)
+
+    def forward(self, x, rois, boxes: list[torch.Tensor]):
+        features = self.conv(x)
+        aligned = self.align(features, rois)
+        pooled = self.pool(features, rois)
+        pyramid = {"p2": features, "p3": features[:, :, ::2, ::2]}
+        multi = self.pooler(pyramid, boxes, [(24, 30), (24, 30)])
+        direct = ops.roi_align(features, boxes, 2, 0.5) + ops.roi_pool(features, rois, 2, 0.5)
+        return aligned.flatten(1).sum(1) + pooled.flatten(1).sum(1) + multi.flatten(1).sum(1) + direct.flatten(1).sum(1)
+
+
+def _head_inputs(seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 12, 15, generator=gen)
+    boxes = [_boxes(gen, 3, scale=20.0), _boxes(gen, 3, scale=20.0)]
+    rois = torch.cat([torch.cat([torch.full((3, 1), float(i)), b], dim=1) for i, b in enumerate(boxes)])
+    return x, rois, boxes
+
+
+def test_fx_symbolic_trace_of_the_roi_modules_matches_eager():
+    head = _RoiHead()
+    traced = torch.fx.symbolic_trace(head)
+    targets = [node.target for node in traced.graph.nodes if node.op == "call_function"]
+    names = [getattr(t, "__name__", "") for t in targets]
+    assert names.count("roi_align") == 2 and names.count("roi_pool") == 2 and "_multi_scale_pool" in names
+    for seed in (0, 1):
+        args = _head_inputs(seed)
+        _assert_same(traced(*args), head(*args))
+
+
+def test_fx_traced_multi_scale_roi_align_function_and_torchvision_feature_extraction():
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    head = _RoiHead().eval()
+    train_nodes, eval_nodes = get_graph_node_names(head)
+    assert train_nodes == eval_nodes
+    for name in ("align.roi_align", "pool.roi_pool", "pooler._multi_scale_pool", "roi_align", "roi_pool"):
+        assert name in eval_nodes, eval_nodes
+    extractor = create_feature_extractor(head, {"align.roi_align": "aligned", "pooler._multi_scale_pool": "multi"})
+    x, rois, boxes = _head_inputs(2)
+    features = head.conv(x)
+    out = extractor(x, rois, boxes)
+    _assert_same(out["aligned"], head.align(features, rois))
+    pyramid = {"p2": features, "p3": features[:, :, ::2, ::2]}
+    _assert_same(out["multi"], head.pooler(pyramid, boxes, [(24, 30), (24, 30)]))
+
+    class Functional(torch.nn.Module):
+        def forward(self, p2, p3, boxes: list[torch.Tensor]):
+            return ops.multi_scale_roi_align([p2, p3], boxes, 2, spatial_scales=[0.5, 0.25])
+
+    traced = torch.fx.symbolic_trace(Functional())
+    p2 = torch.randn(2, 3, 12, 15)
+    _assert_same(traced(p2, p2[:, :, ::2, ::2], boxes), Functional()(p2, p2[:, :, ::2, ::2], boxes))
+
+
+def test_eager_multi_scale_roi_align_module_still_records_its_scales():
+    head = _RoiHead()
+    head(*_head_inputs(3))
+    assert head.pooler.scales == [0.5, 0.25]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# autocast
+# --------------------------------------------------------------------------------------------------------------------
+
+AUTOCAST_OPS = ["nms", "batched_nms", "roi_align", "roi_pool", "multi_scale_roi_align"]
+
+
+@pytest.mark.parametrize("key", ["AutocastCPU", "AutocastCUDA"])
+@pytest.mark.parametrize("name", AUTOCAST_OPS)
+def test_autocast_kernels_are_registered(name, key):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdet::{name}", key)
+
+
+def _autocast_dtype(device):
+    return torch.bfloat16 if device == "cpu" else torch.float16
+
+
+def _on(device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device available")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_autocast_nms_matches_torchvision(device):
+    _on(device)
+    low = _autocast_dtype(device)
+    gen = torch.Generator().manual_seed(20)
+    boxes, scores = _boxes(gen, 200, scale=300.0).to(device), torch.rand(200, generator=gen).to(device)
+    idxs = torch.randint(4, (200,), generator=gen).to(device)
+    for b, s in ((boxes.to(low), scores), (boxes.to(low), scores.to(low)), (boxes, scores.to(low)), (boxes, scores)):
+        with torch.autocast(device, dtype=low):
+            expected = tv_ops.nms(b, s, 0.3)
+            _assert_same(ops.nms(b, s, 0.3), expected)
+            _assert_same(torch.ops.fastdet.nms(b, s, 0.3), expected)
+            _assert_same(ops.batched_nms(b, s, idxs, 0.3), tv_ops.batched_nms(b.float(), s.float(), idxs, 0.3))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("feature_dtype", ["low", "float32", "float64"])
+def test_autocast_roi_align_matches_torchvision(device, feature_dtype):
+    _on(device)
+    low = _autocast_dtype(device)
+    dtype = {"low": low, "float32": torch.float32, "float64": torch.float64}[feature_dtype]
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(2, 3, 12, 15, generator=gen).to(device=device, dtype=dtype)
+    rois = _rois(gen, 7, 2).to(device)
+    if dtype == torch.float64:
+        rois = rois.double()  # torchvision leaves float64 alone under autocast and wants matching dtypes
+    for aligned in (False, True):
+        x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        with torch.autocast(device, dtype=low):
+            expected = tv_ops.roi_align(x1, rois, (3, 2), 0.5, -1, aligned)
+            actual = ops.roi_align(x2, rois, (3, 2), 0.5, -1, aligned)
+        assert actual.dtype == expected.dtype == dtype
+        grad = torch.randn(expected.shape, generator=gen).to(device=device, dtype=dtype)
+        expected.backward(grad)
+        actual.backward(grad)
+        if device == "cpu":
+            _assert_same(actual, expected)
+            _assert_same(x2.grad, x1.grad)
+        else:
+            torch.testing.assert_close(actual, expected)
+            torch.testing.assert_close(x2.grad, x1.grad)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_autocast_roi_pool_and_multi_scale_roi_align_match_torchvision(device):
+    _on(device)
+    low = _autocast_dtype(device)
+    gen = torch.Generator().manual_seed(22)
+    x = torch.randn(2, 3, 12, 15, generator=gen).to(device=device, dtype=low)
+    rois = _rois(gen, 7, 2).to(device)
+    with torch.autocast(device, dtype=low):
+        actual = ops.roi_pool(x, rois, 2, 0.5)
+    # torchvision's autocast roi_pool (CUDA; on the CPU it has none and rejects the mixed dtypes): float32, then back
+    _assert_same(actual, tv_ops.roi_pool(x.float(), rois, 2, 0.5).to(low))
+
+    boxes = [_boxes(gen, 4, scale=40.0).to(device), _boxes(gen, 3, scale=40.0).to(device)]
+    pyramid = {"p2": x, "p3": x[:, :, ::2, ::2].contiguous()}
+    with torch.autocast(device, dtype=low):
+        actual = ops.MultiScaleRoIAlign(["p2", "p3"], 2, 2)(pyramid, boxes, [(24, 30), (24, 30)])
+        expected = tv_ops.MultiScaleRoIAlign(["p2", "p3"], 2, 2)(pyramid, boxes, [(24, 30), (24, 30)])
+    assert actual.dtype == expected.dtype == low
+    _assert_same(actual, expected) if device == "cpu" else torch.testing.assert_close(actual, expected)
+
+
+def test_autocast_roi_align_under_torch_compile():
+    gen = torch.Generator().manual_seed(23)
+    x = torch.randn(2, 3, 12, 15, generator=gen).bfloat16()
+    rois = _rois(gen, 5, 2)
+
+    def fn(x, rois):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return ops.roi_align(x, rois, 2, 0.5), ops.nms(rois[:, 1:].bfloat16(), rois[:, 0], 0.5)
+
+    _assert_same(_compiled(fn)(x, rois), fn(x, rois))

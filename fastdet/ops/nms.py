@@ -19,7 +19,7 @@ import numpy
 import torch
 from torch import Tensor
 
-from fastdet.ops._registry import native, register_fake
+from fastdet.ops._registry import autocast_float32, native, register_autocast, register_fake
 
 __all__ = ["batched_nms", "multiclass_nms", "nms", "nms_fixed"]
 
@@ -279,3 +279,17 @@ def _nms_fixed_fake(boxes, scores, idxs, iou_threshold, max_output):
 @register_fake("_nms_keep_flags")
 def _nms_keep_flags_fake(boxes, categories, iou_threshold, sync_free):
     return boxes.new_empty(boxes.shape[:-1], dtype=torch.bool)
+
+
+# Autocast, as torchvision registers it for nms: boxes and scores are cast to float32 (float64 stays float64), so the
+# result is that of float32 inputs. batched_nms (a Python function over nms in torchvision) does the same.
+def _nms_autocast(op, boxes, scores, iou_threshold):
+    return op(autocast_float32(boxes), autocast_float32(scores), iou_threshold)
+
+
+def _batched_nms_autocast(op, boxes, scores, idxs, iou_threshold):
+    return op(autocast_float32(boxes), autocast_float32(scores), idxs, iou_threshold)
+
+
+register_autocast("nms", _nms_autocast)
+register_autocast("batched_nms", _batched_nms_autocast)
