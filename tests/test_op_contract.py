@@ -492,3 +492,93 @@ def test_autocast_roi_align_under_torch_compile():
             return ops.roi_align(x, rois, 2, 0.5), ops.nms(rois[:, 1:].bfloat16(), rois[:, 0], 0.5)
 
     _assert_same(_compiled(fn)(x, rois), fn(x, rois))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# exception types: what a caller of torchvision catches
+# --------------------------------------------------------------------------------------------------------------------
+
+_X = torch.randn(2, 3, 8, 8)
+_R5 = torch.tensor([[0.0, 0.0, 0.0, 5.0, 5.0]])
+_B = torch.tensor([[0.0, 0.0, 4.0, 4.0], [1.0, 1.0, 5.0, 5.0]])
+_S = torch.tensor([0.9, 0.8])
+_LOGITS, _TARGETS = torch.randn(3, 4), torch.rand(3, 4)
+_LONG = torch.zeros(2, dtype=torch.long)
+
+# name: (call with the module under test, fastdet's message). torchvision raises for each of these; fastdet must raise
+# an instance of the same type (it may be a subclass, e.g. a ValueError that is also an AssertionError).
+BAD_INPUTS = {
+    "focal-reduction": (lambda m: m.sigmoid_focal_loss(_LOGITS, _TARGETS, reduction="bad"), "reduction must be"),
+    "focal-shapes": (lambda m: m.sigmoid_focal_loss(_LOGITS, _TARGETS[:2]), "targets must have the shape"),
+    "giou-loss-reduction": (lambda m: m.generalized_box_iou_loss(_B, _B, reduction="bad"), "reduction must be"),
+    "diou-loss-reduction": (lambda m: m.distance_box_iou_loss(_B, _B, reduction="bad"), "reduction must be"),
+    "ciou-loss-reduction": (lambda m: m.complete_box_iou_loss(_B, _B, reduction="bad"), "reduction must be"),
+    "box-loss-3-coords": (lambda m: m.generalized_box_iou_loss(_B[:, :3], _B[:, :3]), "must have shape"),
+    "roi_align-boxes-K4": (lambda m: m.roi_align(_X, torch.zeros(1, 4), 2), r"boxes must be a Tensor\[K, 5\]"),
+    "roi_align-boxes-list-K5": (lambda m: m.roi_align(_X, [torch.zeros(1, 5)], 2), r"boxes\[0\] must be"),
+    "roi_align-boxes-str": (lambda m: m.roi_align(_X, "boxes", 2), r"boxes must be a Tensor\[K, 5\] or a list"),
+    "roi_align-boxes-int": (lambda m: m.roi_align(_X, _R5.long(), 2), "boxes must be floating-point"),
+    "roi_align-input-3d": (lambda m: m.roi_align(_X[0], _R5, 2), r"input must have shape \[N, C, H, W\]"),
+    "roi_align-input-int": (lambda m: m.roi_align(_X.long(), _R5, 2), "input must be a floating-point"),
+    "roi_align-output-size-negative": (lambda m: m.roi_align(_X, _R5, -1), "output_size must be a positive int"),
+    "roi_align-output-size-float": (lambda m: m.roi_align(_X, _R5, 2.5), "output_size must be a positive int"),
+    "roi_pool-boxes-K4": (lambda m: m.roi_pool(_X, torch.zeros(1, 4), 2), r"boxes must be a Tensor\[K, 5\]"),
+    "roi_pool-boxes-list-K5": (lambda m: m.roi_pool(_X, [torch.zeros(1, 5)], 2), r"boxes\[0\] must be"),
+    "roi_pool-input-3d": (lambda m: m.roi_pool(_X[0], _R5, 2), r"input must have shape \[N, C, H, W\]"),
+    "roi_pool-boxes-empty-list": (lambda m: m.roi_pool(_X, [], 2), "got an empty list"),
+    "multi-scale-no-image-shapes": (lambda m: m.MultiScaleRoIAlign(["a"], 2, 2)({"a": _X}, [_B, _B], None),
+                                    "image_shapes must list"),
+    "multi-scale-missing-level": (lambda m: m.MultiScaleRoIAlign(["a"], 2, 2)({"b": _X}, [_B, _B], [(8, 8)] * 2),
+                                  "x holds none of the feature maps"),
+    "box_iou-3-coords": (lambda m: m.box_iou(_B[:, :3], _B), r"boxes1 must have shape \[\.\.\., 4\]"),
+    "generalized_box_iou-3-coords": (lambda m: m.generalized_box_iou(_B, _B[:, :3]), "boxes2 must have shape"),
+    "distance_box_iou-3-coords": (lambda m: m.distance_box_iou(_B[:, :3], _B), "boxes1 must have shape"),
+    "complete_box_iou-3-coords": (lambda m: m.complete_box_iou(_B[:, :3], _B), "boxes1 must have shape"),
+    "box_iou-fmt": (lambda m: m.box_iou(_B, _B, fmt="abc"), "fmt must be one of"),
+    "box_area-3-coords": (lambda m: m.box_area(_B[:, :3]), "boxes must have shape"),
+    "box_convert-3-coords": (lambda m: m.box_convert(_B[:, :3], "xyxy", "cxcywh"), "boxes must have shape"),
+    "box_convert-fmt": (lambda m: m.box_convert(_B, "abc", "xyxy"), "in_fmt must be one of"),
+    "clip-3-coords": (lambda m: m.clip_boxes_to_image(_B[:, :3], (4, 4)), "boxes must have shape"),
+    "remove_small-3-coords": (lambda m: m.remove_small_boxes(_B[:, :3], 1.0), "boxes must have shape"),
+    "nms-3-coords": (lambda m: m.nms(_B[:, :3], _S, 0.5), r"boxes must have shape \[N, 4\]"),
+    "nms-scores-2d": (lambda m: m.nms(_B, _S[None], 0.5), "scores must have shape"),
+    "nms-lengths": (lambda m: m.nms(_B, _S[:1], 0.5), "scores must have shape"),
+    "nms-int-boxes": (lambda m: m.nms(_B.long(), _S, 0.5), "boxes must be a floating-point"),
+    "batched_nms-3-coords": (lambda m: m.batched_nms(_B[:, :3], _S, _LONG, 0.5), r"boxes must have shape \[N, 4\]"),
+    "batched_nms-idxs-length": (lambda m: m.batched_nms(_B, _S, torch.zeros(3, dtype=torch.long), 0.5),
+                                "idxs must have shape"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS.values()), ids=list(BAD_INPUTS))
+def test_bad_input_raises_what_torchvision_raises(case):
+    call, message = case
+    with pytest.raises(Exception) as theirs:
+        call(tv_ops)
+    with pytest.raises(type(theirs.value), match=message) as ours:
+        call(ops)
+    # and the natural type of the problem, for code written against fastdet
+    natural = (ValueError, TypeError, RuntimeError)
+    assert isinstance(ours.value, natural), type(ours.value).__mro__
+
+
+# Where fastdet deliberately differs (README.md, "Exceptions"): torchvision accepts these (or fails by accident, with
+# an AttributeError), fastdet raises the given type with a message naming the argument.
+DELIBERATE_DIFFERENCES = {
+    "roi_align-output-size-0": (lambda m: m.roi_align(_X, _R5, 0), ValueError, "output_size must be a positive"),
+    "roi_align-output-size-3": (lambda m: m.roi_align(_X, _R5, (2, 2, 2)), ValueError, "output_size must be"),
+    "roi_align-batch-index": (lambda m: m.roi_align(_X, torch.tensor([[5.0, 0, 0, 5, 5]]), 2), RuntimeError,
+                              "not a valid batch index"),
+    "box_iou-rank-1": (lambda m: m.box_iou(torch.zeros(4), _B), ValueError, "boxes1 must have shape"),
+    "batched_nms-float-idxs": (lambda m: m.batched_nms(_B, _S, torch.zeros(2), 0.5), RuntimeError,
+                               "idxs must be an integer tensor"),
+    "nms-nan-threshold": (lambda m: m.nms(_B, _S, float("nan")), ValueError, "iou_threshold must be"),
+    "nms-boxes-list": (lambda m: m.nms([[0.0, 0.0, 1.0, 1.0]], _S[:1], 0.5), TypeError, "boxes must be a torch"),
+}
+
+
+@pytest.mark.parametrize("case", list(DELIBERATE_DIFFERENCES.values()), ids=list(DELIBERATE_DIFFERENCES))
+def test_deliberate_differences_from_torchvision(case):
+    call, error, message = case
+    with pytest.raises(error, match=message):
+        call(ops)

@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor
 
+from fastdet.ops._errors import BoxesShapeError, TensorShapeError
 from fastdet.ops._registry import native, register_autograd, register_fake
 
 __all__ = [
@@ -29,14 +30,15 @@ _IOU, _GIOU, _DIOU, _CIOU = 0, 1, 2, 3
 _AXIS_ALIGNED_FORMATS = ("xyxy", "xywh", "cxcywh")
 
 
-def _check_box_tensor(boxes: Tensor, name: str, min_dim: int = 1) -> None:
-    # Integer (and bool) boxes are accepted, as torchvision does; complex ones are not.
+def _check_box_tensor(boxes: Tensor, name: str, min_dim: int = 1, shape_error: type = BoxesShapeError) -> None:
+    # Integer (and bool) boxes are accepted, as torchvision does; complex ones are not. A wrong shape raises a
+    # ValueError that is also what torchvision raises for it (an IndexError from its indexing, unless said otherwise).
     if not isinstance(boxes, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(boxes).__name__}")
     if boxes.is_complex():
         raise TypeError(f"{name} must be a real (floating-point or integer) tensor, got dtype {boxes.dtype}")
     if boxes.dim() < min_dim or boxes.shape[-1] != 4:
-        raise ValueError(f"{name} must have shape [..., 4], got {tuple(boxes.shape)}")
+        raise shape_error(f"{name} must have shape [..., 4], got {tuple(boxes.shape)}")
 
 
 def _check_format(fmt: str, name: str) -> None:
@@ -48,7 +50,7 @@ def box_convert(boxes: Tensor, in_fmt: str, out_fmt: str) -> Tensor:
     """Convert ``boxes (Tensor[..., 4])`` between ``'xyxy'``, ``'xywh'`` (corner, size) and ``'cxcywh'`` (centre,
     size). Returns a new tensor (a copy when the formats are equal), as torchvision does. Rotated formats are not
     supported."""
-    _check_box_tensor(boxes, "boxes")
+    _check_box_tensor(boxes, "boxes", shape_error=ValueError)  # torchvision: ValueError (unpacking)
     _check_format(in_fmt, "in_fmt")
     _check_format(out_fmt, "out_fmt")
     if in_fmt == out_fmt:
@@ -88,7 +90,7 @@ def box_area(boxes: Tensor, fmt: str = "xyxy") -> Tensor:
 
 def clip_boxes_to_image(boxes: Tensor, size: tuple[int, int]) -> Tensor:
     """Clip ``boxes (Tensor[..., 4])`` (xyxy) to an image of ``size = (height, width)``. NaN coordinates stay NaN."""
-    _check_box_tensor(boxes, "boxes")
+    _check_box_tensor(boxes, "boxes", shape_error=TensorShapeError)  # torchvision: RuntimeError
     if len(size) != 2:
         raise ValueError(f"size must be (height, width), got {size!r}")
     height, width = size

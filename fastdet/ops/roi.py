@@ -37,6 +37,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from fastdet.ops._errors import BoxesFormatError, BoxesShapeError, BoxesTypeError, TensorShapeError, TensorTypeError
 from fastdet.ops._registry import autocast_float32, native, register_autocast, register_autograd, register_fake
 
 __all__ = [
@@ -57,24 +58,30 @@ BoxesArg = Tensor | Sequence[Tensor]
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+# Error types: each is also what torchvision raises for the same input (see fastdet/ops/_errors.py).
 def _check_feature(t, name: str) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+        raise TensorTypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if t.dim() != 4:
-        raise ValueError(f"{name} must have shape [N, C, H, W], got {tuple(t.shape)}")
+        raise TensorShapeError(f"{name} must have shape [N, C, H, W], got {tuple(t.shape)}")
 
 
 def _pair(output_size, name: str = "output_size") -> tuple[int, int]:
+    message = f"{name} must be a positive int or a pair of positive ints, got {output_size!r}"
     if isinstance(output_size, int):
         size = (output_size, output_size)
-    else:
+    elif isinstance(output_size, (list, tuple)):
         size = tuple(output_size)
         if len(size) == 1:
             size = (size[0], size[0])
-    if len(size) != 2 or not all(isinstance(s, int) for s in size) or min(size) <= 0:
-        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {output_size!r}")
+    else:
+        raise TensorTypeError(message)
+    if not all(isinstance(s, int) for s in size):
+        raise TensorTypeError(message)
+    if len(size) != 2 or min(size) <= 0:
+        raise TensorShapeError(message)
     return size
 
 
@@ -82,21 +89,21 @@ def _to_rois(boxes: BoxesArg, device: torch.device) -> Tensor:
     """``Tensor[K, 5]`` rois from either box format (torchvision's ``convert_boxes_to_roi_format``)."""
     if isinstance(boxes, Tensor):
         if boxes.dim() != 2 or boxes.shape[1] != 5:
-            raise ValueError(f"boxes must be a Tensor[K, 5] (batch_index, x1, y1, x2, y2) or a list of "
+            raise BoxesFormatError(f"boxes must be a Tensor[K, 5] (batch_index, x1, y1, x2, y2) or a list of "
                              f"Tensor[L, 4], got a tensor of shape {tuple(boxes.shape)}")
         rois = boxes
     elif isinstance(boxes, (list, tuple)):
         for i, b in enumerate(boxes):
             if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[1] != 4:
                 shape = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
-                raise ValueError(f"boxes[{i}] must be a Tensor[L, 4] (x1, y1, x2, y2), got {shape}")
+                raise BoxesFormatError(f"boxes[{i}] must be a Tensor[L, 4] (x1, y1, x2, y2), got {shape}")
         if len(boxes) == 0:
             raise ValueError("boxes must hold one Tensor[L, 4] per image; got an empty list")
         rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)], dim=0)
     else:
-        raise TypeError(f"boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__name__}")
+        raise BoxesTypeError(f"boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__name__}")
     if not rois.is_floating_point():
-        raise TypeError(f"boxes must be floating-point, got dtype {rois.dtype}")
+        raise TensorTypeError(f"boxes must be floating-point, got dtype {rois.dtype}")
     if rois.device != device:
         raise ValueError(f"input and boxes must be on the same device, got {device} and {rois.device}")
     return rois
@@ -554,8 +561,8 @@ def _multi_scale_pool_and_scales(x, featmap_names, boxes, image_shapes, output_s
         raise TypeError(f"x must be a dict of feature maps Tensor[N, C, H, W], got {type(x).__name__}")
     # torchvision's _filter_input: the dict's order, not featmap_names' order, decides the level order.
     features = [v for k, v in x.items() if k in featmap_names]
-    if not features:
-        raise ValueError(f"x holds none of the feature maps {list(featmap_names)}; its keys are {list(x)}")
+    if not features:  # torchvision: an IndexError from indexing the empty list
+        raise BoxesShapeError(f"x holds none of the feature maps {list(featmap_names)}; its keys are {list(x)}")
     if image_shapes is None or len(image_shapes) == 0:
         raise ValueError("image_shapes must list the (height, width) of every image before batching, got "
                          f"{image_shapes!r}")
