@@ -238,12 +238,12 @@ def test_export_nms_with_a_dynamic_number_of_boxes():
 
 def test_export_roi_ops_with_dynamic_batch_and_boxes():
     gen = torch.Generator().manual_seed(9)
-    batch, k = torch.export.Dim("batch"), torch.export.Dim("k")
+    batch, k, h, w = (torch.export.Dim(name) for name in ("batch", "k", "h", "w"))
 
-    def args(b, kk):
-        return torch.randn(b, 3, 10, 12, generator=gen), _rois(gen, kk, b)
+    def args(b, kk, hh=10, ww=12):
+        return torch.randn(b, 3, hh, ww, generator=gen), _rois(gen, kk, b)
 
-    _check_export(_RoiModule(), args(2, 5), ({0: batch}, {0: k}), args(3, 9), args(4, 2))
+    _check_export(_RoiModule(), args(2, 5), ({0: batch, 2: h, 3: w}, {0: k}), args(3, 9, 7, 15), args(4, 2))
 
 
 def test_export_box_iou_with_dynamic_box_counts():
@@ -582,3 +582,58 @@ def test_deliberate_differences_from_torchvision(case):
     call, error, message = case
     with pytest.raises(error, match=message):
         call(ops)
+
+
+# more families under torch.export with dynamic dimensions
+
+
+class _PostprocessModule(torch.nn.Module):
+    def forward(self, boxes, scores, idxs, rel, anchors):
+        keep, num = ops.nms_fixed(boxes, scores, idxs, 0.5, 10)
+        det = ops.multiclass_nms(boxes, torch.stack([scores, 1 - scores], dim=-1), 0.2, 0.5, 8, 30)
+        selected = ops.decode_and_select(rel, anchors, scores, 0.3, 5)
+        return keep, num, *det, *selected
+
+
+class _TrainingTermsModule(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pooler = ops.MultiScaleRoIAlign(["p2", "p3"], 2, 2)
+
+    def forward(self, p2, p3, feature, boxes, logits, targets, deltas):
+        pooled = self.pooler({"p2": p2, "p3": p3}, [boxes, boxes], [(64, 64), (64, 64)])
+        grid = [(feature.shape[-2], feature.shape[-1])]
+        anchors = ops.generate_anchors(grid, [8], ((16, 32),), ((0.5, 1.0),))
+        priors = ops.yolo_grid_priors(grid, [8])
+        return (pooled, anchors, priors, ops.sigmoid_focal_loss(logits, targets, reduction="sum"),
+                ops.generalized_box_iou_loss(boxes, boxes.flip(0), "mean"), ops.box_decode(deltas, boxes))
+
+
+def test_export_postprocessing_with_dynamic_batch_and_candidates():
+    gen = torch.Generator().manual_seed(24)
+    # multiclass_nms / decode_and_select take a different (static) path when the candidates are fewer than the top-k,
+    # so N is declared to be at least that large
+    b, n = torch.export.Dim("b"), torch.export.Dim("n", min=16)
+
+    def args(bb, nn):
+        return (_boxes(gen, bb * nn).reshape(bb, nn, 4), torch.rand(bb, nn, generator=gen),
+                torch.randint(3, (bb, nn), generator=gen), torch.randn(bb, nn, 4, generator=gen), _boxes(gen, nn))
+
+    dims = ({0: b, 1: n}, {0: b, 1: n}, {0: b, 1: n}, {0: b, 1: n}, {0: n})
+    _check_export(_PostprocessModule(), args(2, 20), dims, args(3, 41), args(1, 16))
+
+
+def test_export_pooling_anchors_and_losses_with_dynamic_sizes():
+    gen = torch.Generator().manual_seed(25)
+    k, h, w = torch.export.Dim("k"), torch.export.Dim("h"), torch.export.Dim("w")
+
+    def args(kk, hh, ww):
+        boxes = _boxes(gen, kk, scale=40.0)
+        return (torch.randn(2, 3, 16, 16, generator=gen), torch.randn(2, 3, 8, 8, generator=gen),
+                torch.zeros(1, 1, hh, ww), boxes, torch.randn(kk, 4, generator=gen), torch.rand(kk, 4, generator=gen),
+                torch.randn(kk, 4, generator=gen))
+
+    # MultiScaleRoIAlign's feature maps stay static: its level scales are Python floats inferred from their sizes
+    # (as in torchvision), so a dynamic pyramid would be specialised anyway.
+    dims = (None, None, {2: h, 3: w}, {0: k}, {0: k}, {0: k}, {0: k})
+    _check_export(_TrainingTermsModule(), args(5, 8, 8), dims, args(9, 6, 10))
