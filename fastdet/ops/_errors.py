@@ -9,7 +9,14 @@ keeps working and new code can catch the natural type. README.md ("Exceptions") 
 
 from __future__ import annotations
 
-__all__ = ["BoxesFormatError", "BoxesShapeError", "BoxesTypeError", "TensorShapeError", "TensorTypeError"]
+__all__ = [
+    "BoxesFormatError",
+    "BoxesShapeError",
+    "BoxesTypeError",
+    "MissingFeatureMapError",
+    "TensorShapeError",
+    "TensorTypeError",
+]
 
 
 class BoxesFormatError(ValueError, AssertionError):
@@ -22,6 +29,10 @@ class BoxesTypeError(TypeError, AssertionError):
 
 class BoxesShapeError(ValueError, IndexError):
     """Boxes without 4 coordinates in the last dimension; torchvision's indexing raises IndexError."""
+
+
+class MissingFeatureMapError(ValueError, IndexError):
+    """MultiScaleRoIAlign's input holds none of its feature maps; torchvision fails indexing the empty list."""
 
 
 class TensorShapeError(ValueError, RuntimeError):

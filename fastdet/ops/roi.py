@@ -37,7 +37,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from fastdet.ops._errors import BoxesFormatError, BoxesShapeError, BoxesTypeError, TensorShapeError, TensorTypeError
+from fastdet.ops._errors import (BoxesFormatError, BoxesTypeError, MissingFeatureMapError, TensorShapeError,
+                                TensorTypeError)
 from fastdet.ops._registry import autocast_float32, native, register_autocast, register_autograd, register_fake
 
 __all__ = [
@@ -90,7 +91,7 @@ def _to_rois(boxes: BoxesArg, device: torch.device) -> Tensor:
     if isinstance(boxes, Tensor):
         if boxes.dim() != 2 or boxes.shape[1] != 5:
             raise BoxesFormatError(f"boxes must be a Tensor[K, 5] (batch_index, x1, y1, x2, y2) or a list of "
-                             f"Tensor[L, 4], got a tensor of shape {tuple(boxes.shape)}")
+                                   f"Tensor[L, 4], got a tensor of shape {tuple(boxes.shape)}")
         rois = boxes
     elif isinstance(boxes, (list, tuple)):
         for i, b in enumerate(boxes):
@@ -562,7 +563,7 @@ def _multi_scale_pool_and_scales(x, featmap_names, boxes, image_shapes, output_s
     # torchvision's _filter_input: the dict's order, not featmap_names' order, decides the level order.
     features = [v for k, v in x.items() if k in featmap_names]
     if not features:  # torchvision: an IndexError from indexing the empty list
-        raise BoxesShapeError(f"x holds none of the feature maps {list(featmap_names)}; its keys are {list(x)}")
+        raise MissingFeatureMapError(f"x holds none of the feature maps {list(featmap_names)}; its keys are {list(x)}")
     if image_shapes is None or len(image_shapes) == 0:
         raise ValueError("image_shapes must list the (height, width) of every image before batching, got "
                          f"{image_shapes!r}")
