@@ -202,6 +202,20 @@ def test_compile_dynamic_anchors():
 
     _check_dynamic(fn, *[(torch.zeros(1, 1, h, w), torch.zeros(1, 1, h // 2, w // 2)) for h, w in ((8, 10), (12, 6))])
 
+    anchor_generator = ops.AnchorGenerator(((16, 32), (64,)), ((0.5, 1.0), (1.0, 2.0)))
+    default_boxes = ops.DefaultBoxGenerator([[2], [2, 3]])
+
+    class ImageList:
+        def __init__(self, tensors, image_sizes):
+            self.tensors, self.image_sizes = tensors, image_sizes
+
+    def modules(images, f1, f2):
+        image_list = ImageList(images, [(images.shape[-2], images.shape[-1])] * images.shape[0])
+        return anchor_generator(image_list, [f1, f2]), default_boxes(image_list, [f1, f2])
+
+    _check_dynamic(modules, *[(torch.zeros(2, 3, h, w), torch.zeros(2, 1, h // 8, w // 8),
+                               torch.zeros(2, 1, h // 16, w // 16)) for h, w in ((64, 80), (96, 48))])
+
 
 def test_compile_dynamic_losses():
     gen = torch.Generator().manual_seed(7)
