@@ -665,3 +665,36 @@ def test_export_pooling_anchors_and_losses_with_dynamic_sizes():
     # (as in torchvision), so a dynamic pyramid would be specialised anyway.
     dims = (None, None, {2: h, 3: w}, {0: k}, {0: k}, {0: k}, {0: k})
     _check_export(_TrainingTermsModule(), args(5, 8, 8), dims, args(9, 6, 10))
+
+
+@pytest.mark.parametrize("key", ["AutocastCPU", "AutocastCUDA"])
+@pytest.mark.parametrize("name", ["sigmoid_focal_loss", "sigmoid_focal_loss_with_labels"])
+def test_focal_loss_autocast_kernels_are_registered(name, key):
+    test_autocast_kernels_are_registered(name, key)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_autocast_focal_loss_matches_torchvision(device, reduction):
+    # torchvision's focal loss runs binary_cross_entropy_with_logits, which autocast computes in float32: the loss is
+    # float32 under autocast, the gradient in the logits' dtype
+    _on(device)
+    low = _autocast_dtype(device)
+    gen = torch.Generator().manual_seed(26)
+    logits = (torch.randn(6, 5, generator=gen) * 3).to(device=device, dtype=low)
+    labels = torch.randint(-1, 5, (6,), generator=gen).to(device)
+    targets = torch.nn.functional.one_hot(labels.clamp(min=0), 5).to(low) * (labels >= 0)[:, None].to(low)
+    ours, theirs, with_labels = (logits.clone().requires_grad_(True) for _ in range(3))
+    with torch.autocast(device, dtype=low):
+        expected = tv_ops.sigmoid_focal_loss(theirs, targets, reduction=reduction)
+        actual = ops.sigmoid_focal_loss(ours, targets, reduction=reduction)
+        actual_labels = ops.sigmoid_focal_loss_with_labels(with_labels, labels, reduction=reduction)
+    assert actual.dtype == actual_labels.dtype == expected.dtype == torch.float32
+    # torchvision forms sigmoid(logits) and (1 - p_t) ** gamma in the low-precision dtype; fastdet all in float32
+    torch.testing.assert_close(actual, expected, rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(actual_labels, actual, rtol=1e-6, atol=1e-7)
+    for loss, x in ((expected, theirs), (actual, ours), (actual_labels, with_labels)):
+        loss.sum().backward()
+        assert x.grad.dtype == low
+    torch.testing.assert_close(ours.grad.float(), theirs.grad.float(), rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(with_labels.grad, ours.grad)

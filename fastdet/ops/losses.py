@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastdet.ops._registry import native, register_autograd, register_fake
+from fastdet.ops._registry import autocast_float32, native, register_autocast, register_autograd, register_fake
 
 __all__ = [
     "ciou_loss",
@@ -253,6 +253,23 @@ register_autograd("sigmoid_focal_loss", _make_focal_backward("sigmoid_focal_loss
 register_autograd(
     "sigmoid_focal_loss_with_labels", _make_focal_backward("sigmoid_focal_loss_with_labels"), _focal_setup_context
 )
+
+
+# Autocast: torchvision's sigmoid_focal_loss is built on binary_cross_entropy_with_logits, which autocast runs in
+# float32 (on the CPU and CUDA), so under autocast its loss is float32 whatever the logits' dtype. The same here: the
+# logits (and float targets / normalizer) are cast to float32; the gradient flows back through the cast.
+def _focal_autocast(op, inputs, targets, alpha, gamma, reduction, normalizer, need_grad):
+    return op(autocast_float32(inputs), autocast_float32(targets), alpha, gamma, reduction,
+              autocast_float32(normalizer), need_grad)
+
+
+def _focal_labels_autocast(op, logits, labels, ignore_index, alpha, gamma, reduction, normalizer, need_grad):
+    return op(autocast_float32(logits), labels, ignore_index, alpha, gamma, reduction, autocast_float32(normalizer),
+              need_grad)
+
+
+register_autocast("sigmoid_focal_loss", _focal_autocast)
+register_autocast("sigmoid_focal_loss_with_labels", _focal_labels_autocast)
 
 
 # --------------------------------------------------------------------------------------------------------------------
