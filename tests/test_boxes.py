@@ -508,8 +508,9 @@ def _boxes(*shape, **kwargs):
 
 
 BAD_PAIRWISE_INPUTS = {
-    "integer-boxes1": (lambda: (_boxes(3).long(), _boxes(2)), TypeError, r"boxes1 must be a floating-point"),
-    "integer-boxes2": (lambda: (_boxes(3), _boxes(2).to(torch.int32)), TypeError, r"boxes2 must be a floating-point"),
+    # integer boxes are accepted, as in torchvision (tests/test_op_contract.py); complex ones are not
+    "complex-boxes1": (lambda: (_boxes(3).to(torch.complex64), _boxes(2)), TypeError, r"boxes1 must be a real"),
+    "complex-boxes2": (lambda: (_boxes(3), _boxes(2).to(torch.complex64)), TypeError, r"boxes2 must be a real"),
     "not-a-tensor": (lambda: ([[0.0, 0.0, 1.0, 1.0]], _boxes(2)), TypeError, r"boxes1 must be a torch\.Tensor"),
     "last-dim-5": (lambda: (_boxes(3), torch.rand(2, 5)), ValueError, r"boxes2 must have shape \[\.\.\., 4\]"),
     "rank-1": (lambda: (torch.rand(4), _boxes(2)), ValueError, r"boxes1 must have shape"),

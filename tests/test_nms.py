@@ -316,11 +316,9 @@ def _opcheck_samples():
 
 def test_opcheck_nms_family():
     boxes, scores, idxs = _opcheck_samples()
-    # Data-dependent outputs cannot go through the static-shape AOT checks; the schema, fake-kernel and
-    # autograd-registration checks still run.
-    dynamic_tests = ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(torch.ops.fastdet.nms, (boxes, scores, 0.5), test_utils=dynamic_tests)
-    torch.library.opcheck(torch.ops.fastdet.batched_nms, (boxes, scores, idxs, 0.5), test_utils=dynamic_tests)
+    # all default checks, including aot_dispatch_dynamic for the data-dependent output size
+    torch.library.opcheck(torch.ops.fastdet.nms, (boxes, scores, 0.5))
+    torch.library.opcheck(torch.ops.fastdet.batched_nms, (boxes, scores, idxs, 0.5))
     torch.library.opcheck(torch.ops.fastdet.nms_fixed, (boxes, scores, idxs, 0.5, 20))
     torch.library.opcheck(torch.ops.fastdet.nms_fixed, (boxes[None].repeat(2, 1, 1), scores[None].repeat(2, 1), None,
                                                         0.5, 20))

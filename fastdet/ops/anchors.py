@@ -45,7 +45,7 @@ def _positive_numbers(values, name: str) -> tuple:
     if len(values) == 0:
         raise ValueError(f"{name} must not be empty")
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v < math.inf or v <= 0:
             raise ValueError(f"{name} must hold finite positive numbers, got {values!r}")
     return values
 
@@ -89,7 +89,7 @@ def _flat(pairs) -> list:
 
 def _check_offset(offset) -> float:
     offset = float(offset)
-    if not math.isfinite(offset):
+    if not -math.inf < offset < math.inf:
         raise ValueError(f"offset must be finite, got {offset}")
     return offset
 
@@ -294,7 +294,7 @@ def _ssd_scales(num_outputs: int, min_ratio: float, max_ratio: float, scales):
         if len(scales) < num_outputs + 1:
             raise ValueError(f"scales must hold one scale per level plus one ({num_outputs + 1}), got {len(scales)}")
         return scales
-    if not (0 < min_ratio and 0 < max_ratio and math.isfinite(min_ratio) and math.isfinite(max_ratio)):
+    if not (0 < min_ratio and 0 < max_ratio and min_ratio < math.inf and max_ratio < math.inf):
         raise ValueError(f"min_ratio and max_ratio must be finite and positive, got {min_ratio}, {max_ratio}")
     # torchvision's linear spacing (SSD paper eq. 4), plus 1.0 for the extra box of the last level.
     if num_outputs > 1:

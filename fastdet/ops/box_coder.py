@@ -46,14 +46,14 @@ def _check_weights(weights) -> list[float]:
         weights = [float(w) for w in weights]
     except TypeError:
         raise TypeError(f"weights must be 4 numbers (wx, wy, ww, wh), got {weights!r}") from None
-    if len(weights) != 4 or not all(math.isfinite(w) and w != 0 for w in weights):
+    if len(weights) != 4 or not all(-math.inf < w < math.inf and w != 0 for w in weights):
         raise ValueError(f"weights must be 4 finite non-zero numbers (wx, wy, ww, wh), got {weights!r}")
     return weights
 
 
 def _check_clip(clip) -> float:
     clip = float(clip)
-    if math.isnan(clip):
+    if clip != clip:  # NaN (no math.isnan: symbolic floats trace through a comparison)
         raise ValueError("bbox_xform_clip must not be NaN")
     return clip
 
@@ -232,7 +232,7 @@ def decode_and_select(
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be a non-negative int, got {top_k!r}")
     score_threshold = float(score_threshold)
-    if math.isnan(score_threshold):
+    if score_threshold != score_threshold:  # NaN
         raise ValueError("score_threshold must not be NaN")
     sizes = _image_sizes_tensor(image_sizes, B, rel_codes.device)
     weights, clip = _check_weights(weights), _check_clip(bbox_xform_clip)

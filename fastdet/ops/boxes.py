@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor
 
+from fastdet.ops._errors import BoxesShapeError, TensorShapeError
 from fastdet.ops._registry import native, register_autograd, register_fake
 
 __all__ = [
@@ -29,13 +30,15 @@ _IOU, _GIOU, _DIOU, _CIOU = 0, 1, 2, 3
 _AXIS_ALIGNED_FORMATS = ("xyxy", "xywh", "cxcywh")
 
 
-def _check_box_tensor(boxes: Tensor, name: str, min_dim: int = 1) -> None:
+def _check_box_tensor(boxes: Tensor, name: str, min_dim: int = 1, shape_error: type = BoxesShapeError) -> None:
+    # Integer (and bool) boxes are accepted, as torchvision does; complex ones are not. A wrong shape raises a
+    # ValueError that is also what torchvision raises for it (an IndexError from its indexing, unless said otherwise).
     if not isinstance(boxes, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(boxes).__name__}")
-    if not boxes.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {boxes.dtype}")
+    if boxes.is_complex():
+        raise TypeError(f"{name} must be a real (floating-point or integer) tensor, got dtype {boxes.dtype}")
     if boxes.dim() < min_dim or boxes.shape[-1] != 4:
-        raise ValueError(f"{name} must have shape [..., 4], got {tuple(boxes.shape)}")
+        raise shape_error(f"{name} must have shape [..., 4], got {tuple(boxes.shape)}")
 
 
 def _check_format(fmt: str, name: str) -> None:
@@ -47,7 +50,7 @@ def box_convert(boxes: Tensor, in_fmt: str, out_fmt: str) -> Tensor:
     """Convert ``boxes (Tensor[..., 4])`` between ``'xyxy'``, ``'xywh'`` (corner, size) and ``'cxcywh'`` (centre,
     size). Returns a new tensor (a copy when the formats are equal), as torchvision does. Rotated formats are not
     supported."""
-    _check_box_tensor(boxes, "boxes")
+    _check_box_tensor(boxes, "boxes", shape_error=ValueError)  # torchvision: ValueError (unpacking)
     _check_format(in_fmt, "in_fmt")
     _check_format(out_fmt, "out_fmt")
     if in_fmt == out_fmt:
@@ -65,13 +68,21 @@ def box_convert(boxes: Tensor, in_fmt: str, out_fmt: str) -> Tensor:
     return torch.stack((a, b, c, d), dim=-1)
 
 
+def _upcast(boxes: Tensor) -> Tensor:
+    # torchvision's _upcast: float16/bfloat16 -> float32, integers (and bool) narrower than int32 -> int32, so that
+    # products of coordinates do not overflow.
+    if boxes.is_floating_point():
+        return boxes if boxes.dtype in (torch.float32, torch.float64) else boxes.float()
+    return boxes if boxes.dtype in (torch.int32, torch.int64) else boxes.int()
+
+
 def box_area(boxes: Tensor, fmt: str = "xyxy") -> Tensor:
     """Area of ``boxes (Tensor[..., 4])`` -> ``Tensor[...]``. float16/bfloat16 boxes give float32 areas (as
-    torchvision), so large boxes do not overflow."""
+    torchvision), so large boxes do not overflow; integer boxes give integer areas (int64 for int64 boxes, int32 for
+    narrower integers, as torchvision)."""
     _check_box_tensor(boxes, "boxes")
     _check_format(fmt, "fmt")
-    if boxes.dtype not in (torch.float32, torch.float64):
-        boxes = boxes.float()
+    boxes = _upcast(boxes)
     if fmt == "xyxy":
         return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
     return boxes[..., 2] * boxes[..., 3]
@@ -79,7 +90,7 @@ def box_area(boxes: Tensor, fmt: str = "xyxy") -> Tensor:
 
 def clip_boxes_to_image(boxes: Tensor, size: tuple[int, int]) -> Tensor:
     """Clip ``boxes (Tensor[..., 4])`` (xyxy) to an image of ``size = (height, width)``. NaN coordinates stay NaN."""
-    _check_box_tensor(boxes, "boxes")
+    _check_box_tensor(boxes, "boxes", shape_error=TensorShapeError)  # torchvision: RuntimeError
     if len(size) != 2:
         raise ValueError(f"size must be (height, width), got {size!r}")
     height, width = size
@@ -115,10 +126,27 @@ def _to_xyxy(boxes: Tensor, fmt: str) -> Tensor:
     return box_convert(boxes, fmt, "xyxy")
 
 
+def _float_operands(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor, torch.dtype | None]:
+    """Integer boxes for the IoU family, as torchvision takes them: with a floating-point partner they take its dtype;
+    two integer sets are computed in float64 (exact for coordinates below 2**26) and the result is returned in the
+    default dtype (float32), torchvision's ``inter / union`` result dtype. Returns the operands and the dtype to cast
+    the result to (None: keep). Floating-point inputs pass through untouched."""
+    float1, float2 = boxes1.is_floating_point(), boxes2.is_floating_point()
+    if float1 and float2:
+        return boxes1, boxes2, None
+    if float1 or float2:
+        dtype = boxes1.dtype if float1 else boxes2.dtype
+        return boxes1.to(dtype), boxes2.to(dtype), None
+    return boxes1.double(), boxes2.double(), torch.get_default_dtype()
+
+
 def _pairwise(boxes1: Tensor, boxes2: Tensor, variant: int, eps: float) -> Tensor:
     """Run the native pairwise kernel on ``[..., N, 4] x [..., M, 4]``; leading dims broadcast like torchvision's."""
     _check_box_tensor(boxes1, "boxes1", min_dim=2)
     _check_box_tensor(boxes2, "boxes2", min_dim=2)
+    boxes1, boxes2, result_dtype = _float_operands(boxes1, boxes2)
+    if result_dtype is not None:
+        return _pairwise(boxes1, boxes2, variant, eps).to(result_dtype)
     if boxes1.device != boxes2.device:
         raise ValueError(f"boxes1 and boxes2 must be on the same device, got {boxes1.device} and {boxes2.device}")
     if boxes1.dtype != boxes2.dtype:
@@ -154,7 +182,9 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy") -> Tensor:
     Returns:
         Tensor[..., N, M]: float32 for float16/bfloat16/float32 inputs (computed in float32; see below),
         float64 for float64. IoU is NaN where the union is 0 (two zero-area boxes), as in torchvision.
-        Differentiable with respect to both inputs.
+        Differentiable with respect to both inputs. Integer boxes are accepted, as in torchvision: with a
+        floating-point partner they are converted to its dtype; two integer sets give the default dtype (float32),
+        computed in float64. The same holds for the GIoU/DIoU/CIoU functions below.
 
     Differences from torchvision: float16/bfloat16 boxes are converted to float32 before anything else, where
     torchvision forms ``x + w`` and the corner differences in the low-precision dtype. For ``'xywh'``/``'cxcywh'``
@@ -166,7 +196,9 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy") -> Tensor:
     # checked here, before the format conversion, so that errors name boxes1/boxes2 rather than box_convert's "boxes"
     _check_box_tensor(boxes1, "boxes1", min_dim=2)
     _check_box_tensor(boxes2, "boxes2", min_dim=2)
-    return _pairwise(_to_xyxy(boxes1, fmt), _to_xyxy(boxes2, fmt), _IOU, 0.0)
+    boxes1, boxes2, result_dtype = _float_operands(boxes1, boxes2)
+    iou = _pairwise(_to_xyxy(boxes1, fmt), _to_xyxy(boxes2, fmt), _IOU, 0.0)
+    return iou if result_dtype is None else iou.to(result_dtype)
 
 
 def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastdet.ops._registry import native, register_autograd, register_fake
+from fastdet.ops._registry import autocast_float32, native, register_autocast, register_autograd, register_fake
 
 __all__ = [
     "ciou_loss",
@@ -54,9 +54,9 @@ def _check_tensor(t, name: str, *, floating: bool = True) -> None:
 
 def _check_focal_params(alpha, gamma) -> tuple[float, float]:
     alpha, gamma = float(alpha), float(gamma)
-    if math.isnan(alpha) or alpha > 1:
+    if alpha != alpha or alpha > 1:  # NaN (no math.isnan: symbolic floats trace through a comparison)
         raise ValueError(f"alpha must be in [0, 1], or negative to disable the alpha weighting, got {alpha}")
-    if not (math.isfinite(gamma) and gamma >= 0):
+    if not 0 <= gamma < math.inf:
         raise ValueError(f"gamma must be a finite number >= 0, got {gamma}")
     return alpha, gamma
 
@@ -256,6 +256,23 @@ register_autograd(
 )
 
 
+# Autocast: torchvision's sigmoid_focal_loss is built on binary_cross_entropy_with_logits, which autocast runs in
+# float32 (on the CPU and CUDA), so under autocast its loss is float32 whatever the logits' dtype. The same here: the
+# logits (and float targets / normalizer) are cast to float32; the gradient flows back through the cast.
+def _focal_autocast(op, inputs, targets, alpha, gamma, reduction, normalizer, need_grad):
+    return op(autocast_float32(inputs), autocast_float32(targets), alpha, gamma, reduction,
+              autocast_float32(normalizer), need_grad)
+
+
+def _focal_labels_autocast(op, logits, labels, ignore_index, alpha, gamma, reduction, normalizer, need_grad):
+    return op(autocast_float32(logits), labels, ignore_index, alpha, gamma, reduction, autocast_float32(normalizer),
+              need_grad)
+
+
+register_autocast("sigmoid_focal_loss", _focal_autocast)
+register_autocast("sigmoid_focal_loss_with_labels", _focal_labels_autocast)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # smooth L1
 # --------------------------------------------------------------------------------------------------------------------
@@ -283,7 +300,7 @@ def smooth_l1_loss(input: Tensor, target: Tensor, beta: float = 1.0, reduction: 
         raise ValueError(f"input and target must have the same shape, got {tuple(input.shape)} and "
                          f"{tuple(target.shape)}")
     beta = float(beta)
-    if not (beta >= 0 and math.isfinite(beta)):
+    if not 0 <= beta < math.inf:
         raise ValueError(f"beta must be a finite number >= 0, got {beta}")
     return F.smooth_l1_loss(input, target, reduction=reduction, beta=beta)
 
@@ -303,7 +320,7 @@ def _box_pair_loss(boxes1: Tensor, boxes2: Tensor, variant: int, reduction: str,
     if boxes1.device != boxes2.device:
         raise ValueError(f"boxes1 and boxes2 must be on the same device, got {boxes1.device} and {boxes2.device}")
     eps = float(eps)
-    if not (eps >= 0 and math.isfinite(eps)):
+    if not 0 <= eps < math.inf:
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     if boxes1.dtype != boxes2.dtype:
         dtype = torch.promote_types(boxes1.dtype, boxes2.dtype)

@@ -19,7 +19,7 @@ import numpy
 import torch
 from torch import Tensor
 
-from fastdet.ops._registry import native, register_fake
+from fastdet.ops._registry import autocast_float32, native, register_autocast, register_fake
 
 __all__ = ["batched_nms", "multiclass_nms", "nms", "nms_fixed"]
 
@@ -249,19 +249,30 @@ def multiclass_nms(
     return det_boxes.to(boxes.dtype), det_scores.to(scores.dtype), det_labels, num_detections
 
 
+def _kept_count(boxes: Tensor):
+    """The data-dependent length of nms / batched_nms' output: an unbacked symint in ``[0, N]``.
+
+    ``new_dynamic_size`` only takes a static ``max``; with a dynamic number of boxes (torch.compile(dynamic=True),
+    torch.export with a Dim) N is symbolic, so the upper bound is stated with ``torch._check`` instead.
+    """
+    n = boxes.shape[0]
+    ctx = torch.library.get_ctx()
+    k = ctx.new_dynamic_size(max=n) if isinstance(n, int) else ctx.new_dynamic_size()
+    torch._check(k <= n)
+    return k
+
+
 # Fake kernels. nms / batched_nms return a data-dependent number of indices: an unbacked symint bounded by N.
 @register_fake("nms")
 def _nms_fake(boxes, scores, iou_threshold):
     torch._check(boxes.dim() == 2 and boxes.shape[-1] == 4)
-    k = torch.library.get_ctx().new_dynamic_size(max=boxes.shape[0])
-    return boxes.new_empty((k,), dtype=torch.int64)
+    return boxes.new_empty((_kept_count(boxes),), dtype=torch.int64)
 
 
 @register_fake("batched_nms")
 def _batched_nms_fake(boxes, scores, idxs, iou_threshold):
     torch._check(boxes.dim() == 2 and boxes.shape[-1] == 4)
-    k = torch.library.get_ctx().new_dynamic_size(max=boxes.shape[0])
-    return boxes.new_empty((k,), dtype=torch.int64)
+    return boxes.new_empty((_kept_count(boxes),), dtype=torch.int64)
 
 
 @register_fake("nms_fixed")
@@ -276,3 +287,17 @@ def _nms_fixed_fake(boxes, scores, idxs, iou_threshold, max_output):
 @register_fake("_nms_keep_flags")
 def _nms_keep_flags_fake(boxes, categories, iou_threshold, sync_free):
     return boxes.new_empty(boxes.shape[:-1], dtype=torch.bool)
+
+
+# Autocast, as torchvision registers it for nms: boxes and scores are cast to float32 (float64 stays float64), so the
+# result is that of float32 inputs. batched_nms (a Python function over nms in torchvision) does the same.
+def _nms_autocast(op, boxes, scores, iou_threshold):
+    return op(autocast_float32(boxes), autocast_float32(scores), iou_threshold)
+
+
+def _batched_nms_autocast(op, boxes, scores, idxs, iou_threshold):
+    return op(autocast_float32(boxes), autocast_float32(scores), idxs, iou_threshold)
+
+
+register_autocast("nms", _nms_autocast)
+register_autocast("batched_nms", _batched_nms_autocast)

@@ -37,7 +37,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from fastdet.ops._registry import native, register_autograd, register_fake
+from fastdet.ops._errors import (BoxesFormatError, BoxesTypeError, MissingFeatureMapError, TensorShapeError,
+                                TensorTypeError)
+from fastdet.ops._registry import autocast_float32, native, register_autocast, register_autograd, register_fake
 
 __all__ = [
     "MultiScaleRoIAlign",
@@ -57,24 +59,30 @@ BoxesArg = Tensor | Sequence[Tensor]
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+# Error types: each is also what torchvision raises for the same input (see fastdet/ops/_errors.py).
 def _check_feature(t, name: str) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+        raise TensorTypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if t.dim() != 4:
-        raise ValueError(f"{name} must have shape [N, C, H, W], got {tuple(t.shape)}")
+        raise TensorShapeError(f"{name} must have shape [N, C, H, W], got {tuple(t.shape)}")
 
 
 def _pair(output_size, name: str = "output_size") -> tuple[int, int]:
+    message = f"{name} must be a positive int or a pair of positive ints, got {output_size!r}"
     if isinstance(output_size, int):
         size = (output_size, output_size)
-    else:
+    elif isinstance(output_size, (list, tuple)):
         size = tuple(output_size)
         if len(size) == 1:
             size = (size[0], size[0])
-    if len(size) != 2 or not all(isinstance(s, int) for s in size) or min(size) <= 0:
-        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {output_size!r}")
+    else:
+        raise TensorTypeError(message)
+    if not all(isinstance(s, int) for s in size):
+        raise TensorTypeError(message)
+    if len(size) != 2 or min(size) <= 0:
+        raise TensorShapeError(message)
     return size
 
 
@@ -82,21 +90,21 @@ def _to_rois(boxes: BoxesArg, device: torch.device) -> Tensor:
     """``Tensor[K, 5]`` rois from either box format (torchvision's ``convert_boxes_to_roi_format``)."""
     if isinstance(boxes, Tensor):
         if boxes.dim() != 2 or boxes.shape[1] != 5:
-            raise ValueError(f"boxes must be a Tensor[K, 5] (batch_index, x1, y1, x2, y2) or a list of "
-                             f"Tensor[L, 4], got a tensor of shape {tuple(boxes.shape)}")
+            raise BoxesFormatError(f"boxes must be a Tensor[K, 5] (batch_index, x1, y1, x2, y2) or a list of "
+                                   f"Tensor[L, 4], got a tensor of shape {tuple(boxes.shape)}")
         rois = boxes
     elif isinstance(boxes, (list, tuple)):
         for i, b in enumerate(boxes):
             if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[1] != 4:
                 shape = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
-                raise ValueError(f"boxes[{i}] must be a Tensor[L, 4] (x1, y1, x2, y2), got {shape}")
+                raise BoxesFormatError(f"boxes[{i}] must be a Tensor[L, 4] (x1, y1, x2, y2), got {shape}")
         if len(boxes) == 0:
             raise ValueError("boxes must hold one Tensor[L, 4] per image; got an empty list")
         rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)], dim=0)
     else:
-        raise TypeError(f"boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__name__}")
+        raise BoxesTypeError(f"boxes must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__name__}")
     if not rois.is_floating_point():
-        raise TypeError(f"boxes must be floating-point, got dtype {rois.dtype}")
+        raise TensorTypeError(f"boxes must be floating-point, got dtype {rois.dtype}")
     if rois.device != device:
         raise ValueError(f"input and boxes must be on the same device, got {device} and {rois.device}")
     return rois
@@ -113,6 +121,22 @@ def _deterministic() -> bool:
     # so it is the setting in force when the gradient is computed (under torch.compile: when the backward is traced,
     # and Dynamo guards on it).
     return torch.are_deterministic_algorithms_enabled()
+
+
+def _fx_leaf_call(fn, *args):
+    """Under ``torch.fx.symbolic_trace``, record ``fn(*args)`` as one ``call_function`` node and return its Proxy;
+    otherwise None.
+
+    The argument checks here inspect tensor types and sizes, which a Proxy cannot answer, so the RoI functions and
+    modules are leaves of a traced graph, as torchvision's are (torchvision also ``torch.fx.wrap``s them, which covers
+    calls from this module only; this covers calls from anywhere).
+    """
+    for arg in args:
+        items = arg if isinstance(arg, (list, tuple)) else (arg,)
+        for item in items:
+            if isinstance(item, torch.fx.Proxy):
+                return item.tracer.create_proxy("call_function", fn, args, {})
+    return None
 
 
 def check_rois(boxes: BoxesArg, batch_size: int) -> None:
@@ -135,6 +159,7 @@ def check_rois(boxes: BoxesArg, batch_size: int) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+@torch.fx.wrap
 def roi_align(
     input: Tensor,
     boxes: BoxesArg,
@@ -178,6 +203,9 @@ def roi_align(
     positions ``(i + 0.5) / grid``; a sample more than one pixel outside the map (``y < -1``, ``y > H``, ...)
     counts as 0, other samples are clamped to the map and interpolated. See the module docstring for bad input.
     """
+    traced = _fx_leaf_call(roi_align, input, boxes, output_size, spatial_scale, sampling_ratio, aligned)
+    if traced is not None:
+        return traced
     _check_feature(input, "input")
     ph, pw = _pair(output_size)
     rois = _to_rois(boxes, input.device)
@@ -223,6 +251,7 @@ register_autograd("roi_align", _roi_align_backward, _roi_align_setup_context)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+@torch.fx.wrap
 def roi_pool(
     input: Tensor,
     boxes: BoxesArg,
@@ -246,6 +275,9 @@ def roi_pool(
     map. NaN feature values never win. The gradient of each bin flows to the first pixel (in row-major order) holding
     its maximum, as in torchvision.
     """
+    traced = _fx_leaf_call(roi_pool, input, boxes, output_size, spatial_scale)
+    if traced is not None:
+        return traced
     _check_feature(input, "input")
     ph, pw = _pair(output_size)
     rois = _to_rois(boxes, input.device)
@@ -312,6 +344,7 @@ def _infer_scale(feature_size: int, image_size: int) -> float:
     return 2.0 ** round(math.log2(float(feature_size) / float(image_size)))
 
 
+@torch.fx.wrap
 def multi_scale_roi_align(
     features: Sequence[Tensor],
     boxes: BoxesArg,
@@ -348,6 +381,10 @@ def multi_scale_roi_align(
     :func:`fpn_levels`), and all levels are pooled by one kernel launch, without a Python loop over levels and without
     host synchronisation.
     """
+    traced = _fx_leaf_call(_multi_scale_roi_align_call, features, boxes, output_size, sampling_ratio, canonical_scale,
+                           canonical_level, spatial_scales, image_shapes, aligned, eps)
+    if traced is not None:
+        return traced
     if isinstance(features, Tensor) or not isinstance(features, (list, tuple)) or len(features) == 0:
         raise TypeError("features must be a non-empty list of Tensor[N, C, H, W]")
     for i, f in enumerate(features):
@@ -369,6 +406,13 @@ def multi_scale_roi_align(
         levels = torch.zeros_like(levels)  # torchvision pools a single level without a level mapping
     return native("multi_scale_roi_align")(list(features), rois, levels, spatial_scales, ph, pw, int(sampling_ratio),
                                            bool(aligned))
+
+
+def _multi_scale_roi_align_call(features, boxes, output_size, sampling_ratio, canonical_scale, canonical_level,
+                                spatial_scales, image_shapes, aligned, eps):
+    # multi_scale_roi_align with positional arguments only: the target of its torch.fx call_function nodes.
+    return multi_scale_roi_align(features, boxes, output_size, sampling_ratio, canonical_scale, canonical_level,
+                                 spatial_scales=spatial_scales, image_shapes=image_shapes, aligned=aligned, eps=eps)
 
 
 @register_fake("multi_scale_roi_align")
@@ -402,6 +446,34 @@ def _multi_scale_backward(ctx, grad):
 
 
 register_autograd("multi_scale_roi_align", _multi_scale_backward, _multi_scale_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# autocast
+# ---------------------------------------------------------------------------------------------------------------------
+# torchvision's autocast kernel of roi_align (and, on CUDA, roi_pool) casts the feature map and the boxes to float32,
+# runs the op and casts the result back to the feature map's dtype. fastdet's kernels already compute in float32 for
+# float16/bfloat16 feature maps and round once to the feature dtype, which is exactly that result, so the feature map
+# is passed as is (no float32 copy of every level) and only the boxes are cast as torchvision casts them. roi_pool
+# (a max, exact in any dtype) and multi_scale_roi_align (roi_align over levels in torchvision) get the same treatment,
+# on the CPU too.
+
+
+def _roi_align_autocast(op, input, rois, *args):
+    return op(input, autocast_float32(rois), *args)
+
+
+def _roi_pool_autocast(op, input, rois, *args):
+    return op(input, autocast_float32(rois), *args)
+
+
+def _multi_scale_roi_align_autocast(op, features, rois, levels, *args):
+    return op(features, autocast_float32(rois), levels, *args)
+
+
+register_autocast("roi_align", _roi_align_autocast)
+register_autocast("roi_pool", _roi_pool_autocast)
+register_autocast("multi_scale_roi_align", _multi_scale_roi_align_autocast)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -472,13 +544,40 @@ class MultiScaleRoIAlign(nn.Module):
         self.canonical_level = canonical_level
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
-        # torchvision's _filter_input: the dict's order, not featmap_names' order, decides the level order.
-        features = [v for k, v in x.items() if k in self.featmap_names]
-        original_height = max(s[0] for s in image_shapes)
-        self.scales = [_infer_scale(f.shape[-2], original_height) for f in features]
-        return multi_scale_roi_align(features, boxes, self.output_size, self.sampling_ratio, self.canonical_scale,
-                                     self.canonical_level, spatial_scales=self.scales)
+        args = (x, self.featmap_names, boxes, image_shapes, self.output_size, self.sampling_ratio, self.canonical_scale,
+                self.canonical_level)
+        traced = _fx_leaf_call(_multi_scale_pool, *args)  # torch.fx: one leaf call (self.scales is not updated)
+        if traced is not None:
+            return traced
+        result, self.scales = _multi_scale_pool_and_scales(*args)
+        return result
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}(featmap_names={self.featmap_names}, output_size={self.output_size}, "
                 f"sampling_ratio={self.sampling_ratio})")
+
+
+def _multi_scale_pool_and_scales(x, featmap_names, boxes, image_shapes, output_size, sampling_ratio, canonical_scale,
+                                 canonical_level):
+    """MultiScaleRoIAlign's forward: the pooled features and the scales inferred for this call."""
+    if not isinstance(x, dict):
+        raise TypeError(f"x must be a dict of feature maps Tensor[N, C, H, W], got {type(x).__name__}")
+    # torchvision's _filter_input: the dict's order, not featmap_names' order, decides the level order.
+    features = [v for k, v in x.items() if k in featmap_names]
+    if not features:  # torchvision: an IndexError from indexing the empty list
+        raise MissingFeatureMapError(f"x holds none of the feature maps {list(featmap_names)}; its keys are {list(x)}")
+    if image_shapes is None or len(image_shapes) == 0:
+        raise ValueError("image_shapes must list the (height, width) of every image before batching, got "
+                         f"{image_shapes!r}")
+    original_height = max(s[0] for s in image_shapes)
+    scales = [_infer_scale(f.shape[-2], original_height) for f in features]
+    return multi_scale_roi_align(features, boxes, output_size, sampling_ratio, canonical_scale, canonical_level,
+                                 spatial_scales=scales), scales
+
+
+@torch.fx.wrap
+def _multi_scale_pool(x, featmap_names, boxes, image_shapes, output_size, sampling_ratio, canonical_scale,
+                      canonical_level):
+    # The target of MultiScaleRoIAlign's torch.fx call_function nodes (see MultiScaleRoIAlign.forward).
+    return _multi_scale_pool_and_scales(x, featmap_names, boxes, image_shapes, output_size, sampling_ratio,
+                                        canonical_scale, canonical_level)[0]
