@@ -101,7 +101,10 @@ def _iou_float64(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     b1, b2 = boxes1.double(), boxes2.double()
     c1 = corners(b1)[:, None].expand(n, m, 4, 2).reshape(n * m, 4, 2)
     c2 = corners(b2)[None].expand(n, m, 4, 2).reshape(n * m, 4, 2)
-    inter = _intersection_area(c1, c2).reshape(n, m)
+    # In chunks of pairs, to bound the memory of the [pairs, 24, 2] candidate vertices.
+    chunk = 1 << 16
+    parts = [_intersection_area(c1[i : i + chunk], c2[i : i + chunk]) for i in range(0, n * m, chunk)]
+    inter = (torch.cat(parts) if parts else c1.new_zeros(0)).reshape(n, m)
     area1 = (b1[:, 2] * b1[:, 3])[:, None]
     area2 = (b2[:, 2] * b2[:, 3])[None]
     iou = inter / (area1 + area2 - inter)
@@ -117,12 +120,18 @@ def box_iou_rotated(boxes1: Tensor, boxes2: Tensor) -> Tensor:
 
 
 def _greedy(boxes: Tensor, scores: Tensor, categories: list, iou_threshold: float) -> list[int]:
-    ious = _iou_float64(boxes, boxes).tolist()
     order = torch.sort(scores, descending=True, stable=True).indices.tolist()
+    kept_by_category: dict = {}
     keep: list[int] = []
     for i in order:
-        # kept before i, same category, IoU > threshold (NaN never suppresses); IoU is evaluated (kept, candidate).
-        if not any(categories[k] == categories[i] and ious[k][i] > iou_threshold for k in keep):
+        kept = kept_by_category.setdefault(categories[i], [])
+        # Kept before i, same category, IoU > threshold (NaN never suppresses); IoU evaluated as (kept, candidate).
+        suppressed = False
+        if kept:
+            ious = _iou_float64(boxes[kept], boxes[i : i + 1])
+            suppressed = bool((ious > iou_threshold).any())
+        if not suppressed:
+            kept.append(i)
             keep.append(i)
     return keep
 
