@@ -384,24 +384,45 @@ def test_opcheck_rotated_ops(seed):
     torch.library.opcheck(torch.ops.fastdet._nms_rotated_keep_flags, (boxes[None], None, 0.5))
 
 
-def test_compile_rotated(seed):
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compile_rotated(dynamic, seed):
     gen = torch.Generator().manual_seed(seed)
-    b1, b2 = random_rotated(30, gen), random_rotated(20, gen)
 
     def iou(a, b):
         return ops.box_iou(a, b, fmt="cxcywhr") * 2
 
-    compiled = torch.compile(iou, fullgraph=True, backend="aot_eager")
-    assert torch.equal(compiled(b1, b2), iou(b1, b2))
-    boxes, scores = clustered_rotated(60, gen, torch.float32)
+    compiled = torch.compile(iou, fullgraph=True, dynamic=dynamic, backend="aot_eager")
+    for n, m in ((30, 20), (17, 25)):
+        b1, b2 = random_rotated(n, gen), random_rotated(m, gen)
+        assert torch.equal(compiled(b1, b2), iou(b1, b2))
 
-    def post(boxes, scores):
-        keep = ops.nms_rotated(boxes, scores, 0.5)
-        return boxes[keep]
+    def post(boxes, scores, idxs):
+        return boxes[ops.nms_rotated(boxes, scores, 0.5)], ops.batched_nms_rotated(boxes, scores, idxs, 0.5)
 
     torch._dynamo.config.capture_dynamic_output_shape_ops = True
     try:
-        compiled_post = torch.compile(post, fullgraph=True, backend="aot_eager")
-        assert torch.equal(compiled_post(boxes, scores), post(boxes, scores))
+        compiled_post = torch.compile(post, fullgraph=True, dynamic=dynamic, backend="aot_eager")
+        for n in (60, 45):
+            boxes, scores = clustered_rotated(n, gen, torch.float32)
+            idxs = torch.randint(0, 3, (n,), generator=gen)
+            for got, expected in zip(compiled_post(boxes, scores, idxs), post(boxes, scores, idxs)):
+                assert torch.equal(got, expected)
     finally:
         torch._dynamo.config.capture_dynamic_output_shape_ops = False
+
+
+def test_export_rotated_with_dynamic_box_count(seed):
+    gen = torch.Generator().manual_seed(seed)
+
+    class Post(torch.nn.Module):
+        def forward(self, boxes, scores, idxs):
+            return ops.batched_nms_rotated(boxes, scores, idxs, 0.5), ops.box_iou(boxes, boxes, fmt="cxcywhr")
+
+    n = torch.export.Dim("n", min=2)
+    boxes, scores = clustered_rotated(40, gen, torch.float32)
+    idxs = torch.randint(0, 3, (40,), generator=gen)
+    exported = torch.export.export(Post(), (boxes, scores, idxs), dynamic_shapes=({0: n}, {0: n}, {0: n}))
+    boxes, scores = clustered_rotated(25, gen, torch.float32)
+    idxs = torch.randint(0, 3, (25,), generator=gen)
+    for got, expected in zip(exported.module()(boxes, scores, idxs), Post()(boxes, scores, idxs)):
+        assert torch.equal(got, expected)
