@@ -10,7 +10,9 @@
 // edge half-planes of the other (Sutherland-Hodgman), its area by the shoelace formula. Each pair is evaluated in a
 // frame centred on the midpoint of the two centres, so coordinates stay small and the products lose little precision.
 //
-// T is the computation type: float (for float16/bfloat16/float32 boxes) or double.
+// T is the computation type: float (for float16/bfloat16/float32 boxes) or double. The CPU and CUDA kernels agree to
+// rounding, not bitwise: the device's sin/cos differ from the host's by an ulp or two, and nvcc may contract products
+// and sums into fused multiply-adds. Both stay within a few ulps of the exact IoU of the given boxes.
 #include <torch/headeronly/macros/Macros.h>
 
 #include <cmath>
