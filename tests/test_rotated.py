@@ -20,10 +20,17 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 ROTATED = ("xywhr", "cxcywhr", "xyxyxyxy")
 EDGE_ANGLES = (0.0, 90.0, 180.0, -45.0, 45.0, -90.0, 270.0, 360.0, 30.0)
 
-# Rotated IoU of float32 boxes is computed in float32: a few ulps of 1 on random boxes (measured max ~2.4e-7).
-F32_ATOL = 2e-6
-# float64 boxes: fastdet's and torchvision's float64 kernels agree to the float32 rounding of the result.
-F64_ATOL = 1e-7
+# Rotated IoU of float32 boxes is computed in float32: a few ulps of 1 on random boxes (measured max ~4e-7 against the
+# exact IoU over 3M random pairs).
+F32_ATOL = 1e-6
+# float64 boxes are computed in float64; the result is float32 (torchvision's dtype), so half an ulp of 1.
+F64_ATOL = 6e-8
+# torchvision's own kernel is not exact: over 3M random pairs its float64 results differed from the exact IoU by more
+# than 1e-6 for 12 pairs (by up to 0.024, confirmed by area sampling), and by up to ~5e-7 elsewhere; its float32
+# results are off by several percent more often. Comparisons with torchvision therefore allow that many outliers, and
+# only where torchvision also disagrees with the independent reference.
+TV_ATOL = 1e-6
+TV_MAX_OUTLIER_FRACTION = 1e-3
 
 
 def random_rotated(n: int, gen: torch.Generator, dtype=torch.float32, scale=50.0, min_side=1.0, max_side=20.0,
@@ -36,9 +43,24 @@ def random_rotated(n: int, gen: torch.Generator, dtype=torch.float32, scale=50.0
     return torch.cat((centre, sides, angle), dim=-1).to(dtype)
 
 
-def tv_iou_exact(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
-    """torchvision's rotated IoU evaluated in float64 (its float32 kernel is occasionally off by percents)."""
-    return tv_ops.box_iou(boxes1.cpu().double(), boxes2.cpu().double(), fmt="cxcywhr")
+def tv_iou_exact(boxes1: torch.Tensor, boxes2: torch.Tensor, fmt: str = "cxcywhr") -> torch.Tensor:
+    """torchvision's rotated IoU evaluated in float64 (its float32 kernel is more often off by percents)."""
+    return tv_ops.box_iou(boxes1.cpu().double(), boxes2.cpu().double(), fmt=fmt)
+
+
+def assert_matches_torchvision(got: torch.Tensor, boxes1: torch.Tensor, boxes2: torch.Tensor, fmt: str = "cxcywhr",
+                               msg: str = "") -> None:
+    """got (float32) equals torchvision's float64 result to TV_ATOL except at torchvision's rare outliers (see
+    TV_MAX_OUTLIER_FRACTION), where it must equal the reference instead."""
+    got = got.cpu().double()
+    expected = tv_iou_exact(boxes1, boxes2, fmt).double()
+    outliers = (got - expected).abs() > TV_ATOL
+    if outliers.any():
+        b1 = ops.box_convert(boxes1.cpu().double(), fmt, "cxcywhr") if fmt != "cxcywhr" else boxes1.cpu().double()
+        b2 = ops.box_convert(boxes2.cpu().double(), fmt, "cxcywhr") if fmt != "cxcywhr" else boxes2.cpu().double()
+        exact = ref.box_iou_rotated(b1, b2).double()
+        assert outliers.double().mean() <= TV_MAX_OUTLIER_FRACTION, f"{int(outliers.sum())} outliers {msg}"
+        torch.testing.assert_close(got[outliers], exact[outliers], rtol=0, atol=F32_ATOL, msg=msg)
 
 
 # --------------------------------------------------------------------------------------------------------- box_convert
@@ -107,17 +129,31 @@ def test_box_iou_rotated_random_matches_torchvision(device, seed):
     gen = torch.Generator().manual_seed(seed)
     b1 = random_rotated(120, gen)
     b2 = random_rotated(90, gen)
-    expected = tv_iou_exact(b1, b2)
+    exact = ref.box_iou_rotated(b1.double(), b2.double())  # an independent algorithm, in float64
     got = ops.box_iou(b1.to(device), b2.to(device), fmt="cxcywhr")
     assert got.dtype == torch.float32 and got.shape == (120, 90)
-    assert (expected > 0).float().mean() > 0.05  # plenty of overlapping pairs
-    torch.testing.assert_close(got.cpu(), expected, rtol=0, atol=F32_ATOL, msg=f"seed={seed}")
-    # float64 boxes: float64 computation, float32 result (torchvision's dtype), against torchvision's float64 kernel
+    assert (exact > 0).float().mean() > 0.05  # plenty of overlapping pairs
+    torch.testing.assert_close(got.cpu(), exact, rtol=0, atol=F32_ATOL, msg=f"seed={seed}")
+    assert_matches_torchvision(got, b1, b2, msg=f"seed={seed}")
+    # float64 boxes: float64 computation, float32 result (torchvision's dtype)
     got64 = ops.box_iou(b1.double().to(device), b2.double().to(device), fmt="cxcywhr")
     assert got64.dtype == torch.float32
-    torch.testing.assert_close(got64.cpu(), expected, rtol=0, atol=F64_ATOL, msg=f"seed={seed}")
-    # and against the independent reference
-    torch.testing.assert_close(got64.cpu(), ref.box_iou_rotated(b1.double(), b2.double()), rtol=0, atol=F64_ATOL)
+    torch.testing.assert_close(got64.cpu(), exact, rtol=0, atol=F64_ATOL, msg=f"seed={seed}")
+    assert_matches_torchvision(got64, b1, b2, msg=f"seed={seed}")
+
+
+def test_box_iou_rotated_where_torchvision_is_wrong():
+    # A pair on which torchvision's float64 kernel returns 0.2165; the exact IoU (area sampling on a 3000 x 3000 grid
+    # gives 0.22828) is what fastdet returns in float32 and float64.
+    b1 = torch.tensor([[14.365899085998535, 47.02708435058594, 6.476978778839111, 17.742069244384766,
+                        -51.53243637084961]])
+    b2 = torch.tensor([[12.178001403808594, 40.29165267944336, 18.13849639892578, 14.442078590393066,
+                        -83.66873931884766]])
+    exact = 0.22828225253172693
+    for dtype in (torch.float32, torch.float64):
+        got = ops.box_iou(b1.to(dtype), b2.to(dtype), fmt="cxcywhr").item()
+        assert abs(got - exact) < F32_ATOL
+    assert abs(ref.box_iou_rotated(b1, b2).item() - exact) < F32_ATOL
 
 
 @pytest.mark.parametrize("fmt", ["xywhr", "xyxyxyxy"])
@@ -126,9 +162,8 @@ def test_box_iou_rotated_other_formats(fmt, device, seed):
     gen = torch.Generator().manual_seed(seed)
     b1 = tv_ops.box_convert(random_rotated(40, gen, torch.float64), "cxcywhr", fmt)
     b2 = tv_ops.box_convert(random_rotated(30, gen, torch.float64), "cxcywhr", fmt)
-    expected = tv_ops.box_iou(b1, b2, fmt=fmt)
     got = ops.box_iou(b1.to(device), b2.to(device), fmt=fmt)
-    torch.testing.assert_close(got.cpu(), expected, rtol=0, atol=F64_ATOL, msg=f"seed={seed}")
+    assert_matches_torchvision(got, b1, b2, fmt=fmt, msg=f"seed={seed}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -181,7 +216,7 @@ def test_box_iou_rotated_low_precision_and_integer_inputs(dtype, device, seed):
     b2 = random_rotated(20, gen, torch.float64, scale=40.0, min_side=2.0).round().to(dtype)
     got = ops.box_iou(b1.to(device), b2.to(device), fmt="cxcywhr")
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got.cpu(), tv_iou_exact(b1.float(), b2.float()), rtol=0, atol=F32_ATOL)
+    assert_matches_torchvision(got, b1.float(), b2.float(), msg=f"seed={seed}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
