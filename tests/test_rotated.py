@@ -378,6 +378,18 @@ def test_nms_rotated_empty_and_degenerate(device):
                          device=device)
     scores = torch.tensor([0.5, 0.4, float("nan")], device=device)
     assert ops.nms_rotated(boxes, scores, 0.0).cpu().tolist() == [2, 0, 1]
+    # a box with a NaN coordinate neither suppresses nor is suppressed
+    boxes = torch.tensor([[0.0, 0.0, 2.0, 2.0, 0.0], [float("nan"), 0.0, 2.0, 2.0, 0.0], [0.0, 0.0, 2.0, 2.0, 5.0]],
+                         device=device)
+    scores = torch.tensor([0.5, 0.9, 0.4], device=device)
+    assert ops.nms_rotated(boxes, scores, 0.5).cpu().tolist() == [1, 0]
+    assert ref.nms_rotated(boxes.cpu(), scores.cpu(), 0.5).tolist() == [1, 0]
+
+
+def test_private_keep_flags_rejects_ungrouped_categories():
+    boxes = torch.rand(1, 3, 5)
+    with pytest.raises(RuntimeError, match="categories must be sorted within each image"):
+        torch.ops.fastdet._nms_rotated_keep_flags(boxes, torch.tensor([[2, 1, 2]]), 0.5)
 
 
 def test_nms_rotated_errors():
