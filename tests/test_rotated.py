@@ -371,8 +371,9 @@ def test_batched_nms_rotated_matches_reference(device, seed):
 def test_nms_rotated_empty_and_degenerate(device):
     empty = torch.zeros(0, 5, device=device)
     assert ops.nms_rotated(empty, torch.zeros(0, device=device), 0.5).tolist() == []
-    assert ops.batched_nms_rotated(empty, torch.zeros(0, device=device), torch.zeros(0, dtype=torch.long,
-                                                                                      device=device), 0.5).tolist() == []
+    no_idxs = torch.zeros(0, dtype=torch.long, device=device)
+    assert ops.batched_nms_rotated(empty, torch.zeros(0, device=device), no_idxs, 0.5).tolist() == []
+    assert ops.box_iou(empty, empty, fmt="cxcywhr").shape == (0, 0)
     # zero-size boxes never suppress or get suppressed; NaN scores are visited first, as torch.sort places them
     boxes = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 2.0, 2.0, 10.0]],
                          device=device)
