@@ -190,6 +190,19 @@ def test_box_iou_rotated_special_cases(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_box_iou_rotated_never_exceeds_one(device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for dtype in (torch.float32, torch.float64):
+        boxes = random_rotated(200, gen, dtype, scale=1000.0).to(device)
+        self_iou = ops.box_iou(boxes, boxes, fmt="cxcywhr").diagonal()
+        assert (self_iou <= 1).all() and (self_iou >= 1 - F32_ATOL).all(), f"seed={seed}"
+        # so a threshold of 1 never suppresses, even exact duplicates
+        twice = torch.cat((boxes, boxes))
+        scores = torch.rand(400, generator=gen).to(device)
+        assert len(ops.nms_rotated(twice, scores, 1.0)) == 400
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_box_iou_rotated_axis_aligned_equals_box_iou(device, seed):
     gen = torch.Generator().manual_seed(seed)
     b1 = random_rotated(60, gen, torch.float64)

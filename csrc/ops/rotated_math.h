@@ -128,8 +128,8 @@ C10_HOST_DEVICE inline bool too_small(T area) {
   return area < static_cast<T>(1e-14);
 }
 
-// IoU of a and b: intersection / (area_a + area_b - intersection), 0 if either box is (nearly) empty. Not exactly
-// symmetric in rounding: callers that need reproducible decisions always pass the boxes in the same order.
+// IoU of a and b: intersection / (area_a + area_b - intersection), in [0, 1]; 0 if either box is (nearly) empty.
+// Not exactly symmetric in rounding: callers that need reproducible decisions always pass the boxes in the same order.
 template <typename T>
 C10_HOST_DEVICE inline T iou(const Rect<T>& a, const Rect<T>& b) {
   if (too_small(a.area) || too_small(b.area)) return T(0);
@@ -145,7 +145,11 @@ C10_HOST_DEVICE inline T iou(const Rect<T>& a, const Rect<T>& b) {
     pa[k] = Point<T>{ax + a.offset[k].x, ay + a.offset[k].y};
     pb[k] = Point<T>{bx + b.offset[k].x, by + b.offset[k].y};
   }
-  const T inter = intersection_area(pa, pb);
+  // The exact intersection never exceeds the smaller box; clamping its rounding keeps every IoU <= 1 (an IoU
+  // threshold of 1 then never suppresses, even for two copies of one box).
+  const T smaller = a.area < b.area ? a.area : b.area;
+  T inter = intersection_area(pa, pb);
+  inter = inter > smaller ? smaller : inter;
   return inter / (a.area + b.area - inter);
 }
 
