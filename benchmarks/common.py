@@ -55,6 +55,19 @@ SIZES = {
         Size({"batch": 16, "n": 1_000, "m": 100}),
         Size({"n": 4096, "m": 4096}, cpu={"n": 2048, "m": 2048}),
     ],
+    # Rotated boxes (cxcywhr): pairwise IoU and rotated NMS of clustered oriented detections.
+    "rotated_iou": [
+        Size({"batch": 8, "n": 100, "m": 100}),
+        Size({"n": 4096, "m": 4096}, cpu={"n": 1024, "m": 1024}),
+    ],
+    "nms_rotated": [
+        Size({"n": 1_000}),
+        Size({"n": 10_000}, cpu={"n": 4_000}),
+    ],
+    "batched_nms_rotated": [
+        Size({"n": 2_000, "classes": 80}),
+        Size({"n": 20_000, "classes": 80}, cpu={"n": 5_000, "classes": 80}),
+    ],
     # RetinaNet's classification loss: 16 images x 120k anchors x 80 classes (153.6M logits); CPU: 2 x 30k x 80.
     "focal_loss": [
         Size({"batch": 16, "n": 120_000, "classes": 80}, cpu={"batch": 2, "n": 30_000, "classes": 80}),

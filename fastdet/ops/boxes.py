@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor
 
+from fastdet.ops import rotated as _rotated
 from fastdet.ops._errors import BoxesShapeError, TensorShapeError
 from fastdet.ops._registry import native, register_autograd, register_fake
 
@@ -41,15 +42,18 @@ def _check_box_tensor(boxes: Tensor, name: str, min_dim: int = 1, shape_error: t
         raise shape_error(f"{name} must have shape [..., 4], got {tuple(boxes.shape)}")
 
 
-def _check_format(fmt: str, name: str) -> None:
+def _check_format(fmt: str, name: str, rotated_too: bool = False) -> None:
     if fmt not in _AXIS_ALIGNED_FORMATS:
-        raise ValueError(f"{name} must be one of {_AXIS_ALIGNED_FORMATS}, got {fmt!r}")
+        allowed = _AXIS_ALIGNED_FORMATS + (tuple(_rotated.ROTATED_FORMATS) if rotated_too else ())
+        raise ValueError(f"{name} must be one of {allowed}, got {fmt!r}")
 
 
 def box_convert(boxes: Tensor, in_fmt: str, out_fmt: str) -> Tensor:
     """Convert ``boxes (Tensor[..., 4])`` between ``'xyxy'``, ``'xywh'`` (corner, size) and ``'cxcywh'`` (centre,
-    size). Returns a new tensor (a copy when the formats are equal), as torchvision does. Rotated formats are not
-    supported."""
+    size), or rotated boxes between ``'xywhr'``, ``'cxcywhr'`` (``[..., 5]``) and ``'xyxyxyxy'`` (``[..., 8]``; see
+    :mod:`fastdet.ops.rotated`). Returns a new tensor (a copy when the formats are equal), as torchvision does."""
+    if in_fmt in _rotated.ROTATED_FORMATS or out_fmt in _rotated.ROTATED_FORMATS:
+        return _rotated.convert_rotated(boxes, in_fmt, out_fmt)
     _check_box_tensor(boxes, "boxes", shape_error=ValueError)  # torchvision: ValueError (unpacking)
     _check_format(in_fmt, "in_fmt")
     _check_format(out_fmt, "out_fmt")
@@ -177,7 +181,8 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy") -> Tensor:
         boxes1 (Tensor[..., N, 4]): first set of boxes.
         boxes2 (Tensor[..., M, 4]): second set of boxes; leading dims broadcast against boxes1's, and a batch
             ``[B, N, 4] x [B, M, 4]`` runs in one kernel launch.
-        fmt (str): ``'xyxy'`` (default), ``'xywh'`` or ``'cxcywh'``.
+        fmt (str): ``'xyxy'`` (default), ``'xywh'`` or ``'cxcywh'``; or a rotated format, ``'cxcywhr'``, ``'xywhr'``
+            or ``'xyxyxyxy'``, for :func:`fastdet.ops.rotated.box_iou_rotated` (float32 result, not differentiable).
 
     Returns:
         Tensor[..., N, M]: float32 for float16/bfloat16/float32 inputs (computed in float32; see below),
@@ -192,7 +197,9 @@ def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy") -> Tensor:
     multiplies ``w * h``; in float32/float64 the two can differ by the rounding of ``x + w`` (up to half an ulp of
     ``x + w``, relative to ``w``).
     """
-    _check_format(fmt, "fmt")
+    if fmt in _rotated.ROTATED_FORMATS:
+        return _rotated.box_iou_rotated(boxes1, boxes2, fmt)
+    _check_format(fmt, "fmt", rotated_too=True)
     # checked here, before the format conversion, so that errors name boxes1/boxes2 rather than box_convert's "boxes"
     _check_box_tensor(boxes1, "boxes1", min_dim=2)
     _check_box_tensor(boxes2, "boxes2", min_dim=2)

@@ -10,12 +10,14 @@ from fastdet.ops.reference import boxes as _boxes
 from fastdet.ops.reference import losses as _losses
 from fastdet.ops.reference import nms as _nms
 from fastdet.ops.reference import roi as _roi
+from fastdet.ops.reference import rotated as _rotated
 from fastdet.ops.reference.anchors import *  # noqa: F401,F403
 from fastdet.ops.reference.box_coder import *  # noqa: F401,F403
 from fastdet.ops.reference.boxes import *  # noqa: F401,F403
 from fastdet.ops.reference.losses import *  # noqa: F401,F403
 from fastdet.ops.reference.nms import *  # noqa: F401,F403
 from fastdet.ops.reference.roi import *  # noqa: F401,F403
+from fastdet.ops.reference.rotated import *  # noqa: F401,F403
 
 __all__ = sorted(
     [
@@ -25,5 +27,6 @@ __all__ = sorted(
         *_losses.__all__,
         *_nms.__all__,
         *_roi.__all__,
+        *_rotated.__all__,
     ]
 )
