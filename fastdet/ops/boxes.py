@@ -7,13 +7,13 @@ negative, intersections are clamped at zero.
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor
 
 from fastdet.ops import rotated as _rotated
 from fastdet.ops._errors import BoxesShapeError, TensorShapeError
+from fastdet.ops._pairwise import call_pairwise
 from fastdet.ops._registry import native, register_autograd, register_fake
 
 __all__ = [
@@ -151,27 +151,7 @@ def _pairwise(boxes1: Tensor, boxes2: Tensor, variant: int, eps: float) -> Tenso
     boxes1, boxes2, result_dtype = _float_operands(boxes1, boxes2)
     if result_dtype is not None:
         return _pairwise(boxes1, boxes2, variant, eps).to(result_dtype)
-    if boxes1.device != boxes2.device:
-        raise ValueError(f"boxes1 and boxes2 must be on the same device, got {boxes1.device} and {boxes2.device}")
-    if boxes1.dtype != boxes2.dtype:
-        # torchvision promotes; do the same rather than fail on e.g. float32 vs float64
-        dtype = torch.promote_types(boxes1.dtype, boxes2.dtype)
-        boxes1, boxes2 = boxes1.to(dtype), boxes2.to(dtype)
-    op = native("pairwise_box_iou")
-    if boxes1.dim() == 2 and boxes2.dim() == 2:
-        return op(boxes1, boxes2, variant, eps)
-    lead1, lead2 = boxes1.shape[:-2], boxes2.shape[:-2]
-    try:
-        lead = torch.broadcast_shapes(lead1, lead2)
-    except RuntimeError:
-        raise ValueError(
-            f"leading (batch) dimensions of boxes1 {tuple(lead1)} and boxes2 {tuple(lead2)} do not broadcast"
-        ) from None
-    n, m = boxes1.shape[-2], boxes2.shape[-2]
-    batch = math.prod(lead)  # not reshape(-1, ...): with N or M == 0 the -1 would be ambiguous and raise
-    b1 = boxes1.expand(*lead, n, 4).reshape(batch, n, 4)
-    b2 = boxes2.expand(*lead, m, 4).reshape(batch, m, 4)
-    return op(b1, b2, variant, eps).reshape(*lead, n, m)
+    return call_pairwise(native("pairwise_box_iou"), boxes1, boxes2, variant, eps)
 
 
 def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy") -> Tensor:

@@ -14,11 +14,11 @@ and threshold rule of :func:`fastdet.ops.nms` with the rotated IoU, categories s
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor
 
+from fastdet.ops._pairwise import call_pairwise
 from fastdet.ops._registry import native, register_fake
 
 __all__ = ["batched_nms_rotated", "box_iou_rotated", "nms_rotated"]
@@ -153,24 +153,7 @@ def box_iou_rotated(boxes1: Tensor, boxes2: Tensor, fmt: str = "cxcywhr") -> Ten
     if boxes1.device != boxes2.device:
         raise ValueError(f"boxes1 and boxes2 must be on the same device, got {boxes1.device} and {boxes2.device}")
     boxes1, boxes2 = _to_cxcywhr(boxes1, fmt), _to_cxcywhr(boxes2, fmt)
-    if boxes1.dtype != boxes2.dtype:
-        dtype = torch.promote_types(boxes1.dtype, boxes2.dtype)
-        boxes1, boxes2 = boxes1.to(dtype), boxes2.to(dtype)
-    op = native("box_iou_rotated")
-    if boxes1.dim() == 2 and boxes2.dim() == 2:
-        return op(boxes1, boxes2)
-    lead1, lead2 = boxes1.shape[:-2], boxes2.shape[:-2]
-    try:
-        lead = torch.broadcast_shapes(lead1, lead2)
-    except RuntimeError:
-        raise ValueError(
-            f"leading (batch) dimensions of boxes1 {tuple(lead1)} and boxes2 {tuple(lead2)} do not broadcast"
-        ) from None
-    n, m = boxes1.shape[-2], boxes2.shape[-2]
-    batch = math.prod(lead)
-    b1 = boxes1.expand(*lead, n, 5).reshape(batch, n, 5)
-    b2 = boxes2.expand(*lead, m, 5).reshape(batch, m, 5)
-    return op(b1, b2).reshape(*lead, n, m)
+    return call_pairwise(native("box_iou_rotated"), boxes1, boxes2)
 
 
 def _check_threshold(value, name: str) -> float:

@@ -18,19 +18,14 @@
 #include "ops/nms.h"
 #include "ops/nms_math.h"
 #include "ops/cuda/cuda_utils.cuh"
+#include "ops/cuda/nms_scan.cuh"
 
 namespace fastdet {
 namespace {
 
-constexpr int kBlockBits = 64;
+constexpr int kBlockBits = nms::kMaskBits;
 constexpr int kScanThreads = 256;
 constexpr int64_t kMaxBlocks = 1 << 20;
-
-// Rows (or columns) of a 64-wide block that exist in a segment of `count` candidates.
-__device__ __forceinline__ int block_extent(int64_t count, int64_t block) {
-  const int64_t left = count - block * kBlockBits;
-  return static_cast<int>(left < kBlockBits ? left : kBlockBits);
-}
 
 // Segment table columns (int64 each) for the category-segmented layout.
 enum SegmentField { kImage = 0, kBegin, kCount, kWords, kMaskOffset, kRemovedOffset, kTileOffset, kFields };
@@ -93,8 +88,8 @@ __global__ void nms_mask_kernel(const T* __restrict__ boxes, const T* __restrict
     if (col_block < row_block) {
       continue;  // below the diagonal: never read by the scan (uniform across the block)
     }
-    const int rows = block_extent(seg.count, row_block);
-    const int cols = block_extent(seg.count, col_block);
+    const int rows = nms::mask_block_extent(seg.count, row_block);
+    const int cols = nms::mask_block_extent(seg.count, col_block);
     __syncthreads();  // the previous tile's readers are done with the shared arrays
     if (threadIdx.x < cols) {
       const int64_t j = seg.flat_begin + col_block * kBlockBits + threadIdx.x;
@@ -132,44 +127,8 @@ __global__ void nms_scan_kernel(const uint64_t* __restrict__ mask, SegmentSource
   __shared__ uint64_t kept_in_block;
   for (int64_t s = blockIdx.x; s < segments.num_segments; s += gridDim.x) {
     const Segment seg = segments.get(s);
-    const uint64_t* m = mask + seg.mask_offset;
-    uint64_t* removed = removed_all + seg.removed_offset;
-    for (int64_t block = 0; block < seg.words; ++block) {
-      const int rows = block_extent(seg.count, block);
-      if (threadIdx.x < rows) {
-        diagonal[threadIdx.x] = m[(block * kBlockBits + threadIdx.x) * seg.words + block];
-      }
-      __syncthreads();
-      if (threadIdx.x == 0) {
-        // The sequential heart of greedy NMS, 64 candidates at a time, entirely in registers and shared memory.
-        uint64_t gone = removed[block];
-        uint64_t kept = 0;
-        for (int k = 0; k < rows; ++k) {
-          if (!((gone >> k) & 1ULL)) {
-            kept |= 1ULL << k;
-            gone |= diagonal[k];
-          }
-        }
-        kept_in_block = kept;
-      }
-      __syncthreads();
-      const uint64_t kept = kept_in_block;
-      if (threadIdx.x < rows) {
-        keep[seg.flat_begin + block * kBlockBits + threadIdx.x] = (kept >> threadIdx.x) & 1ULL;
-      }
-      // Each thread owns whole words of the removed bitmap, so there are no write conflicts.
-      for (int64_t word = block + 1 + threadIdx.x; word < seg.words; word += blockDim.x) {
-        uint64_t acc = removed[word];
-        uint64_t pending = kept;
-        while (pending) {
-          const int k = __ffsll(static_cast<long long>(pending)) - 1;
-          pending &= pending - 1;
-          acc |= m[(block * kBlockBits + k) * seg.words + word];
-        }
-        removed[word] = acc;
-      }
-      __syncthreads();  // removed[block + 1] and the shared arrays are read in the next round
-    }
+    nms::scan_suppression_mask(mask + seg.mask_offset, seg.count, seg.words, removed_all + seg.removed_offset,
+                               keep + seg.flat_begin, diagonal, kept_in_block);
   }
 }
 

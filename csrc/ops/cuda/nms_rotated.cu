@@ -11,6 +11,7 @@
 #include <optional>
 
 #include "ops/cuda/cuda_utils.cuh"
+#include "ops/cuda/nms_scan.cuh"
 #include "ops/nms_math.h"
 #include "ops/rotated.h"
 #include "ops/rotated_math.h"
@@ -18,14 +19,9 @@
 namespace fastdet {
 namespace {
 
-constexpr int kBits = 64;
+constexpr int kBits = nms::kMaskBits;
 constexpr int kScanThreads = 256;
 constexpr int64_t kMaxBlocks = 1 << 20;
-
-__device__ __forceinline__ int extent(int64_t count, int64_t block) {
-  const int64_t left = count - block * kBits;
-  return static_cast<int>(left < kBits ? left : kBits);
-}
 
 template <typename T>
 __global__ void rotated_mask_kernel(const T* __restrict__ boxes, const int64_t* __restrict__ categories, int64_t B,
@@ -40,8 +36,8 @@ __global__ void rotated_mask_kernel(const T* __restrict__ boxes, const int64_t* 
     const int64_t row_block = local / words;
     const int64_t col_block = local % words;
     if (col_block < row_block) continue;  // below the diagonal: never read by the scan (uniform across the block)
-    const int rows = extent(N, row_block);
-    const int ncols = extent(N, col_block);
+    const int rows = nms::mask_block_extent(N, row_block);
+    const int ncols = nms::mask_block_extent(N, col_block);
     __syncthreads();  // the previous tile's readers are done with the shared arrays
     if (threadIdx.x < ncols) {
       const int64_t j = image * N + col_block * kBits + threadIdx.x;
@@ -73,39 +69,8 @@ __global__ void rotated_scan_kernel(const uint64_t* __restrict__ mask, int64_t B
   __shared__ uint64_t kept_in_block;
   const int64_t words = (N + kBits - 1) / kBits;
   for (int64_t image = blockIdx.x; image < B; image += gridDim.x) {
-    const uint64_t* m = mask + image * N * words;
-    uint64_t* removed = removed_all + image * words;
-    for (int64_t block = 0; block < words; ++block) {
-      const int rows = extent(N, block);
-      if (threadIdx.x < rows) diagonal[threadIdx.x] = m[(block * kBits + threadIdx.x) * words + block];
-      __syncthreads();
-      if (threadIdx.x == 0) {
-        uint64_t gone = removed[block];
-        uint64_t kept = 0;
-        for (int k = 0; k < rows; ++k) {
-          if (!((gone >> k) & 1ULL)) {
-            kept |= 1ULL << k;
-            gone |= diagonal[k];
-          }
-        }
-        kept_in_block = kept;
-      }
-      __syncthreads();
-      const uint64_t kept = kept_in_block;
-      if (threadIdx.x < rows) keep[image * N + block * kBits + threadIdx.x] = (kept >> threadIdx.x) & 1ULL;
-      // Each thread owns whole words of the removed bitmap: no write conflicts.
-      for (int64_t word = block + 1 + threadIdx.x; word < words; word += blockDim.x) {
-        uint64_t acc = removed[word];
-        uint64_t pending = kept;
-        while (pending) {
-          const int k = __ffsll(static_cast<long long>(pending)) - 1;
-          pending &= pending - 1;
-          acc |= m[(block * kBits + k) * words + word];
-        }
-        removed[word] = acc;
-      }
-      __syncthreads();  // removed[block + 1] and the shared arrays are read in the next round
-    }
+    nms::scan_suppression_mask(mask + image * N * words, N, words, removed_all + image * words, keep + image * N,
+                               diagonal, kept_in_block);
   }
 }
 
