@@ -184,7 +184,7 @@ C10_HOST_DEVICE inline void grid_prior_row(const Levels& lv, const double* wh, d
 // SSD output dtype: float64 for float64 feature maps, float32 otherwise (torchvision concatenates the T centres with
 // its float32 (w, h) table, which promotes float16/bfloat16 to float32).
 inline ScalarType ssd_output_dtype(ScalarType feature_dtype) {
-  return feature_dtype == kDouble ? kDouble : kFloat;
+  return accumulation_type(feature_dtype);
 }
 
 }  // namespace anchors

@@ -14,25 +14,12 @@ struct PairwiseIouArgs {
   bool batched;   // the caller passed [B, N, 4]
 };
 
-// float32 for low-precision inputs (as torchvision), the input dtype otherwise.
-ScalarType accumulation_type(ScalarType input) {
-  return input == kDouble ? kDouble : kFloat;
-}
-
 PairwiseIouArgs prepare(const Tensor& boxes1, const Tensor& boxes2, int64_t variant) {
   FASTDET_CHECK(variant >= iou::kIoU && variant <= iou::kCIoU,
                 "variant must be 0 (IoU), 1 (GIoU), 2 (DIoU) or 3 (CIoU), got ", variant);
   check_boxes(boxes1, "boxes1", /*allow_batched=*/true);
   check_boxes(boxes2, "boxes2", /*allow_batched=*/true);
-  check_same_device(boxes1, "boxes1", boxes2, "boxes2");
-  check_same_dtype(boxes1, "boxes1", boxes2, "boxes2");
-  FASTDET_CHECK(boxes1.dim() == boxes2.dim(), "boxes1 and boxes2 must both be [N, 4] / [M, 4] or both be batched ",
-                "[B, N, 4] / [B, M, 4], got ", shape_of(boxes1), " and ", shape_of(boxes2));
-  const bool batched = boxes1.dim() == 3;
-  if (batched) {
-    FASTDET_CHECK(boxes1.size(0) == boxes2.size(0), "boxes1 and boxes2 must have the same batch size B, got ",
-                  boxes1.size(0), " and ", boxes2.size(0));
-  }
+  const bool batched = check_pairwise_sets(boxes1, boxes2, 4);
   const auto acc = accumulation_type(boxes1.scalar_type());
   auto b1 = batched ? boxes1 : aten::unsqueeze(boxes1, 0);
   auto b2 = batched ? boxes2 : aten::unsqueeze(boxes2, 0);

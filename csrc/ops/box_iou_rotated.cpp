@@ -11,16 +11,8 @@ namespace {
 Tensor box_iou_rotated(const Tensor& boxes1, const Tensor& boxes2) {
   check_rotated_boxes(boxes1, "boxes1", /*allow_batched=*/true);
   check_rotated_boxes(boxes2, "boxes2", /*allow_batched=*/true);
-  check_same_device(boxes1, "boxes1", boxes2, "boxes2");
-  check_same_dtype(boxes1, "boxes1", boxes2, "boxes2");
-  FASTDET_CHECK(boxes1.dim() == boxes2.dim(), "boxes1 and boxes2 must both be [N, 5] / [M, 5] or both be batched ",
-                "[B, N, 5] / [B, M, 5], got ", shape_of(boxes1), " and ", shape_of(boxes2));
-  const bool batched = boxes1.dim() == 3;
-  if (batched) {
-    FASTDET_CHECK(boxes1.size(0) == boxes2.size(0), "boxes1 and boxes2 must have the same batch size B, got ",
-                  boxes1.size(0), " and ", boxes2.size(0));
-  }
-  const auto compute = rotated_compute_type(boxes1.scalar_type());
+  const bool batched = check_pairwise_sets(boxes1, boxes2, 5);
+  const auto compute = accumulation_type(boxes1.scalar_type());
   auto b1 = aten::contiguous(aten::to(batched ? boxes1 : aten::unsqueeze(boxes1, 0), compute));
   auto b2 = aten::contiguous(aten::to(batched ? boxes2 : aten::unsqueeze(boxes2, 0), compute));
   auto out = call_op<Tensor>("fastdet::_box_iou_rotated_kernel", b1, b2);

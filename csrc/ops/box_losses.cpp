@@ -33,7 +33,7 @@ BoxPairLossArgs prepare(const Tensor& boxes1, const Tensor& boxes2, int64_t vari
   FASTDET_CHECK(shape_of(boxes1).dims == shape_of(boxes2).dims,
                 "boxes1 and boxes2 must have the same shape [..., 4], got ", shape_of(boxes1), " and ",
                 shape_of(boxes2));
-  const auto acc = boxes1.scalar_type() == kDouble ? kDouble : kFloat;
+  const auto acc = accumulation_type(boxes1.scalar_type());
   const int64_t pairs = boxes1.numel() / 4;
   return {aten::contiguous(aten::reshape(aten::to(boxes1, acc), {pairs, 4})),
           aten::contiguous(aten::reshape(aten::to(boxes2, acc), {pairs, 4})), pairs};

@@ -28,6 +28,22 @@ inline void check_boxes(const Tensor& boxes, const char* name, bool allow_batche
                 " (x1, y1, x2, y2), got ", shape_of(boxes));
 }
 
+// Two box sets of a pairwise op, each already checked as [N, k] or [B, N, k]: one device, one dtype, and either both
+// plain or both batched with the same B. Returns whether they are batched.
+inline bool check_pairwise_sets(const Tensor& boxes1, const Tensor& boxes2, int k) {
+  check_same_device(boxes1, "boxes1", boxes2, "boxes2");
+  check_same_dtype(boxes1, "boxes1", boxes2, "boxes2");
+  FASTDET_CHECK(boxes1.dim() == boxes2.dim(), "boxes1 and boxes2 must both be [N, ", k, "] / [M, ", k,
+                "] or both be batched [B, N, ", k, "] / [B, M, ", k, "], got ", shape_of(boxes1), " and ",
+                shape_of(boxes2));
+  const bool batched = boxes1.dim() == 3;
+  if (batched) {
+    FASTDET_CHECK(boxes1.size(0) == boxes2.size(0), "boxes1 and boxes2 must have the same batch size B, got ",
+                  boxes1.size(0), " and ", boxes2.size(0));
+  }
+  return batched;
+}
+
 inline void check_threshold(double value, const char* name) {
   FASTDET_CHECK(value >= 0.0, name, " must be a non-negative number, got ", value);
 }

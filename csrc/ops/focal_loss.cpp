@@ -68,7 +68,7 @@ FocalPrepared prepare_focal(const Tensor& inputs, const Tensor& targets, bool wi
   }
   p.inputs = aten::reshape(aten::contiguous(inputs), {rows, classes});
 
-  const auto acc = focal_accumulate_type(inputs.scalar_type());
+  const auto acc = accumulation_type(inputs.scalar_type());
   p.scale_host = 1.0;
   std::optional<Tensor> norm;
   if (normalizer.has_value() && normalizer->defined()) {

@@ -21,11 +21,6 @@
 
 namespace fastdet {
 
-// float32 for float16/bfloat16/float32, float64 for float64.
-inline ScalarType focal_accumulate_type(ScalarType t) {
-  return t == kDouble ? kDouble : kFloat;
-}
-
 // The kernel op's arguments as the CPU and CUDA kernels read them, with the outputs allocated. No checks: the schema
 // file has validated and laid out everything.
 struct FocalKernelArgs {

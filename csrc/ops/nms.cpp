@@ -20,11 +20,6 @@ struct ScoreOrderedFlags {
   Tensor order;
 };
 
-// float32 for low-precision boxes (IoU in float32, as torchvision), float64 for float64 boxes.
-ScalarType accumulation_type(ScalarType input) {
-  return input == kDouble ? kDouble : kFloat;
-}
-
 // A 0-d int64 tensor on like's device: the scalar operand of a tensor-tensor op.
 Tensor long_scalar(int64_t value, const Tensor& like) {
   return aten::full({}, static_cast<double>(value), kLong, like);

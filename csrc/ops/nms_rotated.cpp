@@ -32,7 +32,7 @@ void check_rotated_idxs(const Tensor& boxes, const Tensor& idxs) {
 // boxes [N, 5], scores [N], idxs [N] or nullopt, checked, N > 0: kept indices in visit order.
 Tensor nms_rotated_pipeline(const Tensor& boxes, const Tensor& scores, const std::optional<Tensor>& idxs,
                             double iou_threshold) {
-  const auto compute = rotated_compute_type(boxes.scalar_type());
+  const auto compute = accumulation_type(boxes.scalar_type());
   auto boxes3 = aten::unsqueeze(boxes, 0);
   auto gather_boxes = [&](const Tensor& order) {
     auto index = aten::expand(aten::unsqueeze(order, -1), {-1, -1, 5});

@@ -44,7 +44,7 @@ Tensor prepare_rois(const Tensor& rois, const Tensor& feature, const char* featu
   FASTDET_CHECK(rois.dim() == 2 && rois.size(1) == 5,
                 "rois must have shape [K, 5] (batch index, x1, y1, x2, y2), got ", shape_of(rois));
   check_same_device(feature, feature_name, rois, "rois");
-  return aten::contiguous(aten::to(rois, roi_acc_type(acc_of)));
+  return aten::contiguous(aten::to(rois, accumulation_type(acc_of)));
 }
 
 void check_output_size(int64_t pooled_height, int64_t pooled_width) {

@@ -8,7 +8,7 @@
 //   _roi_pool_kernel(input [N, C, H, W], rois [K, 5], ...) -> ([K, C, PH, PW], argmax int32 [K, C, PH, PW])
 //   _roi_pool_backward_kernel(grad [K, C, PH, PW], rois, argmax, ...) -> [N, C, H, W] in the accumulation dtype
 // A single-level roi_align is a one-level multi-scale call (levels None). The kernels receive prepared tensors: every
-// tensor on one device; rois contiguous in the accumulation dtype (roi_acc_type of the feature dtype); levels
+// tensor on one device; rois contiguous in the accumulation dtype (accumulation_type of the feature dtype); levels
 // contiguous int64 with values in [0, L) and batch indices valid on the CPU (checked by the schema files; the CUDA
 // kernels pool a RoI with an invalid batch index or level to 0 instead, which needs no host synchronisation); 1 to
 // roi::kMaxLevels levels of equal N, C and dtype; grad shaped [K, C, PH, PW] in the feature dtype. Kernels read
@@ -17,11 +17,6 @@
 #include "ops/stable.h"
 
 namespace fastdet {
-
-// float32 for float16/bfloat16/float32 features, float64 for float64: the precision of coordinates, weights and sums.
-inline ScalarType roi_acc_type(ScalarType feature) {
-  return feature == kDouble ? kDouble : kFloat;
-}
 
 // A new tensor on like's device, in the channels-last or the contiguous memory format.
 inline Tensor roi_empty(IntArrayRef size, ScalarType dtype, const Tensor& like, bool channels_last) {

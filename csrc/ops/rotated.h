@@ -19,9 +19,4 @@ inline void check_rotated_boxes(const Tensor& boxes, const char* name, bool allo
                 " (cx, cy, w, h, angle in degrees), got ", shape_of(boxes));
 }
 
-// float32 for low-precision boxes, float64 for float64.
-inline ScalarType rotated_compute_type(ScalarType input) {
-  return input == kDouble ? kDouble : kFloat;
-}
-
 }  // namespace fastdet

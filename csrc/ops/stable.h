@@ -151,6 +151,12 @@ struct OpMath<BFloat16> {
 template <typename T>
 using opmath_t = typename OpMath<T>::type;
 
+// The dtype an op computes in for inputs of dtype t: float64 stays float64, every other floating dtype computes in
+// float32 (torchvision's rule for boxes; float16/bfloat16 coordinates are too coarse to compute in).
+inline ScalarType accumulation_type(ScalarType t) {
+  return t == kDouble ? kDouble : kFloat;
+}
+
 // dtype dispatch: runs the lambda-like body with `scalar_t` bound to the C++ type of TYPE. NAME goes in the error.
 #define FASTDET_DISPATCH_CASE(ENUM, CTYPE, ...) \
   case ENUM: {                                  \

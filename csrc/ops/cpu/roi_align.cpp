@@ -345,7 +345,7 @@ std::vector<Tensor> roi_align_backward_kernel(const Tensor& grad, const Tensor& 
                                               bool /*deterministic: the CPU kernel always is*/) {
   const int64_t K = rois.size(0);
   const int64_t L = static_cast<int64_t>(heights.size());
-  const auto acc = roi_acc_type(grad.scalar_type());
+  const auto acc = accumulation_type(grad.scalar_type());
   std::vector<Tensor> bufs;
   for (int64_t l = 0; l < L; ++l) {
     bufs.push_back(roi_zeros({N, C, heights[l], widths[l]}, acc, grad, channels_last));

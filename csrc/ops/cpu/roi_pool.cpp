@@ -143,7 +143,7 @@ std::tuple<Tensor, Tensor> roi_pool_kernel(const Tensor& input, const Tensor& ro
 Tensor roi_pool_backward_kernel(const Tensor& grad, const Tensor& rois, const Tensor& argmax_in,
                                 double /*spatial_scale: only the CUDA gather uses it*/, int64_t N, int64_t C,
                                 int64_t H, int64_t W, bool channels_last, bool /*deterministic: the CPU always is*/) {
-  const auto acc = roi_acc_type(grad.scalar_type());
+  const auto acc = accumulation_type(grad.scalar_type());
   auto buf = roi_zeros({N, C, H, W}, acc, grad, channels_last);
   const int64_t K = rois.size(0), PH = grad.size(2), PW = grad.size(3);
   // An empty map (H or W == 0) has no pixel an argmax can name: its gradient is the empty buffer (whose strides need

@@ -125,7 +125,7 @@ std::tuple<Tensor, Tensor> sigmoid_focal_loss_kernel(const Tensor& inputs, const
   // A launch limit of this kernel (grid size, 32-bit in-chunk offsets), not an argument check.
   FASTDET_CHECK(chunks <= std::numeric_limits<int32_t>::max() && C <= std::numeric_limits<int32_t>::max(),
                 "sigmoid_focal_loss: input too large (", a.rows, " rows of ", C, " classes)");
-  const auto acc = focal_accumulate_type(a.inputs.scalar_type());
+  const auto acc = accumulation_type(a.inputs.scalar_type());
   const std::optional<Tensor> partial =
       reduce ? std::optional<Tensor>(aten::empty({std::max<int64_t>(chunks, 1)}, acc, a.inputs)) : std::nullopt;
   FASTDET_DISPATCH_FLOATING(a.inputs.scalar_type(), "sigmoid_focal_loss_cuda", [&] {

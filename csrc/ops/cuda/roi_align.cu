@@ -346,7 +346,7 @@ std::vector<Tensor> roi_align_backward_kernel(const Tensor& grad, const Tensor& 
                                               bool deterministic) {
   const DeviceGuard device_guard(grad.get_device_index());
   const cudaStream_t stream = current_stream(grad);
-  const auto acc = roi_acc_type(grad.scalar_type());
+  const auto acc = accumulation_type(grad.scalar_type());
   const int64_t K = rois.size(0);
   const int64_t L = static_cast<int64_t>(heights.size());
   std::vector<Tensor> bufs;

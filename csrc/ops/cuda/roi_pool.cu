@@ -179,7 +179,7 @@ Tensor roi_pool_backward_kernel(const Tensor& grad, const Tensor& rois, const Te
                                 int64_t N, int64_t C, int64_t H, int64_t W, bool channels_last, bool deterministic) {
   const DeviceGuard device_guard(grad.get_device_index());
   const cudaStream_t stream = current_stream(grad);
-  const auto acc = roi_acc_type(grad.scalar_type());
+  const auto acc = accumulation_type(grad.scalar_type());
   auto buf = roi_zeros({N, C, H, W}, acc, grad, channels_last);
   const int64_t K = rois.size(0), PH = grad.size(2), PW = grad.size(3);
   if (K > 0 && C > 0 && PH > 0 && PW > 0 && buf.numel() > 0) {
