@@ -20,16 +20,12 @@ from torch import Tensor
 
 from fastdet.ops._pairwise import call_pairwise
 from fastdet.ops._registry import native, register_fake
+from fastdet.ops.nms import _check_same_device, _check_tensor, _check_threshold, _kept_count
 
 __all__ = ["batched_nms_rotated", "box_iou_rotated", "nms_rotated"]
 
 ROTATED_FORMATS = ("xywhr", "cxcywhr", "xyxyxyxy")
 _SIZES = {"xywhr": 5, "cxcywhr": 5, "xyxyxyxy": 8}
-
-
-def _check_tensor(t, name: str) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
 
 
 def _check_rotated(boxes, fmt: str, name: str, min_dim: int = 1) -> None:
@@ -156,13 +152,6 @@ def box_iou_rotated(boxes1: Tensor, boxes2: Tensor, fmt: str = "cxcywhr") -> Ten
     return call_pairwise(native("box_iou_rotated"), boxes1, boxes2)
 
 
-def _check_threshold(value, name: str) -> float:
-    value = float(value)
-    if not value >= 0.0:  # also rejects NaN
-        raise ValueError(f"{name} must be a non-negative number, got {value}")
-    return value
-
-
 def nms_rotated(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """Greedy non-maximum suppression of rotated boxes.
 
@@ -182,8 +171,7 @@ def nms_rotated(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """
     _check_tensor(boxes, "boxes")
     _check_tensor(scores, "scores")
-    if boxes.device != scores.device:
-        raise ValueError(f"boxes and scores must be on the same device, got {boxes.device} and {scores.device}")
+    _check_same_device(boxes=boxes, scores=scores)
     return native("nms_rotated")(boxes, scores, _check_threshold(iou_threshold, "iou_threshold"))
 
 
@@ -194,9 +182,7 @@ def batched_nms_rotated(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_thresho
     _check_tensor(boxes, "boxes")
     _check_tensor(scores, "scores")
     _check_tensor(idxs, "idxs")
-    for name, t in (("scores", scores), ("idxs", idxs)):
-        if t.device != boxes.device:
-            raise ValueError(f"boxes and {name} must be on the same device, got {boxes.device} and {t.device}")
+    _check_same_device(boxes=boxes, scores=scores, idxs=idxs)
     return native("batched_nms_rotated")(boxes, scores, idxs, _check_threshold(iou_threshold, "iou_threshold"))
 
 
@@ -215,9 +201,7 @@ def _box_iou_rotated_kernel_fake(boxes1, boxes2):
 # nms_rotated / batched_nms_rotated return a data-dependent number of indices: an unbacked symint in [0, N].
 def _kept_indices_fake(boxes):
     torch._check(boxes.dim() == 2 and boxes.shape[-1] == 5)
-    k = torch.library.get_ctx().new_dynamic_size()
-    torch._check(k <= boxes.shape[0])
-    return boxes.new_empty((k,), dtype=torch.int64)
+    return boxes.new_empty((_kept_count(boxes),), dtype=torch.int64)
 
 
 @register_fake("nms_rotated")
