@@ -9,6 +9,7 @@ from fastdet.ops import box_coder as _box_coder
 from fastdet.ops import boxes as _boxes
 from fastdet.ops import losses as _losses
 from fastdet.ops import nms as _nms
+from fastdet.ops import onnx as _onnx
 from fastdet.ops import rotated as _rotated
 from fastdet.ops import roi as _roi
 from fastdet.ops.anchors import *  # noqa: F401,F403
@@ -16,6 +17,7 @@ from fastdet.ops.box_coder import *  # noqa: F401,F403
 from fastdet.ops.boxes import *  # noqa: F401,F403
 from fastdet.ops.losses import *  # noqa: F401,F403
 from fastdet.ops.nms import *  # noqa: F401,F403
+from fastdet.ops.onnx import *  # noqa: F401,F403
 from fastdet.ops.rotated import *  # noqa: F401,F403
 from fastdet.ops.roi import *  # noqa: F401,F403
 
@@ -26,7 +28,11 @@ __all__ = sorted(
         *_boxes.__all__,
         *_losses.__all__,
         *_nms.__all__,
+        *_onnx.__all__,
         *_rotated.__all__,
         *_roi.__all__,
     ]
 )
+
+# ONNX translations register themselves with torch's exporter when it is first loaded (see fastdet/ops/onnx.py).
+_onnx.install()
