@@ -698,3 +698,21 @@ def test_autocast_focal_loss_matches_torchvision(device, reduction):
         assert x.grad.dtype == low
     torch.testing.assert_close(ours.grad.float(), theirs.grad.float(), rtol=2e-2, atol=2e-3)
     torch.testing.assert_close(with_labels.grad, ours.grad)
+
+
+class _DecodeSelectModule(torch.nn.Module):
+    def forward(self, deltas, anchors, scores):
+        return ops.decode_and_select(deltas, anchors, scores, 0.2, 24)
+
+
+def test_export_decode_and_select_with_fewer_candidates_than_top_k():
+    # No bound relating N and top_k is needed: the selection pads to top_k internally instead of branching on N.
+    gen = torch.Generator().manual_seed(26)
+    b, n = torch.export.Dim("b"), torch.export.Dim("n")
+
+    def args(bb, nn):
+        return (torch.randn(bb, nn, 4, generator=gen), _boxes(gen, nn),
+                torch.rand(bb, nn, 3, generator=gen).round(decimals=1))
+
+    _check_export(_DecodeSelectModule(), args(2, 30), ({0: b, 1: n}, {0: n}, {0: b, 1: n}), args(3, 5), args(1, 24),
+                  args(2, 90))

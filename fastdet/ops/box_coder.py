@@ -276,33 +276,33 @@ def _select_top_k(scores: Tensor, threshold: float, top_k: int) -> tuple[Tensor,
     best = scores.amax(dim=-1)  # NaN propagates, and NaN never passes the threshold below
     passing = _strictly_above(best, threshold)
     key = torch.where(passing, best.float() if best.dtype != torch.float64 else best, float("-inf"))
-    take_n = min(top_k, N)
     long_opts = dict(dtype=torch.int64, device=scores.device)
-    if take_n == 0:
-        index = torch.full((B, top_k), -1, **long_opts)
-        return index, torch.zeros((B, top_k), dtype=torch.bool, device=scores.device)
+    if top_k == 0:
+        index = torch.full((B, 0), -1, **long_opts)
+        return index, torch.zeros((B, 0), dtype=torch.bool, device=scores.device)
+    # top_k columns of -inf after the N real ones: every row then has at least top_k entries whatever N is, so the
+    # selection below never branches on N (torch.export with a dynamic N needs no bound relating N and top_k), and
+    # padding entries rank after every real one (ties at -inf go to lower indices), so they only fill invalid slots.
+    key = torch.cat([key, key.new_full((B, top_k), float("-inf"))], dim=1)
+    n = N + top_k
     # The K-th largest value is exact whatever topk does with ties; the members are then chosen by the definition:
     # everything above it, plus the lowest-indexed anchors equal to it until K are taken.
-    kth = key.topk(take_n, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+    kth = key.topk(top_k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
     above = key > kth
     equal = key == kth
-    need = take_n - above.sum(dim=1, keepdim=True)
+    need = top_k - above.sum(dim=1, keepdim=True)
     take = above | (equal & (equal.cumsum(dim=1) <= need))
-    # Compact the taken anchors in index order without a host synchronisation: exactly take_n per row, so the j-th
-    # taken anchor goes to slot j and every other anchor to a slot of its own past the end.
-    slot = torch.where(take, take.cumsum(dim=1) - 1, torch.arange(N, **long_opts).add_(take_n))
-    members = torch.empty((B, take_n + N), **long_opts).scatter_(
-        1, slot, torch.arange(N, **long_opts).expand(B, N))[:, :take_n]
+    # Compact the taken entries in index order without a host synchronisation: exactly top_k per row, so the j-th
+    # taken entry goes to slot j and every other entry to a slot of its own past the end.
+    slot = torch.where(take, take.cumsum(dim=1) - 1, torch.arange(n, **long_opts).add_(top_k))
+    members = torch.empty((B, top_k + n), **long_opts).scatter_(
+        1, slot, torch.arange(n, **long_opts).expand(B, n))[:, :top_k]
     # Members are in increasing index order, so a stable descending sort yields (score desc, index asc).
     member_keys = key.gather(1, members)
     sorted_keys, perm = member_keys.sort(dim=1, descending=True, stable=True)
     index = members.gather(1, perm)
-    valid = sorted_keys > float("-inf")
+    valid = sorted_keys > float("-inf")  # false for every padding entry
     index = torch.where(valid, index, -1)
-    if take_n < top_k:
-        pad = top_k - take_n
-        index = torch.cat([index, torch.full((B, pad), -1, **long_opts)], dim=1)
-        valid = torch.cat([valid, torch.zeros((B, pad), dtype=torch.bool, device=scores.device)], dim=1)
     return index, valid
 
 
