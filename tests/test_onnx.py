@@ -235,8 +235,9 @@ def test_multi_scale_roi_align_module_exports():
 def test_explicit_translation_table_is_complete():
     table = F.onnx_translation_table()
     names = sorted(op.name() for op in table)
-    assert names == ["aten::sort.stable", "fastdet::batched_nms", "fastdet::multi_scale_roi_align", "fastdet::nms", "fastdet::nms_fixed",
-                     "fastdet::roi_align"]
+    assert names == ["aten::sort.stable", "fastdet::_decode_select_boxes", "fastdet::batched_nms", "fastdet::box_decode",
+                     "fastdet::grid_anchors", "fastdet::grid_priors", "fastdet::multi_scale_roi_align", "fastdet::nms",
+                     "fastdet::nms_fixed", "fastdet::roi_align", "fastdet::ssd_default_boxes"]
     boxes, scores = _clustered(20, torch.Generator().manual_seed(10))
     graph = _export(lambda b, s: F.nms(b, s, 0.5), (boxes, scores), custom_translation_table=table)
     assert graph(boxes, scores)[0].tolist() == F.nms(boxes, scores, 0.5).tolist()
@@ -255,3 +256,145 @@ def test_import_stays_lazy_and_registration_is_automatic():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr
     assert "fastdet::nms'" in out.stdout and "fastdet::roi_align'" in out.stdout
+
+
+# ---- anchors and box coding (what a whole detector needs) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_anchor_generators_are_bit_identical(dtype):
+    """The grid geometry is static, so the translations embed it computed in the kernels' arithmetic: exact."""
+    grids = [(13, 17), (7, 9), (1, 1)]
+
+    def anchors(table):
+        sizes = [s for hw in grids for s in hw]
+        counts = [9 // 3 * 2, 3, 6]
+        return torch.ops.fastdet.grid_anchors(table, counts, sizes, [8.0, 8.0, 24.0, 24.0, 61.0, 61.0], 0.3)
+
+    table = torch.cat([torch.randn(6, 4), torch.randn(3, 4) * 30, torch.randn(6, 4) * 90]).to(dtype)
+    (got,) = _export(anchors, (table,))(table)
+    assert torch.equal(got, anchors(table))
+
+    def ssd(wh):
+        return torch.ops.fastdet.ssd_default_boxes(wh, [4, 6, 2], [19, 19, 10, 10, 1, 1], [18.75, 18.75, 10.0, 10.0,
+                                                                                       1.0, 1.0], [300, 320], dtype)
+
+    wh = torch.rand(12, 2)
+    (got,) = _export(ssd, (wh,))(wh)
+    assert got.dtype == ssd(wh).dtype and torch.equal(got, ssd(wh))
+
+    def priors(wh64, xyxy):
+        return torch.ops.fastdet.grid_priors(wh64, [3, 2], [20, 24, 5, 6], [8.0, 8.0, 32.0, 32.0], 0.5, xyxy, dtype)
+
+    wh64 = torch.rand(5, 2, dtype=torch.float64) * 100
+    for xyxy in (False, True):
+        (got,) = _export(lambda t: priors(t, xyxy), (wh64,))(wh64)
+        assert torch.equal(got, priors(wh64, xyxy))
+
+
+def _close_in_ulps(got, want, ulps=4):
+    """Decoded boxes: equal but for exp (onnxruntime's vs torch's, within an ulp or two) carried through a product."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    finite = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(got), finite) and torch.equal(got.isnan(), want.isnan())
+    scale = want[finite].abs().clamp(min=1.0)
+    assert ((got[finite] - want[finite]).abs() <= ulps * torch.finfo(want.dtype).eps * scale * 4).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_box_decode_and_decode_and_select_match(dtype):
+    g = torch.Generator().manual_seed(11)
+    weights, clip = (10.0, 10.0, 5.0, 5.0), 4.135
+    boxes = _boxes(30, g).to(dtype)
+    rel = (torch.randn(60, 8, generator=g) * 2).to(dtype)
+    rel[0, 2] = float("nan")
+    rel[1, 3] = 100.0  # clipped
+    (got,) = _export(lambda r, b: F.box_decode(r, b, weights, clip), (rel, boxes))(rel, boxes)
+    _close_in_ulps(got, F.box_decode(rel, boxes, weights, clip))
+
+    def select(r, a, s, sizes):
+        return F.decode_and_select(r, a, s, 0.3, 20, sizes, weights, clip)
+
+    r = (torch.randn(2, 50, 4, generator=g) * 0.5).to(dtype)
+    a = _boxes(50, g).to(dtype)
+    s = torch.rand(2, 50, 3, generator=g).round(decimals=1).to(dtype)
+    sizes = torch.tensor([[60.0, 80.0], [200.0, 40.0]], dtype=torch.float64)
+    outs = _export(select, (r, a, s, sizes))(r, a, s, sizes)
+    want = select(r, a, s, sizes)
+    _close_in_ulps(outs[0], want[0])
+    for x, y in zip(outs[1:], want[1:]):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+# ---- whole detectors -------------------------------------------------------------------------------------------
+
+
+def test_ssd_and_retinanet_selection_export():
+    """The detectors' post-processing on given head outputs: the same detections as eager (boxes to exp's ulps)."""
+    from fastdet.models.retinanet import retinanet_select_detections
+    from fastdet.models.ssd import ssd_select_detections
+
+    g = torch.Generator().manual_seed(12)
+    B, N, C = 2, 600, 6
+    logits = torch.randn(B, N, C, generator=g) * 3
+    deltas = torch.randn(B, N, 4, generator=g) * 0.3
+    anchors = _boxes(N, g, scale=300)
+    sizes = torch.tensor([[300, 300], [280, 310]])
+
+    def ssd(l, d, a, s):
+        return ssd_select_detections(l, d, a, s, 0.01, 400, 0.45, 100)
+
+    def retina(l, d, a, s):
+        return retinanet_select_detections([l[:, :400], l[:, 400:]], [d[:, :400], d[:, 400:]],
+                                           [a[:400], a[400:]], s, 0.05, 150, 0.5, 100)
+
+    for fn in (ssd, retina):
+        got = _export(fn, (logits, deltas, anchors, sizes))(logits, deltas, anchors, sizes)
+        want = fn(logits, deltas, anchors, sizes)
+        _close_in_ulps(got[0], want[0], ulps=16)
+        for x, y in zip(got[1:], want[1:]):
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+
+
+class _Detections(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image):
+        out = self.model([image])[0]
+        return out["boxes"], out["scores"], out["labels"]
+
+
+@pytest.mark.parametrize("builder", ["fasterrcnn_resnet18_fpn", "yolo_n", "retinanet_resnet18_fpn"])
+def test_whole_detector_exports_and_runs_in_onnxruntime(builder):
+    """End to end: transform, backbone, heads, anchors, decoding, NMS and rescaling in one ONNX graph. The convolutions
+    round differently in onnxruntime (scores within ~1e-6), so detections are matched rather than compared by row:
+    every eager detection has an exported twin with the same label, a score within 1e-5 and a box within 0.01 px."""
+    import fastdet.models as models
+
+    torch.manual_seed(0)
+    small = {} if builder.startswith("yolo") else {"min_size": 256, "max_size": 320}
+    model = getattr(models, builder)(num_classes=5, **small).eval()
+    with torch.no_grad():  # spread-out scores (random heads start near the focal prior)
+        for name, p in model.named_parameters():
+            if "cls" in name and name.endswith("bias"):
+                p.zero_()
+    wrapper = _Detections(model)
+    image = torch.rand(3, 256, 320, generator=torch.Generator().manual_seed(13))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(wrapper, (image,), dynamo=True, verbose=False)
+    session = onnxruntime.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    for seed in (14, 15):
+        image = torch.rand(3, 256, 320, generator=torch.Generator().manual_seed(seed))
+        got = [torch.from_numpy(o) for o in session.run(None, {session.get_inputs()[0].name: image.numpy()})]
+        with torch.no_grad():
+            want = wrapper(image)
+        assert len(want[0]) > 20 and len(got[0]) == len(want[0])
+        same = (got[2][:, None] == want[2][None, :]) & ((got[1][:, None] - want[1][None, :]).abs() < 1e-5)
+        close = ((got[0][:, None, :] - want[0][None, :, :]).abs() < 1e-2).all(dim=-1)
+        matched = (same & close).any(dim=0)
+        gap = (got[0][:, None, :] - want[0][None, :, :]).abs().amax(dim=-1)
+        gap = torch.where(same, gap, torch.inf).amin(dim=0)
+        assert matched.all(), (builder, seed, gap[~matched], (got[1][:, None] - want[1][~matched][None]).abs().min())

@@ -2,8 +2,9 @@
 
 Graphs that call :func:`fastdet.ops.nms`, :func:`~fastdet.ops.batched_nms`, :func:`~fastdet.ops.nms_fixed` (and so
 :func:`~fastdet.ops.multiclass_nms`, which is built on it), :func:`~fastdet.ops.roi_align`,
-:func:`~fastdet.ops.multi_scale_roi_align` export to standard ONNX operators (``NonMaxSuppression``, ``RoiAlign``
-and the gathering around them), so onnxruntime or TensorRT can run
+:func:`~fastdet.ops.multi_scale_roi_align`, the anchor generators and the box decoders (``box_decode``,
+``decode_and_select``) export to standard ONNX operators (``NonMaxSuppression``, ``RoiAlign``, ``TopK`` and plain
+arithmetic), so whole detectors export, so onnxruntime or TensorRT can run
 them without a custom-op library.
 
 Registration needs nothing from the user: importing :mod:`fastdet.ops` arranges for these translations to be added to
@@ -260,6 +261,196 @@ def _sort_stable(self, stable=None, dim: int = -1, descending: bool = False):
     return values, indices
 
 
+# ---- anchors and box coding: what a whole detector needs besides NMS and RoIAlign -------------------------------
+# The grid geometry (sizes, strides, offsets) is static in every exported graph, so the per-cell shifts / centres are
+# computed here with numpy in exactly the native kernels' arithmetic (anchors.h) and embedded as constants; only the
+# cell tables, which are model buffers, stay graph inputs. Anchors are then bit-identical to eager.
+
+_FLOAT, _DOUBLE = 1, 11  # ONNX TensorProto data types
+
+
+def _np_dtype(value):
+    return value.dtype.numpy()
+
+
+def _const(array):
+    from onnxscript import ir
+
+    return _op().Constant(value=ir.tensor(numpy.ascontiguousarray(array)))
+
+
+def _torch_dtype(dtype):
+    """A ScalarType argument as the exporter passes it: an ONNX data type (the exporter converts torch dtypes), or a
+    torch.dtype."""
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {10: torch.float16, _FLOAT: torch.float32, _DOUBLE: torch.float64, 16: torch.bfloat16}
+    return table[int(dtype)]
+
+
+def _grid_xy(h: int, w: int):
+    """Row-major (y, then x) cell coordinates of an h x w grid, as float64 columns."""
+    ys, xs = numpy.meshgrid(numpy.arange(h, dtype=numpy.float64), numpy.arange(w, dtype=numpy.float64), indexing="ij")
+    return xs.reshape(-1), ys.reshape(-1)
+
+
+def _round_to(values, dtype):
+    """anchors.h round_to: float16/bfloat16 through float32."""
+    if numpy.dtype(dtype) == numpy.float64:
+        return values
+    return values.astype(numpy.float32).astype(dtype)
+
+
+def _grid_anchors(cell_anchors, anchors_per_level, grid_sizes, strides, offset: float):
+    op = _op()
+    dtype = _np_dtype(cell_anchors)
+    acc = numpy.float64 if dtype == numpy.float64 else numpy.float32
+    pieces, row = [], 0
+    for level, count in enumerate(anchors_per_level):
+        h, w = int(grid_sizes[2 * level]), int(grid_sizes[2 * level + 1])
+        xs, ys = _grid_xy(h, w)
+        sx = _round_to((xs + offset) * float(strides[2 * level + 1]), dtype).astype(acc)
+        sy = _round_to((ys + offset) * float(strides[2 * level]), dtype).astype(acc)
+        shifts = _const(numpy.stack([sx, sy, sx, sy], axis=1).reshape(-1, 1, 4))
+        table = op.Cast(op.Slice(cell_anchors, _ints([row]), _ints([row + count]), _ints([0])),
+                        to=_DOUBLE if acc == numpy.float64 else _FLOAT)
+        level_anchors = op.Add(shifts, op.Unsqueeze(table, _ints([0])))  # [HW, A, 4], rounded once in acc
+        pieces.append(op.CastLike(op.Reshape(level_anchors, _ints([-1, 4])), cell_anchors))
+        row += count
+    return pieces[0] if len(pieces) == 1 else op.Concat(*pieces, axis=0)
+
+
+def _ssd_default_boxes(wh_pairs, boxes_per_level, grid_sizes, divisors, image_size, dtype):
+    import torch
+
+    op = _op()
+    feature = _torch_dtype(dtype)
+    out = numpy.float64 if feature == torch.float64 else numpy.float32
+    feature_np = {torch.float16: numpy.float16, torch.float32: numpy.float32, torch.float64: numpy.float64}.get(
+        feature, numpy.float32)
+    image_h, image_w = float(image_size[0]), float(image_size[1])
+    scale = _const(numpy.array([image_w, image_h, image_w, image_h], dtype=out))
+    pieces, row = [], 0
+    for level, count in enumerate(boxes_per_level):
+        h, w = int(grid_sizes[2 * level]), int(grid_sizes[2 * level + 1])
+        xs, ys = _grid_xy(h, w)
+        fx = (xs.astype(numpy.float32) + numpy.float32(0.5)) / numpy.float32(divisors[2 * level + 1])
+        fy = (ys.astype(numpy.float32) + numpy.float32(0.5)) / numpy.float32(divisors[2 * level])
+        if feature == torch.bfloat16:  # no numpy bfloat16 here: round through torch
+            fx = torch.from_numpy(fx).bfloat16().float().numpy()
+            fy = torch.from_numpy(fy).bfloat16().float().numpy()
+        else:
+            fx, fy = fx.astype(feature_np), fy.astype(feature_np)
+        centres = _const(numpy.stack([fx, fy], axis=1).astype(out).reshape(-1, 1, 2))
+        half = op.Mul(op.Cast(op.Slice(wh_pairs, _ints([row]), _ints([row + count]), _ints([0])),
+                              to=_DOUBLE if out == numpy.float64 else _FLOAT),
+                      _const(numpy.array(0.5, dtype=out)))
+        half = op.Unsqueeze(half, _ints([0]))  # [1, P, 2]
+        corners = op.Concat(op.Sub(centres, half), op.Add(centres, half), axis=2)  # [HW, P, 4]
+        pieces.append(op.Reshape(op.Mul(corners, scale), _ints([-1, 4])))
+        row += count
+    return pieces[0] if len(pieces) == 1 else op.Concat(*pieces, axis=0)
+
+
+def _grid_priors(wh, priors_per_level, grid_sizes, strides, offset: float, xyxy: bool, dtype):
+    import torch
+
+    op = _op()
+    target = {torch.float16: 10, torch.float32: _FLOAT, torch.float64: _DOUBLE, torch.bfloat16: 16}[_torch_dtype(dtype)]
+    pieces, row = [], 0
+    for level, count in enumerate(priors_per_level):
+        h, w = int(grid_sizes[2 * level]), int(grid_sizes[2 * level + 1])
+        xs, ys = _grid_xy(h, w)
+        cx = (xs + offset) * float(strides[2 * level + 1])
+        cy = (ys + offset) * float(strides[2 * level])
+        centres = _const(numpy.stack([cx, cy], axis=1).reshape(-1, 1, 2))  # float64
+        sizes = op.Unsqueeze(op.Cast(op.Slice(wh, _ints([row]), _ints([row + count]), _ints([0])), to=_DOUBLE),
+                             _ints([0]))  # [1, P, 2]
+        if xyxy:
+            half = op.Mul(sizes, _const(numpy.array(0.5)))
+            rows = op.Concat(op.Sub(centres, half), op.Add(centres, half), axis=2)
+        else:
+            rows = op.Concat(op.Expand(centres, op.Concat(op.Shape(centres, start=0, end=1), op.Shape(sizes, start=1),
+                                                          axis=0)),
+                             op.Expand(sizes, op.Concat(op.Shape(centres, start=0, end=1), op.Shape(sizes, start=1),
+                                                        axis=0)), axis=2)
+        rows = op.Reshape(rows, _ints([-1, 4]))
+        if target != _DOUBLE:
+            rows = op.Cast(rows, to=_FLOAT)  # round_to: through float32
+        pieces.append(op.Cast(rows, to=target))
+        row += count
+    return pieces[0] if len(pieces) == 1 else op.Concat(*pieces, axis=0)
+
+
+def _acc_type(x):
+    return _DOUBLE if _np_dtype(x) == numpy.float64 else _FLOAT
+
+
+def _decode(rel, boxes, weights, clip, acc):
+    """box_coder.h decode on [..., 4] deltas and matching [..., 4] boxes, in acc (each ONNX op rounds once, as the
+    kernel's explicitly rounded operations). exp is onnxruntime's: within an ulp or two of torch's."""
+    op = _op()
+    np_acc = numpy.float64 if acc == _DOUBLE else numpy.float32
+
+    def col(t, i):
+        return op.Slice(t, _ints([i]), _ints([i + 1]), _ints([-1]))
+
+    def c(v):
+        return _const(numpy.array(v, dtype=np_acc))
+
+    x1, y1, x2, y2 = (col(boxes, i) for i in range(4))
+    w, h = op.Sub(x2, x1), op.Sub(y2, y1)
+    cx, cy = op.Add(x1, op.Mul(c(0.5), w)), op.Add(y1, op.Mul(c(0.5), h))
+    dx, dy = op.Div(col(rel, 0), c(weights[0])), op.Div(col(rel, 1), c(weights[1]))
+    dw, dh = op.Div(col(rel, 2), c(weights[2])), op.Div(col(rel, 3), c(weights[3]))
+    limit = c(clip)
+    dw = op.Where(op.Greater(dw, limit), limit, dw)  # NaN stays NaN, as the kernel's comparison
+    dh = op.Where(op.Greater(dh, limit), limit, dh)
+    pcx, pcy = op.Add(op.Mul(dx, w), cx), op.Add(op.Mul(dy, h), cy)
+    hw, hh = op.Mul(c(0.5), op.Mul(op.Exp(dw), w)), op.Mul(c(0.5), op.Mul(op.Exp(dh), h))
+    return op.Concat(op.Sub(pcx, hw), op.Sub(pcy, hh), op.Add(pcx, hw), op.Add(pcy, hh), axis=-1)
+
+
+def _box_decode(rel_codes, boxes, weights, bbox_xform_clip: float):
+    """rel_codes [R, 4C], boxes [Rb, 4]; row r uses box r % Rb."""
+    op = _op()
+    acc = _acc_type(rel_codes)
+    rel = op.Cast(rel_codes, to=acc)
+    ref = op.Cast(op.CastLike(boxes, rel_codes), to=acc)
+    r = op.Shape(rel, start=0, end=1)
+    repeats = op.Div(r, op.Shape(ref, start=0, end=1))
+    ref = op.Tile(ref, op.Concat(repeats, _ints([1]), axis=0))  # [R, 4]
+    rel4 = op.Reshape(rel, op.Concat(r, _ints([-1, 4]), axis=0))  # [R, C, 4]
+    out = _decode(rel4, op.Unsqueeze(ref, _ints([1])), weights, bbox_xform_clip, acc)
+    return op.CastLike(op.Reshape(out, op.Concat(r, _ints([-1]), axis=0)), rel_codes)
+
+
+def _decode_select_boxes(rel_codes, anchors, index, image_sizes, weights, bbox_xform_clip: float):
+    """rel_codes [B, N, 4], anchors [Ba, N, 4], index [B, K] (-1 = padding) -> [B, K, 4]; padding rows are zero."""
+    op = _op()
+    acc = _acc_type(rel_codes)
+    safe = op.Unsqueeze(op.Max(index, op.Constant(value_int=0)), _ints([-1]))
+    gather_at = op.Expand(safe, op.Concat(op.Shape(index), _ints([4]), axis=0))
+    rel = op.Cast(op.GatherElements(rel_codes, gather_at, axis=1), to=acc)
+    batch = op.Shape(rel_codes, start=0, end=1)
+    anchors_b = op.Expand(anchors, op.Concat(batch, op.Shape(anchors, start=1), axis=0))
+    ref = op.Cast(op.GatherElements(op.CastLike(anchors_b, rel_codes), gather_at, axis=1), to=acc)
+    out = _decode(rel, ref, weights, bbox_xform_clip, acc)
+    if image_sizes is not None:
+        sizes = op.Cast(image_sizes, to=acc)  # [B, 2] (height, width)
+        h = op.Unsqueeze(op.Slice(sizes, _ints([0]), _ints([1]), _ints([1])), _ints([1]))
+        w = op.Unsqueeze(op.Slice(sizes, _ints([1]), _ints([2]), _ints([1])), _ints([1]))
+        upper = op.Concat(w, h, w, h, axis=-1)  # [B, 1, 4]
+        zero = op.CastLike(op.Constant(value_float=0.0), out)
+        out = op.Where(op.Less(out, zero), zero, out)
+        out = op.Where(op.Greater(out, upper), op.Expand(upper, op.Shape(out)), out)
+    out = op.Where(op.Unsqueeze(op.Less(index, op.Constant(value_int=0)), _ints([-1])),
+                   op.CastLike(op.Constant(value_float=0.0), out), out)
+    return op.CastLike(out, rel_codes)
+
+
 # op name -> translation. The schema of each op is in csrc/ops/<family>.cpp.
 _TRANSLATIONS = {
     "nms": _nms,
@@ -267,6 +458,11 @@ _TRANSLATIONS = {
     "nms_fixed": _nms_fixed,
     "roi_align": _roi_align,
     "multi_scale_roi_align": _multi_scale_roi_align,
+    "grid_anchors": _grid_anchors,
+    "ssd_default_boxes": _ssd_default_boxes,
+    "grid_priors": _grid_priors,
+    "box_decode": _box_decode,
+    "_decode_select_boxes": _decode_select_boxes,
 }
 
 
