@@ -1,4 +1,5 @@
-"""Evaluation: COCO metrics through pycocotools, PR/F1 curves, confusion matrix, and model speed."""
+"""Evaluation: COCO metrics (fastdet's native evaluator, pycocotools as the alternative backend), PR/F1 curves,
+confusion matrix, and model speed."""
 
 from fastdet.eval.coco import (
     STAT_NAMES,
@@ -8,6 +9,7 @@ from fastdet.eval.coco import (
     evaluate_model,
     load_ground_truth,
 )
+from fastdet.eval.cocoeval import COCOeval
 from fastdet.eval.curves import (
     F1Curves,
     PrecisionRecallCurves,
@@ -23,6 +25,7 @@ from fastdet.eval.curves import (
 from fastdet.eval.speed import count_flops, measure_fps
 
 __all__ = [
+    "COCOeval",
     "STAT_NAMES",
     "CocoEvaluation",
     "F1Curves",

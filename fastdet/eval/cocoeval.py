@@ -113,8 +113,20 @@ def _rle_strings(coco, annotations: list, what: str) -> tuple[np.ndarray, np.nda
     index[:, 0] = ends - lengths
     index[:, 1] = ends
     index[:, 2:] = sizes
-    data = np.frombuffer(b"".join(strings), dtype=np.uint8) if strings else np.zeros(0, dtype=np.uint8)
+    data = np.frombuffer(bytearray(b"".join(strings)), dtype=np.uint8)
     return data, index
+
+
+def _id_array(ids: list):
+    """Integer ids as an int64 array (so they are looked up vectorised); any other ids stay a list."""
+    if ids and all(type(i) is int for i in (ids[0], ids[-1])):
+        try:
+            array = np.asarray(ids)
+        except (OverflowError, ValueError):
+            return ids
+        if array.dtype.kind in "iu":
+            return array.astype(np.int64, copy=False)
+    return ids
 
 
 def _annotations_of(coco, iou_type: str, detections: bool) -> _Annotations:
@@ -123,8 +135,8 @@ def _annotations_of(coco, iou_type: str, detections: bool) -> _Annotations:
     anns = coco.dataset.get("annotations", [])
     n = len(anns)
     try:
-        image_ids = [a["image_id"] for a in anns]
-        category_ids = [a["category_id"] for a in anns]
+        image_ids = _id_array([a["image_id"] for a in anns])
+        category_ids = _id_array([a["category_id"] for a in anns])
     except KeyError as error:
         raise KeyError(f"every {what} annotation needs a {error.args[0]!r} key") from None
     areas = _floats((a["area"] for a in anns), n, what)
@@ -264,6 +276,30 @@ def _native_accumulate(evaluated: _Evaluated, max_dets, rec_thrs):
         _t(np.asarray(rec_thrs, dtype=np.float64).reshape(-1)),
     )
     return precision.numpy(), recall.numpy(), scores.numpy()
+
+
+def evaluate_result_rows(coco_gt, rows: np.ndarray, max_dets: list[int]):
+    """The fast path of :func:`fastdet.eval.evaluate_detections`: bbox evaluation of result rows ``[N, 7]``
+    (``image_id, x, y, w, h, score, category_id``) with default parameters and ``maxDets = max_dets``, exactly as
+    ``COCOeval`` would evaluate ``coco_gt.loadRes(rows)`` but without building per-detection dicts.
+    Returns ``(params, precision, recall, scores)``."""
+    p = _params_class()(iouType="bbox")
+    p.imgIds = list(np.unique(sorted(coco_gt.getImgIds())))
+    p.catIds = list(np.unique(sorted(coco_gt.getCatIds())))
+    p.maxDets = sorted(max_dets)
+    _check_params(p)
+    gt = _annotations_of(coco_gt, "bbox", detections=False)
+    n = rows.shape[0]
+    boxes = np.ascontiguousarray(rows[:, 1:5], dtype=np.float64)
+    dt = _Annotations(
+        image_ids=rows[:, 0].astype(np.int64), category_ids=rows[:, 6].astype(np.int64), boxes=boxes,
+        areas=boxes[:, 2] * boxes[:, 3], ids=np.arange(1, n + 1, dtype=np.float64), crowd=np.zeros(n, np.uint8),
+        scores=np.ascontiguousarray(rows[:, 5], dtype=np.float64),
+    )
+    groups = _group(gt, dt, list(p.imgIds), list(p.catIds), True)
+    evaluated = _native_evaluate(groups, p.iouThrs, p.areaRng, int(p.maxDets[-1]))
+    precision, recall, scores = _native_accumulate(evaluated, p.maxDets, p.recThrs)
+    return p, precision, recall, scores
 
 
 def _check_params(p) -> None:
