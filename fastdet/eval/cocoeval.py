@@ -40,6 +40,7 @@ import datetime
 import time
 from dataclasses import dataclass
 from itertools import chain
+from operator import itemgetter
 
 import numpy as np
 import torch
@@ -135,20 +136,26 @@ def _annotations_of(coco, iou_type: str, detections: bool) -> _Annotations:
     anns = coco.dataset.get("annotations", [])
     n = len(anns)
     try:
-        image_ids = _id_array([a["image_id"] for a in anns])
-        category_ids = _id_array([a["category_id"] for a in anns])
+        image_ids = _id_array(list(map(itemgetter("image_id"), anns)))
+        category_ids = _id_array(list(map(itemgetter("category_id"), anns)))
     except KeyError as error:
         raise KeyError(f"every {what} annotation needs a {error.args[0]!r} key") from None
-    areas = _floats((a["area"] for a in anns), n, what)
-    ids = _floats((a["id"] for a in anns), n, what)
-    if np.unique(ids).shape[0] != n:
+    areas = _floats(map(itemgetter("area"), anns), n, what)
+    ids = _floats(map(itemgetter("id"), anns), n, what)
+    sorted_ids = np.sort(ids)
+    if (sorted_ids[1:] == sorted_ids[:-1]).any():
         raise ValueError(f"{what} annotation ids must be unique")
-    crowd = np.fromiter((int(a.get("iscrowd", 0)) != 0 for a in anns), dtype=np.uint8, count=n)
-    scores = _floats((a["score"] for a in anns), n, what) if detections else None
+    if detections:
+        # The crowd flag of a detection is never read (pycocotools applies only ground truth's).
+        crowd = np.zeros(n, dtype=np.uint8)
+        scores = _floats(map(itemgetter("score"), anns), n, what)
+    else:
+        crowd = np.fromiter((int(a.get("iscrowd", 0)) != 0 for a in anns), dtype=np.uint8, count=n)
+        scores = None
     rle = None
     if iou_type == "bbox":
         try:
-            bbs = [a["bbox"] for a in anns]
+            bbs = list(map(itemgetter("bbox"), anns))
         except KeyError:
             raise KeyError(f"iouType 'bbox' needs a 'bbox' in every {what} annotation") from None
         lengths = np.fromiter(map(len, bbs), dtype=np.int64, count=n)
@@ -227,7 +234,8 @@ def _group(gt: _Annotations, dt: _Annotations, img_ids: list, cat_ids: list, use
         cat_of = _positions(ann.category_ids, distinct)
         sides.append(_group_rows(image_pos, cat_of, cat_positions, use_cats, num_images))
     (gt_rows, gt_keys), (dt_rows, dt_keys) = sides
-    groups = np.union1d(gt_keys, dt_keys)
+    keys = np.sort(np.concatenate([gt_keys, dt_keys]))
+    groups = keys[np.concatenate([[True], keys[1:] != keys[:-1]])] if keys.size else keys
     gt_offsets = np.append(np.searchsorted(gt_keys, groups, side="left"), gt_keys.shape[0]).astype(np.int64)
     dt_offsets = np.append(np.searchsorted(dt_keys, groups, side="left"), dt_keys.shape[0]).astype(np.int64)
     if use_cats:
