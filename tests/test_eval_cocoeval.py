@@ -401,3 +401,45 @@ def test_op_rle_index_out_of_range():
                dt_rle_bytes=torch.zeros(2, dtype=torch.uint8), dt_rle_index=torch.tensor([[0, 1, 4, 4]] * 3))
     with pytest.raises(RuntimeError, match="gt_rle_index row 0"):
         torch.ops.fastdet.coco_evaluate(*args.values(), **rle)
+
+
+def test_f1_from_evaluation_matches_pycocotools_eval_imgs():
+    from fastdet.eval import f1_confidence_from_evaluation
+
+    gt, dets = random_dataset(503, images=30, categories=3)
+    per_image = {}
+    for d in dets:
+        per_image.setdefault(d["image_id"], []).append(d)
+    detections = [
+        {"image_id": image_id,
+         "boxes": torch.tensor([[d["bbox"][0], d["bbox"][1], d["bbox"][0] + d["bbox"][2], d["bbox"][1] + d["bbox"][3]]
+                                for d in items], dtype=torch.float64),
+         "scores": torch.tensor([d["score"] for d in items], dtype=torch.float64),
+         "labels": torch.tensor([d["category_id"] for d in items])}
+        for image_id, items in per_image.items()
+    ]
+    evaluation = evaluate_detections(gt, detections, max_detections=5)
+    curves = f1_confidence_from_evaluation(evaluation, iou_threshold=0.75, num_points=11)
+    # Oracle: pycocotools' own per-image outcomes (evalImgs) at IoU 0.75, area "all", maxDets 5.
+    reference = ReferenceCOCOeval(copy.deepcopy(gt), _results(gt, dets), "bbox")
+    reference.params.maxDets = [1, 5]
+    with contextlib.redirect_stdout(io.StringIO()):
+        reference.evaluate()
+    t = 5
+    cat_ids = reference.params.catIds
+    for k, cat in enumerate(cat_ids):
+        entries = [e for e in reference.evalImgs if e is not None and e["category_id"] == cat and e["aRng"] == [0,
+                   1e10]]
+        scores = np.concatenate([np.asarray(e["dtScores"]) for e in entries] + [np.zeros(0)])
+        matched = np.concatenate([e["dtMatches"][t] != 0 for e in entries] + [np.zeros(0, bool)])
+        ignored = np.concatenate([e["dtIgnore"][t].astype(bool) for e in entries] + [np.zeros(0, bool)])
+        num_gt = sum(int((e["gtIgnore"] == 0).sum()) for e in entries)
+        assert curves.num_ground_truth[k] == num_gt
+        for j, c in enumerate(curves.confidence):
+            keep = (scores >= c) & ~ignored
+            tp, detected = int((keep & matched).sum()), int(keep.sum())
+            expected_recall = tp / num_gt if num_gt else np.nan
+            np.testing.assert_equal(curves.recall[k, j], expected_recall)
+            np.testing.assert_equal(curves.precision[k, j], tp / detected if detected else np.nan)
+    with pytest.raises(ValueError, match="native"):
+        f1_confidence_from_evaluation(evaluate_detections(gt, detections, backend="pycocotools"))

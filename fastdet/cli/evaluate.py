@@ -37,6 +37,7 @@ def evaluate_and_report(model, dataset, device, spec_or_names, output: Path | No
         confusion_matrix,
         evaluate_detections,
         f1_confidence_curves,
+        f1_confidence_from_evaluation,
         plot_confusion_matrix,
         plot_f1_confidence,
         plot_precision_recall,
@@ -65,8 +66,12 @@ def evaluate_and_report(model, dataset, device, spec_or_names, output: Path | No
                                                  len(dataset) / seconds})
         plot_precision_recall(precision_recall_curves(evaluation), output / "pr_curve.png")
         targets = targets_from_coco(ground_truth, [d["image_id"] for d in detections], dataset.label_to_category_id)
-        plot_f1_confidence(f1_confidence_curves(detections, targets, len(class_names)),
-                           output / "f1_confidence.png", class_names)
+        if evaluation.matches is not None:
+            # COCO's own matching, read from the native evaluator's arrays (rows: the evaluation's categories)
+            f1, f1_names = f1_confidence_from_evaluation(evaluation), evaluation.category_names
+        else:
+            f1, f1_names = f1_confidence_curves(detections, targets, len(class_names)), class_names
+        plot_f1_confidence(f1, output / "f1_confidence.png", f1_names)
         plot_confusion_matrix(confusion_matrix(detections, targets, len(class_names)), output / "confusion_matrix.png",
                               class_names)
         if not quiet:

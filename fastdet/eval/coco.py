@@ -62,6 +62,8 @@ class CocoEvaluation:
         category_names: their names, same order.
         iou_thresholds: ``ndarray[T]``; recall_thresholds: ``ndarray[R]``; max_detections: the M limits.
         summary: the statistics as text, in pycocotools' layout.
+        matches: (native backend) each detection's COCO outcome per IoU threshold, from which
+            :func:`fastdet.eval.f1_confidence_from_evaluation` draws F1 curves; None with the pycocotools backend.
     """
 
     stats: dict[str, float]
@@ -76,6 +78,8 @@ class CocoEvaluation:
     max_detections: list[int]
     summary: str = field(repr=False)
     num_detections: int = 0
+    # the native evaluator's per-detection outcomes (fastdet.eval.cocoeval.CocoMatches); None with pycocotools
+    matches: object = field(default=None, repr=False)
 
     def __str__(self) -> str:
         return self.summary
@@ -380,8 +384,9 @@ def evaluate_detections(
     if backend == "native":
         from fastdet.eval.cocoeval import evaluate_result_rows
 
-        params, precision, recall, scores = evaluate_result_rows(coco_gt, rows, limits)
+        params, precision, recall, scores, matches = evaluate_result_rows(coco_gt, rows, limits)
     else:
+        matches = None
         coco_dt = _results_coco(coco_gt, rows)
         evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
         evaluator.params.maxDets = limits
@@ -413,6 +418,7 @@ def evaluate_detections(
         max_detections=limits,
         summary=_summary_text(stats, params.iouThrs, limits),
         num_detections=int(rows.shape[0]),
+        matches=matches,
     )
 
 

@@ -192,6 +192,7 @@ class _Groups:
     gt_offsets: np.ndarray  # [S + 1]
     dt_offsets: np.ndarray  # [S + 1]
     category_offsets: np.ndarray  # [K + 1]
+    dt_rows: np.ndarray  # [D'] the input detection of each grouped row
 
 
 def _group_rows(image_pos: np.ndarray, cat_of: np.ndarray, cat_positions: list, use_cats: bool,
@@ -242,7 +243,8 @@ def _group(gt: _Annotations, dt: _Annotations, img_ids: list, cat_ids: list, use
         category_offsets = np.searchsorted(groups // max(num_images, 1), np.arange(len(cat_ids) + 1), side="left")
     else:
         category_offsets = np.array([0, groups.shape[0]])
-    return _Groups(gt.take(gt_rows), dt.take(dt_rows), gt_offsets, dt_offsets, category_offsets.astype(np.int64))
+    return _Groups(gt.take(gt_rows), dt.take(dt_rows), gt_offsets, dt_offsets, category_offsets.astype(np.int64),
+                   dt_rows)
 
 
 def _t(array: np.ndarray) -> torch.Tensor:
@@ -286,11 +288,45 @@ def _native_accumulate(evaluated: _Evaluated, max_dets, rec_thrs):
     return precision.numpy(), recall.numpy(), scores.numpy()
 
 
+@dataclass
+class CocoMatches:
+    """The native evaluator's per-detection outcome (area range "all", the largest maxDets), for curves that must
+    agree with COCO's matching (:func:`fastdet.eval.f1_confidence_from_evaluation`).
+
+    ``scores`` ``[N]`` and ``category_index`` ``[N]`` (position in the evaluation's category list) of the input
+    detections; ``true_positive`` / ``counted`` ``[T, N]`` bool: matched to a regular ground truth / neither
+    ignored nor beyond maxDets (so ``counted & ~true_positive`` are the false positives) at each IoU threshold;
+    ``num_ground_truth`` ``[K]``: regular (not crowd) ground truth per category."""
+
+    scores: np.ndarray
+    category_index: np.ndarray
+    true_positive: np.ndarray
+    counted: np.ndarray
+    num_ground_truth: np.ndarray
+
+
+def _matches(evaluated: _Evaluated, scores: np.ndarray, category_index: np.ndarray, area_index: int,
+             num_categories: int) -> CocoMatches:
+    groups = evaluated.groups
+    n = scores.shape[0]
+    codes = evaluated.codes[area_index].numpy()  # [T, D'] at group-sorted positions
+    original = groups.dt_rows[evaluated.dt_order.numpy()]  # input detection at each position
+    evaluated_flag = (codes & 4) != 0
+    counted = np.zeros((codes.shape[0], n), dtype=bool)
+    true_positive = np.zeros((codes.shape[0], n), dtype=bool)
+    counted[:, original] = evaluated_flag & ((codes & 2) == 0)
+    true_positive[:, original] = counted[:, original] & ((codes & 1) != 0)
+    group_category = np.repeat(np.arange(num_categories), np.diff(groups.category_offsets))
+    valid = evaluated.gt_valid[area_index].numpy()
+    num_gt = np.bincount(group_category, weights=valid, minlength=num_categories).astype(np.int64)
+    return CocoMatches(scores, category_index, true_positive, counted, num_gt)
+
+
 def evaluate_result_rows(coco_gt, rows: np.ndarray, max_dets: list[int]):
     """The fast path of :func:`fastdet.eval.evaluate_detections`: bbox evaluation of result rows ``[N, 7]``
     (``image_id, x, y, w, h, score, category_id``) with default parameters and ``maxDets = max_dets``, exactly as
     ``COCOeval`` would evaluate ``coco_gt.loadRes(rows)`` but without building per-detection dicts.
-    Returns ``(params, precision, recall, scores)``."""
+    Returns ``(params, precision, recall, scores, matches)`` with :class:`CocoMatches`."""
     p = _params_class()(iouType="bbox")
     p.imgIds = list(np.unique(sorted(coco_gt.getImgIds())))
     p.catIds = list(np.unique(sorted(coco_gt.getCatIds())))
@@ -307,7 +343,9 @@ def evaluate_result_rows(coco_gt, rows: np.ndarray, max_dets: list[int]):
     groups = _group(gt, dt, list(p.imgIds), list(p.catIds), True)
     evaluated = _native_evaluate(groups, p.iouThrs, p.areaRng, int(p.maxDets[-1]))
     precision, recall, scores = _native_accumulate(evaluated, p.maxDets, p.recThrs)
-    return p, precision, recall, scores
+    category_index = _positions(dt.category_ids, list(p.catIds))
+    matches = _matches(evaluated, dt.scores, category_index, list(p.areaRngLbl).index("all"), len(p.catIds))
+    return p, precision, recall, scores, matches
 
 
 def _check_params(p) -> None:
@@ -439,8 +477,8 @@ class COCOeval:
         self.params = p
         gt = _annotations_of(self.cocoGt, p.iouType, detections=False)
         dt = _annotations_of(self.cocoDt, p.iouType, detections=True)
-        cat_ids = list(p.catIds) if p.useCats else list(p.catIds)
-        groups = _group(gt, dt, list(p.imgIds), cat_ids, bool(p.useCats))
+        # with useCats=0 the list is used as given: its order (and any repeats) shape pycocotools' per-image lists
+        groups = _group(gt, dt, list(p.imgIds), list(p.catIds), bool(p.useCats))
         load = time.perf_counter()
         self._evaluated = _native_evaluate(groups, p.iouThrs, p.areaRng, int(p.maxDets[-1]))
         self._paramsEval = copy.deepcopy(p)

@@ -365,7 +365,7 @@ std::tuple<Tensor, Tensor, Tensor> coco_accumulate_cpu(const Tensor& dt_scores, 
       int64_t rank;
     };
     std::vector<Entry> entries;
-    std::vector<int64_t> kept;
+    std::vector<uint8_t> gathered;
     std::vector<double> rc, pr, sc;
     for (int64_t k = begin; k < end; ++k) {
       // The category's detections in pycocotools' concatenation order (image order, then rank), limited to the
@@ -381,25 +381,24 @@ std::tuple<Tensor, Tensor, Tensor> coco_accumulate_cpu(const Tensor& dt_scores, 
       }
       std::stable_sort(entries.begin(), entries.end(),
                        [](const Entry& a, const Entry& b) { return score_before(a.score, b.score); });
+      const auto n = static_cast<int64_t>(entries.size());
       for (int64_t a = 0; a < A; ++a) {
         int64_t npig = 0;
         for (int64_t s = cof[k]; s < cof[k + 1]; ++s) npig += valid[a * S + s];
         if (npig == 0) continue;
-        for (int64_t m = 0; m < M; ++m) {
-          kept.clear();
-          for (size_t e = 0; e < entries.size(); ++e) {
-            if (entries[e].rank < md[m]) kept.push_back(static_cast<int64_t>(e));
-          }
-          const auto nd = static_cast<int64_t>(kept.size());
-          rc.resize(nd);
-          pr.resize(nd);
-          sc.resize(nd);
-          for (int64_t t = 0; t < T; ++t) {
-            const uint8_t* row = cd + (a * T + t) * D;
+        for (int64_t t = 0; t < T; ++t) {
+          // This (area, threshold)'s codes in score order, read once from their scattered positions.
+          const uint8_t* row = cd + (a * T + t) * D;
+          gathered.resize(n);
+          for (int64_t i = 0; i < n; ++i) gathered[i] = row[entries[i].position];
+          for (int64_t m = 0; m < M; ++m) {
+            rc.clear();
+            pr.clear();
+            sc.clear();
             int64_t tp = 0, fp = 0;
-            for (int64_t i = 0; i < nd; ++i) {
-              const Entry& e = entries[kept[i]];
-              const uint8_t c = row[e.position];
+            for (int64_t i = 0; i < n; ++i) {
+              if (entries[i].rank >= md[m]) continue;
+              const uint8_t c = gathered[i];
               if (!(c & kIgnored)) {
                 if (c & kMatched) {
                   ++tp;
@@ -408,10 +407,11 @@ std::tuple<Tensor, Tensor, Tensor> coco_accumulate_cpu(const Tensor& dt_scores, 
                 }
               }
               const double tpd = static_cast<double>(tp), fpd = static_cast<double>(fp);
-              rc[i] = tpd / static_cast<double>(npig);
-              pr[i] = tpd / (fpd + tpd + 2.220446049250313e-16);  // np.spacing(1)
-              sc[i] = e.score;
+              rc.push_back(tpd / static_cast<double>(npig));
+              pr.push_back(tpd / (fpd + tpd + 2.220446049250313e-16));  // np.spacing(1)
+              sc.push_back(entries[i].score);
             }
+            const auto nd = static_cast<int64_t>(rc.size());
             rec_out[((t * K + k) * A + a) * M + m] = nd ? rc[nd - 1] : 0.0;
             for (int64_t i = nd - 1; i > 0; --i) {
               if (pr[i] > pr[i - 1]) pr[i - 1] = pr[i];
@@ -423,8 +423,7 @@ std::tuple<Tensor, Tensor, Tensor> coco_accumulate_cpu(const Tensor& dt_scores, 
             }
             // searchsorted(rc, recThrs, side="left"); pycocotools stops at the first threshold past the end.
             for (int64_t r = 0; r < R; ++r) {
-              const double target = rt[r];
-              const int64_t pi = std::lower_bound(rc.begin(), rc.end(), target, numpy_less) - rc.begin();
+              const int64_t pi = std::lower_bound(rc.begin(), rc.end(), rt[r], numpy_less) - rc.begin();
               if (pi >= nd) break;
               const int64_t at = (((t * R + r) * K + k) * A + a) * M + m;
               prec_out[at] = pr[pi];
