@@ -366,7 +366,9 @@ std::tuple<Tensor, Tensor, Tensor> coco_accumulate_cpu(const Tensor& dt_scores, 
     };
     std::vector<Entry> entries;
     std::vector<uint8_t> gathered;
-    std::vector<double> rc, pr, sc;
+    std::vector<int64_t> tps, counted, tp_at;
+    std::vector<double> suffix_max;
+    std::vector<std::vector<int64_t>> kept_by_limit(M);
     for (int64_t k = begin; k < end; ++k) {
       // The category's detections in pycocotools' concatenation order (image order, then rank), limited to the
       // largest max_dets, then one stable sort by score: restricting it to a smaller max_dets keeps the order.
@@ -382,6 +384,13 @@ std::tuple<Tensor, Tensor, Tensor> coco_accumulate_cpu(const Tensor& dt_scores, 
       std::stable_sort(entries.begin(), entries.end(),
                        [](const Entry& a, const Entry& b) { return score_before(a.score, b.score); });
       const auto n = static_cast<int64_t>(entries.size());
+      // The detections each max_dets limit keeps, in score order (the same for every area and threshold).
+      for (int64_t m = 0; m < M; ++m) {
+        kept_by_limit[m].clear();
+        for (int64_t i = 0; i < n; ++i) {
+          if (entries[i].rank < md[m]) kept_by_limit[m].push_back(i);
+        }
+      }
       for (int64_t a = 0; a < A; ++a) {
         int64_t npig = 0;
         for (int64_t s = cof[k]; s < cof[k + 1]; ++s) npig += valid[a * S + s];
@@ -392,29 +401,50 @@ std::tuple<Tensor, Tensor, Tensor> coco_accumulate_cpu(const Tensor& dt_scores, 
           gathered.resize(n);
           for (int64_t i = 0; i < n; ++i) gathered[i] = row[entries[i].position];
           for (int64_t m = 0; m < M; ++m) {
-            rc.clear();
-            pr.clear();
-            sc.clear();
-            int64_t tp = 0, fp = 0;
-            for (int64_t i = 0; i < n; ++i) {
-              if (entries[i].rank >= md[m]) continue;
-              const uint8_t c = gathered[i];
-              if (!(c & kIgnored)) {
-                if (c & kMatched) {
-                  ++tp;
-                } else {
-                  ++fp;
-                }
+            // One pass keeps integer counts only: tp and the non-ignored count at each kept detection, and the
+            // positions of true positives. pycocotools' recall (tp / npig) and precision (tp / (fp + tp + eps))
+            // are then evaluated only where they are read, with the same double operations, so they are bitwise
+            // the same values.
+            const std::vector<int64_t>& kept = kept_by_limit[m];
+            const auto nd = static_cast<int64_t>(kept.size());
+            if (m > 0 && kept_by_limit[m - 1].size() == kept.size()) {
+              // A larger limit that keeps nothing more (nested sets of equal size are equal): same results.
+              rec_out[((t * K + k) * A + a) * M + m] = rec_out[((t * K + k) * A + a) * M + m - 1];
+              for (int64_t r = 0; r < R; ++r) {
+                const int64_t at = (((t * R + r) * K + k) * A + a) * M + m;
+                prec_out[at] = prec_out[at - 1];
+                score_out[at] = score_out[at - 1];
               }
-              const double tpd = static_cast<double>(tp), fpd = static_cast<double>(fp);
-              rc.push_back(tpd / static_cast<double>(npig));
-              pr.push_back(tpd / (fpd + tpd + 2.220446049250313e-16));  // np.spacing(1)
-              sc.push_back(entries[i].score);
+              continue;
             }
-            const auto nd = static_cast<int64_t>(rc.size());
-            rec_out[((t * K + k) * A + a) * M + m] = nd ? rc[nd - 1] : 0.0;
-            for (int64_t i = nd - 1; i > 0; --i) {
-              if (pr[i] > pr[i - 1]) pr[i - 1] = pr[i];
+            tps.resize(nd);
+            counted.resize(nd);
+            tp_at.clear();
+            int64_t tp = 0, nonignored = 0;
+            for (int64_t j = 0; j < nd; ++j) {
+              const uint8_t c = gathered[kept[j]];
+              const bool regular = !(c & kIgnored);
+              const bool hit = regular && (c & kMatched);
+              nonignored += regular;
+              tp += hit;
+              if (hit) tp_at.push_back(j);
+              tps[j] = tp;
+              counted[j] = nonignored;
+            }
+            auto recall_at = [&](int64_t i) { return static_cast<double>(tps[i]) / static_cast<double>(npig); };
+            auto precision_at = [&](int64_t i) {
+              const double tpd = static_cast<double>(tps[i]), fpd = static_cast<double>(counted[i] - tps[i]);
+              return tpd / (fpd + tpd + 2.220446049250313e-16);  // np.spacing(1)
+            };
+            rec_out[((t * K + k) * A + a) * M + m] = nd ? recall_at(nd - 1) : 0.0;
+            // pycocotools' envelope makes precision[i] the maximum of precision[i:]. Past a false positive or an
+            // ignored detection precision never rises (tp is unchanged and the rounded denominator does not
+            // shrink), so that maximum is precision[i] or the precision at a later true positive: a suffix
+            // maximum over the true positives suffices.
+            suffix_max.resize(tp_at.size());
+            for (int64_t j = static_cast<int64_t>(tp_at.size()) - 1; j >= 0; --j) {
+              const double v = precision_at(tp_at[j]);
+              suffix_max[j] = j + 1 < static_cast<int64_t>(tp_at.size()) ? std::max(v, suffix_max[j + 1]) : v;
             }
             for (int64_t r = 0; r < R; ++r) {
               const int64_t at = (((t * R + r) * K + k) * A + a) * M + m;
@@ -423,11 +453,23 @@ std::tuple<Tensor, Tensor, Tensor> coco_accumulate_cpu(const Tensor& dt_scores, 
             }
             // searchsorted(rc, recThrs, side="left"); pycocotools stops at the first threshold past the end.
             for (int64_t r = 0; r < R; ++r) {
-              const int64_t pi = std::lower_bound(rc.begin(), rc.end(), rt[r], numpy_less) - rc.begin();
+              int64_t lo = 0, hi = nd;
+              while (lo < hi) {
+                const int64_t mid = lo + (hi - lo) / 2;
+                if (numpy_less(recall_at(mid), rt[r])) {
+                  lo = mid + 1;
+                } else {
+                  hi = mid;
+                }
+              }
+              const int64_t pi = lo;
               if (pi >= nd) break;
+              double value = precision_at(pi);
+              const auto later = std::upper_bound(tp_at.begin(), tp_at.end(), pi) - tp_at.begin();
+              if (later < static_cast<int64_t>(tp_at.size()) && suffix_max[later] > value) value = suffix_max[later];
               const int64_t at = (((t * R + r) * K + k) * A + a) * M + m;
-              prec_out[at] = pr[pi];
-              score_out[at] = sc[pi];
+              prec_out[at] = value;
+              score_out[at] = entries[kept[pi]].score;
             }
           }
         }
