@@ -443,3 +443,28 @@ def test_f1_from_evaluation_matches_pycocotools_eval_imgs():
             np.testing.assert_equal(curves.precision[k, j], tp / detected if detected else np.nan)
     with pytest.raises(ValueError, match="native"):
         f1_confidence_from_evaluation(evaluate_detections(gt, detections, backend="pycocotools"))
+
+
+def test_string_image_ids():
+    gt, dets = random_dataset(504, images=12)
+    images = [dict(img, id=f"img{img['id']}") for img in gt.dataset["images"]]
+    anns = [dict(a, image_id=f"img{a['image_id']}") for a in gt.dataset["annotations"]]
+    dets = [dict(d, image_id=f"img{d['image_id']}") for d in dets]
+    compare(_coco(images, gt.dataset["categories"], anns), dets)
+
+
+def test_nan_scores_and_non_finite_boxes():
+    gt, dets = random_dataset(505, images=12)
+    dets[0]["score"] = float("nan")
+    dets[3]["score"] = float("nan")
+    dets[5]["bbox"] = [float("nan"), 1.0, 5.0, 5.0]
+    dets[7]["bbox"] = [1.0, 1.0, float("inf"), 5.0]
+    compare(gt, dets, summarize=False)
+
+
+def test_train_config_eval_backend():
+    from fastdet.engine import TrainConfig
+
+    assert TrainConfig().eval_backend == "native"
+    with pytest.raises(ValueError, match="eval_backend"):
+        TrainConfig(eval_backend="fast")
