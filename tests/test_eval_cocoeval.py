@@ -342,7 +342,8 @@ def test_bad_arguments_raise_clear_errors():
 def _op_inputs():
     f64 = torch.float64
     return dict(
-        gt_boxes=torch.tensor([[0.0, 0, 10, 10], [20, 20, 5, 5]], dtype=f64), gt_areas=torch.tensor([100.0, 25], dtype=f64),
+        gt_boxes=torch.tensor([[0.0, 0, 10, 10], [20, 20, 5, 5]], dtype=f64),
+        gt_areas=torch.tensor([100.0, 25], dtype=f64),
         gt_crowd=torch.tensor([0, 1], dtype=torch.uint8), gt_ids=torch.tensor([1.0, 2], dtype=f64),
         gt_offsets=torch.tensor([0, 2]),
         dt_boxes=torch.tensor([[0.0, 0, 9, 10], [20, 20, 2, 2], [50, 50, 3, 3]], dtype=f64),
