@@ -146,8 +146,8 @@ def test_coco_evaluate_accumulate(benchmark, impl, iou_type):
     seen = {}
 
     def run():
-        # Every implementation gets fresh copies of nothing: pycocotools' evaluate() rewrites its annotations in
-        # place (ignore flags, segm RLE), which does not change a repeated run's result or cost.
+        # The COCO objects are reused across rounds: pycocotools' evaluate() rewrites their annotations in place
+        # (ignore flags, segm polygons to RLE), which changes neither a repeated run's result nor its cost.
         evaluator = make(gt, dt, iou_type)
         evaluator.evaluate()
         evaluator.accumulate()

@@ -421,7 +421,9 @@ class COCOeval:
 
     Attributes follow pycocotools: ``params`` (pycocotools' own ``Params``), ``eval`` (``params``, ``counts``,
     ``date``, ``precision`` ``[T, R, K, A, M]``, ``recall`` ``[T, K, A, M]``, ``scores`` ``[T, R, K, A, M]``),
-    ``stats`` (12 values after ``summarize()``). ``evalImgs`` and ``ious`` are not materialised.
+    ``stats`` (12 values after ``summarize()``). ``evalImgs`` and ``ious`` are not materialised. ``timings``
+    holds the seconds of the last run's stages: ``load`` (gathering the annotations into arrays), ``evaluate``
+    (native matching) and ``accumulate``.
     """
 
     def __init__(self, cocoGt=None, cocoDt=None, iouType: str = "segm", *, summary: str = "pycocotools",
