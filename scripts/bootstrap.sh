@@ -28,7 +28,8 @@ def have(*names):
     return all(importlib.util.find_spec(n) is not None for n in names)
 print("torch-ok" if have("torch", "torchvision") else "torch-missing",
       "deps-ok" if have("setuptools", "wheel", "ninja", "numpy", "pytest", "pytest_benchmark", "PIL", "pycocotools",
-                        "matplotlib", "tqdm", "yaml", "onnx", "onnxscript", "onnxruntime") else "deps-missing")
+                        "matplotlib", "tqdm", "yaml", "onnx", "onnxscript", "onnxruntime",
+                        "faster_coco_eval") else "deps-missing")
 PYEOF
 }
 state=$(probe)
@@ -39,7 +40,8 @@ if [[ $state == *torch-missing* ]]; then
 fi
 if [[ $state == *deps-missing* ]]; then
   "$PY" -m pip install -q --disable-pip-version-check "setuptools>=77" wheel ninja numpy "pytest>=8" \
-    "pytest-benchmark>=4" pillow "pycocotools>=2.0.7" matplotlib tqdm pyyaml onnx onnxscript onnxruntime
+    "pytest-benchmark>=4" pillow "pycocotools>=2.0.7" matplotlib tqdm pyyaml onnx onnxscript onnxruntime \
+    faster-coco-eval
 fi
 
 # Rebuild only when something the build depends on changed: the native sources, the build scripts, torch, or the

@@ -17,6 +17,10 @@ from fastdet import _extension
 FASTDET_OPS = sorted(name for name in torch._C._dispatch_get_all_op_names() if name.startswith("fastdet::"))
 
 
+# Ops that run on the CPU only by design (their docstrings say why): COCO evaluation works on host-side annotations.
+CPU_ONLY_OPS = {"fastdet::_coco_evaluate_kernel", "fastdet::_coco_accumulate_kernel"}
+
+
 def _has_kernel(op: str, key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
 
@@ -36,7 +40,7 @@ def test_every_op_runs_on_cpu(op):
 def test_forced_cuda_build_has_cuda_kernels(op):
     # CI builds with FASTDET_CUDA=1: every op with a CPU kernel must also have its CUDA kernel compiled *and* linked.
     assert _extension.WITH_CUDA
-    if _has_kernel(op, "CPU"):
+    if _has_kernel(op, "CPU") and op not in CPU_ONLY_OPS:
         assert _has_kernel(op, "CUDA"), op
 
 

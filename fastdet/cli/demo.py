@@ -1,5 +1,5 @@
 """``fastdet demo``: the end-to-end job. Generate the synthetic shapes dataset, train a CPU-sized detector, evaluate
-it on the held-out test split with pycocotools, and write plots and drawn detections.
+it on the held-out test split (COCO protocol, fastdet's native evaluator), and write plots and drawn detections.
 
 Target on a 2-core CPU: under 10 minutes in all, AP50 >= 0.9 and AP >= 0.6 on the test split. The recipe (model,
 image size, dataset size, schedule) lives in :func:`fastdet.models.recipes.demo_recipe`; it uses the GPU when there

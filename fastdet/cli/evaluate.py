@@ -27,7 +27,8 @@ def coco_paths(args, split: str) -> tuple[Path, Path]:
 
 
 def evaluate_and_report(model, dataset, device, spec_or_names, output: Path | None, batch_size: int = 4,
-                        amp: bool = False, max_detections: int = 100, workers: int = 0, quiet: bool = False):
+                        amp: bool = False, max_detections: int = 100, workers: int = 0, quiet: bool = False,
+                        backend: str = "native"):
     """Run ``model`` over ``dataset``, print the 12 COCO stats and per-class AP, and (with ``output``) write
     metrics.json, pr_curve.png, f1_confidence.png and confusion_matrix.png. Returns the CocoEvaluation."""
     from fastdet.data import make_data_loader, to_coco_dict
@@ -36,6 +37,7 @@ def evaluate_and_report(model, dataset, device, spec_or_names, output: Path | No
         confusion_matrix,
         evaluate_detections,
         f1_confidence_curves,
+        f1_confidence_from_evaluation,
         plot_confusion_matrix,
         plot_f1_confidence,
         plot_precision_recall,
@@ -50,7 +52,7 @@ def evaluate_and_report(model, dataset, device, spec_or_names, output: Path | No
     detections = collect_detections(model, loader, device, amp=amp)
     seconds = time.perf_counter() - start
     evaluation = evaluate_detections(ground_truth, detections, dataset.label_to_category_id,
-                                     max_detections=max_detections)
+                                     max_detections=max_detections, backend=backend)
     if not quiet:
         print(f"\nCOCO box evaluation of {len(dataset)} images ({len(dataset) / seconds:.1f} images/s inference):")
         print(evaluation.summary)
@@ -64,8 +66,12 @@ def evaluate_and_report(model, dataset, device, spec_or_names, output: Path | No
                                                  len(dataset) / seconds})
         plot_precision_recall(precision_recall_curves(evaluation), output / "pr_curve.png")
         targets = targets_from_coco(ground_truth, [d["image_id"] for d in detections], dataset.label_to_category_id)
-        plot_f1_confidence(f1_confidence_curves(detections, targets, len(class_names)),
-                           output / "f1_confidence.png", class_names)
+        if evaluation.matches is not None:
+            # COCO's own matching, read from the native evaluator's arrays (rows: the evaluation's categories)
+            f1, f1_names = f1_confidence_from_evaluation(evaluation), evaluation.category_names
+        else:
+            f1, f1_names = f1_confidence_curves(detections, targets, len(class_names)), class_names
+        plot_f1_confidence(f1, output / "f1_confidence.png", f1_names)
         plot_confusion_matrix(confusion_matrix(detections, targets, len(class_names)), output / "confusion_matrix.png",
                               class_names)
         if not quiet:
@@ -85,14 +91,14 @@ def run(args: argparse.Namespace) -> int:
     with torch.inference_mode():
         evaluate_and_report(model, dataset, device, spec, Path(args.output) if args.output else None,
                             batch_size=args.batch_size, amp=args.amp, max_detections=args.max_detections,
-                            workers=args.workers)
+                            workers=args.workers, backend=args.backend)
     return EXIT_OK
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="COCO-evaluate a checkpoint (12 stats, per-class AP, PR/F1/confusion plots)",
                        description="Evaluate a checkpoint written by `fastdet train`/`fastdet demo` on a COCO-format "
-                                   "dataset with pycocotools.")
+                                   "dataset (COCO protocol; fastdet's native evaluator by default).")
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint file (e.g. runs/demo/run/best.pt from `fastdet demo`, or last.pt beside it)")
     p.add_argument("--data", help="dataset root in fastdet's COCO layout (images/, annotations/instances_<split>.json)")
@@ -102,6 +108,8 @@ def add_parser(sub) -> None:
     p.add_argument("--output", help="folder for metrics.json and the plots (default: print only)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-detections", type=int, default=100, help="COCO's per-image limit (default: %(default)s)")
+    p.add_argument("--backend", choices=("native", "pycocotools"), default="native",
+                   help="COCO evaluator: fastdet's native one or pycocotools (identical numbers; default: %(default)s)")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast inference")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable samples (reported) instead of failing")

@@ -42,7 +42,8 @@ class TrainConfig:
         progress bars (rank 0 only).
     Evaluation
         eval_every: run COCO evaluation every this many epochs (0: never; needs a val_loader and ground truth).
-        eval_max_detections: COCO's per-image limit. early_stopping_patience: stop after this many evaluations
+        eval_max_detections: COCO's per-image limit. eval_backend: ``"native"`` (fastdet's COCO evaluator) or
+        ``"pycocotools"``; both give identical numbers. early_stopping_patience: stop after this many evaluations
         without an improvement of more than ``early_stopping_min_delta`` in ``early_stopping_metric`` (a key of
         :attr:`fastdet.eval.CocoEvaluation.stats`); None disables early stopping.
     Distributed
@@ -83,6 +84,7 @@ class TrainConfig:
     progress: bool = True
     eval_every: int = 1
     eval_max_detections: int = 100
+    eval_backend: str = "native"
     early_stopping_patience: int | None = None
     early_stopping_metric: str = "AP"
     early_stopping_min_delta: float = 0.0
@@ -113,6 +115,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.optimizer must be one of {_OPTIMIZERS}, got {self.optimizer!r}")
         if self.schedule not in _SCHEDULES:
             raise ValueError(f"TrainConfig.schedule must be one of {_SCHEDULES}, got {self.schedule!r}")
+        if self.eval_backend not in ("native", "pycocotools"):
+            raise ValueError(f"TrainConfig.eval_backend must be 'native' or 'pycocotools', got {self.eval_backend!r}")
         if self.log_format not in _LOG_FORMATS:
             raise ValueError(f"TrainConfig.log_format must be one of {_LOG_FORMATS}, got {self.log_format!r}")
         positive_int("epochs")

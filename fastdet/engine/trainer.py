@@ -364,7 +364,7 @@ class Trainer:
         if self.context.is_main:
             self.last_evaluation = evaluate_detections(
                 self.ground_truth, detections, self.label_to_category_id,
-                max_detections=self.config.eval_max_detections,
+                max_detections=self.config.eval_max_detections, backend=self.config.eval_backend,
             )
             stats = dict(self.last_evaluation.stats)
             if self.config.progress:

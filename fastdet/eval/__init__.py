@@ -1,4 +1,5 @@
-"""Evaluation: COCO metrics through pycocotools, PR/F1 curves, confusion matrix, and model speed."""
+"""Evaluation: COCO metrics (fastdet's native evaluator, pycocotools as the alternative backend), PR/F1 curves,
+confusion matrix, and model speed."""
 
 from fastdet.eval.coco import (
     STAT_NAMES,
@@ -8,11 +9,13 @@ from fastdet.eval.coco import (
     evaluate_model,
     load_ground_truth,
 )
+from fastdet.eval.cocoeval import COCOeval
 from fastdet.eval.curves import (
     F1Curves,
     PrecisionRecallCurves,
     confusion_matrix,
     f1_confidence_curves,
+    f1_confidence_from_evaluation,
     match_detections,
     plot_confusion_matrix,
     plot_f1_confidence,
@@ -23,6 +26,7 @@ from fastdet.eval.curves import (
 from fastdet.eval.speed import count_flops, measure_fps
 
 __all__ = [
+    "COCOeval",
     "STAT_NAMES",
     "CocoEvaluation",
     "F1Curves",
@@ -33,6 +37,7 @@ __all__ = [
     "evaluate_detections",
     "evaluate_model",
     "f1_confidence_curves",
+    "f1_confidence_from_evaluation",
     "load_ground_truth",
     "match_detections",
     "measure_fps",

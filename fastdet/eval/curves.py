@@ -1,7 +1,9 @@
 """Precision-recall curves, F1 against confidence, and the confusion matrix, as arrays and as PNG plots.
 
 Labels follow fastdet's detection contract: object classes are the contiguous labels ``1..K`` and label 0 is the
-background. PR curves come from pycocotools' accumulated precision (COCO matching). F1 and the confusion matrix match
+background. PR curves come from the COCO evaluator's accumulated precision (COCO matching), and
+:func:`f1_confidence_from_evaluation` reads F1 curves from the native evaluator's per-detection outcomes (COCO
+matching, no second pass). :func:`f1_confidence_curves` and the confusion matrix match
 detections to ground truth here, vectorised over all images of a chunk with :func:`fastdet.ops.box_iou`:
 
 * every (detection, ground truth) pair in the same image with IoU >= ``iou_threshold`` is a candidate (for F1 the
@@ -29,6 +31,7 @@ __all__ = [
     "PrecisionRecallCurves",
     "confusion_matrix",
     "f1_confidence_curves",
+    "f1_confidence_from_evaluation",
     "match_detections",
     "plot_confusion_matrix",
     "plot_f1_confidence",
@@ -247,28 +250,32 @@ def f1_confidence_curves(
 
     Detections are matched once, class-aware, at ``iou_threshold``; a threshold ``c`` then keeps the detections with
     ``score >= c``. Inputs as in :func:`confusion_matrix`."""
-    if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 2:
-        raise ValueError(f"num_points must be an integer >= 2, got {num_points!r}")
     flat = _flatten(detections, targets, num_classes)
     matched = match_detections(
         flat["det_boxes"], flat["det_labels"], flat["det_counts"],
         flat["gt_boxes"], flat["gt_labels"], flat["gt_counts"], iou_threshold, class_aware=True,
     )
+    num_gt = np.bincount(flat["gt_labels"].numpy() - 1, minlength=num_classes)[:num_classes]
+    return _f1_curves(flat["det_scores"].double().numpy(), flat["det_labels"].numpy() - 1,
+                      (matched >= 0).numpy(), None, num_gt, num_classes, num_points)
+
+
+def _f1_curves(scores, rows, is_tp, counted, num_gt, num_classes: int, num_points: int) -> F1Curves:
+    """F1Curves from each detection's score, class row (0..K-1) and outcome; ``counted`` (None: all) leaves out
+    detections that are neither true nor false positives (COCO's ignored ones)."""
+    if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 2:
+        raise ValueError(f"num_points must be an integer >= 2, got {num_points!r}")
     confidence = np.linspace(0.0, 1.0, num_points)
-    scores = flat["det_scores"].double().numpy()
     # bin j holds the detections with confidence[j] <= score < confidence[j + 1]; counting from the top bin down
     # gives the detections at or above each threshold, for all classes at once
     bins = np.searchsorted(confidence, scores, side="right") - 1
-    inside = bins >= 0
-    labels = flat["det_labels"].numpy()
-    is_tp = (matched >= 0).numpy()
+    inside = bins >= 0 if counted is None else (bins >= 0) & counted
     detected = np.zeros((num_classes, num_points), dtype=np.int64)
     true_pos = np.zeros((num_classes, num_points), dtype=np.int64)
-    np.add.at(detected, (labels[inside] - 1, bins[inside]), 1)
-    np.add.at(true_pos, (labels[inside & is_tp] - 1, bins[inside & is_tp]), 1)
+    np.add.at(detected, (rows[inside], bins[inside]), 1)
+    np.add.at(true_pos, (rows[inside & is_tp], bins[inside & is_tp]), 1)
     detected = np.cumsum(detected[:, ::-1], axis=1)[:, ::-1]
     true_pos = np.cumsum(true_pos[:, ::-1], axis=1)[:, ::-1]
-    num_gt = np.bincount(flat["gt_labels"].numpy() - 1, minlength=num_classes)[:num_classes]
     with np.errstate(invalid="ignore", divide="ignore"):
         precision = np.where(detected > 0, true_pos / detected, np.nan)
         recall = np.where(num_gt[:, None] > 0, true_pos / num_gt[:, None], np.nan)
@@ -280,6 +287,25 @@ def f1_confidence_curves(
     best = int(np.nanargmax(mean_f1)) if np.isfinite(mean_f1).any() else 0
     return F1Curves(confidence, precision, recall, f1, mean_f1, num_gt, float(confidence[best]),
                     float(mean_f1[best]))
+
+
+def f1_confidence_from_evaluation(evaluation, iou_threshold: float = 0.5, num_points: int = 101) -> F1Curves:
+    """Per-class precision, recall and F1 against confidence with COCO's own matching, read from a native
+    :class:`fastdet.eval.CocoEvaluation` (its ``matches``: no second matching pass). Rows follow the evaluation's
+    categories (``evaluation.category_names``); crowd ground truth and detections matched to it are left out, as
+    COCO does, and only each image's ``max_detections`` best detections count."""
+    matches = getattr(evaluation, "matches", None)
+    if matches is None:
+        raise ValueError("f1_confidence_from_evaluation needs an evaluation from the native backend "
+                         "(evaluate_detections(..., backend='native'))")
+    thresholds = np.asarray(evaluation.iou_thresholds)
+    index = np.flatnonzero(np.isclose(thresholds, iou_threshold))
+    if index.size == 0:
+        raise ValueError(f"iou_threshold must be one of the evaluated thresholds {thresholds.tolist()}, "
+                         f"got {iou_threshold}")
+    t = int(index[0])
+    return _f1_curves(matches.scores, matches.category_index, matches.true_positive[t], matches.counted[t],
+                      matches.num_ground_truth, len(evaluation.category_ids), num_points)
 
 
 @dataclass

@@ -7,6 +7,7 @@ Adding a family means adding one import line and one ``__all__`` entry below.
 from fastdet.ops import anchors as _anchors
 from fastdet.ops import box_coder as _box_coder
 from fastdet.ops import boxes as _boxes
+from fastdet.ops import coco_eval as _coco_eval
 from fastdet.ops import losses as _losses
 from fastdet.ops import nms as _nms
 from fastdet.ops import onnx as _onnx
@@ -15,6 +16,7 @@ from fastdet.ops import roi as _roi
 from fastdet.ops.anchors import *  # noqa: F401,F403
 from fastdet.ops.box_coder import *  # noqa: F401,F403
 from fastdet.ops.boxes import *  # noqa: F401,F403
+from fastdet.ops.coco_eval import *  # noqa: F401,F403
 from fastdet.ops.losses import *  # noqa: F401,F403
 from fastdet.ops.nms import *  # noqa: F401,F403
 from fastdet.ops.onnx import *  # noqa: F401,F403
@@ -26,6 +28,7 @@ __all__ = sorted(
         *_anchors.__all__,
         *_box_coder.__all__,
         *_boxes.__all__,
+        *_coco_eval.__all__,
         *_losses.__all__,
         *_nms.__all__,
         *_onnx.__all__,
