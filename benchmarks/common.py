@@ -46,6 +46,9 @@ SIZES = {
     ],
     "multiclass_nms": [
         Size({"batch": 16, "n": 20_000, "classes": 80}, cpu={"batch": 4, "n": 20_000, "classes": 80}),
+        # detector-typical sizes: SSD300's 8732 priors x 91 COCO classes, and a RetinaNet-style 1000 candidates
+        Size({"batch": 32, "n": 8_732, "classes": 91}, cpu={"batch": 2, "n": 8_732, "classes": 91}),
+        Size({"batch": 16, "n": 1_000, "classes": 80}, cpu={"batch": 1, "n": 1_000, "classes": 80}),
     ],
     # issue 4: anchors + decode of RetinaNet's 5 FPN levels (P3-P7, 9 anchors per cell) at 800 x 1333 (padded to 1344)
     "anchors_decode": [
