@@ -28,7 +28,7 @@ def have(*names):
     return all(importlib.util.find_spec(n) is not None for n in names)
 print("torch-ok" if have("torch", "torchvision") else "torch-missing",
       "deps-ok" if have("setuptools", "wheel", "ninja", "numpy", "pytest", "pytest_benchmark", "PIL", "pycocotools",
-                        "matplotlib", "tqdm", "yaml") else "deps-missing")
+                        "matplotlib", "tqdm", "yaml", "ensemble_boxes") else "deps-missing")
 PYEOF
 }
 state=$(probe)
@@ -39,7 +39,7 @@ if [[ $state == *torch-missing* ]]; then
 fi
 if [[ $state == *deps-missing* ]]; then
   "$PY" -m pip install -q --disable-pip-version-check "setuptools>=77" wheel ninja numpy "pytest>=8" \
-    "pytest-benchmark>=4" pillow "pycocotools>=2.0.7" matplotlib tqdm pyyaml
+    "pytest-benchmark>=4" pillow "pycocotools>=2.0.7" matplotlib tqdm pyyaml ensemble-boxes
 fi
 
 # Rebuild only when something the build depends on changed: the native sources, the build scripts, torch, or the

@@ -10,6 +10,7 @@ from fastdet.ops.reference import boxes as _boxes
 from fastdet.ops.reference import losses as _losses
 from fastdet.ops.reference import nms as _nms
 from fastdet.ops.reference import roi as _roi
+from fastdet.ops.reference import soft_nms as _soft_nms
 from fastdet.ops.reference import rotated as _rotated
 from fastdet.ops.reference.anchors import *  # noqa: F401,F403
 from fastdet.ops.reference.box_coder import *  # noqa: F401,F403
@@ -17,6 +18,7 @@ from fastdet.ops.reference.boxes import *  # noqa: F401,F403
 from fastdet.ops.reference.losses import *  # noqa: F401,F403
 from fastdet.ops.reference.nms import *  # noqa: F401,F403
 from fastdet.ops.reference.roi import *  # noqa: F401,F403
+from fastdet.ops.reference.soft_nms import *  # noqa: F401,F403
 from fastdet.ops.reference.rotated import *  # noqa: F401,F403
 
 __all__ = sorted(
@@ -27,6 +29,7 @@ __all__ = sorted(
         *_losses.__all__,
         *_nms.__all__,
         *_roi.__all__,
+        *_soft_nms.__all__,
         *_rotated.__all__,
     ]
 )
