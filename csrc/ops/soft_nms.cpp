@@ -10,6 +10,7 @@
 #include <tuple>
 
 #include "ops/checks.h"
+#include "ops/score_select.h"
 #include "ops/soft_nms_math.h"
 #include "ops/stable.h"
 
@@ -93,24 +94,14 @@ std::tuple<Tensor, Tensor, Tensor> soft_nms_fixed_impl(const Tensor& boxes, cons
   std::optional<Tensor> idxs2;
   if (idxs.has_value()) idxs2 = batched ? *idxs : aten::unsqueeze(*idxs, 0);
   const int64_t B = boxes3.size(0), N = boxes3.size(1);
-  auto keep = aten::full({B, max_output}, -1.0, kLong, boxes);
-  auto out_scores = aten::zeros({B, max_output}, scores.scalar_type(), scores);
-  auto num = aten::zeros({B}, kLong, boxes);
+  Tensor keep, out_scores, num;
   if (B > 0 && N > 0 && max_output > 0) {
     auto r = run_soft_nms(boxes3, scores2, idxs2, iou_threshold, sigma, score_threshold, method);
-    auto ninf = aten::full({}, -INFINITY, r.scores.scalar_type(), boxes);
-    auto ranked = aten::where(r.kept, r.scores, ninf);
-    auto order = std::get<1>(aten::sort(ranked, /*stable=*/true, /*dim=*/1, /*descending=*/true));
-    const int64_t k = max_output < N ? max_output : N;
-    order = aten::narrow(order, 1, 0, k);
-    auto valid = aten::gather(r.kept, 1, order);
-    auto index = aten::where(valid, aten::gather(r.index, 1, order), aten::full({}, -1.0, kLong, boxes));
-    auto chosen = aten::where(valid, aten::gather(r.scores, 1, order), aten::zeros({}, r.scores.scalar_type(), boxes));
-    auto keep_head = aten::narrow(keep, 1, 0, k);
-    auto scores_head = aten::narrow(out_scores, 1, 0, k);
-    torch::stable::copy_(keep_head, index);
-    torch::stable::copy_(scores_head, aten::to(chosen, scores.scalar_type()));
-    num = aten::sum(aten::to(valid, kLong), 1);
+    std::tie(keep, out_scores, num) = select_top_fixed(r.index, r.scores, r.kept, max_output, scores.scalar_type());
+  } else {
+    keep = aten::full({B, max_output}, -1.0, kLong, boxes);
+    out_scores = aten::zeros({B, max_output}, scores.scalar_type(), scores);
+    num = aten::zeros({B}, kLong, boxes);
   }
   if (!batched) return {aten::squeeze(keep, 0), aten::squeeze(out_scores, 0), aten::squeeze(num, 0)};
   return {keep, out_scores, num};

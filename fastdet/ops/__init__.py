@@ -8,6 +8,7 @@ from fastdet.ops import anchors as _anchors
 from fastdet.ops import box_coder as _box_coder
 from fastdet.ops import boxes as _boxes
 from fastdet.ops import losses as _losses
+from fastdet.ops import matrix_nms as _matrix_nms
 from fastdet.ops import nms as _nms
 from fastdet.ops import rotated as _rotated
 from fastdet.ops import roi as _roi
@@ -16,6 +17,7 @@ from fastdet.ops.anchors import *  # noqa: F401,F403
 from fastdet.ops.box_coder import *  # noqa: F401,F403
 from fastdet.ops.boxes import *  # noqa: F401,F403
 from fastdet.ops.losses import *  # noqa: F401,F403
+from fastdet.ops.matrix_nms import *  # noqa: F401,F403
 from fastdet.ops.nms import *  # noqa: F401,F403
 from fastdet.ops.rotated import *  # noqa: F401,F403
 from fastdet.ops.roi import *  # noqa: F401,F403
@@ -27,6 +29,7 @@ __all__ = sorted(
         *_box_coder.__all__,
         *_boxes.__all__,
         *_losses.__all__,
+        *_matrix_nms.__all__,
         *_nms.__all__,
         *_rotated.__all__,
         *_roi.__all__,
