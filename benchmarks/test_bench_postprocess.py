@@ -37,3 +37,32 @@ def test_soft_nms(bench, case, impl):
         b, s, labels = [boxes.numpy()], [scores.numpy()], [torch.zeros(len(scores)).numpy()]
         bench(lambda: eb.soft_nms(b, s, labels, method=2, iou_thr=0.3, sigma=0.5, thresh=0.001), op="soft_nms",
               case=case, impl="torchvision", baseline="ensemble-boxes soft_nms (numpy)")
+
+
+BOXES_PER_MODEL = 100
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", cases("weighted_boxes_fusion"))
+def test_weighted_boxes_fusion(bench, case, impl):
+    if case.device == "cuda":
+        pytest.skip("weighted_boxes_fusion runs on the CPU only (fastdet and ensemble-boxes)")
+    images, models = case.params["batch"], case.params["models"]
+    per_image = [[normalised_detections(BOXES_PER_MODEL, seed=models * b + m) for m in range(models)]
+                 for b in range(images)]
+    if impl == "fastdet":
+        boxes = torch.stack([torch.stack([d[0] for d in image]) for image in per_image])
+        scores = torch.stack([torch.stack([d[1] for d in image]) for image in per_image])
+        labels = torch.stack([torch.stack([d[2] for d in image]) for image in per_image])
+        bench(lambda: fastdet.ops.weighted_boxes_fusion_batched(boxes, scores, labels, iou_threshold=0.55),
+              op="weighted_boxes_fusion", case=case, impl="fastdet")
+    else:
+        eb = ensemble_boxes()
+        lists = [([d[0].numpy() for d in image], [d[1].numpy() for d in image], [d[2].numpy() for d in image])
+                 for image in per_image]
+
+        def run():
+            return [eb.weighted_boxes_fusion(b, s, lab, iou_thr=0.55, skip_box_thr=0.0) for b, s, lab in lists]
+
+        bench(run, op="weighted_boxes_fusion", case=case, impl="torchvision",
+              baseline="ensemble-boxes weighted_boxes_fusion (numpy), a loop over images")

@@ -13,6 +13,7 @@ from fastdet.ops import nms as _nms
 from fastdet.ops import rotated as _rotated
 from fastdet.ops import roi as _roi
 from fastdet.ops import soft_nms as _soft_nms
+from fastdet.ops import wbf as _wbf
 from fastdet.ops.anchors import *  # noqa: F401,F403
 from fastdet.ops.box_coder import *  # noqa: F401,F403
 from fastdet.ops.boxes import *  # noqa: F401,F403
@@ -22,6 +23,7 @@ from fastdet.ops.nms import *  # noqa: F401,F403
 from fastdet.ops.rotated import *  # noqa: F401,F403
 from fastdet.ops.roi import *  # noqa: F401,F403
 from fastdet.ops.soft_nms import *  # noqa: F401,F403
+from fastdet.ops.wbf import *  # noqa: F401,F403
 
 __all__ = sorted(
     [
@@ -34,5 +36,6 @@ __all__ = sorted(
         *_rotated.__all__,
         *_roi.__all__,
         *_soft_nms.__all__,
+        *_wbf.__all__,
     ]
 )
