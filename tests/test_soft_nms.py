@@ -176,3 +176,47 @@ def test_opcheck_and_compile():
     compiled = torch.compile(post, fullgraph=True, backend="aot_eager", dynamic=True)
     for a, e in zip(compiled(b[None], s[None], idxs[None]), post(b[None], s[None], idxs[None])):
         assert torch.equal(a, e)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", ["soft", "soft_linear"])
+@pytest.mark.parametrize("class_agnostic", [False, True])
+def test_multiclass_nms_soft_method(device, method, class_agnostic):
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    B, N, C = 2, 150, 4
+    boxes = torch.stack([normalised_boxes(N, seed + b)[0] for b in range(B)]).float()
+    scores = torch.rand(B, N, C, generator=g)
+    scores[0, :3, 1] = float("nan")
+    got = ops.multiclass_nms(boxes.to(device), scores.to(device), 0.2, 0.3, 40, 300, class_agnostic=class_agnostic,
+                             method=method, sigma=0.4)
+    # the same from the pieces: the top-300 passing candidates per image, soft_nms_fixed per class (reference)
+    kind = "gaussian" if method == "soft" else "linear"
+    for b in range(B):
+        flat = scores[b].reshape(-1)
+        passing = torch.nonzero(flat > 0.2).squeeze(1)
+        order = passing[torch.sort(flat[passing], descending=True, stable=True).indices][:300]
+        cand_boxes, cand_labels = boxes[b, order // C], order % C
+        keep, values, num = reference.soft_nms_fixed(cand_boxes, flat[order], None if class_agnostic else cand_labels,
+                                                     40, 0.3, 0.4, 0.2, kind)
+        n = int(num)
+        assert int(got[3][b]) == n, f"seed={seed}"
+        assert torch.equal(got[2][b, :n].cpu(), cand_labels[keep[:n]]), f"seed={seed}"
+        assert torch.equal(got[0][b, :n].cpu(), cand_boxes[keep[:n]]), f"seed={seed}"
+        torch.testing.assert_close(got[1][b, :n].cpu(), values[:n], rtol=1e-6, atol=0)
+        assert (got[2][b, n:] == -1).all() and (got[1][b, n:] == 0).all()
+    with pytest.raises(ValueError, match="method must be"):
+        ops.multiclass_nms(boxes, scores, 0.2, 0.3, 40, 300, method="matrix")
+
+
+def test_multiclass_nms_soft_compiles_without_graph_breaks():
+    boxes, _ = normalised_boxes(60, 9, torch.float32)
+    boxes = boxes[None].repeat(2, 1, 1)
+    scores = torch.rand(2, 60, 3, generator=torch.Generator().manual_seed(9))
+
+    def post(b, s):
+        return ops.multiclass_nms(b, s, 0.2, 0.5, 10, 40, method="soft")
+
+    compiled = torch.compile(post, fullgraph=True, backend="aot_eager", dynamic=True)
+    for a, e in zip(compiled(boxes, scores), post(boxes, scores)):
+        assert torch.equal(a, e)

@@ -171,6 +171,8 @@ def multiclass_nms(
     max_detections: int,
     pre_nms_top_k: int,
     class_agnostic: bool = False,
+    method: str = "hard",
+    sigma: float = 0.5,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Batched multi-class detection post-processing with fixed-size outputs and no host synchronisation (the design of
     TensorRT's EfficientNMS).
@@ -183,6 +185,11 @@ def multiclass_nms(
         max_detections (int): K, the number of output slots per image.
         pre_nms_top_k (int): only the best ``pre_nms_top_k`` candidates of each image (over all classes) enter NMS.
         class_agnostic (bool): if True, boxes of different classes suppress each other.
+        method (str): ``"hard"`` (greedy NMS), ``"soft"`` (gaussian soft-NMS, EfficientDet's default) or
+            ``"soft_linear"``: the pre-selected candidates go through :func:`fastdet.ops.soft_nms_fixed` per class
+            (``iou_threshold`` drives the linear decay, ``sigma`` the gaussian one), and the output holds the
+            candidates whose *decayed* score is > score_threshold, by decreasing decayed score, with those scores.
+        sigma (float): the gaussian soft-NMS ``sigma``.
 
     Returns:
         boxes (Tensor[B, K, 4]), scores (Tensor[B, K]), labels (Tensor[B, K] int64), num_detections (Tensor[B] int64).
@@ -224,6 +231,8 @@ def multiclass_nms(
     if score_threshold != score_threshold:
         raise ValueError("score_threshold must not be NaN")
     iou_threshold = _check_threshold(iou_threshold, "iou_threshold")
+    if method not in ("hard", "soft", "soft_linear"):
+        raise ValueError(f"method must be 'hard', 'soft' or 'soft_linear', got {method!r}")
 
     top = min(pre_nms_top_k, N * C)
     if top == 0:
@@ -234,7 +243,7 @@ def multiclass_nms(
             torch.full((B, max_detections), -1, dtype=torch.int64, device=scores.device),
             torch.zeros((B,), dtype=torch.int64, device=scores.device),
         )
-    if scores.device.type == "cpu" and not (
+    if method == "hard" and scores.device.type == "cpu" and not (
         torch.is_grad_enabled() and (boxes.requires_grad or scores.requires_grad)
     ):
         # The fused CPU kernel: a threshold pass, a partial selection of the top-k with the same tie order, per-class
@@ -265,6 +274,20 @@ def multiclass_nms(
         cand_boxes = boxes.gather(1, (order // max(C, 1)).unsqueeze(-1).expand(-1, -1, 4))
     cand_labels = order % C if C > 0 else order
     categories = None if class_agnostic else cand_labels
+
+    if method != "hard":
+        from fastdet.ops.soft_nms import soft_nms_fixed
+
+        # Failing candidates carry -inf: visited last, they decay no passing candidate and are never kept.
+        keep, det_scores, num_detections = soft_nms_fixed(
+            cand_boxes, cand_scores, categories, max_detections, iou_threshold, sigma, score_threshold,
+            "gaussian" if method == "soft" else "linear",
+        )
+        valid = keep >= 0
+        safe = keep.clamp(min=0)
+        det_boxes = torch.where(valid.unsqueeze(-1), cand_boxes.gather(1, safe.unsqueeze(-1).expand(-1, -1, 4)), 0)
+        det_labels = torch.where(valid, cand_labels.gather(1, safe), -1)
+        return det_boxes.to(boxes.dtype), det_scores.to(scores.dtype), det_labels, num_detections
 
     keep, _ = nms_fixed(cand_boxes, cand_scores, categories, iou_threshold, max_detections)
     # Failing candidates come after every passing one, so the passing survivors are a prefix of keep.
