@@ -93,3 +93,25 @@ def test_fused_kernel_rejects_bad_layout():
                                                  0.5, 3, 3, False)
     with pytest.raises(RuntimeError, match="boxes must be a contiguous"):
         torch.ops.fastdet._multiclass_nms_kernel(torch.zeros(1, 3, 4), torch.zeros(1, 2, 2), 0.1, 0.5, 3, 3, False)
+
+
+@pytest.mark.cuda
+def test_cuda_large_categorised_nms_fixed_matches_cpu():
+    # above 8192 candidates per image, CUDA's sync-free NMS with categories runs one block per category in O(N)
+    # memory instead of the dense N x N mask; results must be those of the CPU kernel
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device available")
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    B, N = 2, 12_000
+    boxes = torch.stack([clustered_boxes(N, seed + b)[0] for b in range(B)])
+    scores = tied(torch.rand(B, N, generator=g), 50)
+    idxs = torch.randint(0, 90, (B, N), generator=g)
+    cpu = ops.nms_fixed(boxes, scores, idxs, 0.45, 500)
+    gpu = ops.nms_fixed(boxes.cuda(), scores.cuda(), idxs.cuda(), 0.45, 500)
+    assert torch.equal(gpu[0].cpu(), cpu[0]) and torch.equal(gpu[1].cpu(), cpu[1]), f"seed={seed}"
+    args = (0.05, 0.45, 200, 36_000)
+    big_scores = torch.rand(1, 8732, 91, generator=g)
+    big_boxes = clustered_boxes(8732, seed)[0][None]
+    _assert_equal(ops.multiclass_nms(big_boxes.cuda(), big_scores.cuda(), *args),
+                  tuple(t.cuda() for t in ops.multiclass_nms(big_boxes, big_scores, *args)), seed)

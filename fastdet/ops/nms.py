@@ -150,8 +150,9 @@ def nms_fixed(
         :func:`batched_nms` would return, padded with -1.
         num_kept (Tensor[] or Tensor[B] int64): how many entries of ``keep`` are real.
 
-    On CUDA this uses a dense N x N bit mask (N^2 / 8 bytes per image), so pre-select candidates (top-k) first when N
-    is large.
+    On CUDA this uses a dense N x N bit mask (N^2 / 8 bytes per image) up to N = 8192, or with ``idxs=None``, so
+    pre-select candidates (top-k) first when N is large; with categories and larger N each category is resolved by
+    one thread block in O(N) memory.
     """
     _check_tensor(boxes, "boxes")
     _check_tensor(scores, "scores")
@@ -200,11 +201,12 @@ def multiclass_nms(
 
     On the CPU a fused kernel does the whole selection image by image in parallel (a threshold pass, a partial
     selection of the top-k, per-class greedy NMS), bit-identical to the generic path; that path (top-k over N x C,
-    :func:`nms_fixed`) runs on CUDA and whenever autograd needs the selected boxes. Memory on CUDA: the sync-free
-    :func:`nms_fixed` builds a dense bit mask of ``T * ceil(T / 64) * 8`` bytes per image for
-    ``T = min(pre_nms_top_k, N * C)`` candidates, so it is bounded by ``pre_nms_top_k`` (not by N x C) but grows with
-    its square: SSD300's post-processing (90 foreground classes x 400 candidates, T = 36,000) needs 162 MB per image,
-    5.2 GB for a batch of 32.
+    :func:`nms_fixed`) runs on CUDA and whenever autograd needs the selected boxes. Memory on CUDA, for
+    ``T = min(pre_nms_top_k, N * C)`` candidates per image: up to T = 8192 (and always when ``class_agnostic``) the
+    sync-free :func:`nms_fixed` builds a dense bit mask of ``T * ceil(T / 64) * 8`` bytes per image (8 MiB at 8192);
+    above that, per-class candidates are resolved one class per thread block in O(T) memory. SSD300's
+    post-processing (90 foreground classes x 400 candidates, T = 36,000) would need 162 MB per image (5.2 GB for a
+    batch of 32) with the dense mask; it takes the O(T) path (about 0.6 MB per image).
     """
     _check_tensor(boxes, "boxes")
     _check_tensor(scores, "scores")
