@@ -50,3 +50,16 @@ def test_predict_rejects_checkpoints_of_different_classes(tmp_path, capsys):
                  "--output", str(tmp_path / "o"), "--device", "cpu"])
     assert code == 2
     assert "classes differ" in capsys.readouterr().err
+
+
+def test_eval_ensemble_with_tta(tmp_path, capsys):
+    from fastdet.data import make_shapes_dataset
+
+    paths = make_shapes_dataset(tmp_path / "data", num_images=6, image_size=(64, 64), split=(0.5, 0.5, 0.0))
+    categories = json.loads(paths["val"].read_text())["categories"]
+    names = tuple(c["name"] for c in sorted(categories, key=lambda c: c["id"]))
+    a, b = _checkpoint(tmp_path / "a.pt", 1, names), _checkpoint(tmp_path / "b.pt", 2, names)
+    code = main(["eval", "--checkpoint", str(a), "--checkpoint", str(b), "--data", str(tmp_path / "data"), "--split",
+                 "val", "--ensemble", "soft-nms", "--tta", "--device", "cpu", "--output", str(tmp_path / "eval")])
+    assert code == 0, capsys.readouterr()
+    assert "AP" in json.loads((tmp_path / "eval" / "metrics.json").read_text())["stats"]
