@@ -90,3 +90,25 @@ def test_errors():
         EnsembleDetector([_detector(1)], weights=[1, 2])
     with pytest.raises(ValueError, match="one dict per image"):
         fuse_detections([[{}]], [(1, 1), (2, 2)])
+
+
+def test_retinanet_soft_nms_method(monkeypatch):
+    from fastdet.models import retinanet_resnet18_fpn
+
+    seen = []
+    original = ops.multiclass_nms
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("method", "hard"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "multiclass_nms", spy)
+    torch.manual_seed(0)
+    model = retinanet_resnet18_fpn(num_classes=3, min_size=96, max_size=128, score_thresh=0.3,
+                                   nms_method="soft").eval()
+    with torch.no_grad():
+        out = model([torch.rand(3, 96, 128)])[0]
+    assert seen == ["soft"]
+    assert (out["scores"] > 0.3).all() and (out["scores"][:-1] >= out["scores"][1:]).all()
+    with pytest.raises(ValueError, match="nms_method must be"):
+        retinanet_resnet18_fpn(num_classes=3, nms_method="matrix")
