@@ -46,6 +46,16 @@ SIZES = {
     ],
     "multiclass_nms": [
         Size({"batch": 16, "n": 20_000, "classes": 80}, cpu={"batch": 4, "n": 20_000, "classes": 80}),
+        # detector-typical sizes: SSD300's 8732 priors x 91 COCO classes, and a RetinaNet-style 1000 candidates
+        Size({"batch": 32, "n": 8_732, "classes": 91}, cpu={"batch": 2, "n": 8_732, "classes": 91}),
+        Size({"batch": 16, "n": 1_000, "classes": 80}, cpu={"batch": 1, "n": 1_000, "classes": 80}),
+    ],
+    # issue 16: soft-NMS of one image's 3,000 normalised boxes; weighted boxes fusion of 3 models x 200 images
+    "soft_nms": [
+        Size({"n": 3_000}),
+    ],
+    "weighted_boxes_fusion": [
+        Size({"batch": 200, "models": 3}),
     ],
     # issue 4: anchors + decode of RetinaNet's 5 FPN levels (P3-P7, 9 anchors per cell) at 800 x 1333 (padded to 1344)
     "anchors_decode": [
@@ -95,7 +105,7 @@ SIZES = {
     ],
 }
 
-_LABEL_KEYS = (("batch", "B"), ("n", "N"), ("m", "M"), ("classes", "C"))
+_LABEL_KEYS = (("batch", "B"), ("n", "N"), ("m", "M"), ("classes", "C"), ("models", "models"))
 
 
 def size_label(params: dict) -> str:
@@ -181,6 +191,26 @@ def clustered_detections(num: int, *, batch: int | None = None, classes: int = 8
     confused = torch.rand(*lead, num, generator=g) < 0.2
     labels = torch.where(confused, torch.randint(classes, (*lead, num), generator=g), obj_class.gather(-1, owner))
     return Detections(boxes=boxes, labels=labels)
+
+
+def normalised_detections(num: int, *, seed: int = 0, classes: int = 80) -> tuple:
+    """``clustered_detections`` scaled to [0, 1] (ensemble-boxes' coordinates) as float64 numpy-friendly tensors:
+    (boxes [num, 4], scores [num], labels [num]). Boxes are clipped inside the image and keep a positive area, so
+    ensemble-boxes' input preparation changes nothing."""
+    det = clustered_detections(num, classes=classes, seed=seed)
+    scale = torch.tensor([IMAGE_WIDTH, IMAGE_HEIGHT, IMAGE_WIDTH, IMAGE_HEIGHT])
+    boxes = (det.boxes / scale).double().clamp(0.0, 1.0)
+    boxes[:, 2:] = torch.maximum(boxes[:, 2:], boxes[:, :2] + 1e-3).clamp(max=1.0)
+    boxes[:, :2] = torch.minimum(boxes[:, :2], boxes[:, 2:] - 1e-3)
+    return boxes, uniform_scores(num, seed=seed + 1).double(), det.labels
+
+
+def ensemble_boxes():
+    """The ``ensemble_boxes`` package, or a skip with the reason when it is missing."""
+    try:
+        return importlib.import_module("ensemble_boxes")
+    except Exception as exc:
+        pytest.skip(f"ensemble-boxes not importable ({type(exc).__name__}: {exc})")
 
 
 def uniform_scores(shape, seed: int = 1) -> torch.Tensor:

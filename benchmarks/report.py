@@ -38,6 +38,10 @@ TARGETS = [
     ("cuda", "box_iou", {}, 2.0),
     ("cpu", "nms", {}, 1.0),
     ("cpu", "batched_nms", {}, 2.0),
+    # Issue 16: multiclass_nms vs a per-image loop of torchvision's batched_nms; soft-NMS and WBF vs ensemble-boxes.
+    ("cpu", "multiclass_nms", {}, 2.0),
+    ("cpu", "soft_nms", {}, 20.0),
+    ("cpu", "weighted_boxes_fusion", {}, 20.0),
     ("cuda", "focal_loss_fwd_bwd_fp32", {}, 5.0),
     ("cuda", "focal_loss_fwd_bwd_bf16", {}, 5.0),
     ("cpu", "focal_loss_fwd_bwd_fp32", {}, 2.0),

@@ -158,6 +158,11 @@ STABLE_TORCH_LIBRARY_FRAGMENT(fastdet, m) {
   // sync_free=True forbids device-to-host copies (the CUDA kernel then uses a dense N x N bit mask instead of
   // per-category masks). Its arguments are prepared by the composites above, which do all the checking.
   m.def("_nms_keep_flags(Tensor boxes, Tensor? categories, float iou_threshold, bool sync_free) -> Tensor");
+  // CPU-only fused multiclass_nms (cpu/nms.cpp): boxes [B, N, 4] or [B, N, C, 4] and scores [B, N, C], contiguous
+  // float32/float64, checked by fastdet.ops.multiclass_nms. Returns (boxes [B, K, 4], scores [B, K], labels [B, K],
+  // num_detections [B]) exactly as the device-agnostic path (top-k, nms_fixed, compaction) computes them.
+  m.def("_multiclass_nms_kernel(Tensor boxes, Tensor scores, float score_threshold, float iou_threshold, "
+        "int max_detections, int pre_nms_top_k, bool class_agnostic) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 // The public ops are device-agnostic compositions of torch ops and _nms_keep_flags, which is registered per backend.

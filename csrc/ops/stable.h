@@ -425,6 +425,15 @@ struct OpResult<std::tuple<A, B, C>> {
   }
   static constexpr size_t count = 3;
 };
+template <typename A, typename B, typename C, typename D>
+struct OpResult<std::tuple<A, B, C, D>> {
+  template <size_t N>
+  static std::tuple<A, B, C, D> unpack(std::array<StableIValue, N>& stack) {
+    return {torch::stable::detail::to<A>(stack[0]), torch::stable::detail::to<B>(stack[1]),
+            torch::stable::detail::to<C>(stack[2]), torch::stable::detail::to<D>(stack[3])};
+  }
+  static constexpr size_t count = 4;
+};
 }  // namespace detail
 
 // call_op<Tensor>("fastdet::_nms_keep_flags", boxes, categories, threshold, sync_free): the overload name is "".

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from fastdet.cli._common import EXIT_OK, CommandError, load_checkpoint, load_coco, pick_device, write_json
+from fastdet.cli._common import EXIT_OK, CommandError, load_coco, pick_device, write_json
+from fastdet.cli._ensemble import add_ensemble_arguments, load_models
 
 
 def coco_paths(args, split: str) -> tuple[Path, Path]:
@@ -82,7 +83,7 @@ def evaluate_and_report(model, dataset, device, spec_or_names, output: Path | No
 
 def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
-    model, spec = load_checkpoint(args.checkpoint, device)
+    model, spec = load_models(args.checkpoint, device, args)
     images, annotations = coco_paths(args, args.split)
     dataset = load_coco(images, annotations, skip_bad=args.skip_bad, what="--annotations")
     if list(dataset.class_names) != list(spec["class_names"]):
@@ -99,8 +100,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="COCO-evaluate a checkpoint (12 stats, per-class AP, PR/F1/confusion plots)",
                        description="Evaluate a checkpoint written by `fastdet train`/`fastdet demo` on a COCO-format "
                                    "dataset (COCO protocol; fastdet's native evaluator by default).")
-    p.add_argument("--checkpoint", required=True,
-                   help="checkpoint file (e.g. runs/demo/run/best.pt from `fastdet demo`, or last.pt beside it)")
+    p.add_argument("--checkpoint", required=True, action="append",
+                   help="checkpoint file (e.g. runs/demo/run/best.pt from `fastdet demo`, or last.pt beside it); "
+                        "repeat it to evaluate an ensemble")
     p.add_argument("--data", help="dataset root in fastdet's COCO layout (images/, annotations/instances_<split>.json)")
     p.add_argument("--split", default="val", help="split of --data to evaluate (default: %(default)s)")
     p.add_argument("--images", help="image folder (overrides --data)")
@@ -114,4 +116,5 @@ def add_parser(sub) -> None:
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast inference")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable samples (reported) instead of failing")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    add_ensemble_arguments(p)
     p.set_defaults(func=run)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from fastdet.cli._common import EXIT_OK, CommandError, load_checkpoint, pick_device, write_json
+from fastdet.cli._common import EXIT_OK, CommandError, pick_device, write_json
+from fastdet.cli._ensemble import add_ensemble_arguments, load_models
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise CommandError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = pick_device(args.device)
-    model, spec = load_checkpoint(args.checkpoint, device)
+    model, spec = load_models(args.checkpoint, device, args)
     names = spec["class_names"]
     paths = collect_inputs(args.inputs)
     output = Path(args.output)
@@ -81,11 +82,13 @@ def add_parser(sub) -> None:
                                    "OUTPUT/predictions.json (boxes as x1 y1 x2 y2 pixels, class names, scores) and "
                                    "OUTPUT/<name>_detections.png.")
     p.add_argument("inputs", nargs="+", help="image files or folders")
-    p.add_argument("--checkpoint", required=True, help="checkpoint written by `fastdet train` or `fastdet demo`")
+    p.add_argument("--checkpoint", required=True, action="append",
+                   help="checkpoint written by `fastdet train` or `fastdet demo`; repeat it to ensemble models")
     p.add_argument("--output", default="predictions", help="output folder (default: %(default)s)")
     p.add_argument("--score-threshold", type=float, default=0.3, help="keep detections scoring at least this")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--no-draw", action="store_true", help="write only the JSON")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast inference")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    add_ensemble_arguments(p)
     p.set_defaults(func=run)

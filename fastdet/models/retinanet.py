@@ -339,6 +339,7 @@ def retinanet_select_detections(
     topk_candidates: int = 1000,
     nms_thresh: float = 0.5,
     detections_per_img: int = 300,
+    nms_method: str = "hard",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """RetinaNet's detection selection for a whole batch, with torchvision's rules and fixed-size outputs.
 
@@ -348,6 +349,7 @@ def retinanet_select_detections(
         anchors (list of Tensor[A_l, 4]): per-level anchors (xyxy), shared by the batch.
         image_sizes (Tensor[B, 2]): ``(height, width)`` of each image before padding; boxes are clipped to it.
         score_thresh, topk_candidates, nms_thresh, detections_per_img: as torchvision's ``RetinaNet``.
+        nms_method: ``"hard"``, ``"soft"`` or ``"soft_linear"`` (see :func:`fastdet.ops.multiclass_nms`).
 
     Returns:
         boxes (Tensor[B, D, 4] float32), scores (Tensor[B, D]), labels (Tensor[B, D] int64), num_detections
@@ -384,7 +386,7 @@ def retinanet_select_detections(
     boxes = torch.cat(all_boxes, dim=1)
     scores = torch.cat(all_scores, dim=1)
     return ops.multiclass_nms(boxes, scores, score_thresh, nms_thresh, detections_per_img,
-                              pre_nms_top_k=levels * topk_candidates)
+                              pre_nms_top_k=levels * topk_candidates, method=nms_method)
 
 
 def split_detections(boxes: Tensor, scores: Tensor, labels: Tensor, num_detections: Tensor) -> list[dict[str, Tensor]]:
@@ -438,6 +440,8 @@ class RetinaNet(nn.Module):
             every ground-truth box also claims its best-overlapping anchors (low-quality matches).
         bbox_loss_type (str): ``'l1'`` (torchvision's default), ``'smooth_l1'``, ``'giou'``, ``'diou'`` or
             ``'ciou'``.
+        nms_method (str): ``'hard'`` (torchvision's NMS), ``'soft'`` (gaussian soft-NMS, EfficientDet's reference
+            default) or ``'soft_linear'``: the ``method`` of :func:`fastdet.ops.multiclass_nms`.
 
     Targets' labels must lie in ``[0, num_classes)``; images may have no boxes (all anchors are then background).
     """
@@ -447,7 +451,7 @@ class RetinaNet(nn.Module):
                  anchor_generator: ops.AnchorGenerator | None = None, head: nn.Module | None = None,
                  score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_img: int = 300,
                  fg_iou_thresh: float = 0.5, bg_iou_thresh: float = 0.4, topk_candidates: int = 1000,
-                 bbox_loss_type: str = "l1", **transform_kwargs):
+                 bbox_loss_type: str = "l1", nms_method: str = "hard", **transform_kwargs):
         super().__init__()
         if not hasattr(backbone, "out_channels"):
             raise ValueError("backbone must have an out_channels attribute (the channel count of every feature map)")
@@ -460,6 +464,8 @@ class RetinaNet(nn.Module):
                             f"{type(anchor_generator).__name__}")
         if not 0 <= bg_iou_thresh <= fg_iou_thresh:
             raise ValueError(f"need 0 <= bg_iou_thresh <= fg_iou_thresh, got {bg_iou_thresh} and {fg_iou_thresh}")
+        if nms_method not in ("hard", "soft", "soft_linear"):
+            raise ValueError(f"nms_method must be 'hard', 'soft' or 'soft_linear', got {nms_method!r}")
         if bbox_loss_type not in _BOX_LOSSES:
             raise ValueError(f"bbox_loss_type must be one of {_BOX_LOSSES}, got {bbox_loss_type!r}")
         for name, value in (("detections_per_img", detections_per_img), ("topk_candidates", topk_candidates)):
@@ -485,6 +491,7 @@ class RetinaNet(nn.Module):
         self.nms_thresh = float(nms_thresh)
         self.detections_per_img = detections_per_img
         self.topk_candidates = topk_candidates
+        self.nms_method = nms_method
 
     def anchors(self, batch: ImageBatch, features: list[Tensor]) -> Tensor:
         """All levels' anchors, ``Tensor[A, 4]`` float32, shared by the batch. float32 even under autocast: bfloat16
@@ -509,7 +516,7 @@ class RetinaNet(nn.Module):
         return retinanet_select_detections(
             head_outputs["cls_logits"].split(counts, dim=1), head_outputs["bbox_regression"].split(counts, dim=1),
             anchors.split(counts), image_sizes, self.score_thresh, self.topk_candidates, self.nms_thresh,
-            self.detections_per_img)
+            self.detections_per_img, nms_method=getattr(self, "nms_method", "hard"))
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
         """Training: ``{"classification", "bbox_regression"}``; evaluation: one ``{"boxes", "scores", "labels"}`` per

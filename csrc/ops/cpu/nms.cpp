@@ -10,6 +10,9 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "ops/nms.h"
@@ -266,9 +269,158 @@ Tensor nms_keep_flags_cpu(const Tensor& boxes, const std::optional<Tensor>& cate
   return keep;
 }
 
+// ---------------------------------------------------------------------------------------------------- multiclass_nms
+// The whole of multiclass_nms for one image, without materialising anything of size N x C beyond the input: a score
+// threshold pass collects the passing (box, class) candidates, a partial selection keeps the best pre_nms_top_k of
+// them in the order of a stable descending sort (score desc, flat index box * C + class asc), the candidates are
+// grouped by class (a stable counting sort, so each class stays in score order) and each class runs the greedy NMS
+// above. The first max_detections survivors in score order fill the fixed-size output. This is exactly the result of
+// the generic path (top-k, nms_fixed, compaction): candidates failing the threshold sort after every passing one
+// there, so they never suppress a passing candidate and are never reported.
+template <typename T, typename S>
+struct MulticlassImage {
+  const T* boxes;   // [N, 4] or [N, C, 4]
+  const S* scores;  // [N * C]
+  T* out_boxes;     // [K, 4]
+  S* out_scores;    // [K]
+  int64_t* out_labels;
+  int64_t* out_num;
+};
+
+template <typename T, typename S>
+class MulticlassWorkspace {
+ public:
+  void run(const MulticlassImage<T, S>& im, int64_t N, int64_t C, bool per_class, S score_threshold, T iou_threshold,
+           int64_t top_k, int64_t K, bool class_agnostic) {
+    const int64_t NC = N * C;
+    // 1. threshold pass (a NaN score fails, as score > threshold is false)
+    candidates_.clear();
+    for (int64_t f = 0; f < NC; ++f) {
+      if (im.scores[f] > score_threshold) candidates_.push_back(f);
+    }
+    // 2. the best top_k in stable descending order: unique flat indices make (score desc, index asc) a strict order
+    const S* sc = im.scores;
+    auto before = [sc](int64_t a, int64_t b) { return sc[a] > sc[b] || (sc[a] == sc[b] && a < b); };
+    if (static_cast<int64_t>(candidates_.size()) > top_k) {
+      std::nth_element(candidates_.begin(), candidates_.begin() + top_k, candidates_.end(), before);
+      candidates_.resize(top_k);
+    }
+    std::sort(candidates_.begin(), candidates_.end(), before);
+    const int64_t M = static_cast<int64_t>(candidates_.size());
+    // 3. group by class (stable), as coordinate planes in the accumulation dtype
+    const int64_t groups = class_agnostic ? 1 : C;
+    start_.assign(groups + 1, 0);
+    if (!class_agnostic) {
+      for (int64_t f : candidates_) ++start_[f % C + 1];
+    } else {
+      start_[1] = M;
+    }
+    for (int64_t g = 0; g < groups; ++g) start_[g + 1] += start_[g];
+    cursor_.assign(start_.begin(), start_.end() - 1);
+    position_.resize(M);
+    planes_.resize(5 * M);
+    T* x1 = planes_.data();
+    T* y1 = x1 + M;
+    T* x2 = y1 + M;
+    T* y2 = x2 + M;
+    T* area = y2 + M;
+    for (int64_t r = 0; r < M; ++r) {
+      const int64_t f = candidates_[r];
+      const int64_t p = class_agnostic ? r : cursor_[f % C]++;
+      position_[r] = p;
+      const T* box = im.boxes + 4 * (per_class ? f : f / C);
+      x1[p] = box[0];
+      y1[p] = box[1];
+      x2[p] = box[2];
+      y2[p] = box[3];
+      area[p] = (box[2] - box[0]) * (box[3] - box[1]);
+    }
+    // 4. greedy NMS per class
+    if (keep_capacity_ < M) {
+      keep_capacity_ = std::max<int64_t>(M, 2 * keep_capacity_);
+      keep_.reset(new bool[keep_capacity_]);
+    }
+    std::fill(keep_.get(), keep_.get() + M, false);
+    const Planes<T> planes{x1, y1, x2, y2, area};
+    for (int64_t g = 0; g < groups; ++g) {
+      if (start_[g] < start_[g + 1]) {
+        greedy_segment<T>(planes, start_[g], start_[g + 1], iou_threshold, keep_.get(), kept_,
+                          /*allow_parallel=*/false);
+      }
+    }
+    // 5. the first K survivors in score order; padding (zeros, label -1) is already in the outputs
+    int64_t k = 0;
+    for (int64_t r = 0; r < M && k < K; ++r) {
+      if (!keep_[position_[r]]) continue;
+      const int64_t f = candidates_[r];
+      const T* box = im.boxes + 4 * (per_class ? f : f / C);
+      for (int j = 0; j < 4; ++j) im.out_boxes[4 * k + j] = box[j];
+      im.out_scores[k] = im.scores[f];
+      im.out_labels[k] = f % C;
+      ++k;
+    }
+    *im.out_num = k;
+  }
+
+ private:
+  std::vector<int64_t> candidates_, start_, cursor_, position_;
+  std::vector<T> planes_;
+  std::unique_ptr<bool[]> keep_;  // keep flags in grouped order (vector<bool> has no data())
+  int64_t keep_capacity_ = 0;
+  KeptBoxes<T> kept_;
+};
+
+// boxes [B, N, 4] or [B, N, C, 4] contiguous float32/float64, scores [B, N, C] contiguous float32/float64 (the
+// wrapper in fastdet/ops/nms.py casts float16/bfloat16 exactly to float32 and checks every argument).
+std::tuple<Tensor, Tensor, Tensor, Tensor> multiclass_nms_cpu(const Tensor& boxes, const Tensor& scores,
+                                                              double score_threshold, double iou_threshold,
+                                                              int64_t max_detections, int64_t pre_nms_top_k,
+                                                              bool class_agnostic) {
+  FASTDET_CHECK(scores.dim() == 3 && scores.is_contiguous(), "scores must be a contiguous [B, N, C] tensor");
+  const int64_t B = scores.size(0), N = scores.size(1), C = scores.size(2);
+  const bool per_class = boxes.dim() == 4;
+  FASTDET_CHECK(boxes.is_contiguous() && boxes.size(0) == B && boxes.size(1) == N && boxes.size(-1) == 4 &&
+                    (!per_class || boxes.size(2) == C) && (per_class || boxes.dim() == 3),
+                "boxes must be a contiguous [B, N, 4] or [B, N, C, 4] tensor matching scores");
+  FASTDET_CHECK(max_detections >= 0 && pre_nms_top_k >= 0, "max_detections and pre_nms_top_k must be >= 0");
+  auto out_boxes = aten::zeros({B, max_detections, 4}, boxes.scalar_type(), boxes);
+  auto out_scores = aten::zeros({B, max_detections}, scores.scalar_type(), scores);
+  auto out_labels = aten::full({B, max_detections}, -1.0, kLong, scores);
+  auto out_num = aten::zeros({B}, kLong, scores);
+  if (B == 0 || N == 0 || C == 0) return {out_boxes, out_scores, out_labels, out_num};
+  FASTDET_DISPATCH_FLOAT_DOUBLE(boxes.scalar_type(), "multiclass_nms", [&] {
+    using box_t = scalar_t;
+    const box_t iou_t = std::is_same_v<box_t, double> ? static_cast<box_t>(iou_threshold)
+                                                       : static_cast<box_t>(nms::threshold_as_float(iou_threshold));
+    FASTDET_DISPATCH_FLOAT_DOUBLE(scores.scalar_type(), "multiclass_nms", [&] {
+      using score_t = scalar_t;
+      const score_t score_t_threshold = std::is_same_v<score_t, double>
+                                            ? static_cast<score_t>(score_threshold)
+                                            : static_cast<score_t>(nms::threshold_as_float(score_threshold));
+      const box_t* bx = boxes.const_data_ptr<box_t>();
+      const score_t* sc = scores.const_data_ptr<score_t>();
+      box_t* ob = out_boxes.mutable_data_ptr<box_t>();
+      score_t* os = out_scores.mutable_data_ptr<score_t>();
+      int64_t* ol = out_labels.mutable_data_ptr<int64_t>();
+      int64_t* on = out_num.mutable_data_ptr<int64_t>();
+      const int64_t box_stride = (per_class ? N * C : N) * 4;
+      parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        MulticlassWorkspace<box_t, score_t> work;
+        for (int64_t b = b0; b < b1; ++b) {
+          const MulticlassImage<box_t, score_t> im{bx + b * box_stride, sc + b * N * C, ob + b * max_detections * 4,
+                                                   os + b * max_detections, ol + b * max_detections, on + b};
+          work.run(im, N, C, per_class, score_t_threshold, iou_t, pre_nms_top_k, max_detections, class_agnostic);
+        }
+      });
+    });
+  });
+  return {out_boxes, out_scores, out_labels, out_num};
+}
+
 }  // namespace
 }  // namespace fastdet
 
 STABLE_TORCH_LIBRARY_IMPL(fastdet, CPU, m) {
   m.impl("_nms_keep_flags", TORCH_BOX(&fastdet::nms_keep_flags_cpu));
+  m.impl("_multiclass_nms_kernel", TORCH_BOX(&fastdet::multiclass_nms_cpu));
 }

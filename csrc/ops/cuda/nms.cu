@@ -9,7 +9,9 @@
 // A segment is a run of candidates of one category within one image. With sync_free=false and categories present,
 // the segment table is built on the host (one device-to-host copy of the categories, allowed because the output of
 // nms / batched_nms is data-sized anyway), so memory is the sum over categories of n^2 / 8 bytes. With sync_free=true,
-// each image is one dense segment whose mask tests categories inside the kernel: N^2 / 8 bytes per image, no copies.
+// each image is one dense segment whose mask tests categories inside the kernel: N^2 / 8 bytes per image, no copies;
+// above kDenseMaskMaxCandidates candidates with categories (SSD's 36,000 would need 162 MB per image), a third kernel
+// runs each category segment's greedy scan in one block instead, in O(N) memory.
 #include <algorithm>
 #include <cstdint>
 #include <optional>
@@ -132,6 +134,51 @@ __global__ void nms_scan_kernel(const uint64_t* __restrict__ mask, SegmentSource
   }
 }
 
+// Sync-free NMS with categories for large N, in O(N) memory: one block per category segment (found on the device: a
+// block per position, only segment starts work) runs the greedy scan itself, testing each candidate against the
+// segment's kept candidates in parallel. Used instead of the dense N x N mask when that mask would be large.
+template <typename T>
+__global__ void nms_segment_greedy_kernel(const T* __restrict__ boxes, const T* __restrict__ area,
+                                          const int64_t* __restrict__ categories, int64_t B, int64_t N, T threshold,
+                                          int64_t* __restrict__ kept_index, bool* __restrict__ keep) {
+  __shared__ int64_t segment_end;
+  __shared__ int64_t kept_count;
+  for (int64_t start = blockIdx.x; start < B * N; start += gridDim.x) {
+    const int64_t image = start / N, begin = start % N, base = image * N;
+    const int64_t* cat = categories + base;
+    if (begin != 0 && cat[begin] == cat[begin - 1]) continue;  // not a segment start (uniform across the block)
+    if (threadIdx.x == 0) {
+      int64_t end = begin + 1;
+      while (end < N && cat[end] == cat[begin]) ++end;
+      segment_end = end;
+      kept_count = 0;
+    }
+    __syncthreads();
+    int64_t* kept = kept_index + base + begin;  // the segment's own slice of the scratch
+    for (int64_t i = base + begin; i < base + segment_end; ++i) {
+      const T x1 = boxes[4 * i], y1 = boxes[4 * i + 1], x2 = boxes[4 * i + 2], y2 = boxes[4 * i + 3], a = area[i];
+      const int64_t count = kept_count;
+      int hit = 0;
+      for (int64_t k = threadIdx.x; k < count && !hit; k += blockDim.x) {
+        const int64_t j = kept[k];
+        hit = nms::iou_above<T>(boxes[4 * j], boxes[4 * j + 1], boxes[4 * j + 2], boxes[4 * j + 3], area[j], x1, y1,
+                                x2, y2, a, threshold);
+      }
+      const int suppressed = __syncthreads_or(hit);
+      if (threadIdx.x == 0) {
+        keep[i] = !suppressed;
+        if (!suppressed) kept[kept_count++] = i;
+      }
+      __syncthreads();
+    }
+    __syncthreads();  // everyone is done with segment_end before thread 0 moves on
+  }
+}
+
+// Above this many candidates per image, sync-free NMS with categories uses nms_segment_greedy_kernel (O(N) memory)
+// instead of the dense mask (N * ceil(N / 64) * 8 bytes per image: 8 MiB at N = 8192, 162 MB at N = 36,000).
+constexpr int64_t kDenseMaskMaxCandidates = 8192;
+
 // boxes [B, N, 4] contiguous float32/float64 in visit order, categories [B, N] int64 contiguous and grouped, or None
 // (prepared and checked by the composite in nms.cpp).
 Tensor nms_keep_flags_cuda(const Tensor& boxes, const std::optional<Tensor>& categories, double iou_threshold,
@@ -147,6 +194,21 @@ Tensor nms_keep_flags_cuda(const Tensor& boxes, const std::optional<Tensor>& cat
   auto width = torch::stable::subtract(aten::select(boxes, 2, 2), aten::select(boxes, 2, 0));
   auto height = torch::stable::subtract(aten::select(boxes, 2, 3), aten::select(boxes, 2, 1));
   auto area = aten::contiguous(aten::mul(width, height));
+
+  if (categories.has_value() && sync_free && N > kDenseMaskMaxCandidates) {
+    auto kept_index = aten::empty({B * N}, kLong, boxes);
+    FASTDET_DISPATCH_FLOAT_DOUBLE(boxes.scalar_type(), "_nms_keep_flags", [&] {
+      const scalar_t threshold = std::is_same_v<scalar_t, double>
+                                     ? static_cast<scalar_t>(iou_threshold)
+                                     : static_cast<scalar_t>(nms::threshold_as_float(iou_threshold));
+      const auto grid = static_cast<unsigned int>(std::min<int64_t>(B * N, kMaxBlocks));
+      nms_segment_greedy_kernel<scalar_t><<<grid, kScanThreads, 0, stream>>>(
+          boxes.const_data_ptr<scalar_t>(), area.const_data_ptr<scalar_t>(), categories->const_data_ptr<int64_t>(), B,
+          N, threshold, kept_index.mutable_data_ptr<int64_t>(), keep.mutable_data_ptr<bool>());
+      FASTDET_CUDA_LAUNCH_CHECK();
+    });
+    return keep;
+  }
 
   SegmentSource source{nullptr, B, N};
   Tensor table;  // keeps the device copy of the segment table alive

@@ -1,0 +1,250 @@
+// CPU kernel of soft-NMS: each segment (an image, or one category of an image) runs ensemble-boxes' sequential
+// algorithm (soft_nms_math.h) step for step, in O(n log n + overlapping pairs) instead of its O(n^2) (see
+// SoftNmsSegment); independent segments run in parallel.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "ops/nms.h"
+#include "ops/soft_nms_math.h"
+#include "ops/stable.h"
+
+namespace fastdet {
+namespace {
+
+struct SoftNmsParams {
+  double iou_threshold, sigma, score_threshold;
+  int64_t method;
+};
+
+// One segment of n boxes. Slots start in index order; entries (the boxes) never move, slots point at them.
+//  * The per-step argmax over the remaining slots (numpy's argmax order, soft_nms::ranks_before on slot positions)
+//    compares cached per-block bests, kept up to date as scores and slots change.
+//  * A box decays only the boxes it overlaps: every other pair has IoU exactly +-0, hence weight exactly 1. The
+//    pairs that can have another weight are found once, up front, by a sweep along x (build_graph).
+template <typename S>
+class SoftNmsSegment {
+ public:
+  void run(const double* box, S* score, int64_t* perm, bool* kept, int64_t n, const SoftNmsParams& p) {
+    if (n == 0) return;
+    box_ = box;
+    score_.assign(score, score + n);
+    slot_entry_.resize(n);
+    entry_slot_.resize(n);
+    for (int64_t k = 0; k < n; ++k) slot_entry_[k] = entry_slot_[k] = k;
+    build_tree(n);
+    build_graph(n, p);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t best = remove_through(i);
+      if (best >= 0 && score_[slot_entry_[i]] < score_[slot_entry_[best]]) {
+        std::swap(slot_entry_[i], slot_entry_[best]);
+        entry_slot_[slot_entry_[i]] = i;
+        entry_slot_[slot_entry_[best]] = best;
+        update_slot(best);
+      }
+      const int64_t e = slot_entry_[i];
+      auto decay = [&](int64_t c) {
+        if (entry_slot_[c] <= i) return;
+        const double w = soft_nms::weight(soft_nms::iou(box_ + soft_nms::kFields * e, box_ + soft_nms::kFields * c),
+                                          p.method, p.iou_threshold, p.sigma);
+        if (w != 1.0) {
+          score_[c] = static_cast<S>(w * static_cast<double>(score_[c]));
+          update_slot(entry_slot_[c]);
+        }
+      };
+      if (special_flag_[e]) {
+        for (int64_t j = i + 1; j < n; ++j) decay(slot_entry_[j]);
+      } else {
+        for (int64_t k = adj_start_[e]; k < adj_start_[e + 1]; ++k) decay(adj_[k]);
+        for (int64_t c : special_) decay(c);
+      }
+    }
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t e = slot_entry_[k];
+      score[k] = score_[e];
+      perm_tmp_.push_back(perm[e]);
+      kept[k] = static_cast<double>(score_[e]) > p.score_threshold;
+    }
+    std::copy(perm_tmp_.begin(), perm_tmp_.end(), perm);
+    perm_tmp_.clear();
+  }
+
+ private:
+  // Neighbour lists: the pairs of ordinary boxes (finite coordinates, positive sides, finite positive area) whose
+  // decay weight may differ from 1. Ordinary boxes with disjoint interiors have IoU +-0 and weight exactly 1, so a
+  // sweep along x over the ordinary boxes sorted by x1 finds every candidate pair; for the linear method the (cheap)
+  // weight itself filters them further. Weights are computed when applied. Special boxes (everything else) are
+  // paired with every box by the step loop itself.
+  void build_graph(int64_t n, const SoftNmsParams& p) {
+    edges_.clear();
+    special_.clear();
+    order_.clear();
+    special_flag_.assign(n, 0);
+    for (int64_t e = 0; e < n; ++e) {
+      const double* b = box_ + soft_nms::kFields * e;
+      const bool ordinary = std::isfinite(b[0]) && std::isfinite(b[1]) && std::isfinite(b[2]) &&
+                            std::isfinite(b[3]) && b[0] < b[2] && b[1] < b[3] && std::isfinite(b[4]) && b[4] > 0;
+      (ordinary ? order_ : special_).push_back(e);
+      special_flag_[e] = !ordinary;
+    }
+    std::sort(order_.begin(), order_.end(), [&](int64_t a, int64_t b) {
+      return box_[soft_nms::kFields * a] < box_[soft_nms::kFields * b];
+    });
+    const int64_t m = static_cast<int64_t>(order_.size());
+    sorted_.resize(4 * m);
+    double* sx1 = sorted_.data();
+    double* sx2 = sx1 + m;
+    double* sy1 = sx2 + m;
+    double* sy2 = sy1 + m;
+    for (int64_t k = 0; k < m; ++k) {
+      const double* b = box_ + soft_nms::kFields * order_[k];
+      sx1[k] = b[0];
+      sy1[k] = b[1];
+      sx2[k] = b[2];
+      sy2[k] = b[3];
+    }
+    const bool linear = p.method == soft_nms::kLinear;
+    hits_.resize(m);
+    int32_t* hits = hits_.data();
+    for (int64_t a = 0; a < m; ++a) {
+      // sx1[a] <= sx1[b] < sx2[b] for every later b, so the x interiors meet exactly while sx1[b] < sx2[a]
+      const int64_t end = std::lower_bound(sx1 + a + 1, sx1 + m, sx2[a]) - sx1;
+      const double top = sy1[a], bottom = sy2[a];
+      int64_t count = 0;
+      for (int64_t b = a + 1; b < end; ++b) {  // branch-free compaction of the y-overlapping ones
+        hits[count] = static_cast<int32_t>(b);
+        count += (sy1[b] < bottom) & (top < sy2[b]);
+      }
+      const int64_t e = order_[a];
+      for (int64_t h = 0; h < count; ++h) {
+        const int64_t c = order_[hits[h]];
+        if (linear && soft_nms::weight(soft_nms::iou(box_ + soft_nms::kFields * e, box_ + soft_nms::kFields * c),
+                                       p.method, p.iou_threshold, p.sigma) == 1.0) {
+          continue;
+        }
+        edges_.push_back({static_cast<int32_t>(e), static_cast<int32_t>(c)});
+      }
+    }
+    adj_start_.assign(n + 1, 0);
+    for (const Edge& edge : edges_) {
+      ++adj_start_[edge.a + 1];
+      ++adj_start_[edge.b + 1];
+    }
+    for (int64_t k = 0; k < n; ++k) adj_start_[k + 1] += adj_start_[k];
+    adj_.resize(adj_start_[n]);
+    cursor_.assign(adj_start_.begin(), adj_start_.end() - 1);
+    for (const Edge& edge : edges_) {
+      adj_[cursor_[edge.a]++] = edge.b;
+      adj_[cursor_[edge.b]++] = edge.a;
+    }
+  }
+
+  // Argmax over the remaining slots in numpy's order: slots in blocks of kBlock, each block caching its best
+  // remaining slot; a step compares the blocks' bests. A changed score or slot re-ranks against its block's best, and
+  // rescans the block only when it was that best.
+  static constexpr int64_t kBlock = 32;
+  bool before(int64_t a, int64_t b) const {
+    return soft_nms::ranks_before(score_[slot_entry_[a]], a, score_[slot_entry_[b]], b);
+  }
+  void rescan(int64_t block) {
+    const int64_t lo = std::max(block * kBlock, first_), hi = std::min((block + 1) * kBlock, n_);
+    int64_t best = -1;
+    for (int64_t k = lo; k < hi; ++k) {
+      if (best < 0 || before(k, best)) best = k;
+    }
+    block_best_[block] = best;
+  }
+  void build_tree(int64_t n) {
+    n_ = n;
+    first_ = 0;
+    block_best_.assign((n + kBlock - 1) / kBlock, -1);
+    for (int64_t b = 0; b < static_cast<int64_t>(block_best_.size()); ++b) rescan(b);
+  }
+  void update_slot(int64_t slot) {
+    const int64_t block = slot / kBlock;
+    const int64_t best = block_best_[block];
+    if (best == slot) {
+      rescan(block);
+    } else if (best < 0 || before(slot, best)) {
+      block_best_[block] = slot;
+    }
+  }
+  // Slots before `slot` are visited; slot itself is removed too. Returns the best remaining slot or -1.
+  int64_t remove_through(int64_t slot) {
+    first_ = slot + 1;
+    if (block_best_[slot / kBlock] == slot) rescan(slot / kBlock);
+    int64_t best = -1;
+    for (int64_t b = slot / kBlock; b < static_cast<int64_t>(block_best_.size()); ++b) {
+      const int64_t k = block_best_[b];
+      if (k >= 0 && (best < 0 || before(k, best))) best = k;
+    }
+    return best;
+  }
+
+  std::vector<int64_t> block_best_;
+  int64_t n_ = 0, first_ = 0;
+  struct Edge {
+    int32_t a, b;
+  };
+  std::vector<Edge> edges_;
+  std::vector<int64_t> adj_start_;
+  std::vector<int32_t> adj_, hits_;
+  std::vector<char> special_flag_;
+  const double* box_ = nullptr;
+  std::vector<S> score_;  // per entry
+  std::vector<int64_t> slot_entry_, entry_slot_, special_, order_, cursor_, perm_tmp_;
+  std::vector<double> sorted_;
+};
+
+// boxes [B, N, 4] float64 contiguous (grouped by category when categories are given), scores [B, N] float32/float64
+// contiguous, categories [B, N] int64 grouped or None. Returns (perm, scores, kept), each [B, N], in slot order.
+std::tuple<Tensor, Tensor, Tensor> soft_nms_kernel_cpu(const Tensor& boxes, const Tensor& scores,
+                                                       const std::optional<Tensor>& categories, double iou_threshold,
+                                                       double sigma, double score_threshold, int64_t method) {
+  const int64_t B = boxes.size(0), N = boxes.size(1);
+  FASTDET_CHECK(N <= INT32_MAX, "soft_nms: at most 2^31 - 1 boxes per image, got ", N);
+  auto work = aten::empty({B, N, soft_nms::kFields}, kDouble, boxes);
+  auto out_scores = torch::stable::clone(scores);
+  auto perm = aten::contiguous(aten::expand(aten::unsqueeze(aten::arange(N, boxes), 0), {B, N}));
+  auto kept = aten::zeros({B, N}, kBool, boxes);
+  if (B == 0 || N == 0) return {perm, out_scores, kept};
+  const double* src = boxes.const_data_ptr<double>();
+  double* dst = work.mutable_data_ptr<double>();
+  for (int64_t k = 0; k < B * N; ++k) {
+    const double* b = src + 4 * k;
+    double* w = dst + soft_nms::kFields * k;
+    w[0] = b[0];
+    w[1] = b[1];
+    w[2] = b[2];
+    w[3] = b[3];
+    w[4] = (b[2] - b[0]) * (b[3] - b[1]);
+  }
+  const auto segments =
+      nms::find_segments(categories.has_value() ? categories->const_data_ptr<int64_t>() : nullptr, B, N);
+  const SoftNmsParams params{iou_threshold, sigma, score_threshold, method};
+  int64_t* perm_ptr = perm.mutable_data_ptr<int64_t>();
+  bool* kept_ptr = kept.mutable_data_ptr<bool>();
+  FASTDET_DISPATCH_FLOAT_DOUBLE(scores.scalar_type(), "soft_nms", [&] {
+    scalar_t* score_ptr = out_scores.mutable_data_ptr<scalar_t>();
+    parallel_for(0, static_cast<int64_t>(segments.size() / 3), 1, [&](int64_t s0, int64_t s1) {
+      SoftNmsSegment<scalar_t> segment;
+      for (int64_t s = s0; s < s1; ++s) {
+        const int64_t begin = segments[3 * s] * N + segments[3 * s + 1];
+        const int64_t n = segments[3 * s + 2] - segments[3 * s + 1];
+        segment.run(dst + soft_nms::kFields * begin, score_ptr + begin, perm_ptr + begin, kept_ptr + begin, n,
+                    params);
+      }
+    });
+  });
+  return {perm, out_scores, kept};
+}
+
+}  // namespace
+}  // namespace fastdet
+
+STABLE_TORCH_LIBRARY_IMPL(fastdet, CPU, m) {
+  m.impl("_soft_nms_kernel", TORCH_BOX(&fastdet::soft_nms_kernel_cpu));
+}

@@ -1,0 +1,127 @@
+"""weighted_boxes_fusion: against ensemble-boxes (bit-exact) and fastdet.ops.reference.weighted_boxes_fusion."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from fastdet import ops
+from fastdet.ops import reference
+from tests.test_nms import fresh_seed
+from tests.test_soft_nms import normalised_boxes
+
+try:
+    from ensemble_boxes import weighted_boxes_fusion as eb_wbf
+except Exception:  # pragma: no cover - ensemble-boxes is a test extra
+    eb_wbf = None
+
+needs_eb = pytest.mark.skipif(eb_wbf is None, reason="ensemble-boxes is not installed")
+CONF_TYPES = ["avg", "max", "box_and_model_avg", "absent_model_aware_avg"]
+
+
+def _models(seed, num_models, classes=4, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for m in range(num_models):
+        n = int(torch.randint(0, 80, (1,), generator=g))
+        boxes, scores = normalised_boxes(n, seed + 17 * m, dtype)
+        out.append((boxes, scores, torch.randint(0, classes, (n,), generator=g)))
+    return out
+
+
+@needs_eb
+@pytest.mark.parametrize("conf_type", CONF_TYPES)
+@pytest.mark.parametrize("allows_overflow", [False, True])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("num_models", [1, 3, 5])
+def test_matches_ensemble_boxes_exactly(conf_type, allows_overflow, weighted, num_models):
+    seed = fresh_seed()
+    models = _models(seed, num_models)
+    weights = [1.0 + m * 0.75 for m in range(num_models)] if weighted else None
+    got = ops.weighted_boxes_fusion([m[0] for m in models], [m[1] for m in models], [m[2] for m in models], weights,
+                                    0.55, 0.2, conf_type, allows_overflow)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exp = eb_wbf([m[0].numpy() for m in models], [m[1].numpy() for m in models], [m[2].numpy() for m in models],
+                     weights=weights, iou_thr=0.55, skip_box_thr=0.2, conf_type=conf_type,
+                     allows_overflow=allows_overflow)
+    assert got[0].dtype == torch.float64 and got[2].dtype == torch.int64
+    np.testing.assert_array_equal(got[0].numpy(), exp[0], err_msg=f"seed={seed}")
+    np.testing.assert_array_equal(got[1].numpy(), exp[1], err_msg=f"seed={seed}")
+    np.testing.assert_array_equal(got[2].numpy(), exp[2].astype(np.int64), err_msg=f"seed={seed}")
+
+
+@needs_eb
+def test_float32_inputs_and_out_of_range_boxes():
+    seed = fresh_seed()
+    models = _models(seed, 3, dtype=torch.float32)
+    models[0][0][:3] = models[0][0][:3][:, [2, 3, 0, 1]]  # swapped corners
+    models[1][0][:2] += 0.5  # partly outside [0, 1]: clipped
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exp = eb_wbf([m[0].numpy() for m in models], [m[1].numpy() for m in models], [m[2].numpy() for m in models],
+                     iou_thr=0.4, skip_box_thr=0.0)
+    got = ops.weighted_boxes_fusion([m[0] for m in models], [m[1] for m in models], [m[2] for m in models],
+                                    iou_threshold=0.4)
+    for a, e in zip(got, exp):
+        np.testing.assert_array_equal(a.numpy(), e.astype(a.numpy().dtype), err_msg=f"seed={seed}")
+
+
+@pytest.mark.parametrize("conf_type", CONF_TYPES)
+def test_matches_reference_with_adversarial_inputs(conf_type):
+    seed = fresh_seed()
+    models = _models(seed, 3)
+    models[0][1][:5] = 0.2  # exactly at the skip threshold: kept (score < threshold is skipped)
+    models[1][1][:4] = models[2][1][:4] = 0.5  # ties across models
+    if len(models[0][0]) > 6:
+        models[0][0][5] = float("nan")  # skipped
+        models[0][0][6, 2:] = models[0][0][6, :2]  # zero area: skipped
+    got = ops.weighted_boxes_fusion([m[0] for m in models], [m[1] for m in models], [m[2] for m in models],
+                                    [2.0, 1.0, 0.5], 0.5, 0.2, conf_type)
+    exp = reference.weighted_boxes_fusion([m[0] for m in models], [m[1] for m in models], [m[2] for m in models],
+                                          [2.0, 1.0, 0.5], 0.5, 0.2, conf_type)
+    for a, e in zip(got, exp):
+        assert torch.equal(a, e), f"seed={seed}"
+
+
+def test_batched_form_matches_per_image_calls():
+    seed = fresh_seed()
+    B, M, N = 4, 3, 30
+    g = torch.Generator().manual_seed(seed)
+    boxes = torch.stack([torch.stack([normalised_boxes(N, seed + 7 * b + m)[0] for m in range(M)]) for b in range(B)])
+    scores = torch.rand(B, M, N, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 3, (B, M, N), generator=g)
+    counts = torch.randint(0, N + 1, (B, M), generator=g)
+    fb, fs, fl, num = ops.weighted_boxes_fusion_batched(boxes, scores, labels, counts)
+    assert fb.shape == (B, M * N, 4) and num.shape == (B,)
+    for b in range(B):
+        k = [int(c) for c in counts[b]]
+        eb, es, el = ops.weighted_boxes_fusion([boxes[b, m, : k[m]] for m in range(M)],
+                                               [scores[b, m, : k[m]] for m in range(M)],
+                                               [labels[b, m, : k[m]] for m in range(M)])
+        n = int(num[b])
+        assert n == len(es) and torch.equal(fb[b, :n], eb) and torch.equal(fs[b, :n], es)
+        assert torch.equal(fl[b, :n], el) and (fl[b, n:] == -1).all() and (fs[b, n:] == 0).all()
+
+
+def test_empty_errors_and_opcheck():
+    boxes, scores, labels = ops.weighted_boxes_fusion([torch.zeros(0, 4)], [torch.zeros(0)], [torch.zeros(0)])
+    assert boxes.shape == (0, 4) and scores.shape == (0,) and labels.shape == (0,)
+    b, s = normalised_boxes(5, 1)
+    lab = torch.zeros(5, dtype=torch.int64)
+    with pytest.raises(ValueError, match="conf_type must be"):
+        ops.weighted_boxes_fusion([b], [s], [lab], conf_type="median")
+    with pytest.raises(ValueError, match="weights must have one entry per model"):
+        ops.weighted_boxes_fusion([b], [s], [lab], weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="weights must be finite"):
+        ops.weighted_boxes_fusion([b], [s], [lab], weights=[-1.0])
+    with pytest.raises(ValueError, match="one entry per model"):
+        ops.weighted_boxes_fusion([b, b], [s], [lab, lab])
+    with pytest.raises(RuntimeError, match="labels must be an integer"):
+        ops.weighted_boxes_fusion_batched(b[None, None], s[None, None], s[None, None])
+    args = (b[None, None], s[None, None], lab[None, None], torch.tensor([[5]]), torch.ones(1, dtype=torch.float64),
+            0.55, 0.0, 0, False)
+    torch.library.opcheck(torch.ops.fastdet.weighted_boxes_fusion, args)
