@@ -245,7 +245,9 @@ def multiclass_nms(
             torch.full((B, max_detections), -1, dtype=torch.int64, device=scores.device),
             torch.zeros((B,), dtype=torch.int64, device=scores.device),
         )
-    if method == "hard" and scores.device.type == "cpu" and not (
+    # torch.export (and so ONNX export) takes the generic path: an exported graph must run on every device and
+    # translate to ONNX, and the fused kernel below exists for the CPU only.
+    if method == "hard" and scores.device.type == "cpu" and not torch.compiler.is_exporting() and not (
         torch.is_grad_enabled() and (boxes.requires_grad or scores.requires_grad)
     ):
         # The fused CPU kernel: a threshold pass, a partial selection of the top-k with the same tie order, per-class
