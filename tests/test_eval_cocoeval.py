@@ -533,17 +533,33 @@ def test_confusion_matrix_from_evaluation_matches_pycocotools_use_cats_0(seed, t
     from fastdet.eval import confusion_matrix_from_evaluation
 
     gt, dets = random_dataset(seed, images=40, categories=4, crowd=crowd, ties=ties)
-    # an image with only crowd ground truth (and detections on it), one with detections and no ground truth, one empty
+    # an image with only crowd ground truth (and detections on it), one with detections and no ground truth, one
+    # empty, one with undetected ground truth of NaN area (missed) and of area 2e10 (ignored)
     extra = [{"id": 9001, "height": H, "width": W}, {"id": 9002, "height": H, "width": W},
-             {"id": 9003, "height": H, "width": W}]
+             {"id": 9003, "height": H, "width": W}, {"id": 9004, "height": H, "width": W}]
     cat = gt.dataset["categories"][0]["id"]
+    # and, in the images of the random set, pycocotools' area rule for range "all": a ground truth recorded with an
+    # area above 1e10 is ignored (so is the detection matched to it), one with a NaN area is not; an unmatched
+    # detection of area above 1e10 is ignored
+    first, second = gt.dataset["images"][0]["id"], gt.dataset["images"][1]["id"]
     anns = gt.dataset["annotations"] + [
         {"id": 50001, "image_id": 9001, "category_id": cat, "bbox": [0.0, 0.0, 40.0, 40.0], "area": 1600.0,
-         "iscrowd": 1}]
+         "iscrowd": 1},
+        {"id": 50002, "image_id": first, "category_id": cat, "bbox": [60.0, 40.0, 15.0, 15.0], "area": 2e10,
+         "iscrowd": 0},
+        {"id": 50003, "image_id": second, "category_id": cat, "bbox": [60.0, 40.0, 15.0, 15.0], "area": float("nan"),
+         "iscrowd": 0},
+        {"id": 50004, "image_id": 9004, "category_id": cat, "bbox": [1.0, 1.0, 9.0, 9.0], "area": float("nan"),
+         "iscrowd": 0},
+        {"id": 50005, "image_id": 9004, "category_id": cat, "bbox": [30.0, 30.0, 9.0, 9.0], "area": 2e10,
+         "iscrowd": 0}]
     dets = dets + [{"image_id": 9001, "category_id": cat, "bbox": [1.0, 1.0, 10.0, 10.0], "score": 0.9},
                    {"image_id": 9001, "category_id": gt.dataset["categories"][1]["id"], "bbox": [5.0, 5.0, 9.0, 9.0],
                     "score": 0.9},
-                   {"image_id": 9002, "category_id": cat, "bbox": [3.0, 3.0, 8.0, 8.0], "score": 0.8}]
+                   {"image_id": 9002, "category_id": cat, "bbox": [3.0, 3.0, 8.0, 8.0], "score": 0.8},
+                   {"image_id": 9002, "category_id": cat, "bbox": [0.0, 0.0, 2e5, 1e5], "score": 0.7},
+                   {"image_id": first, "category_id": cat, "bbox": [60.0, 40.0, 15.0, 15.0], "score": 0.99},
+                   {"image_id": second, "category_id": cat, "bbox": [60.0, 40.0, 15.0, 15.0], "score": 0.99}]
     gt = _coco(gt.dataset["images"] + extra, gt.dataset["categories"], anns)
     model_style, results = _xyxy_detections(dets)
     evaluation = evaluate_detections(gt, model_style, max_detections=max_det)
@@ -552,7 +568,7 @@ def test_confusion_matrix_from_evaluation_matches_pycocotools_use_cats_0(seed, t
     np.testing.assert_array_equal(ours, expected)
     assert ours.dtype == np.int64 and ours[0, 0] == 0
     # every regular ground truth is counted once (found or missed); crowd never
-    regular = [a for a in anns if not a["iscrowd"]]
+    regular = [a for a in anns if not (a["iscrowd"] or a["area"] > 1e10)]
     assert ours[:, 1:].sum() == len(regular)
     # an explicit limit overrides the evaluation's
     np.testing.assert_array_equal(

@@ -365,7 +365,8 @@ def class_agnostic_confusion(gt: _Annotations, dt: _Annotations, img_ids: list, 
     found = np.zeros(gt_label.shape[0], dtype=bool)
     found[matched[counted & (matched >= 0)]] = True
     lo, hi = _AREA_ALL
-    regular = (groups.gt.crowd == 0) & (groups.gt.areas >= lo) & (groups.gt.areas <= hi)
+    # pycocotools' ignore test, written its way (a NaN area is not ignored)
+    regular = ~((groups.gt.crowd != 0) | (groups.gt.areas < lo) | (groups.gt.areas > hi))
     missed = regular & ~found
     predicted = np.concatenate([dt_label[counted], np.zeros(int(missed.sum()), dtype=np.int64)])
     true = np.concatenate([true[counted], gt_label[missed]])
