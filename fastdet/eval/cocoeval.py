@@ -343,7 +343,9 @@ def class_agnostic_confusion(gt: _Annotations, dt: _Annotations, img_ids: list, 
     A detection matched to a regular ground truth counts at ``[its category, the ground truth's category]``; an
     unmatched one at ``[its category, 0]``; a regular ground truth no detection matched at ``[0, its category]``.
     Crowd ground truth and the detections matched to it are ignored (neither true nor false positives), as are
-    pycocotools' other ignored cases (ground truth, or an unmatched detection, of area above 1e10)."""
+    pycocotools' other ignored cases (ground truth, or an unmatched detection, of area above 1e10). Identical to
+    counting pycocotools' ``evalImgs`` (``dtMatches``, ``dtIgnore``, ``gtMatches``, ``gtIgnore``), quirk included:
+    a detection matched to a ground truth whose id is 0 counts as a false positive, and that ground truth as found."""
     keep = np.flatnonzero(dt.scores >= score_threshold)
     kept = _Annotations(
         image_ids=_subset(dt.image_ids, keep), category_ids=_subset(dt.category_ids, keep), boxes=dt.boxes[keep],
@@ -360,10 +362,13 @@ def class_agnostic_confusion(gt: _Annotations, dt: _Annotations, img_ids: list, 
     dt_label = first_position[_positions(kept.category_ids, distinct)[groups.dt_rows[order]]] + 1  # per position
     codes = evaluated.codes[0, 0].numpy()
     matched = evaluated.matched_gt[0, 0].numpy()
-    counted = ((codes & 4) != 0) & ((codes & 2) == 0)  # evaluated (within max_det) and not ignored
-    true = np.where(matched >= 0, gt_label[np.maximum(matched, 0)], 0)
+    evaluated_flag = (codes & 4) != 0  # within max_det
+    counted = evaluated_flag & ((codes & 2) == 0)  # and not ignored
+    # "matched" as pycocotools reads dtMatches (bit 0: a ground truth of id 0 reads as no match, so the detection
+    # is a false positive) and gtMatches (set by any evaluated detection that took the ground truth)
+    true = np.where((codes & 1) != 0, gt_label[np.maximum(matched, 0)], 0)
     found = np.zeros(gt_label.shape[0], dtype=bool)
-    found[matched[counted & (matched >= 0)]] = True
+    found[matched[evaluated_flag & (matched >= 0)]] = True
     lo, hi = _AREA_ALL
     # pycocotools' ignore test, written its way (a NaN area is not ignored)
     regular = ~((groups.gt.crowd != 0) | (groups.gt.areas < lo) | (groups.gt.areas > hi))

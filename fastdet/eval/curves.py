@@ -246,7 +246,9 @@ def confusion_matrix_from_evaluation(evaluation, iou_threshold: float = 0.5, sco
         regular ground truth counts at ``[det label, gt label]``, an unmatched detection (false positive) at
         ``[det label, 0]`` and a regular ground truth no detection matched (missed) at ``[0, gt label]``.
         ``matrix[0, 0]`` is always 0. Crowd ground truth is never counted, and a detection matched to a crowd region
-        is ignored: neither a true nor a false positive (COCO's rule). Layout as :func:`confusion_matrix`.
+        is ignored: neither a true nor a false positive (COCO's rule). Layout as :func:`confusion_matrix`. The counts
+        are those of pycocotools' own per-image outcomes (``evalImgs``), including its reading of a ground-truth id
+        0 as "no match".
     """
     matches = getattr(evaluation, "matches", None)
     if matches is None:
