@@ -200,3 +200,59 @@ def test_quick_demo_then_eval_and_predict_on_its_checkpoint(tmp_path):
     result = fastdet("predict", "--checkpoint", checkpoint, bad, "--output", tmp_path / "pred2", "--device", "cpu")
     assert result.returncode == 2
     assert "bad.png" in result.stderr
+
+
+class _TwoBoxModel:
+    """Two fixed detections per image (labels 1 and 2): a stand-in detector for `fastdet eval`'s reporting."""
+
+    training = False
+
+    def eval(self):
+        return self
+
+    def train(self, mode=True):
+        return self
+
+    def __call__(self, images):
+        import torch
+
+        return [{"boxes": torch.tensor([[2.0, 2.0, 30.0, 30.0], [10.0, 10.0, 50.0, 40.0]]),
+                 "scores": torch.tensor([0.9, 0.6]), "labels": torch.tensor([1, 2])} for _ in images]
+
+
+@pytest.mark.parametrize("backend", ["native", "pycocotools"])
+def test_eval_report_confusion_matrix_per_backend(tmp_path, monkeypatch, backend):
+    """`fastdet eval`'s report draws the confusion matrix from the native evaluator's class-agnostic COCO matching on
+    the native backend, and from the IoU matcher on pycocotools."""
+    import numpy as np
+    import torch
+
+    import fastdet.eval
+    from fastdet.cli._common import load_coco
+    from fastdet.cli.evaluate import evaluate_and_report
+    from fastdet.data import make_shapes_dataset, to_coco_dict
+    from fastdet.eval import confusion_matrix, confusion_matrix_from_evaluation, targets_from_coco
+
+    paths = make_shapes_dataset(tmp_path / "data", num_images=8, image_size=(64, 64), seed=5)
+    dataset = load_coco(paths["images"], paths["test"])
+    drawn = {}
+    plot = fastdet.eval.plot_confusion_matrix
+
+    def recording_plot(matrix, path, names):
+        drawn.update(matrix=matrix, names=names)
+        return plot(matrix, path, names)
+
+    monkeypatch.setattr(fastdet.eval, "plot_confusion_matrix", recording_plot)
+    evaluation = evaluate_and_report(_TwoBoxModel(), dataset, torch.device("cpu"), None, tmp_path / "eval",
+                                     quiet=True, backend=backend)
+    assert (tmp_path / "eval" / "confusion_matrix.png").stat().st_size > 0
+    if backend == "native":
+        expected = confusion_matrix_from_evaluation(evaluation)
+        assert drawn["names"] == evaluation.category_names
+    else:
+        targets = targets_from_coco(to_coco_dict(dataset), [d["image_id"] for d in evaluation.detections],
+                                    dataset.label_to_category_id)
+        expected = confusion_matrix(evaluation.detections, targets, len(dataset.class_names))
+        assert drawn["names"] == list(dataset.class_names)
+    np.testing.assert_array_equal(drawn["matrix"], expected)
+    assert drawn["matrix"].sum() > 0

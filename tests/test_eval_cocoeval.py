@@ -370,8 +370,16 @@ def test_ops_match_hand_computed_case_and_pass_opcheck():
                                                 torch.linspace(0, 1, 11, dtype=torch.float64))
     assert recall[0, 0, 0].tolist() == [0.0, 1.0] and recall[1, 0, 0].tolist() == [0.0, 0.0]
     assert (precision[:, :, 0, 1] == -1).all()  # no regular ground truth below area 50
+    # the matched ground-truth rows behind those codes: position 0 took the crowd box (row 1) at both thresholds and in
+    # both area ranges (matched but ignored), position 1 took row 0 at 0.5 only, position 2 is past max_dets
+    order_m, codes_m, valid_m, matched = coco_evaluate(**args, return_matches=True)
+    assert torch.equal(order_m, order) and torch.equal(codes_m, codes) and torch.equal(valid_m, valid)
+    assert matched.dtype == torch.int64 and matched.shape == (2, 2, 3)
+    assert matched[:, 0].tolist() == [[1, 0, -1]] * 2 and matched[:, 1].tolist() == [[1, -1, -1]] * 2
+    assert torch.equal(matched >= 0, (codes & 1) != 0)  # no ground-truth id is 0 here
     ops = torch.ops.fastdet
     torch.library.opcheck(ops.coco_evaluate.default, tuple(args.values()))
+    torch.library.opcheck(ops.coco_evaluate.default, (*args.values(), None, None, None, None, True))
     torch.library.opcheck(ops.coco_accumulate.default, (args["dt_scores"], order, codes, args["dt_offsets"],
                                                          torch.tensor([0, 1]), valid, torch.tensor([1, 2]),
                                                          torch.linspace(0, 1, 11, dtype=torch.float64)))
@@ -469,3 +477,135 @@ def test_train_config_eval_backend():
     assert TrainConfig().eval_backend == "native"
     with pytest.raises(ValueError, match="eval_backend"):
         TrainConfig(eval_backend="fast")
+
+
+def _reference_confusion(gt: COCO, detections: list, score_threshold: float, max_det: int, iou: float = 0.5):
+    """The confusion matrix from pycocotools' own per-image outcomes (evalImgs) with useCats=0 at one IoU threshold,
+    area "all": dtMatches names each detection's ground truth by id, gtMatches each ground truth's detection."""
+    kept = [d for d in detections if d["score"] >= score_threshold]
+    dt = _results(gt, kept)
+    reference = ReferenceCOCOeval(copy.deepcopy(gt), dt, "bbox")
+    p = reference.params
+    p.useCats, p.iouThrs, p.maxDets, p.areaRng, p.areaRngLbl = 0, np.array([iou]), [max_det], [[0, 1e10]], ["all"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        reference.evaluate()
+    label = {c: k + 1 for k, c in enumerate(sorted(gt.getCatIds()))}
+    gt_label = {a["id"]: label[a["category_id"]] for a in gt.dataset["annotations"]}
+    dt_label = {a["id"]: label[a["category_id"]] for a in dt.dataset["annotations"]}
+    matrix = np.zeros((len(label) + 1,) * 2, dtype=np.int64)
+    for e in reference.evalImgs:
+        if e is None:
+            continue
+        for j, dt_id in enumerate(e["dtIds"]):
+            if not e["dtIgnore"][0, j]:
+                g = int(e["dtMatches"][0, j])
+                matrix[dt_label[dt_id], gt_label[g] if g else 0] += 1
+        for j, gt_id in enumerate(e["gtIds"]):
+            if not e["gtIgnore"][j] and e["gtMatches"][0, j] == 0:
+                matrix[0, gt_label[gt_id]] += 1
+    return matrix
+
+
+def _xyxy_detections(detections: list) -> tuple[list, list]:
+    """Per-image model-style detections (xyxy), and the same detections as result dicts with the xywh boxes
+    evaluate_detections derives from them (so both evaluators see bit-identical boxes)."""
+    per_image = {}
+    for d in detections:
+        per_image.setdefault(d["image_id"], []).append(d)
+    model_style, results = [], []
+    for image_id, items in per_image.items():
+        boxes = torch.tensor([[d["bbox"][0], d["bbox"][1], d["bbox"][0] + d["bbox"][2], d["bbox"][1] + d["bbox"][3]]
+                              for d in items], dtype=torch.float64)
+        model_style.append({"image_id": image_id, "boxes": boxes,
+                            "scores": torch.tensor([d["score"] for d in items], dtype=torch.float64),
+                            "labels": torch.tensor([d["category_id"] for d in items])})
+        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)
+        results += [dict(d, bbox=b) for d, b in zip(items, xywh.tolist())]
+    return model_style, results
+
+
+@pytest.mark.parametrize("seed, ties, crowd, score_threshold, max_det, iou", [
+    (601, False, 0.1, 0.25, 100, 0.5), (602, True, 0.3, 0.3, 7, 0.5), (603, True, 0.5, 0.0, 3, 0.5),
+    (604, False, 0.2, 0.5, 100, 0.75),
+])
+def test_confusion_matrix_from_evaluation_matches_pycocotools_use_cats_0(seed, ties, crowd, score_threshold, max_det,
+                                                                          iou):
+    from fastdet.eval import confusion_matrix_from_evaluation
+
+    gt, dets = random_dataset(seed, images=40, categories=4, crowd=crowd, ties=ties)
+    # an image with only crowd ground truth (and detections on it), one with detections and no ground truth, one
+    # empty, one with undetected ground truth of NaN area (missed) and of area 2e10 (ignored) and a detected one of
+    # id 0 (pycocotools' quirk: its detection reads as unmatched in dtMatches, a false positive, and it as found)
+    extra = [{"id": 9001, "height": H, "width": W}, {"id": 9002, "height": H, "width": W},
+             {"id": 9003, "height": H, "width": W}, {"id": 9004, "height": H, "width": W}]
+    cat = gt.dataset["categories"][0]["id"]
+    # and, in the images of the random set, pycocotools' area rule for range "all": a ground truth recorded with an
+    # area above 1e10 is ignored (so is the detection matched to it), one with a NaN area is not; an unmatched
+    # detection of area above 1e10 is ignored
+    first, second = gt.dataset["images"][0]["id"], gt.dataset["images"][1]["id"]
+    anns = gt.dataset["annotations"] + [
+        {"id": 50001, "image_id": 9001, "category_id": cat, "bbox": [0.0, 0.0, 40.0, 40.0], "area": 1600.0,
+         "iscrowd": 1},
+        {"id": 50002, "image_id": first, "category_id": cat, "bbox": [60.0, 40.0, 15.0, 15.0], "area": 2e10,
+         "iscrowd": 0},
+        {"id": 50003, "image_id": second, "category_id": cat, "bbox": [60.0, 40.0, 15.0, 15.0], "area": float("nan"),
+         "iscrowd": 0},
+        {"id": 50004, "image_id": 9004, "category_id": cat, "bbox": [1.0, 1.0, 9.0, 9.0], "area": float("nan"),
+         "iscrowd": 0},
+        {"id": 50005, "image_id": 9004, "category_id": cat, "bbox": [30.0, 30.0, 9.0, 9.0], "area": 2e10,
+         "iscrowd": 0},
+        {"id": 0, "image_id": 9004, "category_id": cat, "bbox": [50.0, 5.0, 10.0, 10.0], "area": 100.0, "iscrowd": 0}]
+    dets = dets + [{"image_id": 9001, "category_id": cat, "bbox": [1.0, 1.0, 10.0, 10.0], "score": 0.9},
+                   {"image_id": 9001, "category_id": gt.dataset["categories"][1]["id"], "bbox": [5.0, 5.0, 9.0, 9.0],
+                    "score": 0.9},
+                   {"image_id": 9002, "category_id": cat, "bbox": [3.0, 3.0, 8.0, 8.0], "score": 0.8},
+                   {"image_id": 9002, "category_id": cat, "bbox": [0.0, 0.0, 2e5, 1e5], "score": 0.7},
+                   {"image_id": first, "category_id": cat, "bbox": [60.0, 40.0, 15.0, 15.0], "score": 0.99},
+                   {"image_id": second, "category_id": cat, "bbox": [60.0, 40.0, 15.0, 15.0], "score": 0.99},
+                   {"image_id": 9004, "category_id": cat, "bbox": [50.0, 5.0, 10.0, 10.0], "score": 0.95}]
+    gt = _coco(gt.dataset["images"] + extra, gt.dataset["categories"], anns)
+    model_style, results = _xyxy_detections(dets)
+    evaluation = evaluate_detections(gt, model_style, max_detections=max_det)
+    ours = confusion_matrix_from_evaluation(evaluation, iou_threshold=iou, score_threshold=score_threshold)
+    expected = _reference_confusion(gt, results, score_threshold, max_det, iou)
+    np.testing.assert_array_equal(ours, expected)
+    assert ours.dtype == np.int64 and ours[0, 0] == 0
+    # every regular ground truth is counted once (found or missed); crowd never, nor the quirky id 0
+    regular = [a for a in anns if not (a["iscrowd"] or a["area"] > 1e10 or a["id"] == 0)]
+    assert ours[:, 1:].sum() == len(regular)
+    # an explicit limit overrides the evaluation's
+    np.testing.assert_array_equal(
+        confusion_matrix_from_evaluation(evaluation, iou, score_threshold, max_detections=2),
+        _reference_confusion(gt, results, score_threshold, 2, iou))
+
+
+def test_confusion_matrix_from_evaluation_hand_built_crowd_is_ignored():
+    from fastdet.eval import confusion_matrix, confusion_matrix_from_evaluation
+
+    gt = _coco(
+        [{"id": 1, "height": 100, "width": 100}, {"id": 2, "height": 100, "width": 100}],
+        [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+        [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0.0, 0.0, 10.0, 10.0], "area": 100.0, "iscrowd": 0},
+         {"id": 2, "image_id": 1, "category_id": 2, "bbox": [50.0, 50.0, 40.0, 40.0], "area": 1600.0, "iscrowd": 1},
+         {"id": 3, "image_id": 2, "category_id": 2, "bbox": [0.0, 0.0, 10.0, 10.0], "area": 100.0, "iscrowd": 0}],
+    )
+    detections = [{"image_id": 1,
+                   "boxes": torch.tensor([[0.0, 0, 10, 10], [55, 55, 65, 65], [20, 20, 30, 30], [0, 0, 10, 10]]),
+                   "scores": torch.tensor([0.9, 0.8, 0.7, 0.1]), "labels": torch.tensor([2, 1, 1, 1])}]
+    evaluation = evaluate_detections(gt, detections)
+    matrix = confusion_matrix_from_evaluation(evaluation)
+    # [2, 1]: a "b" box on the "a" object; the box inside the crowd region is neither TP nor FP; [1, 0]: the box on
+    # nothing; the 0.1 box is below the score threshold; [0, 2]: image 2's missed "b"
+    np.testing.assert_array_equal(matrix, [[0, 0, 1], [1, 0, 0], [0, 1, 0]])
+    # the class-agnostic matcher of the pycocotools path, given the crowd-free targets, counts the crowd box as FP
+    targets = [{"boxes": torch.tensor([[0.0, 0, 10, 10]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[0.0, 0, 10, 10]]), "labels": torch.tensor([2])}]
+    detections2 = detections + [{"image_id": 2, "boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
+                                 "labels": torch.zeros(0, dtype=torch.long)}]
+    np.testing.assert_array_equal(confusion_matrix(detections2, targets, 2), [[0, 0, 1], [2, 0, 0], [0, 1, 0]])
+    with pytest.raises(ValueError, match="native"):
+        confusion_matrix_from_evaluation(evaluate_detections(gt, detections, backend="pycocotools"))
+    for bad in (dict(iou_threshold=1.5), dict(iou_threshold=float("nan")), dict(score_threshold=float("inf")),
+                dict(max_detections=0), dict(max_detections=2.5)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            confusion_matrix_from_evaluation(evaluation, **bad)

@@ -41,12 +41,12 @@ void check_length(const Tensor& t, const char* name, int64_t n, const char* what
   FASTDET_CHECK(t.size(0) == n, name, " must have ", n, " entries (", what, "), got shape ", shape_of(t));
 }
 
-std::tuple<Tensor, Tensor, Tensor> coco_evaluate_impl(
+std::tuple<Tensor, Tensor, Tensor, Tensor> coco_evaluate_impl(
     const Tensor& gt_boxes, const Tensor& gt_areas, const Tensor& gt_crowd, const Tensor& gt_ids,
     const Tensor& gt_offsets, const Tensor& dt_boxes, const Tensor& dt_areas, const Tensor& dt_scores,
     const Tensor& dt_ids, const Tensor& dt_offsets, const Tensor& iou_thresholds, const Tensor& area_ranges,
     int64_t max_dets, const std::optional<Tensor>& gt_rle_bytes, const std::optional<Tensor>& gt_rle_index,
-    const std::optional<Tensor>& dt_rle_bytes, const std::optional<Tensor>& dt_rle_index) {
+    const std::optional<Tensor>& dt_rle_bytes, const std::optional<Tensor>& dt_rle_index, bool return_matches) {
   auto gb = f64(gt_boxes, "gt_boxes", 2, 4);
   const int64_t G = gb.size(0);
   auto ga = f64(gt_areas, "gt_areas", 1);
@@ -83,8 +83,9 @@ std::tuple<Tensor, Tensor, Tensor> coco_evaluate_impl(
     dri = i64(*dt_rle_index, "dt_rle_index", 2, 4);
     check_length(*dri, "dt_rle_index", D, "one row per detected mask");
   }
-  return call_op<std::tuple<Tensor, Tensor, Tensor>>("fastdet::_coco_evaluate_kernel", gb, ga, gc, gi, go, db, da,
-                                                      ds, di, dof, thr, ar, max_dets, grb, gri, drb, dri);
+  return call_op<std::tuple<Tensor, Tensor, Tensor, Tensor>>("fastdet::_coco_evaluate_kernel", gb, ga, gc, gi, go, db,
+                                                              da, ds, di, dof, thr, ar, max_dets, grb, gri, drb, dri,
+                                                              return_matches);
 }
 
 std::tuple<Tensor, Tensor, Tensor> coco_accumulate_impl(const Tensor& dt_scores, const Tensor& dt_order,
@@ -118,8 +119,8 @@ STABLE_TORCH_LIBRARY_FRAGMENT(fastdet, m) {
   m.def("coco_evaluate(Tensor gt_boxes, Tensor gt_areas, Tensor gt_crowd, Tensor gt_ids, Tensor gt_offsets, "
         "Tensor dt_boxes, Tensor dt_areas, Tensor dt_scores, Tensor dt_ids, Tensor dt_offsets, "
         "Tensor iou_thresholds, Tensor area_ranges, int max_dets, Tensor? gt_rle_bytes=None, "
-        "Tensor? gt_rle_index=None, Tensor? dt_rle_bytes=None, Tensor? dt_rle_index=None) "
-        "-> (Tensor, Tensor, Tensor)");
+        "Tensor? gt_rle_index=None, Tensor? dt_rle_bytes=None, Tensor? dt_rle_index=None, "
+        "bool return_matches=False) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("coco_accumulate(Tensor dt_scores, Tensor dt_order, Tensor codes, Tensor dt_offsets, "
         "Tensor category_offsets, Tensor gt_valid, Tensor max_dets, Tensor recall_thresholds) "
         "-> (Tensor, Tensor, Tensor)");
@@ -127,7 +128,7 @@ STABLE_TORCH_LIBRARY_FRAGMENT(fastdet, m) {
   m.def("_coco_evaluate_kernel(Tensor gt_boxes, Tensor gt_areas, Tensor gt_crowd, Tensor gt_ids, "
         "Tensor gt_offsets, Tensor dt_boxes, Tensor dt_areas, Tensor dt_scores, Tensor dt_ids, Tensor dt_offsets, "
         "Tensor iou_thresholds, Tensor area_ranges, int max_dets, Tensor? gt_rle_bytes, Tensor? gt_rle_index, "
-        "Tensor? dt_rle_bytes, Tensor? dt_rle_index) -> (Tensor, Tensor, Tensor)");
+        "Tensor? dt_rle_bytes, Tensor? dt_rle_index, bool return_matches) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("_coco_accumulate_kernel(Tensor dt_scores, Tensor dt_order, Tensor codes, Tensor dt_offsets, "
         "Tensor category_offsets, Tensor gt_valid, Tensor max_dets, Tensor recall_thresholds) "
         "-> (Tensor, Tensor, Tensor)");

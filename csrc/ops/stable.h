@@ -29,6 +29,7 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace fastdet {
@@ -408,22 +409,18 @@ struct OpResult {
   }
   static constexpr size_t count = 1;
 };
-template <typename A, typename B>
-struct OpResult<std::tuple<A, B>> {
+// A tuple of any arity: output i is stack[i].
+template <typename... Ts>
+struct OpResult<std::tuple<Ts...>> {
   template <size_t N>
-  static std::tuple<A, B> unpack(std::array<StableIValue, N>& stack) {
-    return {torch::stable::detail::to<A>(stack[0]), torch::stable::detail::to<B>(stack[1])};
+  static std::tuple<Ts...> unpack(std::array<StableIValue, N>& stack) {
+    return unpack_each<N>(stack, std::index_sequence_for<Ts...>{});
   }
-  static constexpr size_t count = 2;
-};
-template <typename A, typename B, typename C>
-struct OpResult<std::tuple<A, B, C>> {
-  template <size_t N>
-  static std::tuple<A, B, C> unpack(std::array<StableIValue, N>& stack) {
-    return {torch::stable::detail::to<A>(stack[0]), torch::stable::detail::to<B>(stack[1]),
-            torch::stable::detail::to<C>(stack[2])};
+  template <size_t N, size_t... I>
+  static std::tuple<Ts...> unpack_each(std::array<StableIValue, N>& stack, std::index_sequence<I...>) {
+    return {torch::stable::detail::to<Ts>(stack[I])...};
   }
-  static constexpr size_t count = 3;
+  static constexpr size_t count = sizeof...(Ts);
 };
 template <typename A, typename B, typename C, typename D>
 struct OpResult<std::tuple<A, B, C, D>> {

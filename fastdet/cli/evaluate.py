@@ -36,6 +36,7 @@ def evaluate_and_report(model, dataset, device, spec_or_names, output: Path | No
     from fastdet.eval import (
         collect_detections,
         confusion_matrix,
+        confusion_matrix_from_evaluation,
         evaluate_detections,
         f1_confidence_curves,
         f1_confidence_from_evaluation,
@@ -66,15 +67,17 @@ def evaluate_and_report(model, dataset, device, spec_or_names, output: Path | No
                                              "images": len(dataset), "inference_images_per_second":
                                                  len(dataset) / seconds})
         plot_precision_recall(precision_recall_curves(evaluation), output / "pr_curve.png")
-        targets = targets_from_coco(ground_truth, [d["image_id"] for d in detections], dataset.label_to_category_id)
         if evaluation.matches is not None:
-            # COCO's own matching, read from the native evaluator's arrays (rows: the evaluation's categories)
-            f1, f1_names = f1_confidence_from_evaluation(evaluation), evaluation.category_names
+            # COCO's own matching by the native evaluator (rows and columns: the evaluation's categories)
+            f1, names = f1_confidence_from_evaluation(evaluation), evaluation.category_names
+            matrix = confusion_matrix_from_evaluation(evaluation)
         else:
-            f1, f1_names = f1_confidence_curves(detections, targets, len(class_names)), class_names
-        plot_f1_confidence(f1, output / "f1_confidence.png", f1_names)
-        plot_confusion_matrix(confusion_matrix(detections, targets, len(class_names)), output / "confusion_matrix.png",
-                              class_names)
+            targets = targets_from_coco(ground_truth, [d["image_id"] for d in detections],
+                                        dataset.label_to_category_id)
+            f1, names = f1_confidence_curves(detections, targets, len(class_names)), class_names
+            matrix = confusion_matrix(detections, targets, len(class_names))
+        plot_f1_confidence(f1, output / "f1_confidence.png", names)
+        plot_confusion_matrix(matrix, output / "confusion_matrix.png", names)
         if not quiet:
             print(f"\nwrote metrics.json, pr_curve.png, f1_confidence.png, confusion_matrix.png to {output}")
     evaluation.detections = detections

@@ -63,7 +63,9 @@ class CocoEvaluation:
         iou_thresholds: ``ndarray[T]``; recall_thresholds: ``ndarray[R]``; max_detections: the M limits.
         summary: the statistics as text, in pycocotools' layout.
         matches: (native backend) each detection's COCO outcome per IoU threshold, from which
-            :func:`fastdet.eval.f1_confidence_from_evaluation` draws F1 curves; None with the pycocotools backend.
+            :func:`fastdet.eval.f1_confidence_from_evaluation` draws F1 curves, with the annotations
+            :func:`fastdet.eval.confusion_matrix_from_evaluation` matches again class-agnostically; None with the
+            pycocotools backend.
     """
 
     stats: dict[str, float]

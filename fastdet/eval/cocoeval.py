@@ -38,7 +38,7 @@ from __future__ import annotations
 import copy
 import datetime
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 from operator import itemgetter
 
@@ -193,6 +193,7 @@ class _Groups:
     dt_offsets: np.ndarray  # [S + 1]
     category_offsets: np.ndarray  # [K + 1]
     dt_rows: np.ndarray  # [D'] the input detection of each grouped row
+    gt_rows: np.ndarray  # [G'] the input ground truth of each grouped row
 
 
 def _group_rows(image_pos: np.ndarray, cat_of: np.ndarray, cat_positions: list, use_cats: bool,
@@ -244,7 +245,7 @@ def _group(gt: _Annotations, dt: _Annotations, img_ids: list, cat_ids: list, use
     else:
         category_offsets = np.array([0, groups.shape[0]])
     return _Groups(gt.take(gt_rows), dt.take(dt_rows), gt_offsets, dt_offsets, category_offsets.astype(np.int64),
-                   dt_rows)
+                   dt_rows, gt_rows)
 
 
 def _t(array: np.ndarray) -> torch.Tensor:
@@ -257,23 +258,24 @@ class _Evaluated:
     dt_order: torch.Tensor
     codes: torch.Tensor
     gt_valid: torch.Tensor
+    matched_gt: torch.Tensor | None = None  # [A, T, D'] grouped ground-truth row per position, -1: none
 
 
-def _native_evaluate(groups: _Groups, iou_thrs, area_rngs, max_det: int) -> _Evaluated:
+def _native_evaluate(groups: _Groups, iou_thrs, area_rngs, max_det: int, return_matches: bool = False) -> _Evaluated:
     from fastdet.ops.coco_eval import coco_evaluate
 
     gt, dt = groups.gt, groups.dt
     rle = {}
     if gt.rle is not None:
         rle = {"gt_rle": (_t(gt.rle[0]), _t(gt.rle[1])), "dt_rle": (_t(dt.rle[0]), _t(dt.rle[1]))}
-    dt_order, codes, gt_valid = coco_evaluate(
+    outputs = coco_evaluate(
         _t(gt.boxes), _t(gt.areas), _t(gt.crowd), _t(gt.ids), _t(groups.gt_offsets),
         _t(dt.boxes), _t(dt.areas), _t(dt.scores), _t(dt.ids), _t(groups.dt_offsets),
         _t(np.asarray(iou_thrs, dtype=np.float64).reshape(-1)),
         _t(np.asarray(area_rngs, dtype=np.float64).reshape(-1, 2)),
-        max_det, **rle,
+        max_det, **rle, return_matches=return_matches,
     )
-    return _Evaluated(groups, dt_order, codes, gt_valid)
+    return _Evaluated(groups, *outputs)
 
 
 def _native_accumulate(evaluated: _Evaluated, max_dets, rec_thrs):
@@ -296,13 +298,85 @@ class CocoMatches:
     ``scores`` ``[N]`` and ``category_index`` ``[N]`` (position in the evaluation's category list) of the input
     detections; ``true_positive`` / ``counted`` ``[T, N]`` bool: matched to a regular ground truth / neither
     ignored nor beyond maxDets (so ``counted & ~true_positive`` are the false positives) at each IoU threshold;
-    ``num_ground_truth`` ``[K]``: regular (not crowd) ground truth per category."""
+    ``num_ground_truth`` ``[K]``: regular (not crowd) ground truth per category. ``inputs`` keeps the flat
+    annotations, so that :meth:`confusion_matrix` can run the native matching again class-agnostically."""
 
     scores: np.ndarray
     category_index: np.ndarray
     true_positive: np.ndarray
     counted: np.ndarray
     num_ground_truth: np.ndarray
+    inputs: _EvaluationInputs | None = field(default=None, repr=False)
+
+    def confusion_matrix(self, iou_threshold: float, score_threshold: float, max_detections: int) -> np.ndarray:
+        """The class-agnostic confusion matrix of the evaluated annotations; see
+        :func:`fastdet.eval.confusion_matrix_from_evaluation`."""
+        if self.inputs is None:
+            raise ValueError("these matches do not keep the evaluated annotations")
+        inputs = self.inputs
+        return class_agnostic_confusion(inputs.gt, inputs.dt, inputs.img_ids, inputs.cat_ids, iou_threshold,
+                                        score_threshold, max_detections)
+
+
+@dataclass
+class _EvaluationInputs:
+    gt: _Annotations
+    dt: _Annotations
+    img_ids: list
+    cat_ids: list
+
+
+# pycocotools' area range "all": ground truth outside it is ignored, and so are unmatched detections outside it.
+_AREA_ALL = (0.0, 1e5**2)
+
+
+def _subset(values, index: np.ndarray):
+    return values[index] if isinstance(values, np.ndarray) else [values[i] for i in index.tolist()]
+
+
+def class_agnostic_confusion(gt: _Annotations, dt: _Annotations, img_ids: list, cat_ids: list, iou_threshold: float,
+                             score_threshold: float, max_det: int) -> np.ndarray:
+    """``[K + 1, K + 1]`` confusion counts ``[predicted, true]`` (0 the background, ``k + 1`` the category
+    ``cat_ids[k]``) from one class-agnostic native evaluation: pycocotools' ``useCats=0`` matching at one IoU
+    threshold, area "all", of the detections scoring at least ``score_threshold`` (each image's ``max_det`` best).
+
+    A detection matched to a regular ground truth counts at ``[its category, the ground truth's category]``; an
+    unmatched one at ``[its category, 0]``; a regular ground truth no detection matched at ``[0, its category]``.
+    Crowd ground truth and the detections matched to it are ignored (neither true nor false positives), as are
+    pycocotools' other ignored cases (ground truth, or an unmatched detection, of area above 1e10). Identical to
+    counting pycocotools' ``evalImgs`` (``dtMatches``, ``dtIgnore``, ``gtMatches``, ``gtIgnore``), quirk included:
+    a detection matched to a ground truth whose id is 0 counts as a false positive, and that ground truth as found."""
+    keep = np.flatnonzero(dt.scores >= score_threshold)
+    kept = _Annotations(
+        image_ids=_subset(dt.image_ids, keep), category_ids=_subset(dt.category_ids, keep), boxes=dt.boxes[keep],
+        areas=dt.areas[keep], ids=dt.ids[keep], crowd=dt.crowd[keep], scores=dt.scores[keep],
+        rle=None if dt.rle is None else (dt.rle[0], dt.rle[1][keep]),
+    )
+    groups = _group(gt, kept, list(img_ids), list(cat_ids), use_cats=False)
+    evaluated = _native_evaluate(groups, [iou_threshold], [_AREA_ALL], int(max_det), return_matches=True)
+    size = len(cat_ids) + 1
+    distinct = list(dict.fromkeys(cat_ids))
+    first_position = np.array([list(cat_ids).index(c) for c in distinct], dtype=np.int64)
+    gt_label = first_position[_positions(gt.category_ids, distinct)[groups.gt_rows]] + 1  # per grouped gt row
+    order = evaluated.dt_order.numpy()
+    dt_label = first_position[_positions(kept.category_ids, distinct)[groups.dt_rows[order]]] + 1  # per position
+    codes = evaluated.codes[0, 0].numpy()
+    matched = evaluated.matched_gt[0, 0].numpy()
+    evaluated_flag = (codes & 4) != 0  # within max_det
+    counted = evaluated_flag & ((codes & 2) == 0)  # and not ignored
+    # "matched" as pycocotools reads dtMatches (bit 0: a ground truth of id 0 reads as no match, so the detection
+    # is a false positive) and gtMatches (set by any evaluated detection that took the ground truth)
+    true = np.where((codes & 1) != 0, gt_label[np.maximum(matched, 0)], 0)
+    found = np.zeros(gt_label.shape[0], dtype=bool)
+    found[matched[evaluated_flag & (matched >= 0)]] = True
+    lo, hi = _AREA_ALL
+    # pycocotools' ignore test, written its way (a NaN area is not ignored)
+    regular = ~((groups.gt.crowd != 0) | (groups.gt.areas < lo) | (groups.gt.areas > hi))
+    missed = regular & ~found
+    predicted = np.concatenate([dt_label[counted], np.zeros(int(missed.sum()), dtype=np.int64)])
+    true = np.concatenate([true[counted], gt_label[missed]])
+    counts = np.bincount(predicted * size + true, minlength=size * size)
+    return counts.reshape(size, size).astype(np.int64)
 
 
 def _matches(evaluated: _Evaluated, scores: np.ndarray, category_index: np.ndarray, area_index: int,
@@ -345,6 +419,7 @@ def evaluate_result_rows(coco_gt, rows: np.ndarray, max_dets: list[int]):
     precision, recall, scores = _native_accumulate(evaluated, p.maxDets, p.recThrs)
     category_index = _positions(dt.category_ids, list(p.catIds))
     matches = _matches(evaluated, dt.scores, category_index, list(p.areaRngLbl).index("all"), len(p.catIds))
+    matches.inputs = _EvaluationInputs(gt, dt, list(p.imgIds), list(p.catIds))
     return p, precision, recall, scores, matches
 
 

@@ -1,10 +1,12 @@
 """Precision-recall curves, F1 against confidence, and the confusion matrix, as arrays and as PNG plots.
 
 Labels follow fastdet's detection contract: object classes are the contiguous labels ``1..K`` and label 0 is the
-background. PR curves come from the COCO evaluator's accumulated precision (COCO matching), and
+background. PR curves come from the COCO evaluator's accumulated precision (COCO matching),
 :func:`f1_confidence_from_evaluation` reads F1 curves from the native evaluator's per-detection outcomes (COCO
-matching, no second pass). :func:`f1_confidence_curves` and the confusion matrix match
-detections to ground truth here, vectorised over all images of a chunk with :func:`fastdet.ops.box_iou`:
+matching, no second pass), and :func:`confusion_matrix_from_evaluation` has the native evaluator match
+class-agnostically (pycocotools' ``useCats=0`` rules: greedy by score, crowd regions ignored). For the pycocotools
+backend, :func:`f1_confidence_curves` and :func:`confusion_matrix` match detections to ground truth here, vectorised
+over all images of a chunk with :func:`fastdet.ops.box_iou`:
 
 * every (detection, ground truth) pair in the same image with IoU >= ``iou_threshold`` is a candidate (for F1 the
   classes must also agree; the confusion matrix matches class-agnostically so that confusions between classes show);
@@ -30,6 +32,7 @@ __all__ = [
     "F1Curves",
     "PrecisionRecallCurves",
     "confusion_matrix",
+    "confusion_matrix_from_evaluation",
     "f1_confidence_curves",
     "f1_confidence_from_evaluation",
     "match_detections",
@@ -218,6 +221,50 @@ def confusion_matrix(
     true = torch.cat([true, gt_labels[~gt_found]])
     counts = torch.bincount(predicted * size + true, minlength=size * size)
     return counts.reshape(size, size).numpy().astype(np.int64)
+
+
+def confusion_matrix_from_evaluation(evaluation, iou_threshold: float = 0.5, score_threshold: float = 0.25,
+                                     max_detections: int | None = None) -> np.ndarray:
+    """Detection confusion matrix with COCO's own matching, from a native :class:`fastdet.eval.CocoEvaluation`.
+
+    The native evaluator matches the evaluated detections scoring at least ``score_threshold`` to the ground truth
+    once more, class-agnostically, exactly as pycocotools' ``COCOeval`` with ``params.useCats = 0``, ``iouThrs =
+    [iou_threshold]`` and area range "all": per image, detections in descending score order (stable; only the
+    ``max_detections`` best, default the evaluation's limit) each take the free ground truth of highest IoU (at least
+    ``iou_threshold``) whatever its category, preferring regular ground truth to crowd regions. A crowd region can
+    absorb any number of detections.
+
+    Args:
+        evaluation: a :class:`fastdet.eval.CocoEvaluation` from the native backend.
+        iou_threshold: IoU of a match, in [0, 1] (any value; it need not be one of the evaluated thresholds).
+        score_threshold: detections scoring below it are left out first.
+        max_detections: per-image limit (default: ``evaluation.max_detections[-1]``).
+
+    Returns:
+        ndarray[K + 1, K + 1] int64, ``matrix[predicted, true]``, index 0 the background and index ``k + 1`` the
+        category ``evaluation.category_ids[k]`` (names: ``evaluation.category_names``): a detection matched to a
+        regular ground truth counts at ``[det label, gt label]``, an unmatched detection (false positive) at
+        ``[det label, 0]`` and a regular ground truth no detection matched (missed) at ``[0, gt label]``.
+        ``matrix[0, 0]`` is always 0. Crowd ground truth is never counted, and a detection matched to a crowd region
+        is ignored: neither a true nor a false positive (COCO's rule). Layout as :func:`confusion_matrix`. The counts
+        are those of pycocotools' own per-image outcomes (``evalImgs``), including its reading of a ground-truth id
+        0 as "no match".
+    """
+    matches = getattr(evaluation, "matches", None)
+    if matches is None:
+        raise ValueError("confusion_matrix_from_evaluation needs an evaluation from the native backend "
+                         "(evaluate_detections(..., backend='native')); use confusion_matrix otherwise")
+    if isinstance(iou_threshold, bool) or not isinstance(iou_threshold, (int, float, np.floating, np.integer)) \
+            or not 0.0 <= float(iou_threshold) <= 1.0:
+        raise ValueError(f"iou_threshold must be a number in [0, 1], got {iou_threshold!r}")
+    if isinstance(score_threshold, bool) or not isinstance(score_threshold, (int, float, np.floating, np.integer)) \
+            or not np.isfinite(score_threshold):
+        raise ValueError(f"score_threshold must be a finite number, got {score_threshold!r}")
+    if max_detections is None:
+        max_detections = int(evaluation.max_detections[-1])
+    if isinstance(max_detections, bool) or not isinstance(max_detections, (int, np.integer)) or max_detections < 1:
+        raise ValueError(f"max_detections must be a positive integer, got {max_detections!r}")
+    return matches.confusion_matrix(float(iou_threshold), float(score_threshold), int(max_detections))
 
 
 @dataclass

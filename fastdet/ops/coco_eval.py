@@ -37,7 +37,8 @@ def coco_evaluate(
     max_dets: int,
     gt_rle: tuple[Tensor, Tensor] | None = None,
     dt_rle: tuple[Tensor, Tensor] | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+    return_matches: bool = False,
+) -> tuple[Tensor, ...]:
     """Per-(image, category) matching of pycocotools' ``evaluateImg`` for every group and area range at once.
 
     Args:
@@ -51,18 +52,24 @@ def coco_evaluate(
         gt_rle, dt_rle: for ``segm``, ``(bytes (Tensor[B] uint8), index (Tensor[N, 4] int64))``: the compressed RLE
             strings concatenated, and per annotation (byte begin, byte end, height, width). IoU is then mask IoU
             computed on the run lengths (no decoding to pixels), as pycocotools' ``rleIou``.
+        return_matches: also return ``matched_gt`` (below).
 
     Returns:
         ``dt_order`` (Tensor[D] int64): per group, the input indices of its detections in score order (stable,
         descending). ``codes`` (Tensor[A, T, D] uint8) at those positions: bit 0 matched, bit 1 ignored, bit 2
         evaluated (rank below ``max_dets``). ``gt_valid`` (Tensor[A, S] int64): non-ignored ground truth per group.
+        With ``return_matches``, a fourth output ``matched_gt`` (Tensor[A, T, D] int64) at the same positions: the
+        ground-truth row (index into ``gt_boxes``) each detection was matched to, -1 if none or beyond ``max_dets``.
+        pycocotools' ``dtMatches`` holds that row's id (``gt_ids[matched_gt]``, 0 where -1); a ground truth whose
+        id is 0 reads as unmatched there (and in bit 0 of ``codes``) but is reported here.
     """
     grb, gri = gt_rle if gt_rle is not None else (None, None)
     drb, dri = dt_rle if dt_rle is not None else (None, None)
-    return native("coco_evaluate")(
+    outputs = native("coco_evaluate")(
         gt_boxes, gt_areas, gt_crowd, gt_ids, gt_offsets, dt_boxes, dt_areas, dt_scores, dt_ids, dt_offsets,
-        iou_thresholds, area_ranges, int(max_dets), grb, gri, drb, dri,
+        iou_thresholds, area_ranges, int(max_dets), grb, gri, drb, dri, bool(return_matches),
     )
+    return outputs if return_matches else outputs[:3]
 
 
 def coco_accumulate(
@@ -89,13 +96,15 @@ def coco_accumulate(
 
 # Fake kernels: every output size follows from the input shapes.
 def _evaluate_fake(gt_boxes, gt_areas, gt_crowd, gt_ids, gt_offsets, dt_boxes, dt_areas, dt_scores, dt_ids,
-                   dt_offsets, iou_thresholds, area_ranges, max_dets, *rle):
+                   dt_offsets, iou_thresholds, area_ranges, max_dets, gt_rle_bytes=None, gt_rle_index=None,
+                   dt_rle_bytes=None, dt_rle_index=None, return_matches=False):
     d = dt_boxes.shape[0]
     a, t, s = area_ranges.shape[0], iou_thresholds.shape[0], gt_offsets.shape[0] - 1
     return (
         dt_boxes.new_empty((d,), dtype=torch.int64),
         dt_boxes.new_empty((a, t, d), dtype=torch.uint8),
         dt_boxes.new_empty((a, s), dtype=torch.int64),
+        dt_boxes.new_empty((a, t, d) if return_matches else (0,), dtype=torch.int64),
     )
 
 

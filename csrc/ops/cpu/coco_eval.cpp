@@ -193,12 +193,12 @@ struct Scratch {
   std::vector<Rle> gt_rle, dt_rle;
 };
 
-std::tuple<Tensor, Tensor, Tensor> coco_evaluate_cpu(
+std::tuple<Tensor, Tensor, Tensor, Tensor> coco_evaluate_cpu(
     const Tensor& gt_boxes, const Tensor& gt_areas, const Tensor& gt_crowd, const Tensor& gt_ids,
     const Tensor& gt_offsets, const Tensor& dt_boxes, const Tensor& dt_areas, const Tensor& dt_scores,
     const Tensor& dt_ids, const Tensor& dt_offsets, const Tensor& iou_thresholds, const Tensor& area_ranges,
     int64_t max_dets, const std::optional<Tensor>& gt_rle_bytes, const std::optional<Tensor>& gt_rle_index,
-    const std::optional<Tensor>& dt_rle_bytes, const std::optional<Tensor>& dt_rle_index) {
+    const std::optional<Tensor>& dt_rle_bytes, const std::optional<Tensor>& dt_rle_index, bool return_matches) {
   const int64_t G = gt_boxes.size(0), D = dt_boxes.size(0), S = gt_offsets.size(0) - 1;
   const int64_t T = iou_thresholds.size(0), A = area_ranges.size(0);
   const int64_t* go = gt_offsets.const_data_ptr<int64_t>();
@@ -217,6 +217,8 @@ std::tuple<Tensor, Tensor, Tensor> coco_evaluate_cpu(
   auto dt_order = aten::empty({D}, kLong, gt_boxes);
   auto codes = aten::zeros({A, T, D}, ScalarType::Byte, gt_boxes);
   auto gt_valid = aten::zeros({A, S}, kLong, gt_boxes);
+  // -1 everywhere a detection is unmatched or beyond max_dets; only allocated when asked for (A x T x D int64).
+  auto matched_gt = return_matches ? aten::full({A, T, D}, -1.0, kLong, gt_boxes) : aten::empty({0}, kLong, gt_boxes);
   const double* gb = gt_boxes.const_data_ptr<double>();
   const double* ga = gt_areas.const_data_ptr<double>();
   const uint8_t* gc = gt_crowd.const_data_ptr<uint8_t>();
@@ -230,6 +232,7 @@ std::tuple<Tensor, Tensor, Tensor> coco_evaluate_cpu(
   int64_t* order_out = dt_order.mutable_data_ptr<int64_t>();
   uint8_t* code_out = codes.mutable_data_ptr<uint8_t>();
   int64_t* valid_out = gt_valid.mutable_data_ptr<int64_t>();
+  int64_t* match_out = return_matches ? matched_gt.mutable_data_ptr<int64_t>() : nullptr;
 
   auto decode = [](const RleSource& src, int64_t i, Scratch& sc, Rle& r) {
     const int64_t* row = src.index + 4 * i;
@@ -293,6 +296,7 @@ std::tuple<Tensor, Tensor, Tensor> coco_evaluate_cpu(
         }
         for (int64_t t = 0; t < T; ++t) {
           uint8_t* out = code_out + (a * T + t) * D + d0;
+          int64_t* match_row = match_out ? match_out + (a * T + t) * D + d0 : nullptr;
           sc.gt_match.assign(ng, 0.0);
           const double start = std::min(thr[t], 1 - 1e-10);
           for (int64_t d = 0; d < nd; ++d) {
@@ -313,6 +317,7 @@ std::tuple<Tensor, Tensor, Tensor> coco_evaluate_cpu(
               ignored = sc.gt_ignored[m] != 0;
               matched = gid[g0 + sc.gt_order[m]] != 0;
               sc.gt_match[m] = did[det];
+              if (match_row) match_row[d] = g0 + sc.gt_order[m];
             }
             const double area = da[det];
             ignored = ignored || (!matched && (area < lo || area > hi));
@@ -322,7 +327,7 @@ std::tuple<Tensor, Tensor, Tensor> coco_evaluate_cpu(
       }
     }
   });
-  return {dt_order, codes, gt_valid};
+  return {dt_order, codes, gt_valid, matched_gt};
 }
 
 std::tuple<Tensor, Tensor, Tensor> coco_accumulate_cpu(const Tensor& dt_scores, const Tensor& dt_order,
