@@ -10,6 +10,7 @@
 // the matched ground truth directly (torchvision first converts every mask of the image to a float copy).
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "ops/cpu/roi_axis_table.h"
 #include "ops/masks_math.h"
@@ -27,14 +28,27 @@ void paste_rows(const T* masks, const B* boxes, T* out, int64_t N, int64_t mh, i
   const int64_t ph = mh + 2 * pad, pw = mw + 2 * pad;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(W, 1));
   parallel_for(0, N * H, grain, [&](int64_t begin, int64_t end) {
+    // A chunk holds consecutive rows, mostly of one detection: its patch and column taps are computed once.
+    int64_t cached = -1;
+    masks::Patch p{};
+    int64_t y_first = 0, y_last = 0, x_first = 0, x_last = 0;
+    std::vector<masks::Taps<A>> xtaps;
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / H, y = row % H;
       T* dst = out + row * W;
-      const auto p = masks::expand_box<B, AB>(boxes + n * 4, static_cast<AB>(scale));
-      int64_t y_first = 0, y_last = 0, x_first = 0, x_last = 0;
-      if (p.valid) {
-        masks::clip_span(p.y0, p.h, H, &y_first, &y_last);
-        masks::clip_span(p.x0, p.w, W, &x_first, &x_last);
+      if (n != cached) {
+        cached = n;
+        p = masks::expand_box<B, AB>(boxes + n * 4, static_cast<AB>(scale));
+        y_first = y_last = x_first = x_last = 0;
+        if (p.valid) {
+          masks::clip_span(p.y0, p.h, H, &y_first, &y_last);
+          masks::clip_span(p.x0, p.w, W, &x_first, &x_last);
+        }
+        xtaps.clear();
+        const A ratio_w = masks::resize_ratio<A>(pw, p.w);
+        for (int64_t x = x_first; x < x_last; ++x) {
+          xtaps.push_back(masks::taps<T, A>(x - p.x0, pw, p.w, ratio_w));
+        }
       }
       if (y < y_first || y >= y_last || x_first >= x_last) {
         std::fill(dst, dst + W, T(0));
@@ -42,11 +56,9 @@ void paste_rows(const T* masks, const B* boxes, T* out, int64_t N, int64_t mh, i
       }
       const T* mask = masks + n * mh * mw;
       const auto ty = masks::taps<T, A>(y - p.y0, ph, p.h, masks::resize_ratio<A>(ph, p.h));
-      const A ratio_w = masks::resize_ratio<A>(pw, p.w);
       std::fill(dst, dst + x_first, T(0));
       for (int64_t x = x_first; x < x_last; ++x) {
-        const auto tx = masks::taps<T, A>(x - p.x0, pw, p.w, ratio_w);
-        dst[x] = static_cast<T>(masks::resized_value<T, A>(mask, mh, mw, pad, ty, tx));
+        dst[x] = static_cast<T>(masks::resized_value<T, A>(mask, mh, mw, pad, ty, xtaps[x - x_first]));
       }
       std::fill(dst + x_last, dst + W, T(0));
     }
