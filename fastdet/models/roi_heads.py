@@ -41,6 +41,7 @@ class Detections(NamedTuple):
     scores: Tensor  # [B, K]
     labels: Tensor  # [B, K] int64; -1 in padding slots
     num_detections: Tensor  # [B] int64; valid slots are the prefix [0, num_detections)
+    masks: Tensor | None = None  # [B, K, 1, M, M] mask probabilities of a mask branch (Mask R-CNN), else None
 
 
 class TwoMLPHead(nn.Module):
@@ -165,6 +166,12 @@ class RoIHeads(nn.Module):
         """Proposals and ground-truth boxes of each image (torchvision adds the ground truth as proposals), matched
         and sampled: returns ``boxes [B, S, 4]``, ``labels [B, S]`` (0 = background), ``regression_targets [B, S, 4]``
         and ``sampled [B, S]`` (which slots hold a sampled example), ``S = min(batch_size_per_image, P + G)``."""
+        return self.sample_with_matches(proposals, targets)[:4]
+
+    def sample_with_matches(self, proposals: Proposals, targets: PaddedTargets
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """:meth:`select_training_samples` plus ``matched [B, S]``: the ground-truth slot each sampled box was matched
+        to (meaningful where the label is positive; the mask branch reads its mask target there)."""
         gt_boxes = targets.boxes.to(proposals.boxes.dtype)
         candidates = torch.cat([proposals.boxes, gt_boxes], dim=1)  # [B, P + G, 4]
         candidate_valid = torch.cat([proposals.valid, targets.valid], dim=1)
@@ -179,14 +186,15 @@ class RoIHeads(nn.Module):
         boxes = gather_rows(candidates, index)
         labels = torch.where(sampled, labels.gather(1, index), 0)
         is_positive = sampled & (labels > 0)
-        matched_gt = gather_rows(gt_boxes, matches.gather(1, index).clamp(min=0))
+        matched = matches.gather(1, index).clamp(min=0)
+        matched_gt = gather_rows(gt_boxes, matched)
         B, S, _ = boxes.shape
         regression_targets = box_encode(matched_gt.reshape(-1, 4), boxes.reshape(-1, 4),
                                         self.bbox_reg_weights).reshape(B, S, 4)
         # Only positive slots have a target. Others (padding proposals are zero boxes: log(0 / 0) = NaN) get 0, which
         # must happen here: a NaN target would turn the zero gradient of a masked-out loss term into NaN.
         regression_targets = torch.where(is_positive[..., None], regression_targets, 0.0)
-        return boxes, labels, regression_targets, sampled
+        return boxes, labels, regression_targets, sampled, matched
 
     def compute_loss(self, class_logits: Tensor, box_regression: Tensor, labels: Tensor, regression_targets: Tensor,
                      sampled: Tensor) -> dict[str, Tensor]:
