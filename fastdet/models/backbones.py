@@ -29,6 +29,7 @@ __all__ = [
     "LastLevelMaxPool",
     "LastLevelP6P7",
     "ResNet",
+    "conv_norm_activation",
     "resnet",
     "resnet_fpn_backbone",
 ]
@@ -64,6 +65,25 @@ class FrozenBatchNorm2d(nn.Module):
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({self.weight.shape[0]}, eps={self.eps})"
+
+
+def conv_norm_activation(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+                         groups: int = 1, norm_layer: Callable[[int], nn.Module] | None = None,
+                         activation_layer: Callable[..., nn.Module] | None = nn.ReLU, dilation: int = 1,
+                         bias: bool | None = None) -> nn.Sequential:
+    """``Sequential(conv, [norm], [activation])`` laid out as torchvision's ``Conv2dNormActivation`` (so keys are
+    ``<name>.0.weight``, ``<name>.1.*``): "same" padding ``(k - 1) // 2 * dilation``, a conv bias only without a norm
+    layer (unless ``bias`` says otherwise), an in-place activation."""
+    if bias is None:
+        bias = norm_layer is None
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, out_channels, kernel_size, stride,
+                                         (kernel_size - 1) // 2 * dilation, dilation=dilation, groups=groups,
+                                         bias=bias)]
+    if norm_layer is not None:
+        layers.append(norm_layer(out_channels))
+    if activation_layer is not None:
+        layers.append(activation_layer(inplace=True))
+    return nn.Sequential(*layers)
 
 
 def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -257,14 +277,12 @@ class FeaturePyramidNetwork(nn.Module):
         if len(in_channels_list) == 0 or any(c <= 0 for c in in_channels_list):
             raise ValueError(f"in_channels_list must be non-empty positive channel counts, got {in_channels_list!r}")
 
-        def block(in_channels: int, kernel_size: int) -> nn.Sequential:
-            # torchvision's Conv2dNormActivation without activation: the conv has a bias only without a norm layer.
-            conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2,
-                             bias=norm_layer is None)
-            return nn.Sequential(conv) if norm_layer is None else nn.Sequential(conv, norm_layer(out_channels))
-
-        self.inner_blocks = nn.ModuleList(block(c, 1) for c in in_channels_list)
-        self.layer_blocks = nn.ModuleList(block(out_channels, 3) for _ in in_channels_list)
+        self.inner_blocks = nn.ModuleList(
+            conv_norm_activation(c, out_channels, 1, norm_layer=norm_layer, activation_layer=None)
+            for c in in_channels_list)
+        self.layer_blocks = nn.ModuleList(
+            conv_norm_activation(out_channels, out_channels, 3, norm_layer=norm_layer, activation_layer=None)
+            for _ in in_channels_list)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_uniform_(m.weight, a=1)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastdet.models.backbones import conv_norm_activation
 from fastdet.models.detection_utils import (
     BELOW_LOW_THRESHOLD,
     BETWEEN_THRESHOLDS,
@@ -30,7 +31,7 @@ from fastdet.models.detection_utils import (
 from fastdet.models.rpn import Proposals, image_sizes_tensor
 from fastdet.ops import box_decode, box_encode, multiclass_nms, smooth_l1_loss
 
-__all__ = ["Detections", "FastRCNNPredictor", "RoIHeads", "TwoMLPHead", "select_detections"]
+__all__ = ["Detections", "FastRCNNConvFCHead", "FastRCNNPredictor", "RoIHeads", "TwoMLPHead", "select_detections"]
 
 # torchvision's fixed minimum side of a detection (RoIHeads.postprocess_detections' remove_small_boxes).
 MIN_DETECTION_SIZE = 1e-2
@@ -53,6 +54,36 @@ class TwoMLPHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.relu(self.fc7(F.relu(self.fc6(x.flatten(start_dim=1)))))
+
+
+class FastRCNNConvFCHead(nn.Sequential):
+    """Box head of the v2 models: 3x3 conv (+ norm) + ReLU blocks, flatten, then Linear + ReLU layers; torchvision's
+    ``FastRCNNConvFCHead`` layout (``{i}.0`` conv, ``{i}.1`` norm, then the linear layers), so its keys load.
+
+    Args:
+        input_size ((C, H, W)): the pooled RoI features' shape.
+        conv_layers, fc_layers (list of int): output channels of each conv block and fully connected layer.
+        norm_layer: e.g. ``nn.BatchNorm2d``; None for plain convolutions with bias.
+    """
+
+    def __init__(self, input_size: tuple[int, int, int], conv_layers: list[int], fc_layers: list[int],
+                 norm_layer=None):
+        channels, height, width = input_size
+        blocks: list[nn.Module] = []
+        for out_channels in conv_layers:
+            blocks.append(conv_norm_activation(channels, out_channels, 3, norm_layer=norm_layer))
+            channels = out_channels
+        blocks.append(nn.Flatten())
+        features = channels * height * width
+        for out_features in fc_layers:
+            blocks += [nn.Linear(features, out_features), nn.ReLU(inplace=True)]
+            features = out_features
+        super().__init__(*blocks)
+        for layer in self.modules():
+            if isinstance(layer, nn.Conv2d):
+                nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
 
 
 class FastRCNNPredictor(nn.Module):

@@ -223,6 +223,8 @@ WEIGHTS: dict[str, dict[str, Weights]] = {
         "COCO_V1": ("maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth", 91, 0.0)}, "COCO"),
     "MaskRCNN_ResNet50_FPN_V2_Weights": _entries("MaskRCNN_ResNet50_FPN_V2_Weights", "COCO_V1", {
         "COCO_V1": ("maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth", 91, None)}, "COCO"),
+    "ResNet18_Weights": _entries("ResNet18_Weights", "IMAGENET1K_V1", {
+        "IMAGENET1K_V1": ("resnet18-f37072fd.pth", 1000, None)}, "ImageNet-1K"),
     "ResNet50_Weights": _entries("ResNet50_Weights", "IMAGENET1K_V2", {
         "IMAGENET1K_V1": ("resnet50-0676ba61.pth", 1000, None),
         "IMAGENET1K_V2": ("resnet50-11ad3fa6.pth", 1000, None)}, "ImageNet-1K"),
