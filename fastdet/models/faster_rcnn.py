@@ -201,7 +201,7 @@ def fasterrcnn_resnet50_fpn(*, weights=None, progress: bool = True, num_classes:
     plan = plan_build("FasterRCNN_ResNet50_FPN_Weights", "ResNet50_Weights", weights=weights,
                       weights_backbone=weights_backbone, num_classes=num_classes,
                       trainable_backbone_layers=trainable_backbone_layers, max_trainable_layers=5,
-                      default_trainable_layers=3, norm_layer=kwargs.pop("norm_layer", None))
+                      default_trainable_layers=3, progress=progress, norm_layer=kwargs.pop("norm_layer", None))
     backbone = resnet_fpn_backbone(50, trainable_layers=plan.trainable_backbone_layers, norm_layer=plan.norm_layer,
                                    body_state_dict=plan.backbone_state_dict(progress))
     return plan.load_into(FasterRCNN(backbone, num_classes=plan.num_classes, **kwargs), progress)
@@ -217,7 +217,7 @@ def fasterrcnn_resnet50_fpn_v2(*, weights=None, progress: bool = True, num_class
     plan = plan_build("FasterRCNN_ResNet50_FPN_V2_Weights", "ResNet50_Weights", weights=weights,
                       weights_backbone=weights_backbone, num_classes=num_classes,
                       trainable_backbone_layers=trainable_backbone_layers, max_trainable_layers=5,
-                      default_trainable_layers=3, norm_layer=kwargs.pop("norm_layer", nn.BatchNorm2d))
+                      default_trainable_layers=3, progress=progress, norm_layer=kwargs.pop("norm_layer", nn.BatchNorm2d))
     backbone = resnet_fpn_backbone(50, trainable_layers=plan.trainable_backbone_layers, norm_layer=plan.norm_layer,
                                    body_state_dict=plan.backbone_state_dict(progress), fpn_norm_layer=nn.BatchNorm2d)
     anchor_generator = fpn_anchor_generator()
@@ -238,7 +238,7 @@ def fasterrcnn_resnet18_fpn(*, weights=None, progress: bool = True, num_classes:
     (then 3). ``weights`` takes a ``.pth`` path or a state dict."""
     plan = plan_build(None, "ResNet18_Weights", weights=weights, weights_backbone=weights_backbone,
                       num_classes=num_classes, trainable_backbone_layers=trainable_backbone_layers,
-                      max_trainable_layers=5, default_trainable_layers=3,
+                      max_trainable_layers=5, default_trainable_layers=3, progress=progress,
                       norm_layer=kwargs.pop("norm_layer", FrozenBatchNorm2d))
     kwargs.setdefault("min_size", 320)
     kwargs.setdefault("max_size", 512)

@@ -571,7 +571,7 @@ def retinanet_resnet50_fpn(*, weights=None, progress: bool = True, num_classes: 
     plan = plan_build("RetinaNet_ResNet50_FPN_Weights", "ResNet50_Weights", weights=weights,
                       weights_backbone=weights_backbone, num_classes=num_classes,
                       trainable_backbone_layers=trainable_backbone_layers, max_trainable_layers=5,
-                      default_trainable_layers=3, norm_layer=kwargs.pop("norm_layer", None))
+                      default_trainable_layers=3, progress=progress, norm_layer=kwargs.pop("norm_layer", None))
     return _retinanet_resnet_fpn(plan, 50, 256, progress, **kwargs)
 
 
@@ -584,7 +584,7 @@ def retinanet_resnet50_fpn_v2(*, weights=None, progress: bool = True, num_classe
     plan = plan_build("RetinaNet_ResNet50_FPN_V2_Weights", "ResNet50_Weights", weights=weights,
                       weights_backbone=weights_backbone, num_classes=num_classes,
                       trainable_backbone_layers=trainable_backbone_layers, max_trainable_layers=5,
-                      default_trainable_layers=3, norm_layer=kwargs.pop("norm_layer", nn.BatchNorm2d))
+                      default_trainable_layers=3, progress=progress, norm_layer=kwargs.pop("norm_layer", nn.BatchNorm2d))
     anchor_generator = kwargs.pop("anchor_generator", None) or _default_anchor_generator()
     head = RetinaNetHead(256, anchor_generator.num_anchors_per_location()[0], plan.num_classes,
                          norm_layer=partial(nn.GroupNorm, 32))
@@ -605,6 +605,6 @@ def retinanet_resnet18_fpn(*, weights=None, progress: bool = True, num_classes: 
         raise ValueError(f"fpn_channels must be a positive int, got {fpn_channels!r}")
     plan = plan_build(None, "ResNet18_Weights", weights=weights, weights_backbone=weights_backbone,
                       num_classes=num_classes, trainable_backbone_layers=trainable_backbone_layers,
-                      max_trainable_layers=5, default_trainable_layers=3,
+                      max_trainable_layers=5, default_trainable_layers=3, progress=progress,
                       norm_layer=kwargs.pop("norm_layer", None) or "FrozenBatchNorm2d")
     return _retinanet_resnet_fpn(plan, 18, fpn_channels, progress, **kwargs)

@@ -519,7 +519,7 @@ def ssd300_vgg16(*, weights=None, progress: bool = True, num_classes: int | None
     Keyword arguments go to :class:`SSD`."""
     plan = plan_build("SSD300_VGG16_Weights", "VGG16_Weights", weights=weights, weights_backbone=weights_backbone,
                       num_classes=num_classes, trainable_backbone_layers=trainable_backbone_layers,
-                      max_trainable_layers=5, default_trainable_layers=4)
+                      max_trainable_layers=5, default_trainable_layers=4, progress=progress)
     return _ssd300(1.0, plan, progress, **kwargs)
 
 
@@ -531,5 +531,5 @@ def ssd300_vgg16_light(*, weights=None, progress: bool = True, num_classes: int 
     small enough to train on a CPU. ``weights``/``weights_backbone`` take paths or state dicts."""
     plan = plan_build(None, None, weights=weights, weights_backbone=weights_backbone, num_classes=num_classes,
                       trainable_backbone_layers=trainable_backbone_layers, max_trainable_layers=5,
-                      default_trainable_layers=4)
+                      default_trainable_layers=4, progress=progress)
     return _ssd300(width, plan, progress, **kwargs)

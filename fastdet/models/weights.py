@@ -68,6 +68,7 @@ __all__ = [
     "WeightsNotFoundError",
     "download_weights",
     "finetune_model",
+    "frozen_norm_kwargs",
     "plan_build",
     "resolve_norm_layer",
     "resolve_weights",
@@ -149,6 +150,11 @@ class Weights:
         """The checkpoint's state dict from the cache (hash checked). ``download``: fetch a missing file (None:
         only when ``FASTDET_ALLOW_DOWNLOAD=1``); otherwise a missing file raises :class:`WeightsNotFoundError`
         immediately."""
+        return _load_state_dict_file(self.ensure_cached(progress, download))
+
+    def ensure_cached(self, progress: bool = True, download: bool | None = None) -> Path:
+        """The cached file's path, after checking its hash (fetching it first only if downloads are allowed, see
+        :meth:`get_state_dict`)."""
         path = self.cache_path()
         if not path.is_file():
             if download is None:
@@ -161,7 +167,7 @@ class Weights:
                     f"{self.key!r}).")
             _download(self, path, progress)
         _check_hash(path, self.hash_prefix, self.key)
-        return _load_state_dict_file(path)
+        return path
 
 
 @dataclass(frozen=True)
@@ -171,6 +177,10 @@ class LocalWeights:
     source: Any  # Path or Mapping
     num_classes: int | None = None
     frozen_bn_eps: float | None = None
+
+    def ensure_cached(self, progress: bool = True, download: bool | None = None) -> None:
+        if isinstance(self.source, Path) and not self.source.is_file():
+            raise FileNotFoundError(f"weights file not found: {self.source}")
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -182,8 +192,7 @@ class LocalWeights:
 
     def get_state_dict(self, progress: bool = True, download: bool | None = None) -> Mapping[str, torch.Tensor]:
         if isinstance(self.source, Path):
-            if not self.source.is_file():
-                raise FileNotFoundError(f"weights file not found: {self.source}")
+            self.ensure_cached()
             return _load_state_dict_file(self.source)
         return self.source
 
@@ -313,11 +322,7 @@ def download_weights(weights: Weights | str | Any, progress: bool = True) -> Pat
         weights = WEIGHTS[enum_name][member]
     elif not isinstance(weights, Weights):
         weights = resolve_weights(weights, type(weights).__name__)
-    path = weights.cache_path()
-    if not path.is_file():
-        _download(weights, path, progress)
-    _check_hash(path, weights.hash_prefix, weights.key)
-    return path
+    return weights.ensure_cached(progress, download=True)
 
 
 def _download(weights: Weights, path: Path, progress: bool) -> None:
@@ -427,8 +432,10 @@ def set_frozen_bn_eps(model: nn.Module, eps: float) -> None:
 
 def plan_build(weights_enum: str | None, backbone_enum: str | None, *, weights: Any, weights_backbone: Any,
                num_classes: int | None, trainable_backbone_layers: int | None, max_trainable_layers: int,
-               default_trainable_layers: int, norm_layer: Any = None, default_num_classes: int = 91) -> BuildPlan:
-    """torchvision's builder rules (see the module docstring)."""
+               default_trainable_layers: int, norm_layer: Any = None, default_num_classes: int = 91,
+               progress: bool = True) -> BuildPlan:
+    """torchvision's builder rules (see the module docstring). The files are checked (present, right hash) here,
+    before any model is built, so a missing one fails at once."""
     resolved = resolve_weights(weights, weights_enum, "weights")
     resolved_backbone = resolve_weights(weights_backbone, backbone_enum, "weights_backbone")
     if resolved is not None:
@@ -442,6 +449,9 @@ def plan_build(weights_enum: str | None, backbone_enum: str | None, *, weights: 
                     f"{num_classes!r}), or use fastdet.models.weights.finetune_model(builder, {num_classes!r}, "
                     f"weights=...)")
             num_classes = expected
+        resolved.ensure_cached(progress)
+    elif resolved_backbone is not None:
+        resolved_backbone.ensure_cached(progress)
     if num_classes is None:
         num_classes = default_num_classes
     if isinstance(num_classes, bool) or not isinstance(num_classes, int):
@@ -457,17 +467,31 @@ def plan_build(weights_enum: str | None, backbone_enum: str | None, *, weights: 
                      resolve_norm_layer(norm_layer, pretrained))
 
 
+def frozen_norm_kwargs(model: nn.Module, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"norm_layer": "FrozenBatchNorm2d"}`` when ``model`` holds frozen batch norms that its builder chose because
+    of pretrained weights (and ``kwargs`` did not name a norm layer): what rebuilding the same architecture without
+    the weights file needs (e.g. from a training checkpoint). Empty otherwise."""
+    from fastdet.models.backbones import FrozenBatchNorm2d
+
+    if "norm_layer" in kwargs or not any(isinstance(m, FrozenBatchNorm2d) for m in model.modules()):
+        return {}
+    return {"norm_layer": "FrozenBatchNorm2d"}
+
+
 def finetune_model(builder: Callable[..., nn.Module] | str, num_classes: int, *, weights: Any = "DEFAULT",
-                   **kwargs: Any) -> nn.Module:
+                   weights_num_classes: int | None = None, **kwargs: Any) -> nn.Module:
     """The fine-tuning workflow in one call: build ``builder`` (a function or a name in :mod:`fastdet.models`) with
-    pretrained ``weights`` (their own class count), then replace the class-dependent heads with fresh ones for
-    ``num_classes`` (background included) via ``model.replace_class_heads``; everything else stays pretrained."""
+    pretrained ``weights`` (their own class count: the published metadata's, else ``weights_num_classes``, else 91),
+    then replace the class-dependent heads with fresh ones for ``num_classes`` (background included) via
+    ``model.replace_class_heads``; everything else stays pretrained."""
     if isinstance(builder, str):
         import fastdet.models as models
 
         if builder not in getattr(models, "DETECTOR_BUILDERS", ()):
             raise ValueError(f"unknown detector builder {builder!r}")
         builder = getattr(models, builder)
+    if weights_num_classes is not None:
+        kwargs["num_classes"] = weights_num_classes
     model = builder(weights=weights, **kwargs)
     if getattr(model, "num_classes", None) != num_classes:
         replace = getattr(model, "replace_class_heads", None)

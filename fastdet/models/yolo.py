@@ -616,7 +616,7 @@ def yolo(*, weights=None, progress: bool = True, num_classes: int | None = None,
         raise ValueError(f"variant must be one of {sorted(YOLO_VARIANTS)}, got {variant!r}")
     plan = plan_build(None, None, weights=weights, weights_backbone=weights_backbone, num_classes=num_classes,
                       trainable_backbone_layers=trainable_backbone_layers, max_trainable_layers=len(_YOLO_STAGES),
-                      default_trainable_layers=3)
+                      default_trainable_layers=3, progress=progress)
     depth, width = YOLO_VARIANTS[variant]
     kwargs.setdefault("width_multiple", width)
     kwargs.setdefault("depth_multiple", depth)
