@@ -44,16 +44,17 @@ from fastdet.models.retinanet import (  # noqa: E402
     retinanet_resnet50_fpn_v2,
 )
 from fastdet.models.ssd import SSD, ssd300_vgg16, ssd300_vgg16_light  # noqa: E402
+from fastdet.models.fcos import FCOS, fcos_resnet50_fpn  # noqa: E402
 
 __all__ += ["RetinaNet", "retinanet_resnet18_fpn", "retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2", "SSD",
-            "ssd300_vgg16", "ssd300_vgg16_light"]
+            "ssd300_vgg16", "ssd300_vgg16_light", "FCOS", "fcos_resnet50_fpn"]
 
 # The detector builders, all with torchvision's keyword-only signature (weights, progress, num_classes with the
 # background included, weights_backbone, trainable_backbone_layers, **kwargs; see fastdet.models.weights): what
 # `fastdet train --model` accepts.
 DETECTOR_BUILDERS = (
     "fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_resnet18_fpn", "retinanet_resnet50_fpn",
-    "retinanet_resnet50_fpn_v2", "retinanet_resnet18_fpn", "ssd300_vgg16", "ssd300_vgg16_light", "yolo", "yolo_n",
-    "yolo_s", "yolo_m",
+    "retinanet_resnet50_fpn_v2", "retinanet_resnet18_fpn", "ssd300_vgg16", "ssd300_vgg16_light", "fcos_resnet50_fpn",
+    "yolo", "yolo_n", "yolo_s", "yolo_m",
 )
 __all__ += ["DETECTOR_BUILDERS"]

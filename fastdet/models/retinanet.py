@@ -413,6 +413,16 @@ def features_as_list(features) -> list[Tensor]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def dense_anchors(anchor_generator: ops.AnchorGenerator, batch: ImageBatch, features: list[Tensor]) -> Tensor:
+    """All levels' anchors for the padded batch, ``Tensor[A, 4]`` float32, shared by its images (torchvision's
+    strides: padded size // feature size). float32 even under autocast: bfloat16 anchors would be off by several
+    pixels at typical image sizes."""
+    grids = [tuple(f.shape[-2:]) for f in features]
+    height, width = batch.tensors.shape[-2:]
+    strides = [(int(height // h), int(width // w)) for h, w in grids]
+    return anchor_generator.anchors(grids, strides, torch.float32, features[0].device)
+
+
 def _default_anchor_generator() -> ops.AnchorGenerator:
     # torchvision's RetinaNet anchors: three octave scales 2^{0, 1/3, 2/3} (truncated to int) of 32..512 per level.
     sizes = tuple((s, int(s * 2 ** (1.0 / 3)), int(s * 2 ** (2.0 / 3))) for s in (32, 64, 128, 256, 512))
@@ -496,12 +506,8 @@ class RetinaNet(nn.Module):
         self.num_classes = num_classes
 
     def anchors(self, batch: ImageBatch, features: list[Tensor]) -> Tensor:
-        """All levels' anchors, ``Tensor[A, 4]`` float32, shared by the batch. float32 even under autocast: bfloat16
-        anchors would be off by several pixels at typical image sizes."""
-        grids = [tuple(f.shape[-2:]) for f in features]
-        height, width = batch.tensors.shape[-2:]
-        strides = [(int(height // h), int(width // w)) for h, w in grids]
-        return self.anchor_generator.anchors(grids, strides, torch.float32, features[0].device)
+        """All levels' anchors, ``Tensor[A, 4]`` float32, shared by the batch (see :func:`dense_anchors`)."""
+        return dense_anchors(self.anchor_generator, batch, features)
 
     def compute_loss(self, targets: list[dict[str, Tensor]], head_outputs: dict[str, Tensor],
                      anchors: Tensor) -> dict[str, Tensor]:

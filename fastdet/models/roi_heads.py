@@ -23,6 +23,7 @@ from fastdet.models.detection_utils import (
     BETWEEN_THRESHOLDS,
     BalancedPositiveNegativeSampler,
     Matcher,
+    clip_boxes_to_images,
     PaddedTargets,
     compact_mask,
     gather_rows,
@@ -101,19 +102,6 @@ class FastRCNNPredictor(nn.Module):
         return self.cls_score(x), self.bbox_pred(x)
 
 
-def _clip_to_images(boxes: Tensor, image_sizes: Tensor) -> Tensor:
-    """Clamp xyxy ``boxes [B, ..., 4]`` to ``[0, width] x [0, height]`` of their image (``image_sizes [B, 2]``)."""
-    shape = (boxes.shape[0],) + (1,) * (boxes.dim() - 2)
-    heights = image_sizes[:, 0].reshape(shape).to(boxes.dtype)
-    widths = image_sizes[:, 1].reshape(shape).to(boxes.dtype)
-    x1, y1, x2, y2 = boxes.unbind(-1)
-    zero = torch.zeros((), dtype=boxes.dtype, device=boxes.device)
-    # clamp(min=0) then clamp(max=size): torchvision's clip_boxes_to_image, with a per-image upper bound
-    clipped = (torch.minimum(torch.maximum(x1, zero), widths), torch.minimum(torch.maximum(y1, zero), heights),
-               torch.minimum(torch.maximum(x2, zero), widths), torch.minimum(torch.maximum(y2, zero), heights))
-    return torch.stack(clipped, dim=-1)
-
-
 def select_detections(class_logits: Tensor, box_regression: Tensor, proposals: Tensor, proposal_valid: Tensor,
                       image_sizes: Tensor, score_thresh: float, nms_thresh: float, detections_per_img: int,
                       bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), pre_nms_top_k: int | None = None) -> Detections:
@@ -134,7 +122,7 @@ def select_detections(class_logits: Tensor, box_regression: Tensor, proposals: T
     C = class_logits.shape[-1]
     deltas = box_regression.float().reshape(B * P, C * 4)
     boxes = box_decode(deltas, proposals.float().reshape(B * P, 4), bbox_reg_weights).reshape(B, P, C, 4)
-    boxes = _clip_to_images(boxes, image_sizes)
+    boxes = clip_boxes_to_images(boxes, image_sizes)
     scores = F.softmax(class_logits.float(), dim=-1).reshape(B, P, C)
     widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
     usable = (widths >= MIN_DETECTION_SIZE) & (heights >= MIN_DETECTION_SIZE) & proposal_valid[..., None]
