@@ -29,6 +29,7 @@ __all__ = [
     "BalancedPositiveNegativeSampler",
     "Matcher",
     "PaddedTargets",
+    "clip_boxes_to_images",
     "compact_mask",
     "gather_rows",
     "match_iou",
@@ -180,3 +181,16 @@ def compact_mask(mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
     top = keys.topk(k, dim=1).values
     index = torch.where(top > N, 2 * N - top, N - top)
     return index, top > N
+
+
+def clip_boxes_to_images(boxes: Tensor, image_sizes: Tensor) -> Tensor:
+    """Clamp xyxy ``boxes [B, ..., 4]`` to ``[0, width] x [0, height]`` of their image (``image_sizes [B, 2]``)."""
+    shape = (boxes.shape[0],) + (1,) * (boxes.dim() - 2)
+    heights = image_sizes[:, 0].reshape(shape).to(boxes.dtype)
+    widths = image_sizes[:, 1].reshape(shape).to(boxes.dtype)
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    zero = torch.zeros((), dtype=boxes.dtype, device=boxes.device)
+    # clamp(min=0) then clamp(max=size): torchvision's clip_boxes_to_image, with a per-image upper bound
+    clipped = (torch.minimum(torch.maximum(x1, zero), widths), torch.minimum(torch.maximum(y1, zero), heights),
+               torch.minimum(torch.maximum(x2, zero), widths), torch.minimum(torch.maximum(y2, zero), heights))
+    return torch.stack(clipped, dim=-1)
