@@ -46,6 +46,14 @@ from fastdet.models.retinanet import (  # noqa: E402
 from fastdet.models.ssd import SSD, ssd300_vgg16, ssd300_vgg16_light  # noqa: E402
 from fastdet.models.fcos import FCOS, fcos_resnet50_fpn  # noqa: E402
 
+from fastdet.models.mask_rcnn import (  # noqa: E402
+    MaskRCNN,
+    maskrcnn_resnet18_fpn,
+    maskrcnn_resnet50_fpn,
+    maskrcnn_resnet50_fpn_v2,
+)
+
+__all__ += ["MaskRCNN", "maskrcnn_resnet18_fpn", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2"]
 __all__ += ["RetinaNet", "retinanet_resnet18_fpn", "retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2", "SSD",
             "ssd300_vgg16", "ssd300_vgg16_light", "FCOS", "fcos_resnet50_fpn"]
 

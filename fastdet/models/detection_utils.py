@@ -46,6 +46,7 @@ class PaddedTargets(NamedTuple):
     boxes: Tensor  # [B, G, 4] float, xyxy
     labels: Tensor  # [B, G] int64
     valid: Tensor  # [B, G] bool
+    masks: list[Tensor] | None = None  # per image [G_i, H_i, W_i] instance masks, when every target has them
 
 
 def pad_targets(targets: list[dict[str, Tensor]], device: torch.device | None = None,
@@ -64,7 +65,8 @@ def pad_targets(targets: list[dict[str, Tensor]], device: torch.device | None = 
     padded_labels = pad_sequence(labels + [labels[0].new_zeros(1)], batch_first=True)[:-1]
     slots = padded_boxes.shape[1]
     valid = torch.arange(slots, device=device)[None, :] < counts[:, None]
-    return PaddedTargets(padded_boxes, padded_labels, valid)
+    masks = [t["masks"].to(device) for t in targets] if all("masks" in t for t in targets) else None
+    return PaddedTargets(padded_boxes, padded_labels, valid, masks)
 
 
 def gather_rows(values: Tensor, index: Tensor) -> Tensor:

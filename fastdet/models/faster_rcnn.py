@@ -50,17 +50,22 @@ def paper_anchor_generator() -> AnchorGenerator:
 
 
 def split_detections(detections: Detections) -> list[dict[str, Tensor]]:
-    """Padded ``[B, K]`` detections -> one ``{"boxes", "labels", "scores"}`` dict per image.
+    """Padded ``[B, K]`` detections -> one ``{"boxes", "labels", "scores"}`` dict per image (plus ``"masks"`` when the
+    detections carry them).
 
     This reads ``num_detections`` on the host (one device synchronisation for the whole batch): the per-image tensors
     have data-dependent lengths. It is deliberately kept out of the selection functions, which stay
     synchronisation-free.
     """
     counts = detections.num_detections.tolist()
-    return [
+    out = [
         {"boxes": detections.boxes[i, :n], "labels": detections.labels[i, :n], "scores": detections.scores[i, :n]}
         for i, n in enumerate(counts)
     ]
+    if detections.masks is not None:
+        for i, n in enumerate(counts):
+            out[i]["masks"] = detections.masks[i, :n]
+    return out
 
 
 class FasterRCNN(nn.Module):
@@ -85,6 +90,9 @@ class FasterRCNN(nn.Module):
         box_bg_iou_thresh, box_batch_size_per_image, box_positive_fraction, bbox_reg_weights: the box branch.
         box_pre_nms_top_k (int, optional): cap on candidates per image entering the final NMS (None = all, exact).
     """
+
+    # The RoI heads built by __init__; a detector with more branches (Mask R-CNN) subclasses both.
+    roi_heads_class = RoIHeads
 
     def __init__(self, backbone: nn.Module, num_classes: int | None = None, min_size=800, max_size: int = 1333,
                  image_mean=None, image_std=None, size_divisible: int = 32, fixed_size=None,
@@ -129,9 +137,10 @@ class FasterRCNN(nn.Module):
             rpn_positive_fraction, {"training": rpn_pre_nms_top_n_train, "testing": rpn_pre_nms_top_n_test},
             {"training": rpn_post_nms_top_n_train, "testing": rpn_post_nms_top_n_test}, rpn_nms_thresh,
             score_thresh=rpn_score_thresh)
-        self.roi_heads = RoIHeads(box_roi_pool, box_head, box_predictor, box_fg_iou_thresh, box_bg_iou_thresh,
-                                  box_batch_size_per_image, box_positive_fraction, bbox_reg_weights, box_score_thresh,
-                                  box_nms_thresh, box_detections_per_img, box_pre_nms_top_k)
+        self.roi_heads = self.roi_heads_class(
+            box_roi_pool, box_head, box_predictor, box_fg_iou_thresh, box_bg_iou_thresh, box_batch_size_per_image,
+            box_positive_fraction, bbox_reg_weights, box_score_thresh, box_nms_thresh, box_detections_per_img,
+            box_pre_nms_top_k)
 
     def replace_class_heads(self, num_classes: int) -> None:
         """Fine-tuning: a fresh ``FastRCNNPredictor`` for ``num_classes`` (background included) on the same features,
