@@ -50,7 +50,7 @@ class PaddedTargets(NamedTuple):
 
 
 def pad_targets(targets: list[dict[str, Tensor]], device: torch.device | None = None,
-                dtype: torch.dtype = torch.float32) -> PaddedTargets:
+                dtype: torch.dtype = torch.float32, with_masks: bool = False) -> PaddedTargets:
     """Stack per-image ``{"boxes", "labels"}`` dicts into :class:`PaddedTargets` (G >= 1 so shapes never collapse)."""
     if len(targets) == 0:
         raise ValueError("targets must hold one dict per image, got an empty list")
@@ -65,7 +65,7 @@ def pad_targets(targets: list[dict[str, Tensor]], device: torch.device | None = 
     padded_labels = pad_sequence(labels + [labels[0].new_zeros(1)], batch_first=True)[:-1]
     slots = padded_boxes.shape[1]
     valid = torch.arange(slots, device=device)[None, :] < counts[:, None]
-    masks = [t["masks"].to(device) for t in targets] if all("masks" in t for t in targets) else None
+    masks = [t["masks"].to(device) for t in targets] if with_masks and all("masks" in t for t in targets) else None
     return PaddedTargets(padded_boxes, padded_labels, valid, masks)
 
 

@@ -62,9 +62,10 @@ def split_detections(detections: Detections) -> list[dict[str, Tensor]]:
         {"boxes": detections.boxes[i, :n], "labels": detections.labels[i, :n], "scores": detections.scores[i, :n]}
         for i, n in enumerate(counts)
     ]
-    if detections.masks is not None:
+    masks = getattr(detections, "masks", None)  # Mask R-CNN's MaskDetections
+    if masks is not None:
         for i, n in enumerate(counts):
-            out[i]["masks"] = detections.masks[i, :n]
+            out[i]["masks"] = masks[i, :n]
     return out
 
 
@@ -93,6 +94,8 @@ class FasterRCNN(nn.Module):
 
     # The RoI heads built by __init__; a detector with more branches (Mask R-CNN) subclasses both.
     roi_heads_class = RoIHeads
+    # Whether the RoI heads train on the targets' instance masks (moved to the device with the padded targets).
+    uses_target_masks = False
 
     def __init__(self, backbone: nn.Module, num_classes: int | None = None, min_size=800, max_size: int = 1333,
                  image_mean=None, image_std=None, size_divisible: int = 32, fixed_size=None,
@@ -167,7 +170,7 @@ class FasterRCNN(nn.Module):
     def compute_losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """Training losses for a batch (inputs are assumed checked, as by :meth:`forward`)."""
         batch, resized_targets = self.transform(images, targets)
-        padded = pad_targets(resized_targets, batch.tensors.device)
+        padded = pad_targets(resized_targets, batch.tensors.device, with_masks=self.uses_target_masks)
         features = self._features(batch.tensors)
         proposals, rpn_losses = self.rpn(batch, features, padded)
         _, head_losses = self.roi_heads(features, proposals, batch.image_sizes, padded)

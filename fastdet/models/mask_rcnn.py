@@ -21,6 +21,7 @@ The mask branch, on top of :class:`fastdet.models.faster_rcnn.FasterRCNN`:
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,7 @@ from fastdet.ops import MultiScaleRoIAlign, paste_masks_in_image, project_masks_
 
 __all__ = [
     "MaskRCNN",
+    "MaskDetections",
     "MaskRCNNHeads",
     "MaskRCNNPredictor",
     "MaskRoIHeads",
@@ -44,6 +46,16 @@ __all__ = [
     "maskrcnn_resnet50_fpn",
     "maskrcnn_resnet50_fpn_v2",
 ]
+
+
+class MaskDetections(NamedTuple):
+    """:class:`fastdet.models.roi_heads.Detections` plus the mask branch's output."""
+
+    boxes: Tensor  # [B, K, 4]
+    scores: Tensor  # [B, K]
+    labels: Tensor  # [B, K] int64; -1 in padding slots
+    num_detections: Tensor  # [B] int64
+    masks: Tensor  # [B, K, 1, M, M] probabilities of each detection's class, in its box
 
 
 class MaskRCNNHeads(nn.Sequential):
@@ -90,8 +102,8 @@ def mask_loss(mask_logits: Tensor, labels: Tensor, targets: Tensor, valid: Tenso
 
 class MaskRoIHeads(RoIHeads):
     """:class:`RoIHeads` with torchvision's mask branch (``mask_roi_pool``, ``mask_head``, ``mask_predictor``, set by
-    :meth:`set_mask_branch`). Training adds ``"loss_mask"`` (needs ``targets.masks``); inference fills
-    ``Detections.masks`` with ``[B, K, 1, M, M]`` probabilities of each detection's class."""
+    :meth:`set_mask_branch`). Training adds ``"loss_mask"`` (needs ``targets.masks``); inference returns
+    :class:`MaskDetections`, whose ``masks`` are ``[B, K, 1, M, M]`` probabilities of each detection's class."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -112,7 +124,7 @@ class MaskRoIHeads(RoIHeads):
         return self.mask_predictor(self.mask_head(self.mask_roi_pool(features, rois, image_sizes)))
 
     def forward(self, features: dict[str, Tensor], proposals: Proposals, image_sizes: list[tuple[int, int]],
-                targets: PaddedTargets | None = None) -> tuple[Detections | None, dict[str, Tensor]]:
+                targets: PaddedTargets | None = None) -> tuple[Detections | MaskDetections | None, dict[str, Tensor]]:
         if self.mask_predictor is None:
             return super().forward(features, proposals, image_sizes, targets)
         if self.training:
@@ -130,7 +142,7 @@ class MaskRoIHeads(RoIHeads):
         probs = logits.sigmoid()
         index = detections.labels.reshape(B * K).clamp(min=0)[:, None, None, None].expand(-1, 1, *probs.shape[-2:])
         masks = probs.gather(1, index).reshape(B, K, 1, *probs.shape[-2:])
-        return detections._replace(masks=masks), {}
+        return MaskDetections(*detections, masks), {}
 
     def compute_mask_loss(self, features, boxes: Tensor, labels: Tensor, sampled: Tensor, matched: Tensor,
                           image_sizes, gt_masks: list[Tensor]) -> Tensor:
@@ -170,6 +182,7 @@ class MaskRCNN(FasterRCNN):
     """
 
     roi_heads_class = MaskRoIHeads
+    uses_target_masks = True
 
     def __init__(self, backbone: nn.Module, num_classes: int | None = None, *, mask_roi_pool: nn.Module | None = None,
                  mask_head: nn.Module | None = None, mask_predictor: nn.Module | None = None, **kwargs):

@@ -43,7 +43,6 @@ class Detections(NamedTuple):
     scores: Tensor  # [B, K]
     labels: Tensor  # [B, K] int64; -1 in padding slots
     num_detections: Tensor  # [B] int64; valid slots are the prefix [0, num_detections)
-    masks: Tensor | None = None  # [B, K, 1, M, M] mask probabilities of a mask branch (Mask R-CNN), else None
 
 
 class TwoMLPHead(nn.Module):
