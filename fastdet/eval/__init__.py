@@ -20,6 +20,7 @@ from fastdet.eval.curves import (
     precision_recall_curves,
     targets_from_coco,
 )
+from fastdet.eval.segm import evaluate_segmentation, masks_to_rles
 from fastdet.eval.speed import count_flops, measure_fps
 
 __all__ = [
@@ -32,8 +33,10 @@ __all__ = [
     "count_flops",
     "evaluate_detections",
     "evaluate_model",
+    "evaluate_segmentation",
     "f1_confidence_curves",
     "load_ground_truth",
+    "masks_to_rles",
     "match_detections",
     "measure_fps",
     "plot_confusion_matrix",

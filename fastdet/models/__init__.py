@@ -63,6 +63,7 @@ __all__ += ["RetinaNet", "retinanet_resnet18_fpn", "retinanet_resnet50_fpn", "re
 DETECTOR_BUILDERS = (
     "fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_resnet18_fpn", "retinanet_resnet50_fpn",
     "retinanet_resnet50_fpn_v2", "retinanet_resnet18_fpn", "ssd300_vgg16", "ssd300_vgg16_light", "fcos_resnet50_fpn",
+    "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet18_fpn",
     "yolo", "yolo_n", "yolo_s", "yolo_m",
 )
 __all__ += ["DETECTOR_BUILDERS"]
