@@ -5,8 +5,8 @@ detections and masks.
 
 The mask branch, on top of :class:`fastdet.models.faster_rcnn.FasterRCNN`:
 
-* training: the positive sampled proposals of every image (at most ``batch_size_per_image * positive_fraction`` per
-  image, compacted into fixed-size padded slots, no host synchronisation) are pooled at 14 x 14, run through the mask
+* training: the positive sampled proposals of every image (compacted into as many padded slots as the image with the
+  most positives needs: one host synchronisation) are pooled at 14 x 14, run through the mask
   head and predictor (28 x 28 logits per class), and the loss is the binary cross-entropy of the matched ground-truth
   class's channel against the ground-truth mask resampled onto the proposal
   (:func:`fastdet.ops.project_masks_on_boxes`, reading the uint8/bool masks directly), averaged over all positive
@@ -146,12 +146,14 @@ class MaskRoIHeads(RoIHeads):
 
     def compute_mask_loss(self, features, boxes: Tensor, labels: Tensor, sampled: Tensor, matched: Tensor,
                           image_sizes, gt_masks: list[Tensor]) -> Tensor:
-        """The positive sampled slots of each image, compacted to ``k`` padded slots (``k`` = the sampler's positive
-        budget), through the mask branch; targets from :func:`fastdet.ops.project_masks_on_boxes`."""
+        """The positive sampled slots of each image, compacted to ``k`` padded slots (``k`` = the most positives of an
+        image), through the mask branch; targets from :func:`fastdet.ops.project_masks_on_boxes`."""
         B, S = labels.shape
         positive = sampled & (labels > 0)
-        budget = int(self.fg_bg_sampler.batch_size_per_image * self.fg_bg_sampler.positive_fraction)
-        k = max(1, min(S, budget))
+        # Slots for the most positives any image has: the mask head is the costliest part of training, and the
+        # sampler's budget (128 per image by default) is usually far above the positives there are. Reading the
+        # count is this branch's one host synchronisation (torchvision synchronises once per image here).
+        k = max(1, int(positive.sum(dim=1).max()))
         index, valid = compact_mask(positive, k)
         mask_boxes = gather_rows(boxes, index)
         mask_labels = labels.gather(1, index)
