@@ -64,7 +64,8 @@ def test_segm_ap_matches_pycocotools(seed):
     probs.append(torch.from_numpy(_ellipse(50, 8, 6, 5)).float())
     labels.append(1)
     boxes.append([44.0, 3.0, 56.0, 13.0])
-    scores = torch.rand(len(labels), generator=g)
+    scores = torch.rand(len(labels), generator=g) * 0.9
+    scores[-1] = 0.95  # the false positive ranks first: AP < 1
     detection = {"image_id": 1, "boxes": torch.tensor(boxes), "scores": scores, "labels": torch.tensor(labels),
                  "segmentation": masks_to_rles(torch.stack(probs)[:, None])}
     ours = evaluate_segmentation(gt, [detection])
