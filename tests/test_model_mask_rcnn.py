@@ -197,3 +197,54 @@ def test_replace_class_heads_and_constructor_rules():
     assert model.roi_heads.box_predictor.cls_score.out_features == 3
     with pytest.raises(ValueError, match="num_classes must be None"):
         MaskRCNN(model.backbone, num_classes=3, mask_predictor=model.roi_heads.mask_predictor)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the builders' weights API (fastdet.models.weights), as the other builders
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_builders_follow_the_weights_api(tmp_path, monkeypatch):
+    import hashlib
+    import time
+
+    from fastdet.models import FrozenBatchNorm2d
+    from fastdet.models import weights as W
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv(W.DOWNLOAD_ENV, raising=False)
+    monkeypatch.setattr(torch.hub, "download_url_to_file",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("a download was attempted")))
+    for builder, enum in ((maskrcnn_resnet50_fpn, "MaskRCNN_ResNet50_FPN_Weights"),
+                          (maskrcnn_resnet50_fpn_v2, "MaskRCNN_ResNet50_FPN_V2_Weights")):
+        start = time.perf_counter()
+        with pytest.raises(W.WeightsNotFoundError) as info:
+            builder(weights="DEFAULT")
+        assert time.perf_counter() - start < 5
+        entry = W.WEIGHTS[enum]["COCO_V1"]
+        assert entry.file in str(info.value) and entry.url in str(info.value)
+    # a cached COCO checkpoint (hash-named as torchvision's) loads with torchvision's conventions
+    torch.manual_seed(0)
+    state = maskrcnn_resnet50_fpn(num_classes=91, norm_layer="FrozenBatchNorm2d", **TINY).state_dict()
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    staged = hub / "staged.pth"
+    torch.save(state, staged)
+    real = W.WEIGHTS["MaskRCNN_ResNet50_FPN_Weights"]["DEFAULT"]
+    digest = hashlib.sha256(staged.read_bytes()).hexdigest()[:8]
+    fake = W.Weights(real.enum, real.name, f"fake-{digest}.pth", real.num_classes, real.frozen_bn_eps, real.dataset,
+                     real._categories)
+    staged.rename(hub / fake.file)
+    monkeypatch.setitem(W.WEIGHTS, "MaskRCNN_ResNet50_FPN_Weights", {real.name: fake, "DEFAULT": fake})
+    model = maskrcnn_resnet50_fpn(weights="COCO_V1", **TINY)
+    assert model.num_classes == 91
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    frozen = [m for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert frozen and all(m.eps == 0.0 for m in frozen)  # torchvision's eps override for this checkpoint
+    with pytest.raises(ValueError, match="replace_class_heads"):
+        maskrcnn_resnet50_fpn(weights="DEFAULT", num_classes=5)
+    # a state dict and a path work as weights too; defaults without weights are torchvision's (91 classes)
+    torch.save(state, tmp_path / "m.pth")
+    assert maskrcnn_resnet50_fpn(weights=str(tmp_path / "m.pth"), **TINY).num_classes == 91
+    assert maskrcnn_resnet50_fpn(weights=state, **TINY).roi_heads.mask_predictor.mask_fcn_logits.out_channels == 91
+    assert maskrcnn_resnet50_fpn().num_classes == 91
