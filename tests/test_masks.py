@@ -3,8 +3,8 @@ the reference: values, dtypes, edge boxes, operator registration, torch.compile 
 
 paste_masks_in_image: float32 is bitwise torchvision's for patches with h + w > 128 (torch's generic interpolation
 kernel, whose arithmetic fastdet reproduces) and within a few ulps below that (torch switches to its channels-last
-kernel for small outputs); other dtypes within a few ulps. project_masks_on_boxes: bitwise torchvision's on the CPU. On CUDA, fastdet's
-kernels are compared with its CPU kernels. Every test draws fresh inputs from the ``seed`` fixture.
+kernel for small outputs); other dtypes within a few ulps. project_masks_on_boxes: bitwise torchvision's on the
+CPU. On CUDA, fastdet's kernels are compared with its CPU kernels. Every test draws fresh inputs from the ``seed`` fixture.
 """
 
 from __future__ import annotations
@@ -141,7 +141,8 @@ def test_paste_non_contiguous_and_mixed_dtypes(seed):
     tv = tv_roi_heads()
     got = ops.paste_masks_in_image(masks, boxes.double(), (H, W))
     assert got.dtype == torch.float32
-    assert_close(got, tv.paste_masks_in_image(masks, boxes.double(), (H, W)), seed=seed, rtol=0, atol=3 * ULP[torch.float32])
+    assert_close(got, tv.paste_masks_in_image(masks, boxes.double(), (H, W)), seed=seed, rtol=0,
+                 atol=3 * ULP[torch.float32])
 
 
 def test_paste_does_not_modify_inputs(seed):

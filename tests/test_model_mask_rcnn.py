@@ -43,7 +43,8 @@ def _targets(images):
     targets = []
     for image, (boxes, labels) in zip(images, specs):
         h, w = image.shape[-2:]
-        masks = torch.stack([_box_mask(b, h, w) for b in boxes]) if len(boxes) else torch.zeros(0, h, w, dtype=torch.uint8)
+        masks = (torch.stack([_box_mask(b, h, w) for b in boxes]) if len(boxes)
+                 else torch.zeros(0, h, w, dtype=torch.uint8))
         targets.append({"boxes": boxes, "labels": labels, "masks": masks})
     return targets
 

@@ -71,8 +71,10 @@ C10_HOST_DEVICE inline Patch expand_box(const T* box, A scale) {
   const A x1 = static_cast<A>(box[0]), y1 = static_cast<A>(box[1]);
   const A x2 = static_cast<A>(box[2]), y2 = static_cast<A>(box[3]);
   // w_half = (x2 - x1) * 0.5 * scale and x_c = (x2 + x1) * 0.5, each operation rounded to T.
-  const A w_half = round_to<T>(exact::mul_rn(round_to<T>(exact::mul_rn(round_to<T>(exact::sub_rn(x2, x1)), A(0.5))), scale));
-  const A h_half = round_to<T>(exact::mul_rn(round_to<T>(exact::mul_rn(round_to<T>(exact::sub_rn(y2, y1)), A(0.5))), scale));
+  const A w_half =
+      round_to<T>(exact::mul_rn(round_to<T>(exact::mul_rn(round_to<T>(exact::sub_rn(x2, x1)), A(0.5))), scale));
+  const A h_half =
+      round_to<T>(exact::mul_rn(round_to<T>(exact::mul_rn(round_to<T>(exact::sub_rn(y2, y1)), A(0.5))), scale));
   const A x_c = round_to<T>(exact::mul_rn(round_to<T>(exact::add_rn(x2, x1)), A(0.5)));
   const A y_c = round_to<T>(exact::mul_rn(round_to<T>(exact::add_rn(y2, y1)), A(0.5)));
   const A ex0 = round_to<T>(exact::sub_rn(x_c, w_half)), ex1 = round_to<T>(exact::add_rn(x_c, w_half));

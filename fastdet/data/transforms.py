@@ -14,7 +14,8 @@ one rule to boxes that (partly) leave the image, stated here once:
 
 Per-object fields are the target's tensors whose first dimension equals the number of boxes, except ``boxes``,
 ``ignore_boxes`` and ``orig_size``. Instance ``masks`` (``Tensor[N, H, W]``) are per-object and also move with the
-image: flipped, resized and warped with nearest-neighbour sampling, cropped (so a mask stays aligned with its pixels). KITTI's 3-D attributes describe the scene, not the picture, and are left unchanged.
+image: flipped, resized and warped with nearest-neighbour sampling, cropped (so a mask stays aligned with its
+pixels). KITTI's 3-D attributes describe the scene, not the picture, and are left unchanged.
 
 Randomness comes from torch's global generator (so :func:`fastdet.data.make_data_loader`'s seed makes runs repeatable)
 or from an explicit ``generator``.

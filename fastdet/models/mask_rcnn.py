@@ -32,7 +32,7 @@ from fastdet.models.backbones import FrozenBatchNorm2d, conv_norm_activation, re
 from fastdet.models.detection_utils import PaddedTargets, compact_mask, gather_rows
 from fastdet.models.faster_rcnn import FasterRCNN, fpn_anchor_generator, split_detections
 from fastdet.models.roi_heads import Detections, FastRCNNConvFCHead, RoIHeads
-from fastdet.models.rpn import Proposals, RPNHead, image_sizes_tensor
+from fastdet.models.rpn import Proposals, RPNHead
 from fastdet.models.weights import plan_build
 from fastdet.ops import MultiScaleRoIAlign, paste_masks_in_image, project_masks_on_boxes
 
