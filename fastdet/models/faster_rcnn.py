@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import torch
 from torch import Tensor, nn
 
 from fastdet.models._validation import check_images_and_targets
@@ -217,7 +216,8 @@ def fasterrcnn_resnet50_fpn_v2(*, weights=None, progress: bool = True, num_class
     plan = plan_build("FasterRCNN_ResNet50_FPN_V2_Weights", "ResNet50_Weights", weights=weights,
                       weights_backbone=weights_backbone, num_classes=num_classes,
                       trainable_backbone_layers=trainable_backbone_layers, max_trainable_layers=5,
-                      default_trainable_layers=3, progress=progress, norm_layer=kwargs.pop("norm_layer", nn.BatchNorm2d))
+                      default_trainable_layers=3, progress=progress,
+                      norm_layer=kwargs.pop("norm_layer", nn.BatchNorm2d))
     backbone = resnet_fpn_backbone(50, trainable_layers=plan.trainable_backbone_layers, norm_layer=plan.norm_layer,
                                    body_state_dict=plan.backbone_state_dict(progress), fpn_norm_layer=nn.BatchNorm2d)
     anchor_generator = fpn_anchor_generator()

@@ -63,7 +63,8 @@ class SSDLiteHead(nn.Module):
 
 def ssdlite320_mobilenet_v3_large(*, weights=None, progress: bool = True, num_classes: int | None = None,
                                   weights_backbone="IMAGENET1K_V1", trainable_backbone_layers: int | None = None,
-                                  norm_layer: Callable[[int], nn.Module] | None = None, **kwargs) -> SSD:
+                                  norm_layer: Callable[[int], nn.Module] | None = None,
+                                  reduced_tail: bool | None = None, **kwargs) -> SSD:
     """SSDlite320 on MobileNetV3-Large: torchvision's ``ssdlite320_mobilenet_v3_large`` (signature, defaults, default
     boxes, normalisation to [-1, 1], state-dict keys).
 
@@ -72,7 +73,8 @@ def ssdlite320_mobilenet_v3_large(*, weights=None, progress: bool = True, num_cl
     be in the hub cache, see :mod:`fastdet.models.weights`); without it the backbone's last stage is halved
     (``reduced_tail``, the paper's Table 6) and initialised N(0, 0.03), as torchvision does.
     ``trainable_backbone_layers`` in [0, 6], default 6. ``norm_layer``: default ``BatchNorm2d(eps=0.001,
-    momentum=0.03)``. Other keyword arguments go to :class:`fastdet.models.ssd.SSD` (torchvision's defaults here:
+    momentum=0.03)``. ``reduced_tail`` (fastdet extra): None = torchvision's rule (reduced without backbone weights).
+    Other keyword arguments go to :class:`fastdet.models.ssd.SSD` (torchvision's defaults here:
     score 0.001, NMS 0.55, 300 candidates and detections)."""
     if "size" in kwargs:
         raise ValueError("SSDlite320's input size is fixed at (320, 320); do not pass size")
@@ -82,13 +84,16 @@ def ssdlite320_mobilenet_v3_large(*, weights=None, progress: bool = True, num_cl
                       default_trainable_layers=6, progress=progress,
                       norm_layer=norm_layer or partial(nn.BatchNorm2d, eps=0.001, momentum=0.03))
     backbone_weights = plan.backbone_state_dict(progress)
-    network = mobilenet_v3_large(norm_layer=plan.norm_layer, reduced_tail=backbone_weights is None)
+    if reduced_tail is None:
+        reduced_tail = backbone_weights is None
+    network = mobilenet_v3_large(norm_layer=plan.norm_layer, reduced_tail=reduced_tail)
     if backbone_weights is None:
         normal_init(network)
     else:
         network.load_state_dict(backbone_weights)
     stages = freeze_mobilenet_stages(network.features, plan.trainable_backbone_layers)
     backbone = SSDLiteFeatureExtractor(network.features, stages[-2], plan.norm_layer)
+    backbone.reduced_tail = reduced_tail  # an architecture choice a rebuild must repeat (weights.rebuild_kwargs)
     size = (320, 320)
     anchor_generator = ops.DefaultBoxGenerator([[2, 3] for _ in range(6)], min_ratio=0.2, max_ratio=0.95)
     out_channels = _probe_out_channels(backbone, size)

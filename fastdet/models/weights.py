@@ -68,7 +68,7 @@ __all__ = [
     "WeightsNotFoundError",
     "download_weights",
     "finetune_model",
-    "frozen_norm_kwargs",
+    "rebuild_kwargs",
     "plan_build",
     "resolve_norm_layer",
     "resolve_weights",
@@ -318,7 +318,8 @@ def download_weights(weights: Weights | str | Any, progress: bool = True) -> Pat
     if isinstance(weights, str):
         enum_name, _, member = weights.rpartition(".")
         if enum_name not in WEIGHTS or member not in WEIGHTS[enum_name]:
-            raise ValueError(f"unknown weights {weights!r}; expected '<Enum>.<NAME>' with Enum one of {sorted(WEIGHTS)}")
+            raise ValueError(f"unknown weights {weights!r}; expected '<Enum>.<NAME>' with Enum one of "
+                             f"{sorted(WEIGHTS)}")
         weights = WEIGHTS[enum_name][member]
     elif not isinstance(weights, Weights):
         weights = resolve_weights(weights, type(weights).__name__)
@@ -467,15 +468,20 @@ def plan_build(weights_enum: str | None, backbone_enum: str | None, *, weights: 
                      resolve_norm_layer(norm_layer, pretrained))
 
 
-def frozen_norm_kwargs(model: nn.Module, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"norm_layer": "FrozenBatchNorm2d"}`` when ``model`` holds frozen batch norms that its builder chose because
-    of pretrained weights (and ``kwargs`` did not name a norm layer): what rebuilding the same architecture without
-    the weights file needs (e.g. from a training checkpoint). Empty otherwise."""
+def rebuild_kwargs(model: nn.Module, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Builder keyword arguments (beyond ``kwargs``, JSON-friendly) that rebuild ``model``'s architecture without any
+    weights file, e.g. from a training checkpoint: ``weights_backbone=None`` (the checkpoint holds every weight),
+    plus the choices the builder derived from pretrained weights: ``norm_layer="FrozenBatchNorm2d"`` when the model
+    holds frozen batch norms, and the MobileNet tail width of SSDlite (``reduced_tail``)."""
     from fastdet.models.backbones import FrozenBatchNorm2d
 
-    if "norm_layer" in kwargs or not any(isinstance(m, FrozenBatchNorm2d) for m in model.modules()):
-        return {}
-    return {"norm_layer": "FrozenBatchNorm2d"}
+    extra: dict[str, Any] = {"weights_backbone": None}
+    if "norm_layer" not in kwargs and any(isinstance(m, FrozenBatchNorm2d) for m in model.modules()):
+        extra["norm_layer"] = "FrozenBatchNorm2d"
+    reduced_tail = getattr(getattr(model, "backbone", None), "reduced_tail", None)
+    if reduced_tail is not None and "reduced_tail" not in kwargs:
+        extra["reduced_tail"] = bool(reduced_tail)
+    return extra
 
 
 def finetune_model(builder: Callable[..., nn.Module] | str, num_classes: int, *, weights: Any = "DEFAULT",
