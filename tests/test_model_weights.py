@@ -36,21 +36,25 @@ def hub(tmp_path, monkeypatch):
     return checkpoints
 
 
-def _publish(hub: Path, monkeypatch, enum: str, state_dict, corrupt: bool = False) -> W.Weights:
+def _publish(hub: Path, monkeypatch, enum: str, state_dict, corrupt: bool = False, member: str | None = None
+             ) -> W.Weights:
     """Save ``state_dict`` in the cache under a torchvision-style name carrying its hash prefix, and make it the
-    enum's COCO_V1/DEFAULT (or IMAGENET1K_V1) entry."""
+    enum's ``member`` entry (default: the DEFAULT one, which then points to it too)."""
     hub.mkdir(parents=True, exist_ok=True)
     tmp = hub / "tmp.pth"
     torch.save(state_dict, tmp)
     digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-    real = W.WEIGHTS[enum]["DEFAULT"]
+    real = W.WEIGHTS[enum][member or "DEFAULT"]
     entry = W.Weights(enum, real.name, f"fake-{digest[:8]}.pth", real.num_classes, real.frozen_bn_eps, real.dataset,
                       real._categories)
     if corrupt:
         with open(tmp, "ab") as f:
             f.write(b"x")
     tmp.rename(hub / entry.file)
-    monkeypatch.setitem(W.WEIGHTS, enum, {real.name: entry, "DEFAULT": entry})
+    table = {**W.WEIGHTS[enum], real.name: entry}
+    if W.WEIGHTS[enum]["DEFAULT"].name == real.name:
+        table["DEFAULT"] = entry
+    monkeypatch.setitem(W.WEIGHTS, enum, table)
     return entry
 
 
@@ -298,7 +302,8 @@ def test_replace_class_heads_of_the_other_families(builder, head):
 
 def test_rebuild_kwargs_repeat_the_architecture_without_weight_files(hub, monkeypatch):
     tv_models = pytest.importorskip("torchvision.models")
-    _publish(hub, monkeypatch, "MobileNet_V3_Large_Weights", tv_models.mobilenet_v3_large(weights=None).state_dict())
+    _publish(hub, monkeypatch, "MobileNet_V3_Large_Weights", tv_models.mobilenet_v3_large(weights=None).state_dict(),
+             member="IMAGENET1K_V1")  # the builder's default, as torchvision's
     pretrained = models.ssdlite320_mobilenet_v3_large(num_classes=5)  # ImageNet backbone: full tail
     extra = W.rebuild_kwargs(pretrained, {})
     assert extra == {"weights_backbone": None, "reduced_tail": False}
