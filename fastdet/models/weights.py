@@ -42,6 +42,11 @@ untrained model with a warning; fastdet applies it). ``norm_layer`` (a fastdet e
 otherwise. :meth:`BuildPlan.load_into` loads the weights strictly and applies torchvision's ``eps = 0`` override of
 the frozen batch norms for the checkpoints trained before torchvision's eps fix (``fasterrcnn_resnet50_fpn``,
 ``retinanet_resnet50_fpn``, ``maskrcnn_resnet50_fpn`` COCO_V1; not the v2 ones).
+
+Fine-tuning relies on ``model.replace_class_heads(num_classes)`` (``FasterRCNN``, ``RetinaNet``, ``SSD``, ``FCOS`` have
+it); a detector with more class-dependent heads (Mask R-CNN's mask predictor) extends it. A builder that derives an
+architecture choice from the weights must let a keyword repeat it, and :func:`rebuild_kwargs` record it, so that a
+training checkpoint rebuilds without the weights file (``fastdet train`` stores those keywords).
 """
 
 from __future__ import annotations
