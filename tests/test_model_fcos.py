@@ -12,7 +12,6 @@ from fastdet.models.fcos import FCOS, fcos_assign_targets, fcos_resnet50_fpn, li
 
 tv_detection = pytest.importorskip("torchvision.models.detection")
 from torchvision.models.detection import _utils as tv_utils  # noqa: E402
-from torchvision.ops.feature_pyramid_network import LastLevelP6P7 as TvLastLevelP6P7  # noqa: E402
 
 SMALL = dict(min_size=128, max_size=192)
 

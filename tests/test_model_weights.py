@@ -36,21 +36,25 @@ def hub(tmp_path, monkeypatch):
     return checkpoints
 
 
-def _publish(hub: Path, monkeypatch, enum: str, state_dict, corrupt: bool = False) -> W.Weights:
+def _publish(hub: Path, monkeypatch, enum: str, state_dict, corrupt: bool = False, member: str | None = None
+             ) -> W.Weights:
     """Save ``state_dict`` in the cache under a torchvision-style name carrying its hash prefix, and make it the
-    enum's COCO_V1/DEFAULT (or IMAGENET1K_V1) entry."""
+    enum's ``member`` entry (default: the DEFAULT one, which then points to it too)."""
     hub.mkdir(parents=True, exist_ok=True)
     tmp = hub / "tmp.pth"
     torch.save(state_dict, tmp)
     digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-    real = W.WEIGHTS[enum]["DEFAULT"]
+    real = W.WEIGHTS[enum][member or "DEFAULT"]
     entry = W.Weights(enum, real.name, f"fake-{digest[:8]}.pth", real.num_classes, real.frozen_bn_eps, real.dataset,
                       real._categories)
     if corrupt:
         with open(tmp, "ab") as f:
             f.write(b"x")
     tmp.rename(hub / entry.file)
-    monkeypatch.setitem(W.WEIGHTS, enum, {real.name: entry, "DEFAULT": entry})
+    table = {**W.WEIGHTS[enum], real.name: entry}
+    if W.WEIGHTS[enum]["DEFAULT"].name == real.name:
+        table["DEFAULT"] = entry
+    monkeypatch.setitem(W.WEIGHTS, enum, table)
     return entry
 
 
@@ -296,6 +300,19 @@ def test_replace_class_heads_of_the_other_families(builder, head):
     assert ((detections[0]["labels"] >= 0) & (detections[0]["labels"] < 6)).all()
 
 
+def test_rebuild_kwargs_repeat_the_architecture_without_weight_files(hub, monkeypatch):
+    tv_models = pytest.importorskip("torchvision.models")
+    _publish(hub, monkeypatch, "MobileNet_V3_Large_Weights", tv_models.mobilenet_v3_large(weights=None).state_dict(),
+             member="IMAGENET1K_V1")  # the builder's default, as torchvision's
+    pretrained = models.ssdlite320_mobilenet_v3_large(num_classes=5)  # ImageNet backbone: full tail
+    extra = W.rebuild_kwargs(pretrained, {})
+    assert extra == {"weights_backbone": None, "reduced_tail": False}
+    models.ssdlite320_mobilenet_v3_large(num_classes=5, **extra).load_state_dict(pretrained.state_dict())
+    frozen = models.retinanet_resnet18_fpn(num_classes=3)
+    assert W.rebuild_kwargs(frozen, {}) == {"weights_backbone": None, "norm_layer": "FrozenBatchNorm2d"}
+    assert W.rebuild_kwargs(frozen, {"norm_layer": "FrozenBatchNorm2d"}) == {"weights_backbone": None}
+
+
 def test_cli_fine_tunes_from_weights_and_reloads_the_checkpoint(tmp_path):
     from fastdet.data import make_shapes_dataset
 
@@ -325,8 +342,15 @@ def test_cli_fine_tunes_from_weights_and_reloads_the_checkpoint(tmp_path):
     assert not torch.equal(saved["backbone.body.layer4.0.conv1.weight"],
                            reference["backbone.body.layer4.0.conv1.weight"])
     assert saved["roi_heads.box_predictor.cls_score.weight"].shape[0] == 4
-    assert spec["kwargs"]["norm_layer"] == "FrozenBatchNorm2d"
+    assert spec["kwargs"]["norm_layer"] == "FrozenBatchNorm2d" and spec["kwargs"]["weights_backbone"] is None
     bad = subprocess.run([sys.executable, "-m", "fastdet", "train", "--data", tmp_path / "data", "--model",
                           "fasterrcnn_resnet50_fpn", "--weights", "COCO_V9", "--output", tmp_path / "run2",
                           "--epochs", "1", "--workers", "0"], capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and "unknown weights 'COCO_V9'" in bad.stderr
+    offline = subprocess.run([sys.executable, "-m", "fastdet", "train", "--data", tmp_path / "data", "--model",
+                              "fcos_resnet50_fpn", "--output", tmp_path / "run3", "--epochs", "1", "--workers", "0"],
+                             capture_output=True, text=True, env={**env, "TORCH_HOME": str(tmp_path / "th")},
+                             timeout=300)
+    # torchvision's default ImageNet backbone for FCOS is not cached: a usage error naming the file, no traceback.
+    assert offline.returncode == 2 and "resnet50-0676ba61.pth" in offline.stderr
+    assert "Traceback" not in offline.stderr

@@ -102,7 +102,8 @@ def test_inputs_are_not_modified(seed):
 
 
 def test_variants_scale_width_and_depth():
-    counts = {v: sum(p.numel() for p in yolo(num_classes=2, variant=v, image_size=64).parameters()) for v in ("n", "s", "m")}
+    counts = {v: sum(p.numel() for p in yolo(num_classes=2, variant=v, image_size=64).parameters())
+              for v in ("n", "s", "m")}
     assert counts["n"] < counts["s"] < counts["m"]
     assert yolo_n(num_classes=2).width_multiple == 0.25 and yolo_s(num_classes=2).width_multiple == 0.5
     assert yolo(num_classes=2, variant="s", width_multiple=0.125).width_multiple == 0.125

@@ -38,21 +38,21 @@ def build_pretrained(model_name: str, num_classes: int, model_kwargs: dict, weig
     """The model to train and the keyword arguments that rebuild its architecture without any weights file (what the
     checkpoint records). With ``weights``: the pretrained model with its class heads replaced for ``num_classes``
     (fine-tuning); with ``weights_backbone`` only: a new detector on a pretrained backbone."""
-    from fastdet.models.weights import finetune_model, frozen_norm_kwargs
+    from fastdet.models.weights import finetune_model, rebuild_kwargs
 
-    if weights is None and weights_backbone is None:
-        return build_model(model_name, num_classes, **model_kwargs), dict(model_kwargs)
     if model_name not in model_names():
         raise CommandError(f"--model: unknown detector {model_name!r}; choose one of {', '.join(model_names())}")
+    kwargs = dict(model_kwargs)
+    if weights_backbone is not None:  # otherwise the builder's default (torchvision's: ImageNet for some models)
+        kwargs["weights_backbone"] = weights_backbone
     try:
         if weights is not None:
-            model = finetune_model(model_name, num_classes, weights=weights, weights_backbone=weights_backbone,
-                                   **model_kwargs)
+            model = finetune_model(model_name, num_classes, weights=weights, **kwargs)
         else:
-            model = build_model(model_name, num_classes, weights_backbone=weights_backbone, **model_kwargs)
-    except (FileNotFoundError, ValueError, TypeError, RuntimeError) as exc:
-        raise CommandError(f"--weights/--weights-backbone: {exc}") from None
-    return model, {**model_kwargs, **frozen_norm_kwargs(model, model_kwargs)}
+            model = build_model(model_name, num_classes, **kwargs)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:  # missing file, bad name, hash or shape mismatch
+        raise CommandError(f"{model_name} weights: {exc}") from None
+    return model, {**model_kwargs, **rebuild_kwargs(model, model_kwargs)}
 
 
 def fit(model_name: str, model_kwargs: dict, train_set, val_set, config, batch_size: int, workers: int,

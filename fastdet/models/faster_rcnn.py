@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import torch
 from torch import Tensor, nn
 
 from fastdet.models._validation import check_images_and_targets
@@ -32,8 +31,8 @@ from fastdet.models.transform import DetectionTransform, batched_postprocess_box
 from fastdet.models.weights import plan_build
 from fastdet.ops import AnchorGenerator, MultiScaleRoIAlign
 
-__all__ = ["FasterRCNN", "fasterrcnn_resnet18_fpn", "fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2",
-           "split_detections"]
+__all__ = ["FasterRCNN", "fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_mobilenet_v3_large_fpn",
+           "fasterrcnn_resnet18_fpn", "fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "split_detections"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -229,7 +228,8 @@ def fasterrcnn_resnet50_fpn_v2(*, weights=None, progress: bool = True, num_class
     plan = plan_build("FasterRCNN_ResNet50_FPN_V2_Weights", "ResNet50_Weights", weights=weights,
                       weights_backbone=weights_backbone, num_classes=num_classes,
                       trainable_backbone_layers=trainable_backbone_layers, max_trainable_layers=5,
-                      default_trainable_layers=3, progress=progress, norm_layer=kwargs.pop("norm_layer", nn.BatchNorm2d))
+                      default_trainable_layers=3, progress=progress,
+                      norm_layer=kwargs.pop("norm_layer", nn.BatchNorm2d))
     backbone = resnet_fpn_backbone(50, trainable_layers=plan.trainable_backbone_layers, norm_layer=plan.norm_layer,
                                    body_state_dict=plan.backbone_state_dict(progress), fpn_norm_layer=nn.BatchNorm2d)
     anchor_generator = fpn_anchor_generator()
@@ -257,3 +257,49 @@ def fasterrcnn_resnet18_fpn(*, weights=None, progress: bool = True, num_classes:
     backbone = resnet_fpn_backbone(18, trainable_layers=plan.trainable_backbone_layers, norm_layer=plan.norm_layer,
                                    body_state_dict=plan.backbone_state_dict(progress))
     return plan.load_into(FasterRCNN(backbone, num_classes=plan.num_classes, **kwargs), progress)
+
+
+def _fasterrcnn_mobilenet_v3_large_fpn(weights_enum: str, weights, progress: bool, num_classes: int | None,
+                                       weights_backbone, trainable_backbone_layers: int | None,
+                                       **kwargs) -> FasterRCNN:
+    from fastdet.models.mobilenet import mobilenet_fpn_backbone, mobilenet_v3_large
+
+    plan = plan_build(weights_enum, "MobileNet_V3_Large_Weights", weights=weights, weights_backbone=weights_backbone,
+                      num_classes=num_classes, trainable_backbone_layers=trainable_backbone_layers,
+                      max_trainable_layers=6, default_trainable_layers=3, progress=progress,
+                      norm_layer=kwargs.pop("norm_layer", None))
+    network = mobilenet_v3_large(norm_layer=plan.norm_layer)
+    backbone_weights = plan.backbone_state_dict(progress)
+    if backbone_weights is not None:
+        network.load_state_dict(backbone_weights)
+    backbone = mobilenet_fpn_backbone(network, plan.trainable_backbone_layers)
+    # Five sizes x three ratios on each of the three levels (two FPN outputs and the max-pool level).
+    anchor_generator = AnchorGenerator(((32, 64, 128, 256, 512),) * 3, ((0.5, 1.0, 2.0),) * 3)
+    model = FasterRCNN(backbone, num_classes=plan.num_classes, rpn_anchor_generator=anchor_generator, **kwargs)
+    return plan.load_into(model, progress)
+
+
+def fasterrcnn_mobilenet_v3_large_fpn(*, weights=None, progress: bool = True, num_classes: int | None = None,
+                                      weights_backbone="IMAGENET1K_V1", trainable_backbone_layers: int | None = None,
+                                      **kwargs) -> FasterRCNN:
+    """Faster R-CNN on a MobileNetV3-Large FPN (torchvision's ``fasterrcnn_mobilenet_v3_large_fpn``: signature,
+    defaults, state dict). ``weights``: ``FasterRCNN_MobileNet_V3_Large_FPN_Weights``; ``weights_backbone``
+    defaults to ``MobileNet_V3_Large_Weights.IMAGENET1K_V1`` as in torchvision (the file must be in the hub cache,
+    see :mod:`fastdet.models.weights`; pass ``None`` for a random backbone); ``trainable_backbone_layers`` in
+    [0, 6] (default 3 when pretrained, 6 otherwise). RPN score threshold 0.05 by default; other keyword arguments
+    go to :class:`FasterRCNN`."""
+    kwargs = {"rpn_score_thresh": 0.05, **kwargs}
+    return _fasterrcnn_mobilenet_v3_large_fpn("FasterRCNN_MobileNet_V3_Large_FPN_Weights", weights, progress,
+                                              num_classes, weights_backbone, trainable_backbone_layers, **kwargs)
+
+
+def fasterrcnn_mobilenet_v3_large_320_fpn(*, weights=None, progress: bool = True, num_classes: int | None = None,
+                                          weights_backbone="IMAGENET1K_V1",
+                                          trainable_backbone_layers: int | None = None, **kwargs) -> FasterRCNN:
+    """The low-resolution variant of :func:`fasterrcnn_mobilenet_v3_large_fpn` (torchvision's
+    ``fasterrcnn_mobilenet_v3_large_320_fpn``): images resized to 320-640 px, 150 proposals before and after NMS at
+    test time, RPN score threshold 0.05. ``weights``: ``FasterRCNN_MobileNet_V3_Large_320_FPN_Weights``."""
+    kwargs = {"min_size": 320, "max_size": 640, "rpn_pre_nms_top_n_test": 150, "rpn_post_nms_top_n_test": 150,
+              "rpn_score_thresh": 0.05, **kwargs}
+    return _fasterrcnn_mobilenet_v3_large_fpn("FasterRCNN_MobileNet_V3_Large_320_FPN_Weights", weights, progress,
+                                              num_classes, weights_backbone, trainable_backbone_layers, **kwargs)

@@ -242,38 +242,37 @@ def fcos_assign_targets(gt_boxes: Tensor, gt_valid: Tensor, anchors: Tensor, poi
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def fcos_select_detections(cls_logits: Sequence[Tensor], bbox_regression: Sequence[Tensor],
-                           bbox_ctrness: Sequence[Tensor], anchors: Sequence[Tensor], image_sizes: Tensor,
-                           score_thresh: float = 0.2, topk_candidates: int = 1000, nms_thresh: float = 0.6,
+def fcos_select_detections(cls_logits: Tensor, bbox_regression: Tensor, bbox_ctrness: Tensor, anchors: Tensor,
+                           points_per_level: Sequence[int], image_sizes: Tensor, score_thresh: float = 0.2,
+                           topk_candidates: int = 1000, nms_thresh: float = 0.6,
                            detections_per_img: int = 100) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """FCOS's detection selection for a whole batch with torchvision's rules (see the module docstring).
 
     Args:
-        cls_logits (list of Tensor[B, N_l, K]), bbox_regression (list of Tensor[B, N_l, 4]), bbox_ctrness (list of
-            Tensor[B, N_l, 1]): per-level head outputs; anchors (list of Tensor[N_l, 4]): per-level point squares.
+        cls_logits (Tensor[B, N, K]), bbox_regression (Tensor[B, N, 4]), bbox_ctrness (Tensor[B, N, 1]): the head's
+            outputs over all levels; anchors (Tensor[N, 4]): the point squares; points_per_level: how many of the N
+            belong to each level (finest first).
         image_sizes (Tensor[B, 2]): ``(height, width)`` before padding; boxes are clipped to it.
 
     Returns:
         boxes (Tensor[B, D, 4] float32), scores (Tensor[B, D]), labels (Tensor[B, D] int64, class columns),
         num_detections (Tensor[B] int64), ``D = detections_per_img``; padding slots hold zeros and label -1.
     """
-    levels = len(cls_logits)
-    if not (levels == len(bbox_regression) == len(bbox_ctrness) == len(anchors)) or levels == 0:
-        raise ValueError("cls_logits, bbox_regression, bbox_ctrness and anchors must hold the same number (>= 1) of "
-                         "levels")
-    all_boxes, all_scores = [], []
-    for logits_l, deltas_l, ctr_l, anchors_l in zip(cls_logits, bbox_regression, bbox_ctrness, anchors):
-        batch, points, num_classes = logits_l.shape
-        scores = torch.sqrt(torch.sigmoid(logits_l.float()) * torch.sigmoid(ctr_l.float()))
-        flat = scores.reshape(batch, -1)
-        flat = torch.where(flat > score_thresh, flat, float("-inf"))
-        keep = _stable_top_k_mask(flat, topk_candidates) & (flat > float("-inf"))
-        all_scores.append(torch.where(keep, flat, float("-inf")).reshape(batch, points, num_classes))
-        # Decoding every point is a few elementwise operations: cheaper than gathering the candidates first.
-        boxes = linear_box_decode(deltas_l.float(), anchors_l.float()[None])
-        all_boxes.append(clip_boxes_to_images(boxes, image_sizes))
-    return ops.multiclass_nms(torch.cat(all_boxes, dim=1), torch.cat(all_scores, dim=1), score_thresh, nms_thresh,
-                              detections_per_img, pre_nms_top_k=levels * topk_candidates)
+    batch, points, num_classes = cls_logits.shape
+    if not (bbox_regression.shape[:2] == bbox_ctrness.shape[:2] == (batch, points) and anchors.shape[0] == points
+            and sum(points_per_level) == points and len(points_per_level) > 0):
+        raise ValueError("cls_logits, bbox_regression, bbox_ctrness and anchors must describe the same points, and "
+                         "points_per_level must add up to their number")
+    scores = torch.sqrt(torch.sigmoid(cls_logits.float()) * torch.sigmoid(bbox_ctrness.float()))
+    scores = torch.where(scores > score_thresh, scores, float("-inf"))
+    # The best topk_candidates (point, class) pairs of each level (ties: lower flat index, i.e. point then class).
+    keep = torch.cat([_stable_top_k_mask(level.reshape(batch, -1), topk_candidates).reshape(level.shape)
+                      for level in scores.split(list(points_per_level), dim=1)], dim=1)
+    scores = torch.where(keep, scores, float("-inf"))
+    # Decoding every point is a few elementwise operations: cheaper than gathering the candidates first.
+    boxes = clip_boxes_to_images(linear_box_decode(bbox_regression.float(), anchors.float()[None]), image_sizes)
+    return ops.multiclass_nms(boxes, scores, score_thresh, nms_thresh, detections_per_img,
+                              pre_nms_top_k=len(points_per_level) * topk_candidates)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -366,10 +365,9 @@ class FCOS(nn.Module):
             return self.head.compute_loss(padded.boxes, padded.labels, head_outputs, anchors, matched)
         sizes = image_sizes_tensor(batch.image_sizes, anchors.device)
         boxes, scores, labels, num = fcos_select_detections(
-            head_outputs["cls_logits"].split(points_per_level, dim=1),
-            head_outputs["bbox_regression"].split(points_per_level, dim=1),
-            head_outputs["bbox_ctrness"].split(points_per_level, dim=1), anchors.split(points_per_level), sizes,
-            self.score_thresh, self.topk_candidates, self.nms_thresh, self.detections_per_img)
+            head_outputs["cls_logits"], head_outputs["bbox_regression"], head_outputs["bbox_ctrness"], anchors,
+            points_per_level, sizes, self.score_thresh, self.topk_candidates, self.nms_thresh,
+            self.detections_per_img)
         boxes = batched_postprocess_boxes(boxes, batch.image_sizes, original_sizes)
         return split_detections(boxes, scores, labels, num)
 

@@ -590,7 +590,8 @@ def retinanet_resnet50_fpn_v2(*, weights=None, progress: bool = True, num_classe
     plan = plan_build("RetinaNet_ResNet50_FPN_V2_Weights", "ResNet50_Weights", weights=weights,
                       weights_backbone=weights_backbone, num_classes=num_classes,
                       trainable_backbone_layers=trainable_backbone_layers, max_trainable_layers=5,
-                      default_trainable_layers=3, progress=progress, norm_layer=kwargs.pop("norm_layer", nn.BatchNorm2d))
+                      default_trainable_layers=3, progress=progress,
+                      norm_layer=kwargs.pop("norm_layer", nn.BatchNorm2d))
     anchor_generator = kwargs.pop("anchor_generator", None) or _default_anchor_generator()
     head = RetinaNetHead(256, anchor_generator.num_anchors_per_location()[0], plan.num_classes,
                          norm_layer=partial(nn.GroupNorm, 32))

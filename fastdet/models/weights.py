@@ -42,6 +42,11 @@ untrained model with a warning; fastdet applies it). ``norm_layer`` (a fastdet e
 otherwise. :meth:`BuildPlan.load_into` loads the weights strictly and applies torchvision's ``eps = 0`` override of
 the frozen batch norms for the checkpoints trained before torchvision's eps fix (``fasterrcnn_resnet50_fpn``,
 ``retinanet_resnet50_fpn``, ``maskrcnn_resnet50_fpn`` COCO_V1; not the v2 ones).
+
+Fine-tuning relies on ``model.replace_class_heads(num_classes)`` (``FasterRCNN``, ``RetinaNet``, ``SSD``, ``FCOS`` have
+it); a detector with more class-dependent heads (Mask R-CNN's mask predictor) extends it. A builder that derives an
+architecture choice from the weights must let a keyword repeat it, and :func:`rebuild_kwargs` record it, so that a
+training checkpoint rebuilds without the weights file (``fastdet train`` stores those keywords).
 """
 
 from __future__ import annotations
@@ -68,7 +73,7 @@ __all__ = [
     "WeightsNotFoundError",
     "download_weights",
     "finetune_model",
-    "frozen_norm_kwargs",
+    "rebuild_kwargs",
     "plan_build",
     "resolve_norm_layer",
     "resolve_weights",
@@ -318,7 +323,8 @@ def download_weights(weights: Weights | str | Any, progress: bool = True) -> Pat
     if isinstance(weights, str):
         enum_name, _, member = weights.rpartition(".")
         if enum_name not in WEIGHTS or member not in WEIGHTS[enum_name]:
-            raise ValueError(f"unknown weights {weights!r}; expected '<Enum>.<NAME>' with Enum one of {sorted(WEIGHTS)}")
+            raise ValueError(f"unknown weights {weights!r}; expected '<Enum>.<NAME>' with Enum one of "
+                             f"{sorted(WEIGHTS)}")
         weights = WEIGHTS[enum_name][member]
     elif not isinstance(weights, Weights):
         weights = resolve_weights(weights, type(weights).__name__)
@@ -467,15 +473,20 @@ def plan_build(weights_enum: str | None, backbone_enum: str | None, *, weights: 
                      resolve_norm_layer(norm_layer, pretrained))
 
 
-def frozen_norm_kwargs(model: nn.Module, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"norm_layer": "FrozenBatchNorm2d"}`` when ``model`` holds frozen batch norms that its builder chose because
-    of pretrained weights (and ``kwargs`` did not name a norm layer): what rebuilding the same architecture without
-    the weights file needs (e.g. from a training checkpoint). Empty otherwise."""
+def rebuild_kwargs(model: nn.Module, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Builder keyword arguments (beyond ``kwargs``, JSON-friendly) that rebuild ``model``'s architecture without any
+    weights file, e.g. from a training checkpoint: ``weights_backbone=None`` (the checkpoint holds every weight),
+    plus the choices the builder derived from pretrained weights: ``norm_layer="FrozenBatchNorm2d"`` when the model
+    holds frozen batch norms, and the MobileNet tail width of SSDlite (``reduced_tail``)."""
     from fastdet.models.backbones import FrozenBatchNorm2d
 
-    if "norm_layer" in kwargs or not any(isinstance(m, FrozenBatchNorm2d) for m in model.modules()):
-        return {}
-    return {"norm_layer": "FrozenBatchNorm2d"}
+    extra: dict[str, Any] = {"weights_backbone": None}
+    if "norm_layer" not in kwargs and any(isinstance(m, FrozenBatchNorm2d) for m in model.modules()):
+        extra["norm_layer"] = "FrozenBatchNorm2d"
+    reduced_tail = getattr(getattr(model, "backbone", None), "reduced_tail", None)
+    if reduced_tail is not None and "reduced_tail" not in kwargs:
+        extra["reduced_tail"] = bool(reduced_tail)
+    return extra
 
 
 def finetune_model(builder: Callable[..., nn.Module] | str, num_classes: int, *, weights: Any = "DEFAULT",
