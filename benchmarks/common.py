@@ -91,6 +91,16 @@ SIZES = {
         Size({"batch": 1, "n": 16}),
         Size({"batch": 8, "n": 512}, cpu={"batch": 1, "n": 256}),
     ],
+    # Mask R-CNN's mask ops (benchmarks/test_bench_masks.py): N detections pasted into a height x width image; P
+    # proposals' 28 x 28 targets from G ground-truth masks of that image.
+    "paste_masks": [
+        Size({"n": 100, "height": 480, "width": 640}),
+        Size({"n": 300, "height": 800, "width": 1333}, cpu={"n": 100, "height": 800, "width": 1333}),
+    ],
+    "project_masks": [
+        Size({"n": 128, "m": 20, "height": 800, "width": 1333}),
+        Size({"n": 512, "m": 50, "height": 800, "width": 1333}, cpu={"n": 256, "m": 50, "height": 800, "width": 1333}),
+    ],
     # Detectors (issue 6; benchmarks/test_bench_models.py): B images of height x width, the size each model's transform
     # is set to. The CPU sizes keep one call of ResNet-50 Faster R-CNN to a few seconds on this 2-core machine (with one
     # thread: see CPU_THREADS there).

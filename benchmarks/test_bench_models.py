@@ -189,7 +189,9 @@ def _torchvision_faster_rcnn(params: dict):
 
 
 def _fastdet_faster_rcnn(params: dict):
-    return fastdet.models.fasterrcnn_resnet50_fpn(num_classes=NUM_CLASSES, **_faster_rcnn_kwargs(params))
+    # torchvision's pretrained layout (frozen batch norm, 3 trainable stages), as the torchvision side above.
+    return fastdet.models.fasterrcnn_resnet50_fpn(num_classes=NUM_CLASSES, norm_layer="FrozenBatchNorm2d",
+                                                  trainable_backbone_layers=3, **_faster_rcnn_kwargs(params))
 
 
 def _confident_faster_rcnn_classifier(model) -> None:
@@ -211,7 +213,8 @@ def _torchvision_retinanet(params: dict):
 
 
 def _fastdet_retinanet(params: dict):
-    return retinanet_resnet50_fpn(num_classes=NUM_CLASSES, min_size=params["height"], max_size=params["width"])
+    return retinanet_resnet50_fpn(num_classes=NUM_CLASSES, norm_layer="FrozenBatchNorm2d", trainable_backbone_layers=3,
+                                  min_size=params["height"], max_size=params["width"])
 
 
 def _spread_retinanet_scores(model) -> None:
@@ -228,7 +231,7 @@ def _torchvision_ssd(params: dict):
 
 
 def _fastdet_ssd(params: dict):
-    return ssd300_vgg16(num_classes=NUM_CLASSES)
+    return ssd300_vgg16(num_classes=NUM_CLASSES, weights_backbone=None)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -82,7 +82,7 @@ def label_box(box: Sequence[float], text_size: tuple[float, float], image_size: 
 
 def draw_detections(image, boxes, labels, scores=None, class_names: Sequence[str] | None = None,
                     score_threshold: float = 0.0, width: int | None = None,
-                    min_side: int = MIN_CANVAS_SIDE) -> Image.Image:
+                    min_side: int = MIN_CANVAS_SIDE, masks=None, mask_threshold: float = 0.5) -> Image.Image:
     """A copy of ``image`` (Tensor[3, H, W] or PIL image) with ``boxes`` (xyxy pixels) drawn and labelled
     ``name score``; detections scoring below ``score_threshold`` are not drawn. Label ``k`` is ``class_names[k - 1]``
     (0 is background in fastdet's label convention).
@@ -90,8 +90,13 @@ def draw_detections(image, boxes, labels, scores=None, class_names: Sequence[str
     An image whose shorter side is under ``min_side`` comes back enlarged by a whole factor (:func:`draw_style`; pixel
     replication, boxes scaled with it), so that labels are legible yet smaller than the objects. The font size and the
     box line width (``width``, in pixels of the drawn image; default scaled to it) follow the size of the drawn
-    image, and every label is kept inside it (:func:`label_box`)."""
+    image, and every label is kept inside it (:func:`label_box`).
+
+    ``masks`` (a mask model's ``Tensor[N, 1, H, W]`` or ``[N, H, W]`` probabilities, image-sized) are painted first:
+    the pixels above ``mask_threshold`` of each drawn detection are tinted with its box colour."""
     canvas = to_pil(image) if isinstance(image, torch.Tensor) else image.convert("RGB").copy()
+    if masks is not None:
+        canvas = _paint_masks(canvas, masks, labels, scores, score_threshold, mask_threshold)
     boxes = np.asarray(torch.as_tensor(boxes).detach().cpu(), dtype=np.float64).reshape(-1, 4)
     labels = np.asarray(torch.as_tensor(labels).detach().cpu()).reshape(-1)
     scores_np = None if scores is None else np.asarray(torch.as_tensor(scores).detach().cpu(), np.float64).reshape(-1)
@@ -122,9 +127,31 @@ def draw_detections(image, boxes, labels, scores=None, class_names: Sequence[str
     return canvas
 
 
+def _paint_masks(canvas: Image.Image, masks, labels, scores, score_threshold: float,
+                 mask_threshold: float) -> Image.Image:
+    masks = torch.as_tensor(masks).detach().float().cpu()
+    if masks.dim() == 4:
+        masks = masks[:, 0]
+    if masks.shape[0] and tuple(masks.shape[-2:]) != (canvas.height, canvas.width):
+        raise ValueError(f"masks must be image-sized [N, H, W] = [N, {canvas.height}, {canvas.width}], got "
+                         f"{tuple(masks.shape)}")
+    labels = torch.as_tensor(labels).detach().cpu().reshape(-1)
+    if len(labels) != masks.shape[0]:
+        raise ValueError(f"masks ({masks.shape[0]}) and labels ({len(labels)}) must have the same length")
+    shown = masks > mask_threshold
+    if scores is not None:
+        shown &= (torch.as_tensor(scores).detach().cpu().reshape(-1) >= score_threshold)[:, None, None]
+    pixels = torch.from_numpy(np.asarray(canvas, dtype=np.float32).copy())
+    palette = torch.tensor(_PALETTE, dtype=torch.float32)
+    for i in range(masks.shape[0]):  # output formatting, not a hot path
+        colour = palette[int(labels[i]) % len(_PALETTE)]
+        pixels[shown[i]] = 0.5 * pixels[shown[i]] + 0.5 * colour
+    return Image.fromarray(pixels.round().clamp(0, 255).to(torch.uint8).numpy())
+
+
 def save_detections(path: str | Path, image, boxes, labels, scores=None, class_names=None,
-                    score_threshold: float = 0.0) -> Path:
+                    score_threshold: float = 0.0, masks=None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    draw_detections(image, boxes, labels, scores, class_names, score_threshold).save(path)
+    draw_detections(image, boxes, labels, scores, class_names, score_threshold, masks=masks).save(path)
     return path

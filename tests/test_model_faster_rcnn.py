@@ -60,7 +60,7 @@ def _tv_fasterrcnn(depth: int, num_classes: int, trainable_layers: int = 3, **kw
 
 
 def test_state_dict_is_torchvisions():
-    ours = fasterrcnn_resnet50_fpn(num_classes=91)
+    ours = fasterrcnn_resnet50_fpn(num_classes=91, norm_layer=backbones.FrozenBatchNorm2d, trainable_backbone_layers=3)
     theirs = _tv_fasterrcnn(50, 91)
     ours_sd, theirs_sd = ours.state_dict(), theirs.state_dict()
     assert list(ours_sd) == list(theirs_sd)
@@ -84,7 +84,7 @@ def resnet50_pair():
         # deltas (std ~1.6 at initialisation) so that fewer proposals collapse into slivers along the image border.
         theirs.roi_heads.box_predictor.cls_score.weight.normal_(0, 0.02)
         theirs.rpn.head.bbox_pred.weight.mul_(0.2)
-    ours = fasterrcnn_resnet50_fpn(num_classes=91, **SMALL).eval()
+    ours = fasterrcnn_resnet50_fpn(num_classes=91, norm_layer="FrozenBatchNorm2d", **SMALL).eval()
     ours.load_state_dict(theirs.state_dict())
     return ours, theirs
 

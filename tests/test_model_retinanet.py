@@ -105,8 +105,8 @@ def test_state_dict_matches_torchvision(resnet50_pair):
     tv_state, state = tv.state_dict(), ours.state_dict()
     assert list(state) == list(tv_state)
     assert all(state[k].shape == tv_state[k].shape for k in tv_state)
-    # The default (FrozenBatchNorm2d, torchvision's pretrained layout) loads the same state dict unchanged.
-    frozen = retinanet_resnet50_fpn(num_classes=91, **SMALL)
+    # torchvision's pretrained layout (FrozenBatchNorm2d) loads the same state dict unchanged.
+    frozen = retinanet_resnet50_fpn(num_classes=91, norm_layer="FrozenBatchNorm2d", **SMALL)
     assert set(frozen.state_dict()) == {k for k in tv_state if not k.endswith("num_batches_tracked")}
     frozen.load_state_dict(tv_state)
 

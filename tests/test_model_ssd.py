@@ -47,7 +47,7 @@ def tv_ssd_with_backbone(backbone: nn.Module, num_classes: int, **kwargs):
 def vgg16_pair():
     torch.manual_seed(0)
     tv = tv_detection.ssd300_vgg16(weights=None, weights_backbone=None, num_classes=91)
-    ours = ssd300_vgg16(num_classes=91)
+    ours = ssd300_vgg16(num_classes=91, weights_backbone=None)
     ours.load_state_dict(tv.state_dict())
     return tv.eval(), ours.eval()
 

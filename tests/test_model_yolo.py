@@ -28,7 +28,7 @@ def tiny_model(**kwargs) -> YOLO:
     kwargs.setdefault("width_multiple", 0.125)
     kwargs.setdefault("depth_multiple", 0.33)
     kwargs.setdefault("image_size", 64)
-    return yolo(NUM_CLASSES, "n", **kwargs)
+    return yolo(num_classes=NUM_CLASSES, variant="n", **kwargs)
 
 
 def random_batch(generator: torch.Generator, sizes=((60, 50), (64, 40)), max_boxes: int = 3):
@@ -102,10 +102,11 @@ def test_inputs_are_not_modified(seed):
 
 
 def test_variants_scale_width_and_depth():
-    counts = {v: sum(p.numel() for p in yolo(2, v, image_size=64).parameters()) for v in ("n", "s", "m")}
+    counts = {v: sum(p.numel() for p in yolo(num_classes=2, variant=v, image_size=64).parameters())
+              for v in ("n", "s", "m")}
     assert counts["n"] < counts["s"] < counts["m"]
-    assert yolo_n(2).width_multiple == 0.25 and yolo_s(2).width_multiple == 0.5
-    assert yolo(2, "s", width_multiple=0.125).width_multiple == 0.125
+    assert yolo_n(num_classes=2).width_multiple == 0.25 and yolo_s(num_classes=2).width_multiple == 0.5
+    assert yolo(num_classes=2, variant="s", width_multiple=0.125).width_multiple == 0.125
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -270,7 +271,7 @@ def test_decode_matches_yolov5_formula(seed):
 
 
 def test_default_anchors_scale_with_image_size():
-    small = yolo(2, "n", image_size=320)
+    small = yolo(num_classes=2, variant="n", image_size=320)
     torch.testing.assert_close(small.anchors[0, 0], torch.tensor([5.0, 6.5]))
     torch.testing.assert_close(small.anchors[2, 2], torch.tensor([186.5, 163.0]))
 

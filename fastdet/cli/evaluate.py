@@ -61,9 +61,20 @@ def evaluate_and_report(model, dataset, device, spec_or_names, output: Path | No
         print("\nper-class AP (IoU 0.50:0.95):")
         for name, ap in evaluation.per_class_ap.items():
             print(f"  {name:20s} {ap:.3f}")
+    segm = None
+    if detections and all("segmentation" in d for d in detections):  # a mask model: mask AP next to box AP
+        from fastdet.eval.segm import evaluate_segmentation
+
+        segm = evaluate_segmentation(ground_truth, detections, dataset.label_to_category_id,
+                                     max_detections=max_detections)
+        if not quiet:
+            print(f"\nCOCO mask (segm) evaluation:\n{segm.summary}")
+    evaluation.segm = segm
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
         write_json(output / "metrics.json", {"stats": evaluation.stats, "per_class_ap": evaluation.per_class_ap,
+                                             **({"segm_stats": segm.stats, "segm_per_class_ap": segm.per_class_ap}
+                                                if segm is not None else {}),
                                              "images": len(dataset), "inference_images_per_second":
                                                  len(dataset) / seconds})
         plot_precision_recall(precision_recall_curves(evaluation), output / "pr_curve.png")

@@ -1,4 +1,5 @@
-"""``fastdet predict``: run a checkpoint on images or folders; boxes out as JSON and drawn onto PNGs."""
+"""``fastdet predict``: run a checkpoint on images or folders; boxes (and a mask model's masks, as RLE) out as JSON and
+drawn onto PNGs."""
 
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
             keep = det["scores"] >= args.score_threshold
             boxes, labels, scores = (det[k][keep].float().cpu() if k != "labels" else det[k][keep].cpu()
                                      for k in ("boxes", "labels", "scores"))
+            masks = det["masks"][keep].float().cpu() if "masks" in det else None
             results.append({
                 "file": str(path), "width": int(image.shape[-1]), "height": int(image.shape[-2]),
                 "detections": [{"box_xyxy": [round(v, 2) for v in b], "label": int(lab),
@@ -68,8 +70,14 @@ def run(args: argparse.Namespace) -> int:
                                 "score": round(float(s), 4)}
                                for b, lab, s in zip(boxes.tolist(), labels.tolist(), scores.tolist())],
             })
+            if masks is not None:  # a mask model: each detection's mask (probability > 0.5) as COCO RLE
+                from fastdet.eval.segm import masks_to_rles
+
+                for entry, rle in zip(results[-1]["detections"], masks_to_rles(masks)):
+                    entry["segmentation"] = rle
             if not args.no_draw:
-                save_detections(output / f"{path.stem}_detections.png", image, boxes, labels, scores, names)
+                save_detections(output / f"{path.stem}_detections.png", image, boxes, labels, scores, names,
+                                masks=masks)
             print(f"{path}: {len(boxes)} detection(s)")
     write_json(output / "predictions.json", results)
     print(f"wrote {output / 'predictions.json'}" + ("" if args.no_draw else " and the drawn images"))

@@ -34,14 +34,37 @@ def train_transforms(hflip: float):
     return RandomHorizontalFlip(hflip)
 
 
-def fit(model_name: str, model_kwargs: dict, train_set, val_set, config, batch_size: int, workers: int):
-    """Build the model for ``train_set``'s classes and train it; returns the Trainer (after ``fit``)."""
+def build_pretrained(model_name: str, num_classes: int, model_kwargs: dict, weights, weights_backbone):
+    """The model to train and the keyword arguments that rebuild its architecture without any weights file (what the
+    checkpoint records). With ``weights``: the pretrained model with its class heads replaced for ``num_classes``
+    (fine-tuning); with ``weights_backbone`` only: a new detector on a pretrained backbone."""
+    from fastdet.models.weights import finetune_model, rebuild_kwargs
+
+    if model_name not in model_names():
+        raise CommandError(f"--model: unknown detector {model_name!r}; choose one of {', '.join(model_names())}")
+    kwargs = dict(model_kwargs)
+    if weights_backbone is not None:  # otherwise the builder's default (torchvision's: ImageNet for some models)
+        kwargs["weights_backbone"] = weights_backbone
+    try:
+        if weights is not None:
+            model = finetune_model(model_name, num_classes, weights=weights, **kwargs)
+        else:
+            model = build_model(model_name, num_classes, **kwargs)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:  # missing file, bad name, hash or shape mismatch
+        raise CommandError(f"{model_name} weights: {exc}") from None
+    return model, {**model_kwargs, **rebuild_kwargs(model, model_kwargs)}
+
+
+def fit(model_name: str, model_kwargs: dict, train_set, val_set, config, batch_size: int, workers: int,
+        weights=None, weights_backbone=None):
+    """Build the model for ``train_set``'s classes (from ``weights``/``weights_backbone`` when given) and train it;
+    returns the Trainer (after ``fit``)."""
     from fastdet.data import make_data_loader, to_coco_dict
     from fastdet.engine import Trainer, build_data_loader
 
     num_classes = len(train_set.class_names) + 1  # + background, fastdet's (and torchvision's) convention
-    model = build_model(model_name, num_classes, **model_kwargs)
-    config.extra["model"] = model_spec(model_name, num_classes, model_kwargs, train_set.class_names,
+    model, spec_kwargs = build_pretrained(model_name, num_classes, model_kwargs, weights, weights_backbone)
+    config.extra["model"] = model_spec(model_name, num_classes, spec_kwargs, train_set.class_names,
                                        train_set.label_to_category_id)
     train_loader = build_data_loader(train_set, batch_size=batch_size, shuffle=True, num_workers=workers,
                                      seed=config.seed, drop_last=len(train_set) >= 2 * batch_size)
@@ -82,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     trainer = fit(args.model, parse_model_args(args.model_arg), train_set, val_set, config, args.batch_size,
-                  args.workers)
+                  args.workers, args.weights, args.weights_backbone)
     if trainer.context.is_main:
         print(f"\ntrained {trainer.epoch} epoch(s); checkpoints and metrics log in {args.output}")
         if trainer.last_evaluation is not None:
@@ -101,6 +124,11 @@ def add_parser(sub) -> None:
                                                     "one of: " + ", ".join(_safe_model_names()))
     p.add_argument("--model-arg", action="append", metavar="NAME=VALUE",
                    help="keyword argument for the builder, e.g. min_size=320 (repeatable)")
+    p.add_argument("--weights", help="fine-tune from pretrained weights: DEFAULT, a torchvision weights name (e.g. "
+                                     "COCO_V1) or a .pth file; the class heads are replaced for the dataset's classes. "
+                                     "Published files are read from the torch hub cache (no download unless "
+                                     "FASTDET_ALLOW_DOWNLOAD=1)")
+    p.add_argument("--weights-backbone", help="pretrained backbone weights (e.g. DEFAULT, IMAGENET1K_V1, or a .pth)")
     p.add_argument("--data", help="dataset root in fastdet's COCO layout")
     p.add_argument("--images", help="image folder (overrides --data)")
     p.add_argument("--train-annotations", help="COCO instances JSON for training (overrides --data)")

@@ -124,6 +124,8 @@ class ImageRecord:
     labels: np.ndarray  # int64 [N], contiguous 1..K
     attributes: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # name -> [N, ...]
     ignore_boxes: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    # One COCO segmentation per object (polygons, RLE or None; see fastdet.data.masks), or None for box-only data.
+    segmentations: list | None = None
 
     def __post_init__(self):
         self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
@@ -131,6 +133,9 @@ class ImageRecord:
         self.ignore_boxes = np.asarray(self.ignore_boxes, dtype=np.float32).reshape(-1, 4)
         if self.labels.shape[0] != self.boxes.shape[0]:
             raise ValueError(f"{self.file_name}: {self.boxes.shape[0]} boxes but {self.labels.shape[0]} labels")
+        if self.segmentations is not None and len(self.segmentations) != self.boxes.shape[0]:
+            raise ValueError(f"{self.file_name}: {len(self.segmentations)} segmentations for {self.boxes.shape[0]} "
+                             f"boxes")
         for name, values in self.attributes.items():
             if len(values) != self.boxes.shape[0]:
                 raise ValueError(f"{self.file_name}: attribute {name!r} has {len(values)} values for "
@@ -247,6 +252,11 @@ def record_to_target(record: ImageRecord) -> dict[str, Any]:
             target[name] = torch.from_numpy(np.ascontiguousarray(values))
     target["ignore_boxes"] = torch.from_numpy(record.ignore_boxes.copy())
     target["orig_size"] = torch.tensor([record.height, record.width], dtype=torch.int64)
+    if record.segmentations is not None:
+        from fastdet.data.masks import decode_segmentations
+
+        target["masks"] = torch.from_numpy(decode_segmentations(record.segmentations, record.height, record.width,
+                                                                record.boxes))
     return target
 
 
@@ -256,7 +266,8 @@ class DetectionDataset(torch.utils.data.Dataset):
     ``dataset[i]`` is ``(image, target)``: ``image`` is ``Tensor[3, H, W]`` float32 in ``[0, 1]``; ``target`` holds
     ``boxes`` (``Tensor[N, 4]`` float32, x1 y1 x2 y2 pixels), ``labels`` (``Tensor[N]`` int64, 1..K), ``image_id``
     (int), ``area`` (``Tensor[N]``), ``iscrowd`` (``Tensor[N]`` int64), any further per-object attributes of the format
-    (``difficult``, ``truncated``, ...), ``ignore_boxes`` (``Tensor[M, 4]``) and ``orig_size`` (``Tensor[2]``: H, W).
+    (``difficult``, ``truncated``, ...), ``ignore_boxes`` (``Tensor[M, 4]``) and ``orig_size`` (``Tensor[2]``: H, W);
+    with instance segmentations (COCO polygons/RLE), ``masks`` (``Tensor[N, H, W]`` uint8, one per box).
     ``transforms(image, target)`` is applied last.
 
     Attributes: ``records``, ``image_root``, ``class_names`` (label ``k`` is ``class_names[k - 1]``), ``categories``

@@ -8,6 +8,9 @@ Besides the standard fields, fastdet reads and writes a few optional ones that p
 through COCO loses nothing the other formats hold: per-annotation ``difficult``, ``truncated``, ``occluded``,
 ``alpha``, ``dimensions``, ``location``, ``rotation_y`` and per-image ``ignore_regions`` (``[[x, y, w, h], ...]``,
 KITTI's ``DontCare`` areas).
+
+Instance segmentations (``segmentation``: polygons, RLE, crowd RLE) are read into ``ImageRecord.segmentations`` and
+decoded per sample into ``target["masks"]`` (:mod:`fastdet.data.masks`); :func:`to_coco_dict` writes them back.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from fastdet.data._base import (
     check_boxes,
     read_image_size,
 )
+from fastdet.data.masks import check_segmentation
 
 _EXTRA_ATTRIBUTES = tuple(name for name in OBJECT_ATTRIBUTES if name not in ("area", "iscrowd"))
 
@@ -141,6 +145,8 @@ def read_coco(annotation_file: str | Path, image_root: str | Path, skip_bad: boo
     ann_crowd = np.zeros(n, np.int64)
     ann_area = np.full(n, np.nan, np.float64)
     ignore_region = np.zeros(n, bool)
+    segmentations: list = [None] * n
+    has_segmentation = False
     extras: dict[str, list] = {}
     seen_ids: dict[int, int] = {}
     stray = np.zeros(n, bool)  # annotations to leave out (their image is bad or unknown)
@@ -182,6 +188,16 @@ def read_coco(annotation_file: str | Path, image_root: str | Path, skip_bad: boo
         if isinstance(area, (int, float)) and not isinstance(area, bool):
             ann_area[i] = area
         ignore_region[i] = bool(ann.get("ignore_region", 0))
+        segmentation = ann.get("segmentation")
+        if segmentation is not None and segmentation != []:
+            reason = check_segmentation(segmentation)
+            if reason is not None:
+                collect(DatasetError("malformed_label", f"{where}: {reason}", path))
+                bad_images.add(image_id)
+                stray[i] = True
+                continue
+            segmentations[i] = segmentation
+            has_segmentation = True
         for name in _EXTRA_ATTRIBUTES:
             if name in ann:
                 extras.setdefault(name, [None] * n)[i] = ann[name]
@@ -250,7 +266,9 @@ def read_coco(annotation_file: str | Path, image_root: str | Path, skip_bad: boo
             region_boxes = np.unique(np.concatenate([region_boxes, r]), axis=0)
         records.append(ImageRecord(file_name=image["file_name"], image_id=image_id, width=int(width),
                                    height=int(height), boxes=clipped[objects], labels=ann_label[objects],
-                                   attributes=attributes, ignore_boxes=region_boxes))
+                                   attributes=attributes, ignore_boxes=region_boxes,
+                                   segmentations=[segmentations[j] for j in objects.tolist()]
+                                   if has_segmentation else None))
     report = collect.finish("CocoDetection", path, len(image_info))
     return records, class_names, category_ids, report
 
@@ -324,6 +342,8 @@ def to_coco_dict(dataset: DetectionDataset | Sequence[ImageRecord], categories: 
                        "area": area[j], "iscrowd": int(iscrowd[j])}
                 for name, values in extra_columns:
                     ann[name] = values[j]
+                if record.segmentations is not None and record.segmentations[j] is not None:
+                    ann["segmentation"] = record.segmentations[j]
                 annotations.append(ann)
             next_id += n
         if ignore_regions_as_crowd and len(record.ignore_boxes):

@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 
 from fastdet.data._base import ImageRecord
 from fastdet.data.coco import to_coco_dict, write_coco_json
+from fastdet.data.masks import encode_mask
 from fastdet.data.split import DEFAULT_SPLIT_NAMES, check_ratios, split_indices
 
 SHAPE_KINDS = ("rectangle", "ellipse", "triangle", "star", "cross", "hexagon")
@@ -115,10 +116,11 @@ def _box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 def render_shapes_image(index: int, seed: int = 0, image_size: tuple[int, int] = (256, 256),
                         shapes: Sequence[str] = SHAPE_KINDS[:3], min_objects: int = 1, max_objects: int = 6,
                         min_size: float = 0.1, max_size: float = 0.45, max_iou: float = 0.3,
-                        min_visible: float = 0.7) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                        min_visible: float = 0.7, return_masks: bool = False):
     """Render image ``index`` of the dataset with this ``seed``: ``(image uint8 [H, W, 3], boxes float32 [N, 4] xyxy,
-    labels int64 [N] in 1..len(shapes))``. Fewer than the drawn number of objects appear when no admissible place is
-    found within a fixed number of attempts."""
+    labels int64 [N] in 1..len(shapes))``, plus with ``return_masks`` the instance masks ``bool [N, H, W]`` (each
+    object's visible pixels: a later object that covers part of an earlier one takes those pixels). Fewer than the
+    drawn number of objects appear when no admissible place is found within a fixed number of attempts."""
     height, width = image_size
     rng = np.random.default_rng([int(seed), int(index)])
     background = _background(rng, height, width)
@@ -182,6 +184,9 @@ def render_shapes_image(index: int, seed: int = 0, image_size: tuple[int, int] =
         cols = np.flatnonzero(mine.any(axis=0))
         rows = np.flatnonzero(mine.any(axis=1))
         tight[k] = (x1 + cols[0], y1 + rows[0], x1 + cols[-1] + 1, y1 + rows[-1] + 1)
+    if return_masks:
+        masks = owner[None] == np.arange(len(labels), dtype=np.int16)[:, None, None]
+        return image, tight, np.asarray(labels, np.int64), masks
     return image, tight, np.asarray(labels, np.int64)
 
 
@@ -189,7 +194,7 @@ def make_shapes_dataset(root: str | Path, num_images: int = 200, image_size: tup
                         shapes: int | Sequence[str] = 3, min_objects: int = 1, max_objects: int = 6,
                         min_size: float = 0.1, max_size: float = 0.45, seed: int = 0,
                         split: Sequence[float] = (0.8, 0.1, 0.1), max_iou: float = 0.3,
-                        min_visible: float = 0.7) -> dict[str, Path]:
+                        min_visible: float = 0.7, masks: bool = False) -> dict[str, Path]:
     """Generate the shapes dataset under ``root`` and return its paths.
 
     Writes ``root/images/{image_id:06d}.png`` (image ids ``1..num_images``; image ``index`` has id ``index + 1``) and ``root/annotations/instances_{train,val,test}.json`` (COCO: images
@@ -208,6 +213,8 @@ def make_shapes_dataset(root: str | Path, num_images: int = 200, image_size: tup
         split: train/val/test ratios; membership is :func:`fastdet.data.split.split_indices` with this seed.
         max_iou: largest allowed IoU between two objects' boxes.
         min_visible: smallest fraction of an object's pixels that later objects may leave visible.
+        masks: also write each object's instance mask (its visible pixels) as the annotation's ``segmentation``
+            (compressed RLE), for instance segmentation (Mask R-CNN). Boxes, areas and images are unchanged.
 
     Returns:
         ``{"root", "images", "train", "val", "test"}`` paths (only the splits that were written).
@@ -240,13 +247,15 @@ def make_shapes_dataset(root: str | Path, num_images: int = 200, image_size: tup
     image_dir.mkdir(parents=True, exist_ok=True)
     records = []
     for index in range(int(num_images)):
-        image, boxes, labels = render_shapes_image(index, seed, (height, width), kinds, min_objects, max_objects,
-                                                   min_size, max_size, max_iou, min_visible)
+        rendered = render_shapes_image(index, seed, (height, width), kinds, min_objects, max_objects, min_size,
+                                       max_size, max_iou, min_visible, return_masks=masks)
+        image, boxes, labels = rendered[:3]
+        segmentations = [encode_mask(m) for m in rendered[3]] if masks else None
         # Files are named after their image id, so formats without ids (YOLO, VOC, KITTI) recover it from the name.
         file_name = f"{index + 1:06d}.png"
         Image.fromarray(image).save(image_dir / file_name, compress_level=1)
         records.append(ImageRecord(file_name=file_name, image_id=index + 1, width=width, height=height,
-                                   boxes=boxes, labels=labels))
+                                   boxes=boxes, labels=labels, segmentations=segmentations))
     categories = [{"id": k, "name": name, "supercategory": "shape"} for k, name in enumerate(kinds, start=1)]
     paths: dict[str, Path] = {"root": root, "images": image_dir}
     for name, indices in zip(DEFAULT_SPLIT_NAMES, split_indices(len(records), split, seed)):

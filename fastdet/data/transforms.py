@@ -13,7 +13,9 @@ one rule to boxes that (partly) leave the image, stated here once:
     are only dropped when nothing of them is left.
 
 Per-object fields are the target's tensors whose first dimension equals the number of boxes, except ``boxes``,
-``ignore_boxes`` and ``orig_size``. KITTI's 3-D attributes describe the scene, not the picture, and are left unchanged.
+``ignore_boxes`` and ``orig_size``. Instance ``masks`` (``Tensor[N, H, W]``) are per-object and also move with the
+image: flipped, resized and warped with nearest-neighbour sampling, cropped (so a mask stays aligned with its
+pixels). KITTI's 3-D attributes describe the scene, not the picture, and are left unchanged.
 
 Randomness comes from torch's global generator (so :func:`fastdet.data.make_data_loader`'s seed makes runs repeatable)
 or from an explicit ``generator``.
@@ -65,6 +67,21 @@ def _per_object_keys(target: dict, n: int) -> list[str]:
     return [key for key, value in target.items()
             if key not in _NOT_PER_OBJECT and isinstance(value, torch.Tensor) and value.dim() >= 1
             and value.shape[0] == n]
+
+
+def _with_masks(target: dict | None, fn) -> dict | None:
+    """A shallow copy of ``target`` whose instance ``masks`` (if any) went through ``fn``."""
+    if target is None or not isinstance(target.get("masks"), torch.Tensor) or target["masks"].dim() != 3:
+        return target
+    out = dict(target)
+    out["masks"] = fn(target["masks"])
+    return out
+
+
+def _resize_masks(masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    if masks.shape[0] == 0:
+        return masks.new_zeros((0, height, width))
+    return F.interpolate(masks[:, None].float(), size=(height, width), mode="nearest")[:, 0].to(masks.dtype)
 
 
 def update_boxes(target: dict | None, boxes: torch.Tensor, width: int, height: int,
@@ -157,6 +174,7 @@ class Resize:
                                 antialias=shrinking)[0]
         if target is None:
             return resized, None
+        target = _with_masks(target, lambda m: _resize_masks(m, new_h, new_w))
         # Pixel edges scale exactly: an edge at x in the old grid sits at x * new_w / width in the new one.
         scale = target["boxes"].new_tensor([new_w / width, new_h / height] * 2)
         ignore = target.get("ignore_boxes")
@@ -194,7 +212,7 @@ class RandomHorizontalFlip:
         out["boxes"] = mirror(target["boxes"])
         if isinstance(target.get("ignore_boxes"), torch.Tensor):
             out["ignore_boxes"] = mirror(target["ignore_boxes"])
-        return flipped, out
+        return flipped, _with_masks(out, lambda m: m.flip(-1))
 
     def __repr__(self) -> str:
         return f"RandomHorizontalFlip(p={self.p})"
@@ -256,15 +274,16 @@ class RandomIoUCrop:
             crop_w, crop_h = max(int(width * scale_w), 1), max(int(height * scale_h), 1)
             left = int(_rand(g) * (width - crop_w + 1))
             top = int(_rand(g) * (height - crop_h + 1))
+            cropped = _with_masks(target, lambda m: m[:, top:top + crop_h, left:left + crop_w].clone())
             if boxes is None or boxes.shape[0] == 0:
                 new_target = None if target is None else update_boxes(
-                    target, boxes.reshape(-1, 4), crop_w, crop_h, self._ignore(target, left, top))
+                    cropped, boxes.reshape(-1, 4), crop_w, crop_h, self._ignore(target, left, top))
                 return image[:, top:top + crop_h, left:left + crop_w].clone(), new_target
             crop = boxes.new_tensor([[left, top, left + crop_w, top + crop_h]])
             if _box_iou(boxes.float(), crop.float()).max() < min_iou:
                 continue
             shifted = boxes - boxes.new_tensor([left, top, left, top])
-            new_target = update_boxes(target, shifted, crop_w, crop_h, self._ignore(target, left, top),
+            new_target = update_boxes(cropped, shifted, crop_w, crop_h, self._ignore(target, left, top),
                                       self.min_visible)
             if new_target["boxes"].shape[0] == 0:
                 continue
@@ -395,6 +414,9 @@ class RandomAffine:
         if target is None:
             return warped, None
         ignore = target.get("ignore_boxes")
+        inverse = torch.linalg.inv(forward)
+        target = _with_masks(target, lambda m: m.clone() if m.shape[0] == 0 else
+                             _warp(m.float(), inverse, 0.0, mode="nearest").round().to(m.dtype))
         return warped, update_boxes(target, _transform_boxes(target["boxes"], forward), width, height,
                                     None if ignore is None else _transform_boxes(ignore, forward), self.min_visible)
 
@@ -413,8 +435,9 @@ def _transform_boxes(boxes: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     return torch.cat([moved.amin(dim=1), moved.amax(dim=1)], dim=1).to(boxes.dtype)
 
 
-def _warp(image: torch.Tensor, inverse: torch.Tensor, fill: float) -> torch.Tensor:
-    """Sample ``image`` at ``inverse @ (x, y)`` for every output pixel centre (bilinear)."""
+def _warp(image: torch.Tensor, inverse: torch.Tensor, fill: float, mode: str = "bilinear") -> torch.Tensor:
+    """Sample ``image`` (``[C, H, W]``) at ``inverse @ (x, y)`` for every output pixel centre (bilinear, or nearest
+    for masks)."""
     height, width = image.shape[-2:]
     ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float64) + 0.5,
                             torch.arange(width, dtype=torch.float64) + 0.5, indexing="ij")
@@ -424,7 +447,7 @@ def _warp(image: torch.Tensor, inverse: torch.Tensor, fill: float) -> torch.Tens
     grid = torch.stack([src_x / width * 2 - 1, src_y / height * 2 - 1], dim=-1).to(image.dtype)
     inside = F.grid_sample(torch.ones_like(image[:1])[None], grid[None], mode="bilinear", padding_mode="zeros",
                            align_corners=False)[0]
-    warped = F.grid_sample(image[None], grid[None], mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    warped = F.grid_sample(image[None], grid[None], mode=mode, padding_mode="zeros", align_corners=False)[0]
     return warped + (1 - inside) * fill
 
 

@@ -369,6 +369,14 @@ class Trainer:
             stats = dict(self.last_evaluation.stats)
             if self.config.progress:
                 print(f"evaluation after epoch {self.epoch}:\n{self.last_evaluation.summary}")
+            if detections and all("segmentation" in d for d in detections):  # a mask model: mask AP too
+                from fastdet.eval.segm import evaluate_segmentation
+
+                segm = evaluate_segmentation(self.ground_truth, detections, self.label_to_category_id,
+                                             max_detections=self.config.eval_max_detections)
+                stats.update({f"segm_{name}": value for name, value in segm.stats.items()})
+                if self.config.progress:
+                    print(f"mask (segm) evaluation:\n{segm.summary}")
         if self.context.enabled:
             box = [stats]
             dist.broadcast_object_list(box, src=0)

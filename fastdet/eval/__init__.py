@@ -24,6 +24,7 @@ from fastdet.eval.curves import (
     precision_recall_curves,
     targets_from_coco,
 )
+from fastdet.eval.segm import evaluate_segmentation, masks_to_rles
 from fastdet.eval.speed import count_flops, measure_fps
 
 __all__ = [
@@ -38,9 +39,11 @@ __all__ = [
     "count_flops",
     "evaluate_detections",
     "evaluate_model",
+    "evaluate_segmentation",
     "f1_confidence_curves",
     "f1_confidence_from_evaluation",
     "load_ground_truth",
+    "masks_to_rles",
     "match_detections",
     "measure_fps",
     "plot_confusion_matrix",

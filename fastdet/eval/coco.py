@@ -471,6 +471,10 @@ def collect_detections(model, data_loader, device, amp: bool = False) -> list[di
                         "scores": output["scores"].detach().float().cpu(),
                         "labels": output["labels"].detach().cpu(),
                     })
+                    if "masks" in output:  # a mask model: RLE for fastdet.eval.segm
+                        from fastdet.eval.segm import masks_to_rles
+
+                        detections[-1]["segmentation"] = masks_to_rles(output["masks"])
     finally:
         model.train(was_training)
     return detections

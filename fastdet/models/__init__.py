@@ -9,7 +9,14 @@ from fastdet.models.backbones import (
     resnet,
     resnet_fpn_backbone,
 )
-from fastdet.models.faster_rcnn import FasterRCNN, fasterrcnn_resnet18_fpn, fasterrcnn_resnet50_fpn
+from fastdet.models.faster_rcnn import (
+    FasterRCNN,
+    fasterrcnn_mobilenet_v3_large_320_fpn,
+    fasterrcnn_mobilenet_v3_large_fpn,
+    fasterrcnn_resnet18_fpn,
+    fasterrcnn_resnet50_fpn,
+    fasterrcnn_resnet50_fpn_v2,
+)
 from fastdet.models.transform import DetectionTransform, ImageBatch
 
 __all__ = [
@@ -19,10 +26,13 @@ __all__ = [
     "FeaturePyramidNetwork",
     "FrozenBatchNorm2d",
     "ImageBatch",
+    "fasterrcnn_mobilenet_v3_large_320_fpn",
+    "fasterrcnn_mobilenet_v3_large_fpn",
     "LastLevelMaxPool",
     "LastLevelP6P7",
     "fasterrcnn_resnet18_fpn",
     "fasterrcnn_resnet50_fpn",
+    "fasterrcnn_resnet50_fpn_v2",
     "resnet",
     "resnet_fpn_backbone",
 ]
@@ -31,15 +41,36 @@ from fastdet.models.yolo import YOLO, yolo, yolo_m, yolo_n, yolo_s  # noqa: E402
 
 __all__ += ["YOLO", "yolo", "yolo_m", "yolo_n", "yolo_s"]
 
-from fastdet.models.retinanet import RetinaNet, retinanet_resnet18_fpn, retinanet_resnet50_fpn  # noqa: E402
+from fastdet.models.retinanet import (  # noqa: E402
+    RetinaNet,
+    retinanet_resnet18_fpn,
+    retinanet_resnet50_fpn,
+    retinanet_resnet50_fpn_v2,
+)
 from fastdet.models.ssd import SSD, ssd300_vgg16, ssd300_vgg16_light  # noqa: E402
+from fastdet.models.fcos import FCOS, fcos_resnet50_fpn  # noqa: E402
+from fastdet.models.ssdlite import ssdlite320_mobilenet_v3_large  # noqa: E402
 
-__all__ += ["RetinaNet", "retinanet_resnet18_fpn", "retinanet_resnet50_fpn", "SSD", "ssd300_vgg16",
-            "ssd300_vgg16_light"]
+from fastdet.models.mask_rcnn import (  # noqa: E402
+    MaskRCNN,
+    maskrcnn_resnet18_fpn,
+    maskrcnn_resnet50_fpn,
+    maskrcnn_resnet50_fpn_v2,
+)
 
-# The detector builders (each takes num_classes, background included): what `fastdet train --model` accepts.
+__all__ += ["MaskRCNN", "maskrcnn_resnet18_fpn", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2"]
+__all__ += ["RetinaNet", "retinanet_resnet18_fpn", "retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2", "SSD",
+            "ssd300_vgg16", "ssd300_vgg16_light", "FCOS", "fcos_resnet50_fpn",
+            "ssdlite320_mobilenet_v3_large"]
+
+# The detector builders, all with torchvision's keyword-only signature (weights, progress, num_classes with the
+# background included, weights_backbone, trainable_backbone_layers, **kwargs; see fastdet.models.weights): what
+# `fastdet train --model` accepts.
 DETECTOR_BUILDERS = (
-    "fasterrcnn_resnet50_fpn", "fasterrcnn_resnet18_fpn", "retinanet_resnet50_fpn", "retinanet_resnet18_fpn",
-    "ssd300_vgg16", "ssd300_vgg16_light", "yolo", "yolo_n", "yolo_s", "yolo_m",
+    "fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn",
+    "fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_resnet18_fpn", "retinanet_resnet50_fpn",
+    "retinanet_resnet50_fpn_v2", "retinanet_resnet18_fpn", "ssd300_vgg16", "ssdlite320_mobilenet_v3_large",
+    "ssd300_vgg16_light", "fcos_resnet50_fpn", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2",
+    "maskrcnn_resnet18_fpn", "yolo", "yolo_n", "yolo_s", "yolo_m",
 )
 __all__ += ["DETECTOR_BUILDERS"]

@@ -13,7 +13,7 @@ Naming contract (what makes checkpoints interchangeable):
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ __all__ = [
     "LastLevelMaxPool",
     "LastLevelP6P7",
     "ResNet",
+    "conv_norm_activation",
     "resnet",
     "resnet_fpn_backbone",
 ]
@@ -64,6 +65,25 @@ class FrozenBatchNorm2d(nn.Module):
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({self.weight.shape[0]}, eps={self.eps})"
+
+
+def conv_norm_activation(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+                         groups: int = 1, norm_layer: Callable[[int], nn.Module] | None = None,
+                         activation_layer: Callable[..., nn.Module] | None = nn.ReLU, dilation: int = 1,
+                         bias: bool | None = None) -> nn.Sequential:
+    """``Sequential(conv, [norm], [activation])`` laid out as torchvision's ``Conv2dNormActivation`` (so keys are
+    ``<name>.0.weight``, ``<name>.1.*``): "same" padding ``(k - 1) // 2 * dilation``, a conv bias only without a norm
+    layer (unless ``bias`` says otherwise), an in-place activation."""
+    if bias is None:
+        bias = norm_layer is None
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, out_channels, kernel_size, stride,
+                                         (kernel_size - 1) // 2 * dilation, dilation=dilation, groups=groups,
+                                         bias=bias)]
+    if norm_layer is not None:
+        layers.append(norm_layer(out_channels))
+    if activation_layer is not None:
+        layers.append(activation_layer(inplace=True))
+    return nn.Sequential(*layers)
 
 
 def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -246,22 +266,28 @@ class FeaturePyramidNetwork(nn.Module):
 
     Each level gets a 1x1 lateral conv (``inner_blocks``); from the coarsest level down, the running top-down map is
     upsampled (nearest, to the lateral's exact size) and added to the lateral; a 3x3 conv (``layer_blocks``) produces
-    each output. ``extra_blocks`` appends levels after the coarsest. Convs use kaiming-uniform (a=1) weights and zero
-    bias, as torchvision.
+    each output. ``extra_blocks`` appends levels after the coarsest. With ``norm_layer`` every conv is followed by it
+    (``inner_blocks.{i}.1``, ``layer_blocks.{i}.1``) and has no bias, as in torchvision's v2 models. Convs use
+    kaiming-uniform (a=1) weights and zero bias, as torchvision.
     """
 
-    def __init__(self, in_channels_list: Sequence[int], out_channels: int, extra_blocks: nn.Module | None = None):
+    def __init__(self, in_channels_list: Sequence[int], out_channels: int, extra_blocks: nn.Module | None = None,
+                 norm_layer: Callable[[int], nn.Module] | None = None):
         super().__init__()
         if len(in_channels_list) == 0 or any(c <= 0 for c in in_channels_list):
             raise ValueError(f"in_channels_list must be non-empty positive channel counts, got {in_channels_list!r}")
+
         self.inner_blocks = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, out_channels, kernel_size=1, padding=0)) for c in in_channels_list)
+            conv_norm_activation(c, out_channels, 1, norm_layer=norm_layer, activation_layer=None)
+            for c in in_channels_list)
         self.layer_blocks = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)) for _ in in_channels_list)
+            conv_norm_activation(out_channels, out_channels, 3, norm_layer=norm_layer, activation_layer=None)
+            for _ in in_channels_list)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_uniform_(m.weight, a=1)
-                nn.init.constant_(m.bias, 0)
+                if m.bias is not None:
+                    nn.init.constant_(m.bias, 0)
         self.extra_blocks = extra_blocks
 
     def forward(self, x: dict[str, Tensor]) -> OrderedDict[str, Tensor]:
@@ -289,15 +315,17 @@ class BackboneWithFPN(nn.Module):
         in_channels_list (list of int): channels of each returned layer.
         out_channels (int): FPN channels (also ``self.out_channels``).
         extra_blocks (nn.Module, optional): :class:`LastLevelMaxPool` (default) or :class:`LastLevelP6P7`.
+        norm_layer (optional): normalisation after each FPN convolution (see :class:`FeaturePyramidNetwork`).
     """
 
     def __init__(self, backbone: nn.Module, return_layers: dict[str, str], in_channels_list: Sequence[int],
-                 out_channels: int, extra_blocks: nn.Module | None = None):
+                 out_channels: int, extra_blocks: nn.Module | None = None,
+                 norm_layer: Callable[[int], nn.Module] | None = None):
         super().__init__()
         if extra_blocks is None:
             extra_blocks = LastLevelMaxPool()
         self.body = IntermediateLayers(backbone, return_layers)
-        self.fpn = FeaturePyramidNetwork(in_channels_list, out_channels, extra_blocks)
+        self.fpn = FeaturePyramidNetwork(in_channels_list, out_channels, extra_blocks, norm_layer)
         self.out_channels = out_channels
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
@@ -307,7 +335,8 @@ class BackboneWithFPN(nn.Module):
 def resnet_fpn_backbone(depth: int, trainable_layers: int = 3, returned_layers: Sequence[int] | None = None,
                         extra_blocks: nn.Module | None = None,
                         norm_layer: Callable[[int], nn.Module] = FrozenBatchNorm2d,
-                        out_channels: int = 256) -> BackboneWithFPN:
+                        out_channels: int = 256, body_state_dict: Mapping[str, Tensor] | None = None,
+                        fpn_norm_layer: Callable[[int], nn.Module] | None = None) -> BackboneWithFPN:
     """ResNet-``depth`` + FPN, as torchvision's ``resnet_fpn_backbone`` builds it.
 
     Args:
@@ -317,10 +346,15 @@ def resnet_fpn_backbone(depth: int, trainable_layers: int = 3, returned_layers: 
         returned_layers (list of int in [1, 4]): stages fed to the FPN (default all four), keyed "0", "1", ...
         extra_blocks: default :class:`LastLevelMaxPool`.
         norm_layer: :class:`FrozenBatchNorm2d` (pretrained-style, the default) or ``nn.BatchNorm2d``.
+        body_state_dict: ImageNet classifier weights (``fc`` included, as torchvision publishes them) loaded strictly
+            into the ResNet before it is cut into a feature extractor.
+        fpn_norm_layer: normalisation after each FPN convolution (``nn.BatchNorm2d`` in torchvision's v2 models).
     """
     if isinstance(trainable_layers, bool) or not isinstance(trainable_layers, int) or not 0 <= trainable_layers <= 5:
         raise ValueError(f"trainable_layers must be an int in [0, 5], got {trainable_layers!r}")
     body = resnet(depth, norm_layer=norm_layer)
+    if body_state_dict is not None:
+        body.load_state_dict(body_state_dict)
     stages_to_train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
     if trainable_layers == 5:
         stages_to_train.append("bn1")
@@ -336,4 +370,4 @@ def resnet_fpn_backbone(depth: int, trainable_layers: int = 3, returned_layers: 
     # Channels of stage k: 64 * 2^(k-1) times the block expansion; body.inplanes holds the last stage's (512 * exp).
     stage2_channels = body.inplanes // 8
     in_channels_list = [stage2_channels * 2 ** (stage - 1) for stage in returned_layers]
-    return BackboneWithFPN(body, return_layers, in_channels_list, out_channels, extra_blocks)
+    return BackboneWithFPN(body, return_layers, in_channels_list, out_channels, extra_blocks, fpn_norm_layer)

@@ -29,6 +29,7 @@ __all__ = [
     "BalancedPositiveNegativeSampler",
     "Matcher",
     "PaddedTargets",
+    "clip_boxes_to_images",
     "compact_mask",
     "gather_rows",
     "match_iou",
@@ -45,10 +46,11 @@ class PaddedTargets(NamedTuple):
     boxes: Tensor  # [B, G, 4] float, xyxy
     labels: Tensor  # [B, G] int64
     valid: Tensor  # [B, G] bool
+    masks: list[Tensor] | None = None  # per image [G_i, H_i, W_i] instance masks, when every target has them
 
 
 def pad_targets(targets: list[dict[str, Tensor]], device: torch.device | None = None,
-                dtype: torch.dtype = torch.float32) -> PaddedTargets:
+                dtype: torch.dtype = torch.float32, with_masks: bool = False) -> PaddedTargets:
     """Stack per-image ``{"boxes", "labels"}`` dicts into :class:`PaddedTargets` (G >= 1 so shapes never collapse)."""
     if len(targets) == 0:
         raise ValueError("targets must hold one dict per image, got an empty list")
@@ -63,7 +65,8 @@ def pad_targets(targets: list[dict[str, Tensor]], device: torch.device | None = 
     padded_labels = pad_sequence(labels + [labels[0].new_zeros(1)], batch_first=True)[:-1]
     slots = padded_boxes.shape[1]
     valid = torch.arange(slots, device=device)[None, :] < counts[:, None]
-    return PaddedTargets(padded_boxes, padded_labels, valid)
+    masks = [t["masks"].to(device) for t in targets] if with_masks and all("masks" in t for t in targets) else None
+    return PaddedTargets(padded_boxes, padded_labels, valid, masks)
 
 
 def gather_rows(values: Tensor, index: Tensor) -> Tensor:
@@ -180,3 +183,16 @@ def compact_mask(mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
     top = keys.topk(k, dim=1).values
     index = torch.where(top > N, 2 * N - top, N - top)
     return index, top > N
+
+
+def clip_boxes_to_images(boxes: Tensor, image_sizes: Tensor) -> Tensor:
+    """Clamp xyxy ``boxes [B, ..., 4]`` to ``[0, width] x [0, height]`` of their image (``image_sizes [B, 2]``)."""
+    shape = (boxes.shape[0],) + (1,) * (boxes.dim() - 2)
+    heights = image_sizes[:, 0].reshape(shape).to(boxes.dtype)
+    widths = image_sizes[:, 1].reshape(shape).to(boxes.dtype)
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    zero = torch.zeros((), dtype=boxes.dtype, device=boxes.device)
+    # clamp(min=0) then clamp(max=size): torchvision's clip_boxes_to_image, with a per-image upper bound
+    clipped = (torch.minimum(torch.maximum(x1, zero), widths), torch.minimum(torch.maximum(y1, zero), heights),
+               torch.minimum(torch.maximum(x2, zero), widths), torch.minimum(torch.maximum(y2, zero), heights))
+    return torch.stack(clipped, dim=-1)

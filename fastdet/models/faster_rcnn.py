@@ -20,18 +20,19 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import torch
 from torch import Tensor, nn
 
 from fastdet.models._validation import check_images_and_targets
 from fastdet.models.backbones import FrozenBatchNorm2d, resnet_fpn_backbone
 from fastdet.models.detection_utils import pad_targets
-from fastdet.models.roi_heads import Detections, FastRCNNPredictor, RoIHeads, TwoMLPHead
+from fastdet.models.roi_heads import Detections, FastRCNNConvFCHead, FastRCNNPredictor, RoIHeads, TwoMLPHead
 from fastdet.models.rpn import RegionProposalNetwork, RPNHead
 from fastdet.models.transform import DetectionTransform, batched_postprocess_boxes
+from fastdet.models.weights import plan_build
 from fastdet.ops import AnchorGenerator, MultiScaleRoIAlign
 
-__all__ = ["FasterRCNN", "fasterrcnn_resnet18_fpn", "fasterrcnn_resnet50_fpn", "split_detections"]
+__all__ = ["FasterRCNN", "fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_mobilenet_v3_large_fpn",
+           "fasterrcnn_resnet18_fpn", "fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "split_detections"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -48,17 +49,23 @@ def paper_anchor_generator() -> AnchorGenerator:
 
 
 def split_detections(detections: Detections) -> list[dict[str, Tensor]]:
-    """Padded ``[B, K]`` detections -> one ``{"boxes", "labels", "scores"}`` dict per image.
+    """Padded ``[B, K]`` detections -> one ``{"boxes", "labels", "scores"}`` dict per image (plus ``"masks"`` when the
+    detections carry them).
 
     This reads ``num_detections`` on the host (one device synchronisation for the whole batch): the per-image tensors
     have data-dependent lengths. It is deliberately kept out of the selection functions, which stay
     synchronisation-free.
     """
     counts = detections.num_detections.tolist()
-    return [
+    out = [
         {"boxes": detections.boxes[i, :n], "labels": detections.labels[i, :n], "scores": detections.scores[i, :n]}
         for i, n in enumerate(counts)
     ]
+    masks = getattr(detections, "masks", None)  # Mask R-CNN's MaskDetections
+    if masks is not None:
+        for i, n in enumerate(counts):
+            out[i]["masks"] = masks[i, :n]
+    return out
 
 
 class FasterRCNN(nn.Module):
@@ -83,6 +90,11 @@ class FasterRCNN(nn.Module):
         box_bg_iou_thresh, box_batch_size_per_image, box_positive_fraction, bbox_reg_weights: the box branch.
         box_pre_nms_top_k (int, optional): cap on candidates per image entering the final NMS (None = all, exact).
     """
+
+    # The RoI heads built by __init__; a detector with more branches (Mask R-CNN) subclasses both.
+    roi_heads_class = RoIHeads
+    # Whether the RoI heads train on the targets' instance masks (moved to the device with the padded targets).
+    uses_target_masks = False
 
     def __init__(self, backbone: nn.Module, num_classes: int | None = None, min_size=800, max_size: int = 1333,
                  image_mean=None, image_std=None, size_divisible: int = 32, fixed_size=None,
@@ -127,9 +139,20 @@ class FasterRCNN(nn.Module):
             rpn_positive_fraction, {"training": rpn_pre_nms_top_n_train, "testing": rpn_pre_nms_top_n_test},
             {"training": rpn_post_nms_top_n_train, "testing": rpn_post_nms_top_n_test}, rpn_nms_thresh,
             score_thresh=rpn_score_thresh)
-        self.roi_heads = RoIHeads(box_roi_pool, box_head, box_predictor, box_fg_iou_thresh, box_bg_iou_thresh,
-                                  box_batch_size_per_image, box_positive_fraction, bbox_reg_weights, box_score_thresh,
-                                  box_nms_thresh, box_detections_per_img, box_pre_nms_top_k)
+        self.roi_heads = self.roi_heads_class(
+            box_roi_pool, box_head, box_predictor, box_fg_iou_thresh, box_bg_iou_thresh, box_batch_size_per_image,
+            box_positive_fraction, bbox_reg_weights, box_score_thresh, box_nms_thresh, box_detections_per_img,
+            box_pre_nms_top_k)
+
+    def replace_class_heads(self, num_classes: int) -> None:
+        """Fine-tuning: a fresh ``FastRCNNPredictor`` for ``num_classes`` (background included) on the same features,
+        on the old predictor's device and dtype (torchvision's tutorial recipe); the rest stays as loaded."""
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an int >= 2 (background included), got {num_classes!r}")
+        old = self.roi_heads.box_predictor.cls_score
+        self.roi_heads.box_predictor = FastRCNNPredictor(old.in_features, num_classes).to(old.weight.device,
+                                                                                          old.weight.dtype)
+        self.num_classes = num_classes
 
     def _features(self, images: Tensor) -> OrderedDict[str, Tensor]:
         features = self.backbone(images)
@@ -146,7 +169,7 @@ class FasterRCNN(nn.Module):
     def compute_losses(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """Training losses for a batch (inputs are assumed checked, as by :meth:`forward`)."""
         batch, resized_targets = self.transform(images, targets)
-        padded = pad_targets(resized_targets, batch.tensors.device)
+        padded = pad_targets(resized_targets, batch.tensors.device, with_masks=self.uses_target_masks)
         features = self._features(batch.tensors)
         proposals, rpn_losses = self.rpn(batch, features, padded)
         _, head_losses = self.roi_heads(features, proposals, batch.image_sizes, padded)
@@ -164,24 +187,119 @@ class FasterRCNN(nn.Module):
         return detections._replace(boxes=boxes)
 
 
-def _build(depth: int, num_classes: int, trainable_backbone_layers: int, norm_layer, **kwargs) -> FasterRCNN:
-    backbone = resnet_fpn_backbone(depth, trainable_layers=trainable_backbone_layers, norm_layer=norm_layer)
-    return FasterRCNN(backbone, num_classes=num_classes, **kwargs)
+# -- builders ---------------------------------------------------------------------------------------------------------
+# torchvision's signature and rules (fastdet.models.weights.plan_build); ``norm_layer`` is a fastdet extra.
 
 
-def fasterrcnn_resnet50_fpn(num_classes: int = 91, trainable_backbone_layers: int = 3,
-                            norm_layer=FrozenBatchNorm2d, **kwargs) -> FasterRCNN:
-    """Faster R-CNN, ResNet-50 FPN: torchvision's ``fasterrcnn_resnet50_fpn`` as used with pretrained weights
-    (frozen batch norm, 3 trainable stages). Randomly initialised; load weights with ``load_state_dict`` (a
-    torchvision state dict loads unchanged; ``num_batches_tracked`` entries of a BatchNorm2d variant are ignored).
-    ``kwargs`` go to :class:`FasterRCNN`."""
-    return _build(50, num_classes, trainable_backbone_layers, norm_layer, **kwargs)
-
-
-def fasterrcnn_resnet18_fpn(num_classes: int = 91, min_size=320, max_size: int = 512,
-                            trainable_backbone_layers: int = 5, norm_layer=FrozenBatchNorm2d,
+def fasterrcnn_resnet50_fpn(*, weights=None, progress: bool = True, num_classes: int | None = None,
+                            weights_backbone=None, trainable_backbone_layers: int | None = None,
                             **kwargs) -> FasterRCNN:
-    """A light Faster R-CNN (ResNet-18 FPN, same code) that trains on a CPU: smaller input (``min_size`` 320,
-    ``max_size`` 512 by default) and every backbone stage trainable (suited to training from scratch)."""
-    return _build(18, num_classes, trainable_backbone_layers, norm_layer, min_size=min_size, max_size=max_size,
-                  **kwargs)
+    """Faster R-CNN, ResNet-50 FPN: torchvision's ``fasterrcnn_resnet50_fpn`` (same signature, defaults and state
+    dict).
+
+    Args:
+        weights: ``FasterRCNN_ResNet50_FPN_Weights`` (enum, ``"DEFAULT"``/``"COCO_V1"``), a ``.pth`` path or a state
+            dict; see :mod:`fastdet.models.weights` (no download unless allowed).
+        progress (bool): progress bar when a download is allowed.
+        num_classes (int, optional): background included; from the weights when given, else 91.
+        weights_backbone: ``ResNet50_Weights`` (ImageNet), a path or a state dict; ignored when ``weights`` is given.
+        trainable_backbone_layers (int in [0, 5], optional): ResNet stages trained, from ``layer4`` down; default 3
+            when anything is pretrained, 5 otherwise.
+        norm_layer (fastdet extra): the ResNet's normalisation; default ``FrozenBatchNorm2d`` when pretrained and
+            ``BatchNorm2d`` otherwise (torchvision's rule); also ``"FrozenBatchNorm2d"`` / ``"BatchNorm2d"``.
+        **kwargs: :class:`FasterRCNN` arguments.
+    """
+    plan = plan_build("FasterRCNN_ResNet50_FPN_Weights", "ResNet50_Weights", weights=weights,
+                      weights_backbone=weights_backbone, num_classes=num_classes,
+                      trainable_backbone_layers=trainable_backbone_layers, max_trainable_layers=5,
+                      default_trainable_layers=3, progress=progress, norm_layer=kwargs.pop("norm_layer", None))
+    backbone = resnet_fpn_backbone(50, trainable_layers=plan.trainable_backbone_layers, norm_layer=plan.norm_layer,
+                                   body_state_dict=plan.backbone_state_dict(progress))
+    return plan.load_into(FasterRCNN(backbone, num_classes=plan.num_classes, **kwargs), progress)
+
+
+def fasterrcnn_resnet50_fpn_v2(*, weights=None, progress: bool = True, num_classes: int | None = None,
+                               weights_backbone=None, trainable_backbone_layers: int | None = None,
+                               **kwargs) -> FasterRCNN:
+    """The improved Faster R-CNN of Li et al. 2021 (torchvision's ``fasterrcnn_resnet50_fpn_v2``): batch norm in the
+    FPN and in a four-conv + one-FC box head, a two-conv RPN head. The ResNet keeps trainable ``BatchNorm2d``
+    (torchvision's choice for this model, pretrained or not) unless ``norm_layer`` says otherwise. Arguments as
+    :func:`fasterrcnn_resnet50_fpn` (``FasterRCNN_ResNet50_FPN_V2_Weights``)."""
+    plan = plan_build("FasterRCNN_ResNet50_FPN_V2_Weights", "ResNet50_Weights", weights=weights,
+                      weights_backbone=weights_backbone, num_classes=num_classes,
+                      trainable_backbone_layers=trainable_backbone_layers, max_trainable_layers=5,
+                      default_trainable_layers=3, progress=progress,
+                      norm_layer=kwargs.pop("norm_layer", nn.BatchNorm2d))
+    backbone = resnet_fpn_backbone(50, trainable_layers=plan.trainable_backbone_layers, norm_layer=plan.norm_layer,
+                                   body_state_dict=plan.backbone_state_dict(progress), fpn_norm_layer=nn.BatchNorm2d)
+    anchor_generator = fpn_anchor_generator()
+    rpn_head = RPNHead(backbone.out_channels, anchor_generator.num_anchors_per_location()[0], conv_depth=2)
+    box_head = FastRCNNConvFCHead((backbone.out_channels, 7, 7), [256, 256, 256, 256], [1024],
+                                  norm_layer=nn.BatchNorm2d)
+    model = FasterRCNN(backbone, num_classes=plan.num_classes, rpn_anchor_generator=anchor_generator,
+                       rpn_head=rpn_head, box_head=box_head, **kwargs)
+    return plan.load_into(model, progress)
+
+
+def fasterrcnn_resnet18_fpn(*, weights=None, progress: bool = True, num_classes: int | None = None,
+                            weights_backbone=None, trainable_backbone_layers: int | None = None,
+                            **kwargs) -> FasterRCNN:
+    """A light Faster R-CNN (ResNet-18 FPN, same code; fastdet's, no published detection weights) that trains on a
+    CPU: smaller input (``min_size`` 320, ``max_size`` 512 by default), frozen batch norm (``norm_layer`` changes
+    it) and every backbone stage trainable unless ImageNet ``weights_backbone`` (``ResNet18_Weights``) are given
+    (then 3). ``weights`` takes a ``.pth`` path or a state dict."""
+    plan = plan_build(None, "ResNet18_Weights", weights=weights, weights_backbone=weights_backbone,
+                      num_classes=num_classes, trainable_backbone_layers=trainable_backbone_layers,
+                      max_trainable_layers=5, default_trainable_layers=3, progress=progress,
+                      norm_layer=kwargs.pop("norm_layer", FrozenBatchNorm2d))
+    kwargs.setdefault("min_size", 320)
+    kwargs.setdefault("max_size", 512)
+    backbone = resnet_fpn_backbone(18, trainable_layers=plan.trainable_backbone_layers, norm_layer=plan.norm_layer,
+                                   body_state_dict=plan.backbone_state_dict(progress))
+    return plan.load_into(FasterRCNN(backbone, num_classes=plan.num_classes, **kwargs), progress)
+
+
+def _fasterrcnn_mobilenet_v3_large_fpn(weights_enum: str, weights, progress: bool, num_classes: int | None,
+                                       weights_backbone, trainable_backbone_layers: int | None,
+                                       **kwargs) -> FasterRCNN:
+    from fastdet.models.mobilenet import mobilenet_fpn_backbone, mobilenet_v3_large
+
+    plan = plan_build(weights_enum, "MobileNet_V3_Large_Weights", weights=weights, weights_backbone=weights_backbone,
+                      num_classes=num_classes, trainable_backbone_layers=trainable_backbone_layers,
+                      max_trainable_layers=6, default_trainable_layers=3, progress=progress,
+                      norm_layer=kwargs.pop("norm_layer", None))
+    network = mobilenet_v3_large(norm_layer=plan.norm_layer)
+    backbone_weights = plan.backbone_state_dict(progress)
+    if backbone_weights is not None:
+        network.load_state_dict(backbone_weights)
+    backbone = mobilenet_fpn_backbone(network, plan.trainable_backbone_layers)
+    # Five sizes x three ratios on each of the three levels (two FPN outputs and the max-pool level).
+    anchor_generator = AnchorGenerator(((32, 64, 128, 256, 512),) * 3, ((0.5, 1.0, 2.0),) * 3)
+    model = FasterRCNN(backbone, num_classes=plan.num_classes, rpn_anchor_generator=anchor_generator, **kwargs)
+    return plan.load_into(model, progress)
+
+
+def fasterrcnn_mobilenet_v3_large_fpn(*, weights=None, progress: bool = True, num_classes: int | None = None,
+                                      weights_backbone="IMAGENET1K_V1", trainable_backbone_layers: int | None = None,
+                                      **kwargs) -> FasterRCNN:
+    """Faster R-CNN on a MobileNetV3-Large FPN (torchvision's ``fasterrcnn_mobilenet_v3_large_fpn``: signature,
+    defaults, state dict). ``weights``: ``FasterRCNN_MobileNet_V3_Large_FPN_Weights``; ``weights_backbone``
+    defaults to ``MobileNet_V3_Large_Weights.IMAGENET1K_V1`` as in torchvision (the file must be in the hub cache,
+    see :mod:`fastdet.models.weights`; pass ``None`` for a random backbone); ``trainable_backbone_layers`` in
+    [0, 6] (default 3 when pretrained, 6 otherwise). RPN score threshold 0.05 by default; other keyword arguments
+    go to :class:`FasterRCNN`."""
+    kwargs = {"rpn_score_thresh": 0.05, **kwargs}
+    return _fasterrcnn_mobilenet_v3_large_fpn("FasterRCNN_MobileNet_V3_Large_FPN_Weights", weights, progress,
+                                              num_classes, weights_backbone, trainable_backbone_layers, **kwargs)
+
+
+def fasterrcnn_mobilenet_v3_large_320_fpn(*, weights=None, progress: bool = True, num_classes: int | None = None,
+                                          weights_backbone="IMAGENET1K_V1",
+                                          trainable_backbone_layers: int | None = None, **kwargs) -> FasterRCNN:
+    """The low-resolution variant of :func:`fasterrcnn_mobilenet_v3_large_fpn` (torchvision's
+    ``fasterrcnn_mobilenet_v3_large_320_fpn``): images resized to 320-640 px, 150 proposals before and after NMS at
+    test time, RPN score threshold 0.05. ``weights``: ``FasterRCNN_MobileNet_V3_Large_320_FPN_Weights``."""
+    kwargs = {"min_size": 320, "max_size": 640, "rpn_pre_nms_top_n_test": 150, "rpn_post_nms_top_n_test": 150,
+              "rpn_score_thresh": 0.05, **kwargs}
+    return _fasterrcnn_mobilenet_v3_large_fpn("FasterRCNN_MobileNet_V3_Large_320_FPN_Weights", weights, progress,
+                                              num_classes, weights_backbone, trainable_backbone_layers, **kwargs)

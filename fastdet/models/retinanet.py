@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,9 @@ from torch import Tensor, nn
 
 from fastdet import ops
 from fastdet.models._validation import check_images_and_targets
+from fastdet.models.backbones import conv_norm_activation
 from fastdet.models.transform import DetectionTransform, ImageBatch, batched_postprocess_boxes
+from fastdet.models.weights import plan_build
 
 __all__ = [
     "RetinaNet",
@@ -38,6 +41,7 @@ __all__ = [
     "RetinaNetRegressionHead",
     "retinanet_resnet18_fpn",
     "retinanet_resnet50_fpn",
+    "retinanet_resnet50_fpn_v2",
     "retinanet_select_detections",
 ]
 
@@ -55,14 +59,7 @@ _BOX_LOSSES = ("l1", "smooth_l1", "giou", "diou", "ciou")
 def _conv_tower(channels: int, norm_layer: Callable[..., nn.Module] | None) -> nn.Sequential:
     """Four 3x3 conv (+ norm) + ReLU blocks, laid out as torchvision's ``Conv2dNormActivation`` (``conv.{i}.0`` is
     the convolution, ``conv.{i}.1`` the norm layer when there is one), so state-dict keys match."""
-    blocks = []
-    for _ in range(4):
-        layers: list[nn.Module] = [nn.Conv2d(channels, channels, 3, padding=1, bias=norm_layer is None)]
-        if norm_layer is not None:
-            layers.append(norm_layer(channels))
-        layers.append(nn.ReLU(inplace=True))
-        blocks.append(nn.Sequential(*layers))
-    tower = nn.Sequential(*blocks)
+    tower = nn.Sequential(*[conv_norm_activation(channels, channels, 3, norm_layer=norm_layer) for _ in range(4)])
     for layer in tower.modules():
         if isinstance(layer, nn.Conv2d):
             nn.init.normal_(layer.weight, std=0.01)
@@ -418,6 +415,16 @@ def features_as_list(features) -> list[Tensor]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def dense_anchors(anchor_generator: ops.AnchorGenerator, batch: ImageBatch, features: list[Tensor]) -> Tensor:
+    """All levels' anchors for the padded batch, ``Tensor[A, 4]`` float32, shared by its images (torchvision's
+    strides: padded size // feature size). float32 even under autocast: bfloat16 anchors would be off by several
+    pixels at typical image sizes."""
+    grids = [tuple(f.shape[-2:]) for f in features]
+    height, width = batch.tensors.shape[-2:]
+    strides = [(int(height // h), int(width // w)) for h, w in grids]
+    return anchor_generator.anchors(grids, strides, torch.float32, features[0].device)
+
+
 def _default_anchor_generator() -> ops.AnchorGenerator:
     # torchvision's RetinaNet anchors: three octave scales 2^{0, 1/3, 2/3} (truncated to int) of 32..512 per level.
     sizes = tuple((s, int(s * 2 ** (1.0 / 3)), int(s * 2 ** (2.0 / 3))) for s in (32, 64, 128, 256, 512))
@@ -493,13 +500,21 @@ class RetinaNet(nn.Module):
         self.topk_candidates = topk_candidates
         self.nms_method = nms_method
 
+    def replace_class_heads(self, num_classes: int) -> None:
+        """Fine-tuning: a fresh ``cls_logits`` convolution for ``num_classes`` (prior-probability bias, as at
+        construction) on the loaded classification tower, on the old layer's device and dtype."""
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        head = self.head.classification_head
+        old = head.cls_logits
+        fresh = RetinaNetClassificationHead(old.in_channels, head.num_anchors, num_classes).cls_logits
+        head.cls_logits = fresh.to(old.weight.device, old.weight.dtype)
+        head.num_classes = num_classes
+        self.num_classes = num_classes
+
     def anchors(self, batch: ImageBatch, features: list[Tensor]) -> Tensor:
-        """All levels' anchors, ``Tensor[A, 4]`` float32, shared by the batch. float32 even under autocast: bfloat16
-        anchors would be off by several pixels at typical image sizes."""
-        grids = [tuple(f.shape[-2:]) for f in features]
-        height, width = batch.tensors.shape[-2:]
-        strides = [(int(height // h), int(width // w)) for h, w in grids]
-        return self.anchor_generator.anchors(grids, strides, torch.float32, features[0].device)
+        """All levels' anchors, ``Tensor[A, 4]`` float32, shared by the batch (see :func:`dense_anchors`)."""
+        return dense_anchors(self.anchor_generator, batch, features)
 
     def compute_loss(self, targets: list[dict[str, Tensor]], head_outputs: dict[str, Tensor],
                      anchors: Tensor) -> dict[str, Tensor]:
@@ -540,39 +555,70 @@ class RetinaNet(nn.Module):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _retinanet_resnet_fpn(depth: int, num_classes: int, trainable_backbone_layers: int,
-                          norm_layer: Callable[..., nn.Module] | None, fpn_channels: int, **kwargs) -> RetinaNet:
+def _retinanet_resnet_fpn(plan, depth: int, fpn_channels: int, progress: bool, extra_in_channels: int | None = None,
+                          **kwargs) -> RetinaNet:
     from fastdet.models import backbones
 
-    if norm_layer is None:
-        norm_layer = backbones.FrozenBatchNorm2d
-    # P3-P5 from ResNet stages 2-4 (P2 would add too many anchors, as the paper notes); P6 and P7 from P5.
-    backbone = backbones.resnet_fpn_backbone(depth, trainable_layers=trainable_backbone_layers,
-                                             returned_layers=[2, 3, 4],
-                                             extra_blocks=backbones.LastLevelP6P7(fpn_channels, fpn_channels),
-                                             norm_layer=norm_layer, out_channels=fpn_channels)
-    return RetinaNet(backbone, num_classes, **kwargs)
+    # P3-P5 from ResNet stages 2-4 (P2 would add too many anchors, as the paper notes); P6 and P7 from P5 (or from C5
+    # when extra_in_channels is C5's width, as in the v2 model).
+    extra = backbones.LastLevelP6P7(extra_in_channels or fpn_channels, fpn_channels)
+    backbone = backbones.resnet_fpn_backbone(depth, trainable_layers=plan.trainable_backbone_layers,
+                                             returned_layers=[2, 3, 4], extra_blocks=extra, norm_layer=plan.norm_layer,
+                                             out_channels=fpn_channels,
+                                             body_state_dict=plan.backbone_state_dict(progress))
+    return plan.load_into(RetinaNet(backbone, plan.num_classes, **kwargs), progress)
 
 
-def retinanet_resnet50_fpn(*, num_classes: int = 91, trainable_backbone_layers: int = 3,
-                           norm_layer: Callable[..., nn.Module] | None = None, **kwargs) -> RetinaNet:
-    """RetinaNet with a ResNet-50 FPN backbone (P3-P7, 256 channels): torchvision's ``retinanet_resnet50_fpn``
-    architecture and state-dict keys.
-
-    ``norm_layer`` defaults to ``FrozenBatchNorm2d``, torchvision's choice with pretrained weights; its state dicts
-    (and those of ``nn.BatchNorm2d`` models, whose ``num_batches_tracked`` entries are ignored) load unchanged. Pass
-    ``torch.nn.BatchNorm2d`` to match a torchvision model built without weights key for key.
-    ``trainable_backbone_layers`` (0-5) counts ResNet stages from ``layer4`` down. Keyword arguments go to
-    :class:`RetinaNet`."""
-    return _retinanet_resnet_fpn(50, num_classes, trainable_backbone_layers, norm_layer, 256, **kwargs)
-
-
-def retinanet_resnet18_fpn(*, num_classes: int = 91, trainable_backbone_layers: int = 3,
-                           norm_layer: Callable[..., nn.Module] | None = None, fpn_channels: int = 128,
+def retinanet_resnet50_fpn(*, weights=None, progress: bool = True, num_classes: int | None = None,
+                           weights_backbone=None, trainable_backbone_layers: int | None = None,
                            **kwargs) -> RetinaNet:
-    """A light RetinaNet: ResNet-18 FPN with ``fpn_channels`` (default 128) channels for the pyramid and the heads.
-    Same modules and code paths as :func:`retinanet_resnet50_fpn`; small enough to train on a CPU at a few hundred
-    pixels (pass e.g. ``min_size=256, max_size=320``)."""
+    """RetinaNet with a ResNet-50 FPN backbone (P3-P7, 256 channels): torchvision's ``retinanet_resnet50_fpn``
+    (signature, defaults, state-dict keys).
+
+    ``weights``: ``RetinaNet_ResNet50_FPN_Weights`` (enum or name), a ``.pth`` path or a state dict;
+    ``weights_backbone``: ``ResNet50_Weights``; see :mod:`fastdet.models.weights`. ``num_classes`` comes from the
+    weights (else 91). ``trainable_backbone_layers`` (0-5) counts ResNet stages from ``layer4`` down (default 3 when
+    pretrained, 5 otherwise). ``norm_layer`` (fastdet extra) defaults to ``FrozenBatchNorm2d`` when pretrained and
+    ``BatchNorm2d`` otherwise; ``FrozenBatchNorm2d`` models load ``BatchNorm2d`` state dicts too. Other keyword
+    arguments go to :class:`RetinaNet`."""
+    plan = plan_build("RetinaNet_ResNet50_FPN_Weights", "ResNet50_Weights", weights=weights,
+                      weights_backbone=weights_backbone, num_classes=num_classes,
+                      trainable_backbone_layers=trainable_backbone_layers, max_trainable_layers=5,
+                      default_trainable_layers=3, progress=progress, norm_layer=kwargs.pop("norm_layer", None))
+    return _retinanet_resnet_fpn(plan, 50, 256, progress, **kwargs)
+
+
+def retinanet_resnet50_fpn_v2(*, weights=None, progress: bool = True, num_classes: int | None = None,
+                              weights_backbone=None, trainable_backbone_layers: int | None = None,
+                              **kwargs) -> RetinaNet:
+    """The improved RetinaNet (torchvision's ``retinanet_resnet50_fpn_v2``): P6 from C5, group-norm (32 groups) head
+    towers and the GIoU box loss; the ResNet keeps trainable ``BatchNorm2d`` as torchvision's (``norm_layer``
+    changes it). Arguments as :func:`retinanet_resnet50_fpn` (``RetinaNet_ResNet50_FPN_V2_Weights``)."""
+    plan = plan_build("RetinaNet_ResNet50_FPN_V2_Weights", "ResNet50_Weights", weights=weights,
+                      weights_backbone=weights_backbone, num_classes=num_classes,
+                      trainable_backbone_layers=trainable_backbone_layers, max_trainable_layers=5,
+                      default_trainable_layers=3, progress=progress,
+                      norm_layer=kwargs.pop("norm_layer", nn.BatchNorm2d))
+    anchor_generator = kwargs.pop("anchor_generator", None) or _default_anchor_generator()
+    head = RetinaNetHead(256, anchor_generator.num_anchors_per_location()[0], plan.num_classes,
+                         norm_layer=partial(nn.GroupNorm, 32))
+    kwargs.setdefault("bbox_loss_type", "giou")
+    return _retinanet_resnet_fpn(plan, 50, 256, progress, extra_in_channels=2048, anchor_generator=anchor_generator,
+                                 head=head, **kwargs)
+
+
+def retinanet_resnet18_fpn(*, weights=None, progress: bool = True, num_classes: int | None = None,
+                           weights_backbone=None, trainable_backbone_layers: int | None = None,
+                           fpn_channels: int = 128, **kwargs) -> RetinaNet:
+    """A light RetinaNet (fastdet's; no published detection weights): ResNet-18 FPN with ``fpn_channels`` (default
+    128) channels for the pyramid and the heads. Same modules and code paths as :func:`retinanet_resnet50_fpn`; small
+    enough to train on a CPU at a few hundred pixels (pass e.g. ``min_size=256, max_size=320``). Unlike the ResNet-50
+    builder it keeps ``FrozenBatchNorm2d`` by default (``norm_layer`` changes it); ``weights_backbone`` takes
+    ``ResNet18_Weights``."""
     if isinstance(fpn_channels, bool) or not isinstance(fpn_channels, int) or fpn_channels < 1:
         raise ValueError(f"fpn_channels must be a positive int, got {fpn_channels!r}")
-    return _retinanet_resnet_fpn(18, num_classes, trainable_backbone_layers, norm_layer, fpn_channels, **kwargs)
+    plan = plan_build(None, "ResNet18_Weights", weights=weights, weights_backbone=weights_backbone,
+                      num_classes=num_classes, trainable_backbone_layers=trainable_backbone_layers,
+                      max_trainable_layers=5, default_trainable_layers=3, progress=progress,
+                      norm_layer=kwargs.pop("norm_layer", None) or "FrozenBatchNorm2d")
+    return _retinanet_resnet_fpn(plan, 18, fpn_channels, progress, **kwargs)

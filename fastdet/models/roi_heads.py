@@ -17,11 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastdet.models.backbones import conv_norm_activation
 from fastdet.models.detection_utils import (
     BELOW_LOW_THRESHOLD,
     BETWEEN_THRESHOLDS,
     BalancedPositiveNegativeSampler,
     Matcher,
+    clip_boxes_to_images,
     PaddedTargets,
     compact_mask,
     gather_rows,
@@ -30,7 +32,7 @@ from fastdet.models.detection_utils import (
 from fastdet.models.rpn import Proposals, image_sizes_tensor
 from fastdet.ops import box_decode, box_encode, multiclass_nms, smooth_l1_loss
 
-__all__ = ["Detections", "FastRCNNPredictor", "RoIHeads", "TwoMLPHead", "select_detections"]
+__all__ = ["Detections", "FastRCNNConvFCHead", "FastRCNNPredictor", "RoIHeads", "TwoMLPHead", "select_detections"]
 
 # torchvision's fixed minimum side of a detection (RoIHeads.postprocess_detections' remove_small_boxes).
 MIN_DETECTION_SIZE = 1e-2
@@ -55,6 +57,36 @@ class TwoMLPHead(nn.Module):
         return F.relu(self.fc7(F.relu(self.fc6(x.flatten(start_dim=1)))))
 
 
+class FastRCNNConvFCHead(nn.Sequential):
+    """Box head of the v2 models: 3x3 conv (+ norm) + ReLU blocks, flatten, then Linear + ReLU layers; torchvision's
+    ``FastRCNNConvFCHead`` layout (``{i}.0`` conv, ``{i}.1`` norm, then the linear layers), so its keys load.
+
+    Args:
+        input_size ((C, H, W)): the pooled RoI features' shape.
+        conv_layers, fc_layers (list of int): output channels of each conv block and fully connected layer.
+        norm_layer: e.g. ``nn.BatchNorm2d``; None for plain convolutions with bias.
+    """
+
+    def __init__(self, input_size: tuple[int, int, int], conv_layers: list[int], fc_layers: list[int],
+                 norm_layer=None):
+        channels, height, width = input_size
+        blocks: list[nn.Module] = []
+        for out_channels in conv_layers:
+            blocks.append(conv_norm_activation(channels, out_channels, 3, norm_layer=norm_layer))
+            channels = out_channels
+        blocks.append(nn.Flatten())
+        features = channels * height * width
+        for out_features in fc_layers:
+            blocks += [nn.Linear(features, out_features), nn.ReLU(inplace=True)]
+            features = out_features
+        super().__init__(*blocks)
+        for layer in self.modules():
+            if isinstance(layer, nn.Conv2d):
+                nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
+
+
 class FastRCNNPredictor(nn.Module):
     """Class logits (``cls_score``, C outputs with 0 = background) and per-class box deltas (``bbox_pred``, 4C)."""
 
@@ -68,19 +100,6 @@ class FastRCNNPredictor(nn.Module):
             raise ValueError(f"FastRCNNPredictor expects [N, C] or [N, C, 1, 1] features, got {tuple(x.shape)}")
         x = x.flatten(start_dim=1)
         return self.cls_score(x), self.bbox_pred(x)
-
-
-def _clip_to_images(boxes: Tensor, image_sizes: Tensor) -> Tensor:
-    """Clamp xyxy ``boxes [B, ..., 4]`` to ``[0, width] x [0, height]`` of their image (``image_sizes [B, 2]``)."""
-    shape = (boxes.shape[0],) + (1,) * (boxes.dim() - 2)
-    heights = image_sizes[:, 0].reshape(shape).to(boxes.dtype)
-    widths = image_sizes[:, 1].reshape(shape).to(boxes.dtype)
-    x1, y1, x2, y2 = boxes.unbind(-1)
-    zero = torch.zeros((), dtype=boxes.dtype, device=boxes.device)
-    # clamp(min=0) then clamp(max=size): torchvision's clip_boxes_to_image, with a per-image upper bound
-    clipped = (torch.minimum(torch.maximum(x1, zero), widths), torch.minimum(torch.maximum(y1, zero), heights),
-               torch.minimum(torch.maximum(x2, zero), widths), torch.minimum(torch.maximum(y2, zero), heights))
-    return torch.stack(clipped, dim=-1)
 
 
 def select_detections(class_logits: Tensor, box_regression: Tensor, proposals: Tensor, proposal_valid: Tensor,
@@ -103,7 +122,7 @@ def select_detections(class_logits: Tensor, box_regression: Tensor, proposals: T
     C = class_logits.shape[-1]
     deltas = box_regression.float().reshape(B * P, C * 4)
     boxes = box_decode(deltas, proposals.float().reshape(B * P, 4), bbox_reg_weights).reshape(B, P, C, 4)
-    boxes = _clip_to_images(boxes, image_sizes)
+    boxes = clip_boxes_to_images(boxes, image_sizes)
     scores = F.softmax(class_logits.float(), dim=-1).reshape(B, P, C)
     widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
     usable = (widths >= MIN_DETECTION_SIZE) & (heights >= MIN_DETECTION_SIZE) & proposal_valid[..., None]
@@ -165,6 +184,12 @@ class RoIHeads(nn.Module):
         """Proposals and ground-truth boxes of each image (torchvision adds the ground truth as proposals), matched
         and sampled: returns ``boxes [B, S, 4]``, ``labels [B, S]`` (0 = background), ``regression_targets [B, S, 4]``
         and ``sampled [B, S]`` (which slots hold a sampled example), ``S = min(batch_size_per_image, P + G)``."""
+        return self.sample_with_matches(proposals, targets)[:4]
+
+    def sample_with_matches(self, proposals: Proposals, targets: PaddedTargets
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """:meth:`select_training_samples` plus ``matched [B, S]``: the ground-truth slot each sampled box was matched
+        to (meaningful where the label is positive; the mask branch reads its mask target there)."""
         gt_boxes = targets.boxes.to(proposals.boxes.dtype)
         candidates = torch.cat([proposals.boxes, gt_boxes], dim=1)  # [B, P + G, 4]
         candidate_valid = torch.cat([proposals.valid, targets.valid], dim=1)
@@ -179,14 +204,15 @@ class RoIHeads(nn.Module):
         boxes = gather_rows(candidates, index)
         labels = torch.where(sampled, labels.gather(1, index), 0)
         is_positive = sampled & (labels > 0)
-        matched_gt = gather_rows(gt_boxes, matches.gather(1, index).clamp(min=0))
+        matched = matches.gather(1, index).clamp(min=0)
+        matched_gt = gather_rows(gt_boxes, matched)
         B, S, _ = boxes.shape
         regression_targets = box_encode(matched_gt.reshape(-1, 4), boxes.reshape(-1, 4),
                                         self.bbox_reg_weights).reshape(B, S, 4)
         # Only positive slots have a target. Others (padding proposals are zero boxes: log(0 / 0) = NaN) get 0, which
         # must happen here: a NaN target would turn the zero gradient of a masked-out loss term into NaN.
         regression_targets = torch.where(is_positive[..., None], regression_targets, 0.0)
-        return boxes, labels, regression_targets, sampled
+        return boxes, labels, regression_targets, sampled, matched
 
     def compute_loss(self, class_logits: Tensor, box_regression: Tensor, labels: Tensor, regression_targets: Tensor,
                      sampled: Tensor) -> dict[str, Tensor]:

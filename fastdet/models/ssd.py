@@ -38,6 +38,7 @@ from fastdet.models.retinanet import (
     split_detections,
 )
 from fastdet.models.transform import DetectionTransform, batched_postprocess_boxes
+from fastdet.models.weights import plan_build
 
 __all__ = [
     "SSD",
@@ -406,6 +407,23 @@ class SSD(nn.Module):
         self.topk_candidates = topk_candidates
         self.neg_to_pos_ratio = (1.0 - positive_fraction) / positive_fraction
 
+    def replace_class_heads(self, num_classes: int) -> None:
+        """Fine-tuning: fresh class-logit layers for ``num_classes`` (background included) on every feature map, each
+        initialised like the layer it replaces (its module's own initialiser), on its device and dtype."""
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an int >= 2 (background included), got {num_classes!r}")
+        head = self.head.classification_head
+        for level, module in enumerate(head.module_list):
+            container, index = (module, len(module) - 1) if isinstance(module, nn.Sequential) else (head.module_list,
+                                                                                                     level)
+            old = container[index]
+            anchors = old.out_channels // head.num_columns
+            fresh = nn.Conv2d(old.in_channels, anchors * num_classes, old.kernel_size, old.stride, old.padding)
+            getattr(head, "init_logits", _xavier_init)(fresh)
+            container[index] = fresh.to(old.weight.device, old.weight.dtype)
+        head.num_columns = num_classes
+        self.num_classes = num_classes
+
     def default_boxes(self, image_shape, features: list[Tensor]) -> Tensor:
         """All default boxes, ``Tensor[N, 4]`` (xyxy pixels, float32), shared by the batch."""
         grids = [tuple(f.shape[-2:]) for f in features]
@@ -455,26 +473,63 @@ def _ssd300_default_boxes() -> ops.DefaultBoxGenerator:
                                    steps=[8, 16, 32, 64, 100, 300])
 
 
-def _ssd300(width: float, num_classes: int, trainable_backbone_layers: int, **kwargs) -> SSD:
+def load_vgg16_features(backbone: VGG16SSDFeatures, state_dict) -> None:
+    """Load torchvision ``vgg16`` weights (``features.{i}.*``; the classifier's entries are ignored) into the VGG
+    layers of ``backbone``: layers 0-22 are ``features``, 23-29 (pool4, conv5_x) are ``extra.0.0``-``extra.0.6``."""
+    mapped = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        if parts[0] != "features":
+            continue
+        index = int(parts[1])
+        target = f"features.{index}" if index < 23 else f"extra.0.{index - 23}"
+        mapped[".".join([target, *parts[2:]])] = value
+    expected = {k for k in backbone.state_dict() if k.startswith("features.") or
+                (k.startswith("extra.0.") and int(k.split(".")[2]) < 7)}
+    if set(mapped) != expected:
+        raise ValueError(f"weights_backbone is not a VGG-16 state dict of this width: missing "
+                         f"{sorted(expected - set(mapped))[:4]}, unexpected {sorted(set(mapped) - expected)[:4]}")
+    backbone.load_state_dict(mapped, strict=False)
+
+
+def _ssd300(width: float, plan, progress: bool, **kwargs) -> SSD:
     if "size" in kwargs:
         raise ValueError("SSD300's input size is fixed at (300, 300); do not pass size")
     backbone = VGG16SSDFeatures(width)
-    _freeze_vgg_stages(backbone, trainable_backbone_layers)
+    backbone_weights = plan.backbone_state_dict(progress)
+    if backbone_weights is not None:
+        load_vgg16_features(backbone, backbone_weights)
+    _freeze_vgg_stages(backbone, plan.trainable_backbone_layers)
     # torchvision's SSD300 normalisation: the VGG weights expect 0..255 inputs minus the mean, hence std = 1 / 255.
     defaults = {"image_mean": [0.48235, 0.45882, 0.40784], "image_std": [1.0 / 255.0, 1.0 / 255.0, 1.0 / 255.0]}
-    return SSD(backbone, _ssd300_default_boxes(), (300, 300), num_classes, **{**defaults, **kwargs})
+    model = SSD(backbone, _ssd300_default_boxes(), (300, 300), plan.num_classes, **{**defaults, **kwargs})
+    return plan.load_into(model, progress)
 
 
-def ssd300_vgg16(*, num_classes: int = 91, trainable_backbone_layers: int = 5, **kwargs) -> SSD:
-    """SSD300 with a VGG-16 backbone: torchvision's ``ssd300_vgg16`` architecture, default boxes (8732 at 300 px),
-    normalisation and state-dict keys. ``trainable_backbone_layers`` (0-5) counts VGG stages from the last; torchvision
-    uses 4 with pretrained backbone weights and 5 without. Keyword arguments go to :class:`SSD`."""
-    return _ssd300(1.0, num_classes, trainable_backbone_layers, **kwargs)
+def ssd300_vgg16(*, weights=None, progress: bool = True, num_classes: int | None = None,
+                 weights_backbone="IMAGENET1K_FEATURES", trainable_backbone_layers: int | None = None,
+                 **kwargs) -> SSD:
+    """SSD300 with a VGG-16 backbone: torchvision's ``ssd300_vgg16`` (signature, defaults, default boxes (8732 at
+    300 px), normalisation and state-dict keys).
+
+    ``weights``: ``SSD300_VGG16_Weights`` (enum or name), a ``.pth`` path or a state dict. ``weights_backbone``
+    defaults to ``VGG16_Weights.IMAGENET1K_FEATURES`` as in torchvision: the file must be in the hub cache (see
+    :mod:`fastdet.models.weights`); pass ``weights_backbone=None`` for a randomly initialised model.
+    ``trainable_backbone_layers`` (0-5) counts VGG stages from the last: default 4 when pretrained, 5 otherwise.
+    Keyword arguments go to :class:`SSD`."""
+    plan = plan_build("SSD300_VGG16_Weights", "VGG16_Weights", weights=weights, weights_backbone=weights_backbone,
+                      num_classes=num_classes, trainable_backbone_layers=trainable_backbone_layers,
+                      max_trainable_layers=5, default_trainable_layers=4, progress=progress)
+    return _ssd300(1.0, plan, progress, **kwargs)
 
 
-def ssd300_vgg16_light(*, num_classes: int = 91, width: float = 0.125, trainable_backbone_layers: int = 5,
+def ssd300_vgg16_light(*, weights=None, progress: bool = True, num_classes: int | None = None,
+                       weights_backbone=None, trainable_backbone_layers: int | None = None, width: float = 0.125,
                        **kwargs) -> SSD:
-    """A light SSD300: the VGG-16 layout of :func:`ssd300_vgg16` with every channel count multiplied by ``width``
-    (default 1/8, about 1/64 of the compute). Same default boxes, heads and code paths; small enough to train on a
-    CPU."""
-    return _ssd300(width, num_classes, trainable_backbone_layers, **kwargs)
+    """A light SSD300 (fastdet's; no published weights): the VGG-16 layout of :func:`ssd300_vgg16` with every channel
+    count multiplied by ``width`` (default 1/8, about 1/64 of the compute). Same default boxes, heads and code paths;
+    small enough to train on a CPU. ``weights``/``weights_backbone`` take paths or state dicts."""
+    plan = plan_build(None, None, weights=weights, weights_backbone=weights_backbone, num_classes=num_classes,
+                      trainable_backbone_layers=trainable_backbone_layers, max_trainable_layers=5,
+                      default_trainable_layers=4, progress=progress)
+    return _ssd300(width, plan, progress, **kwargs)

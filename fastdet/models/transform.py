@@ -102,7 +102,7 @@ class DetectionTransform(nn.Module):
             (aspect ratio not kept) instead of the min/max rule.
 
     ``forward(images, targets=None) -> (ImageBatch, targets)``. Targets are shallow-copied dicts with new ``"boxes"``
-    tensors; the caller's dicts and tensors are never modified.
+    (and, where present, ``"masks"``) tensors; the caller's dicts and tensors are never modified.
     """
 
     def __init__(self, min_size, max_size: int, image_mean: Sequence[float], image_std: Sequence[float],
@@ -143,7 +143,10 @@ class DetectionTransform(nn.Module):
                 raise ValueError(f"images[{i}] must have shape [C, H, W], got {tuple(image.shape)}")
             image = self.normalize(image)
             old_size = tuple(image.shape[-2:])
-            image = self.resize(image)
+            if targets is not None and "masks" in targets[i]:
+                image, targets[i]["masks"] = self.resize(image, targets[i]["masks"])
+            else:
+                image = self.resize(image)
             if targets is not None:
                 targets[i]["boxes"] = resize_boxes(targets[i]["boxes"], old_size, image.shape[-2:])
             resized.append(image)
@@ -168,16 +171,21 @@ class DetectionTransform(nn.Module):
         index = int(torch.empty(1).uniform_(0.0, float(len(self.min_size))).item())
         return self.min_size[index]
 
-    def resize(self, image: Tensor) -> Tensor:
-        """Resize one normalised ``Tensor[C, H, W]`` (bilinear, align_corners=False)."""
+    def resize(self, image: Tensor, masks: Tensor | None = None):
+        """Resize one normalised ``Tensor[C, H, W]`` (bilinear, align_corners=False). With ``masks`` (a target's
+        instance masks ``[N, H, W]``), returns ``(image, masks)``: the masks resized by the same factor with nearest
+        interpolation, as uint8 (torchvision's rule)."""
         target_min = self._training_min_size()
         if self.fixed_size is not None:
-            return F.interpolate(image[None], size=[self.fixed_size[1], self.fixed_size[0]], mode="bilinear",
-                                 align_corners=False)[0]
-        height, width = image.shape[-2:]
-        scale = min(target_min / min(height, width), self.max_size / max(height, width))
-        return F.interpolate(image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
-                             align_corners=False)[0]
+            size_args = {"size": [self.fixed_size[1], self.fixed_size[0]]}
+        else:
+            height, width = image.shape[-2:]
+            scale = min(target_min / min(height, width), self.max_size / max(height, width))
+            size_args = {"scale_factor": scale, "recompute_scale_factor": True}
+        image = F.interpolate(image[None], mode="bilinear", align_corners=False, **size_args)[0]
+        if masks is None:
+            return image
+        return image, F.interpolate(masks[:, None].float(), **size_args)[:, 0].byte()
 
     def batch_images(self, images: list[Tensor]) -> Tensor:
         """Zero-pad images to a common ``[C, H, W]`` with H and W rounded up to multiples of ``size_divisible``."""

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from fastdet.models._validation import check_images_and_targets
 from fastdet.models.transform import DetectionTransform, batched_postprocess_boxes
+from fastdet.models.weights import plan_build
 from fastdet.ops import complete_box_iou_loss, multiclass_nms, yolo_grid_priors
 
 __all__ = [
@@ -600,28 +601,48 @@ def _refresh_anchor_sizes(module: YOLO, incompatible_keys) -> None:
     module._anchor_sizes = module.anchors.tolist()
 
 
-def yolo(num_classes: int, variant: str = "s", **kwargs) -> YOLO:
-    """Build a YOLO detector of the given ``variant`` (``"n"``, ``"s"`` or ``"m"``: YOLOv5's width/depth multipliers).
-    Other keyword arguments go to :class:`YOLO` (explicit ``width_multiple``/``depth_multiple`` override the
-    variant's)."""
+_YOLO_STAGES = ("stage5", "stage4", "stage3", "stage2", "stem")
+
+
+def yolo(*, weights=None, progress: bool = True, num_classes: int | None = None, weights_backbone=None,
+         trainable_backbone_layers: int | None = None, variant: str = "s", **kwargs) -> YOLO:
+    """Build a YOLO detector of the given ``variant`` (``"n"``, ``"s"`` or ``"m"``: YOLOv5's width/depth multipliers)
+    with the builders' common signature (see :mod:`fastdet.models.weights`). There are no published weights:
+    ``weights`` and ``weights_backbone`` (the CSP backbone's ``backbone.*`` part) take a ``.pth`` path or a state
+    dict. ``num_classes`` counts the background (default 91). ``trainable_backbone_layers`` (0-5) counts backbone
+    stages from ``stage5`` down to the stem: default 3 with backbone weights, 5 otherwise. Other keyword arguments go
+    to :class:`YOLO` (explicit ``width_multiple``/``depth_multiple`` override the variant's)."""
     if variant not in YOLO_VARIANTS:
         raise ValueError(f"variant must be one of {sorted(YOLO_VARIANTS)}, got {variant!r}")
+    plan = plan_build(None, None, weights=weights, weights_backbone=weights_backbone, num_classes=num_classes,
+                      trainable_backbone_layers=trainable_backbone_layers, max_trainable_layers=len(_YOLO_STAGES),
+                      default_trainable_layers=3, progress=progress)
     depth, width = YOLO_VARIANTS[variant]
     kwargs.setdefault("width_multiple", width)
     kwargs.setdefault("depth_multiple", depth)
-    return YOLO(num_classes, **kwargs)
+    model = YOLO(plan.num_classes, **kwargs)
+    backbone_weights = plan.backbone_state_dict(progress)
+    if backbone_weights is not None:
+        prefix = "backbone."
+        if any(k.startswith(prefix) for k in backbone_weights):  # a whole detector's state dict: take its backbone
+            backbone_weights = {k[len(prefix):]: v for k, v in backbone_weights.items() if k.startswith(prefix)}
+        model.backbone.load_state_dict(backbone_weights)
+    frozen = _YOLO_STAGES[plan.trainable_backbone_layers:]
+    for name in frozen:
+        getattr(model.backbone, name).requires_grad_(False)
+    return plan.load_into(model, progress)
 
 
-def yolo_n(num_classes: int, **kwargs) -> YOLO:
-    """YOLOv5n-sized detector (width 0.25, depth 0.33)."""
-    return yolo(num_classes, "n", **kwargs)
+def yolo_n(**kwargs) -> YOLO:
+    """YOLOv5n-sized detector (width 0.25, depth 0.33); arguments as :func:`yolo`."""
+    return yolo(variant="n", **kwargs)
 
 
-def yolo_s(num_classes: int, **kwargs) -> YOLO:
-    """YOLOv5s-sized detector (width 0.50, depth 0.33)."""
-    return yolo(num_classes, "s", **kwargs)
+def yolo_s(**kwargs) -> YOLO:
+    """YOLOv5s-sized detector (width 0.50, depth 0.33); arguments as :func:`yolo`."""
+    return yolo(variant="s", **kwargs)
 
 
-def yolo_m(num_classes: int, **kwargs) -> YOLO:
-    """YOLOv5m-sized detector (width 0.75, depth 0.67)."""
-    return yolo(num_classes, "m", **kwargs)
+def yolo_m(**kwargs) -> YOLO:
+    """YOLOv5m-sized detector (width 0.75, depth 0.67); arguments as :func:`yolo`."""
+    return yolo(variant="m", **kwargs)

@@ -9,6 +9,7 @@ from fastdet.ops import box_coder as _box_coder
 from fastdet.ops import boxes as _boxes
 from fastdet.ops import coco_eval as _coco_eval
 from fastdet.ops import losses as _losses
+from fastdet.ops import masks as _masks
 from fastdet.ops import matrix_nms as _matrix_nms
 from fastdet.ops import nms as _nms
 from fastdet.ops import onnx as _onnx
@@ -21,6 +22,7 @@ from fastdet.ops.box_coder import *  # noqa: F401,F403
 from fastdet.ops.boxes import *  # noqa: F401,F403
 from fastdet.ops.coco_eval import *  # noqa: F401,F403
 from fastdet.ops.losses import *  # noqa: F401,F403
+from fastdet.ops.masks import *  # noqa: F401,F403
 from fastdet.ops.matrix_nms import *  # noqa: F401,F403
 from fastdet.ops.nms import *  # noqa: F401,F403
 from fastdet.ops.onnx import *  # noqa: F401,F403
@@ -36,6 +38,7 @@ __all__ = sorted(
         *_boxes.__all__,
         *_coco_eval.__all__,
         *_losses.__all__,
+        *_masks.__all__,
         *_matrix_nms.__all__,
         *_nms.__all__,
         *_onnx.__all__,

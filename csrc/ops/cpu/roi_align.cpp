@@ -19,6 +19,7 @@
 
 #include "ops/roi_align.h"
 #include "ops/roi_align_math.h"
+#include "ops/cpu/roi_axis_table.h"
 
 namespace fastdet {
 namespace {
@@ -49,36 +50,6 @@ struct Level {
   double scale;
 };
 
-template <typename T>
-struct AxisEntry {
-  int64_t off_low, off_high;  // pixel index times the axis stride
-  T l, h;
-};
-
-// Valid samples of every bin along one axis: bin p owns entries [begin[p], begin[p + 1]).
-template <typename T>
-struct AxisTable {
-  std::vector<AxisEntry<T>> entries;
-  std::vector<int64_t> begin;
-
-  void build(T start, T bin, int64_t pooled, int64_t grid, int64_t size, int64_t stride) {
-    entries.clear();
-    begin.assign(pooled + 1, 0);
-    for (int64_t p = 0; p < pooled; ++p) {
-      begin[p] = static_cast<int64_t>(entries.size());
-      int64_t first = 0, last = 0;
-      roi::sample_range(start, bin, p, grid, size, &first, &last);
-      for (int64_t i = first; i < last; ++i) {
-        const auto s = roi::axis_sample(roi::sample_coord(start, bin, p, i, grid), size);
-        if (s.valid) {
-          entries.push_back({s.low * stride, s.high * stride, s.l, s.h});
-        }
-      }
-    }
-    begin[pooled] = static_cast<int64_t>(entries.size());
-  }
-};
-
 // One bilinear sample with its four pixel offsets and weights (the layout torchvision precomputes per RoI).
 template <typename T>
 struct Sample {
@@ -91,7 +62,7 @@ struct Sample {
 constexpr int64_t kMaxListedSamples = int64_t(1) << 16;
 
 template <typename T>
-bool planar_samples(const AxisTable<T>& ytab, const AxisTable<T>& xtab, int64_t PH, int64_t PW,
+bool planar_samples(const roi::AxisTable<T>& ytab, const roi::AxisTable<T>& xtab, int64_t PH, int64_t PW,
                     std::vector<Sample<T>>& samples, std::vector<int64_t>& bin_begin) {
   int64_t total = 0;
   for (int64_t ph = 0; ph < PH; ++ph) {
@@ -157,7 +128,7 @@ void align_forward_kernel(const std::vector<Level<const scalar_t>>& levels, cons
   const int64_t K = rois.size(0);
   const int64_t blocks = (C + kForwardBlock - 1) / kForwardBlock;
   parallel_for(0, K * blocks, grain_for(kForwardBlock * PH * PW), [&](int64_t begin, int64_t end) {
-    AxisTable<T> ytab, xtab;
+    roi::AxisTable<T> ytab, xtab;
     std::vector<Sample<T>> samples;
     std::vector<int64_t> bin_begin;
     T acc[kForwardBlock];
@@ -261,7 +232,7 @@ void align_backward_kernel(const std::vector<Level<opmath_t<scalar_t>>>& grads, 
   const int64_t rois_per_image = (K + N - 1) / std::max<int64_t>(N, 1);
   parallel_for(0, N * blocks, grain_for(rois_per_image * kBackwardBlock * PH * PW),
                    [&](int64_t begin, int64_t end) {
-    AxisTable<T> ytab, xtab;
+    roi::AxisTable<T> ytab, xtab;
     T gv[kBackwardBlock];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / blocks;

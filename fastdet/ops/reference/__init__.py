@@ -8,6 +8,7 @@ from fastdet.ops.reference import anchors as _anchors
 from fastdet.ops.reference import box_coder as _box_coder
 from fastdet.ops.reference import boxes as _boxes
 from fastdet.ops.reference import losses as _losses
+from fastdet.ops.reference import masks as _masks
 from fastdet.ops.reference import matrix_nms as _matrix_nms
 from fastdet.ops.reference import nms as _nms
 from fastdet.ops.reference import roi as _roi
@@ -18,6 +19,7 @@ from fastdet.ops.reference.anchors import *  # noqa: F401,F403
 from fastdet.ops.reference.box_coder import *  # noqa: F401,F403
 from fastdet.ops.reference.boxes import *  # noqa: F401,F403
 from fastdet.ops.reference.losses import *  # noqa: F401,F403
+from fastdet.ops.reference.masks import *  # noqa: F401,F403
 from fastdet.ops.reference.matrix_nms import *  # noqa: F401,F403
 from fastdet.ops.reference.nms import *  # noqa: F401,F403
 from fastdet.ops.reference.roi import *  # noqa: F401,F403
@@ -31,6 +33,7 @@ __all__ = sorted(
         *_box_coder.__all__,
         *_boxes.__all__,
         *_losses.__all__,
+        *_masks.__all__,
         *_matrix_nms.__all__,
         *_nms.__all__,
         *_roi.__all__,

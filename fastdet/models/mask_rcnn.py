@@ -1,0 +1,292 @@
+"""Mask R-CNN (He et al. 2017) with FPN: Faster R-CNN plus a mask branch, torchvision's architecture, defaults and
+checkpoint layout (``roi_heads.mask_roi_pool``, ``roi_heads.mask_head``, ``roi_heads.mask_predictor``), so
+``maskrcnn_resnet50_fpn`` / ``maskrcnn_resnet50_fpn_v2`` load torchvision's state dicts unchanged and give the same
+detections and masks.
+
+The mask branch, on top of :class:`fastdet.models.faster_rcnn.FasterRCNN`:
+
+* training: the positive sampled proposals of every image (compacted into as many padded slots as the image with the
+  most positives needs: one host synchronisation) are pooled at 14 x 14, run through the mask
+  head and predictor (28 x 28 logits per class), and the loss is the binary cross-entropy of the matched ground-truth
+  class's channel against the ground-truth mask resampled onto the proposal
+  (:func:`fastdet.ops.project_masks_on_boxes`, reading the uint8/bool masks directly), averaged over all positive
+  proposals' pixels: torchvision's ``maskrcnn_loss``. Ground-truth masks go in the targets as ``"masks"``
+  (``Tensor[N, H, W]`` uint8/bool, one per box) and are resized with their image.
+* inference: the padded ``[B, K]`` detections are pooled and run through the mask branch in one batch; each
+  detection keeps the sigmoid of its class's channel; :meth:`MaskRCNN.forward` pastes them into the original image
+  (:func:`fastdet.ops.paste_masks_in_image`, one native pass per image): ``"masks"`` ``Tensor[N, 1, H, W]``
+  probabilities, as torchvision.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastdet.models._validation import check_images_and_targets
+from fastdet.models.backbones import FrozenBatchNorm2d, conv_norm_activation, resnet_fpn_backbone
+from fastdet.models.detection_utils import PaddedTargets, compact_mask, gather_rows
+from fastdet.models.faster_rcnn import FasterRCNN, fpn_anchor_generator, split_detections
+from fastdet.models.roi_heads import Detections, FastRCNNConvFCHead, RoIHeads
+from fastdet.models.rpn import Proposals, RPNHead
+from fastdet.models.weights import plan_build
+from fastdet.ops import MultiScaleRoIAlign, paste_masks_in_image, project_masks_on_boxes
+
+__all__ = [
+    "MaskRCNN",
+    "MaskDetections",
+    "MaskRCNNHeads",
+    "MaskRCNNPredictor",
+    "MaskRoIHeads",
+    "maskrcnn_resnet18_fpn",
+    "maskrcnn_resnet50_fpn",
+    "maskrcnn_resnet50_fpn_v2",
+]
+
+
+class MaskDetections(NamedTuple):
+    """:class:`fastdet.models.roi_heads.Detections` plus the mask branch's output."""
+
+    boxes: Tensor  # [B, K, 4]
+    scores: Tensor  # [B, K]
+    labels: Tensor  # [B, K] int64; -1 in padding slots
+    num_detections: Tensor  # [B] int64
+    masks: Tensor  # [B, K, 1, M, M] probabilities of each detection's class, in its box
+
+
+class MaskRCNNHeads(nn.Sequential):
+    """The mask head: ``len(layers)`` 3 x 3 conv (+ optional norm) + ReLU blocks, keys ``<i>.0.weight`` (and
+    ``<i>.1.*`` for the norm) as torchvision's ``MaskRCNNHeads``; He-normal (fan-out) weights, zero biases."""
+
+    def __init__(self, in_channels: int, layers, dilation: int = 1, norm_layer=None):
+        blocks = []
+        for channels in layers:
+            blocks.append(conv_norm_activation(in_channels, channels, 3, norm_layer=norm_layer, dilation=dilation))
+            in_channels = channels
+        super().__init__(*blocks)
+        for layer in self.modules():
+            if isinstance(layer, nn.Conv2d):
+                nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
+
+
+class MaskRCNNPredictor(nn.Sequential):
+    """2 x upsampling (``conv5_mask``, a stride-2 transposed conv) + ReLU + per-class 1 x 1 logits
+    (``mask_fcn_logits``): ``[N, in_channels, 14, 14] -> [N, num_classes, 28, 28]``."""
+
+    def __init__(self, in_channels: int, dim_reduced: int, num_classes: int):
+        super().__init__(OrderedDict([
+            ("conv5_mask", nn.ConvTranspose2d(in_channels, dim_reduced, 2, 2, 0)),
+            ("relu", nn.ReLU(inplace=True)),
+            ("mask_fcn_logits", nn.Conv2d(dim_reduced, num_classes, 1, 1, 0)),
+        ]))
+        for name, param in self.named_parameters():
+            if "weight" in name:
+                nn.init.kaiming_normal_(param, mode="fan_out", nonlinearity="relu")
+
+
+def mask_loss(mask_logits: Tensor, labels: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
+    """torchvision's ``maskrcnn_loss`` on padded slots: mean binary cross-entropy with logits of each valid slot's
+    class channel (``mask_logits [S, C, M, M]``, ``labels [S]``) against ``targets [S, M, M]``, over every pixel of
+    the valid slots; 0 (with a gradient path) when no slot is valid."""
+    channel = mask_logits.gather(1, labels.clamp(min=0)[:, None, None, None].expand(-1, 1, *mask_logits.shape[-2:]))
+    bce = F.binary_cross_entropy_with_logits(channel[:, 0].float(), targets.float(), reduction="none")
+    count = valid.sum() * mask_logits.shape[-1] * mask_logits.shape[-2]
+    return torch.where(valid[:, None, None], bce, 0.0).sum() / count.clamp(min=1)
+
+
+class MaskRoIHeads(RoIHeads):
+    """:class:`RoIHeads` with torchvision's mask branch (``mask_roi_pool``, ``mask_head``, ``mask_predictor``, set by
+    :meth:`set_mask_branch`). Training adds ``"loss_mask"`` (needs ``targets.masks``); inference returns
+    :class:`MaskDetections`, whose ``masks`` are ``[B, K, 1, M, M]`` probabilities of each detection's class."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mask_roi_pool = None
+        self.mask_head = None
+        self.mask_predictor = None
+
+    def set_mask_branch(self, mask_roi_pool: nn.Module, mask_head: nn.Module, mask_predictor: nn.Module) -> None:
+        self.mask_roi_pool = mask_roi_pool
+        self.mask_head = mask_head
+        self.mask_predictor = mask_predictor
+
+    def mask_logits(self, features: dict[str, Tensor], boxes: Tensor, image_sizes) -> Tensor:
+        """``[B * R, C, M, M]`` mask logits of ``boxes [B, R, 4]`` (image-major)."""
+        B, R, _ = boxes.shape
+        batch_index = torch.arange(B, device=boxes.device, dtype=boxes.dtype).repeat_interleave(R)
+        rois = torch.cat([batch_index[:, None], boxes.reshape(B * R, 4)], dim=1)
+        return self.mask_predictor(self.mask_head(self.mask_roi_pool(features, rois, image_sizes)))
+
+    def forward(self, features: dict[str, Tensor], proposals: Proposals, image_sizes: list[tuple[int, int]],
+                targets: PaddedTargets | None = None) -> tuple[Detections | MaskDetections | None, dict[str, Tensor]]:
+        if self.mask_predictor is None:
+            return super().forward(features, proposals, image_sizes, targets)
+        if self.training:
+            if targets is None or targets.masks is None:
+                raise ValueError("Mask R-CNN training needs targets with 'masks'")
+            boxes, labels, regression_targets, sampled, matched = self.sample_with_matches(proposals, targets)
+            class_logits, box_regression = self._predict(features, boxes.detach(), image_sizes)
+            losses = self.compute_loss(class_logits, box_regression, labels, regression_targets, sampled)
+            losses["loss_mask"] = self.compute_mask_loss(features, boxes.detach(), labels, sampled, matched,
+                                                         image_sizes, targets.masks)
+            return None, losses
+        detections, _ = super().forward(features, proposals, image_sizes)
+        B, K = detections.labels.shape
+        logits = self.mask_logits(features, detections.boxes, image_sizes)
+        probs = logits.sigmoid()
+        index = detections.labels.reshape(B * K).clamp(min=0)[:, None, None, None].expand(-1, 1, *probs.shape[-2:])
+        masks = probs.gather(1, index).reshape(B, K, 1, *probs.shape[-2:])
+        return MaskDetections(*detections, masks), {}
+
+    def compute_mask_loss(self, features, boxes: Tensor, labels: Tensor, sampled: Tensor, matched: Tensor,
+                          image_sizes, gt_masks: list[Tensor]) -> Tensor:
+        """The positive sampled slots of each image, compacted to ``k`` padded slots (``k`` = the most positives of an
+        image), through the mask branch; targets from :func:`fastdet.ops.project_masks_on_boxes`."""
+        B, S = labels.shape
+        positive = sampled & (labels > 0)
+        # Slots for the most positives any image has: the mask head is the costliest part of training, and the
+        # sampler's budget (128 per image by default) is usually far above the positives there are. Reading the
+        # count is this branch's one host synchronisation (torchvision synchronises once per image here).
+        k = max(1, int(positive.sum(dim=1).max()))
+        index, valid = compact_mask(positive, k)
+        mask_boxes = gather_rows(boxes, index)
+        mask_labels = labels.gather(1, index)
+        mask_matched = matched.gather(1, index)
+        logits = self.mask_logits(features, mask_boxes, image_sizes)
+        M = logits.shape[-1]
+        # One native call per image: each image's masks have their own size (torchvision loops the same way).
+        mask_targets = []
+        for b in range(B):
+            if gt_masks[b].shape[0] == 0:
+                mask_targets.append(logits.new_zeros((k, M, M), dtype=torch.float32))
+            else:
+                mask_targets.append(project_masks_on_boxes(gt_masks[b], mask_boxes[b].float(), mask_matched[b], M))
+        return mask_loss(logits, mask_labels.reshape(-1), torch.cat(mask_targets), valid.reshape(-1))
+
+
+class MaskRCNN(FasterRCNN):
+    """Mask R-CNN: :class:`FasterRCNN` (same arguments) plus the mask branch (module docstring).
+
+    Extra args (torchvision's):
+        mask_roi_pool: default ``MultiScaleRoIAlign(["0", "1", "2", "3"], 14, 2)``.
+        mask_head: default ``MaskRCNNHeads(backbone.out_channels, (256, 256, 256, 256), 1)``.
+        mask_predictor: default ``MaskRCNNPredictor(256, 256, num_classes)``; give either it or ``num_classes``.
+
+    Targets (training) also need ``"masks"``: ``Tensor[N, H, W]`` (uint8 or bool) of the image's size, one per box.
+    Evaluation returns ``{"boxes", "labels", "scores", "masks"}`` per image, ``masks`` ``Tensor[N, 1, H, W]``
+    probabilities in the original image's pixels.
+    """
+
+    roi_heads_class = MaskRoIHeads
+    uses_target_masks = True
+
+    def __init__(self, backbone: nn.Module, num_classes: int | None = None, *, mask_roi_pool: nn.Module | None = None,
+                 mask_head: nn.Module | None = None, mask_predictor: nn.Module | None = None, **kwargs):
+        if num_classes is not None and mask_predictor is not None:
+            raise ValueError("num_classes must be None when mask_predictor is given")
+        super().__init__(backbone, num_classes, **kwargs)
+        if mask_roi_pool is None:
+            mask_roi_pool = MultiScaleRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=14, sampling_ratio=2)
+        if mask_head is None:
+            mask_head = MaskRCNNHeads(backbone.out_channels, (256, 256, 256, 256), 1)
+        if mask_predictor is None:
+            mask_predictor = MaskRCNNPredictor(256, 256, self.num_classes)
+        self.roi_heads.set_mask_branch(mask_roi_pool, mask_head, mask_predictor)
+
+    def replace_class_heads(self, num_classes: int) -> None:
+        """Fine-tuning: fresh box and mask predictors for ``num_classes`` (background included), torchvision's
+        tutorial recipe; the rest stays as loaded."""
+        super().replace_class_heads(num_classes)
+        old = self.roi_heads.mask_predictor
+        conv = old.conv5_mask
+        self.roi_heads.mask_predictor = MaskRCNNPredictor(conv.in_channels, conv.out_channels, num_classes).to(
+            conv.weight.device, conv.weight.dtype)
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
+        check_images_and_targets(images, targets, self.training, self.num_classes, min_label=1)
+        if self.training:
+            check_target_masks(images, targets)
+            return self.compute_losses(images, targets)
+        results = split_detections(self.detect(images))
+        for result, image in zip(results, images):
+            result["masks"] = paste_masks_in_image(result["masks"], result["boxes"], tuple(image.shape[-2:]))
+        return results
+
+
+def check_target_masks(images: list[Tensor], targets: list[dict[str, Tensor]]) -> None:
+    """Every training target needs ``"masks"``: an integer/bool ``Tensor[N, H, W]`` with one mask per box, of its
+    image's size."""
+    for i, (image, target) in enumerate(zip(images, targets)):
+        masks = target.get("masks")
+        if not isinstance(masks, Tensor):
+            raise ValueError(f"targets[{i}] needs 'masks' (Tensor[N, H, W], one per box) to train Mask R-CNN")
+        n = target["boxes"].shape[0]
+        if masks.dim() != 3 or masks.shape[0] != n or tuple(masks.shape[1:]) != tuple(image.shape[-2:]):
+            raise ValueError(f"targets[{i}]['masks'] must have shape [N, H, W] = [{n}, {image.shape[-2]}, "
+                             f"{image.shape[-1]}] (one mask per box, the image's size), got {tuple(masks.shape)}")
+        if masks.is_floating_point() or masks.is_complex():
+            raise TypeError(f"targets[{i}]['masks'] must be uint8 or bool, got {masks.dtype}")
+
+
+# -- builders ---------------------------------------------------------------------------------------------------------
+# torchvision's signature and rules (fastdet.models.weights.plan_build); ``norm_layer`` is a fastdet extra.
+
+
+def maskrcnn_resnet50_fpn(*, weights=None, progress: bool = True, num_classes: int | None = None,
+                          weights_backbone=None, trainable_backbone_layers: int | None = None, **kwargs) -> MaskRCNN:
+    """Mask R-CNN, ResNet-50 FPN: torchvision's ``maskrcnn_resnet50_fpn`` (same signature, defaults and state dict;
+    ``MaskRCNN_ResNet50_FPN_Weights``). Arguments as :func:`fastdet.models.fasterrcnn_resnet50_fpn`; ``kwargs`` go to
+    :class:`MaskRCNN`."""
+    plan = plan_build("MaskRCNN_ResNet50_FPN_Weights", "ResNet50_Weights", weights=weights,
+                      weights_backbone=weights_backbone, num_classes=num_classes,
+                      trainable_backbone_layers=trainable_backbone_layers, max_trainable_layers=5,
+                      default_trainable_layers=3, progress=progress, norm_layer=kwargs.pop("norm_layer", None))
+    backbone = resnet_fpn_backbone(50, trainable_layers=plan.trainable_backbone_layers, norm_layer=plan.norm_layer,
+                                   body_state_dict=plan.backbone_state_dict(progress))
+    return plan.load_into(MaskRCNN(backbone, num_classes=plan.num_classes, **kwargs), progress)
+
+
+def maskrcnn_resnet50_fpn_v2(*, weights=None, progress: bool = True, num_classes: int | None = None,
+                             weights_backbone=None, trainable_backbone_layers: int | None = None,
+                             **kwargs) -> MaskRCNN:
+    """The improved Mask R-CNN of Li et al. 2021 (torchvision's ``maskrcnn_resnet50_fpn_v2``): batch norm in the FPN,
+    in a four-conv + one-FC box head and in the mask head, a two-conv RPN head; the ResNet keeps trainable
+    ``BatchNorm2d`` unless ``norm_layer`` says otherwise. Arguments as :func:`maskrcnn_resnet50_fpn`
+    (``MaskRCNN_ResNet50_FPN_V2_Weights``)."""
+    plan = plan_build("MaskRCNN_ResNet50_FPN_V2_Weights", "ResNet50_Weights", weights=weights,
+                      weights_backbone=weights_backbone, num_classes=num_classes,
+                      trainable_backbone_layers=trainable_backbone_layers, max_trainable_layers=5,
+                      default_trainable_layers=3, progress=progress,
+                      norm_layer=kwargs.pop("norm_layer", nn.BatchNorm2d))
+    backbone = resnet_fpn_backbone(50, trainable_layers=plan.trainable_backbone_layers, norm_layer=plan.norm_layer,
+                                   body_state_dict=plan.backbone_state_dict(progress), fpn_norm_layer=nn.BatchNorm2d)
+    anchor_generator = fpn_anchor_generator()
+    rpn_head = RPNHead(backbone.out_channels, anchor_generator.num_anchors_per_location()[0], conv_depth=2)
+    box_head = FastRCNNConvFCHead((backbone.out_channels, 7, 7), [256, 256, 256, 256], [1024],
+                                  norm_layer=nn.BatchNorm2d)
+    mask_head = MaskRCNNHeads(backbone.out_channels, [256, 256, 256, 256], 1, norm_layer=nn.BatchNorm2d)
+    model = MaskRCNN(backbone, num_classes=plan.num_classes, rpn_anchor_generator=anchor_generator,
+                     rpn_head=rpn_head, box_head=box_head, mask_head=mask_head, **kwargs)
+    return plan.load_into(model, progress)
+
+
+def maskrcnn_resnet18_fpn(*, weights=None, progress: bool = True, num_classes: int | None = None,
+                          weights_backbone=None, trainable_backbone_layers: int | None = None, **kwargs) -> MaskRCNN:
+    """A light Mask R-CNN (ResNet-18 FPN, same code; fastdet's, no published weights) that trains on a CPU: input
+    ``min_size`` 320 / ``max_size`` 512 by default, frozen batch norm, every stage trainable unless ImageNet
+    ``weights_backbone`` (``ResNet18_Weights``) are given. ``weights`` takes a ``.pth`` path or a state dict."""
+    plan = plan_build(None, "ResNet18_Weights", weights=weights, weights_backbone=weights_backbone,
+                      num_classes=num_classes, trainable_backbone_layers=trainable_backbone_layers,
+                      max_trainable_layers=5, default_trainable_layers=3, progress=progress,
+                      norm_layer=kwargs.pop("norm_layer", FrozenBatchNorm2d))
+    kwargs.setdefault("min_size", 320)
+    kwargs.setdefault("max_size", 512)
+    backbone = resnet_fpn_backbone(18, trainable_layers=plan.trainable_backbone_layers, norm_layer=plan.norm_layer,
+                                   body_state_dict=plan.backbone_state_dict(progress))
+    return plan.load_into(MaskRCNN(backbone, num_classes=plan.num_classes, **kwargs), progress)
