@@ -191,6 +191,36 @@ class FasterRCNN(nn.Module):
 # torchvision's signature and rules (fastdet.models.weights.plan_build); ``norm_layer`` is a fastdet extra.
 
 
+def resnet_fpn_two_stage_parts(depth: int, weights_name: str | None, *, weights, progress: bool, num_classes,
+                                weights_backbone, trainable_backbone_layers, kwargs: dict, v2: bool = False):
+    """What the ResNet-FPN two-stage builders (Faster R-CNN, Mask R-CNN; v1, v2 and the light ResNet-18 ones) share:
+    torchvision's weight rules (:func:`plan_build`), the backbone, and for ``v2`` the batch-norm FPN, two-conv RPN
+    head and four-conv + one-FC box head. Pops ``norm_layer`` from ``kwargs`` (default: FrozenBatchNorm2d for
+    ResNet-18, trainable BatchNorm2d for v2, torchvision's rule otherwise) and sets the light models' input size.
+    Returns ``(plan, backbone, model_kwargs)``."""
+    default_norm = {18: FrozenBatchNorm2d}.get(depth, nn.BatchNorm2d if v2 else None)
+    plan = plan_build(weights_name, f"ResNet{depth}_Weights", weights=weights, weights_backbone=weights_backbone,
+                      num_classes=num_classes, trainable_backbone_layers=trainable_backbone_layers,
+                      max_trainable_layers=5, default_trainable_layers=3, progress=progress,
+                      norm_layer=kwargs.pop("norm_layer", default_norm))
+    if depth == 18:
+        kwargs.setdefault("min_size", 320)
+        kwargs.setdefault("max_size", 512)
+    backbone = resnet_fpn_backbone(depth, trainable_layers=plan.trainable_backbone_layers, norm_layer=plan.norm_layer,
+                                   body_state_dict=plan.backbone_state_dict(progress),
+                                   **({"fpn_norm_layer": nn.BatchNorm2d} if v2 else {}))
+    parts = {}
+    if v2:
+        anchor_generator = fpn_anchor_generator()
+        parts = dict(
+            rpn_anchor_generator=anchor_generator,
+            rpn_head=RPNHead(backbone.out_channels, anchor_generator.num_anchors_per_location()[0], conv_depth=2),
+            box_head=FastRCNNConvFCHead((backbone.out_channels, 7, 7), [256, 256, 256, 256], [1024],
+                                        norm_layer=nn.BatchNorm2d),
+        )
+    return plan, backbone, parts
+
+
 def fasterrcnn_resnet50_fpn(*, weights=None, progress: bool = True, num_classes: int | None = None,
                             weights_backbone=None, trainable_backbone_layers: int | None = None,
                             **kwargs) -> FasterRCNN:
@@ -209,13 +239,10 @@ def fasterrcnn_resnet50_fpn(*, weights=None, progress: bool = True, num_classes:
             ``BatchNorm2d`` otherwise (torchvision's rule); also ``"FrozenBatchNorm2d"`` / ``"BatchNorm2d"``.
         **kwargs: :class:`FasterRCNN` arguments.
     """
-    plan = plan_build("FasterRCNN_ResNet50_FPN_Weights", "ResNet50_Weights", weights=weights,
-                      weights_backbone=weights_backbone, num_classes=num_classes,
-                      trainable_backbone_layers=trainable_backbone_layers, max_trainable_layers=5,
-                      default_trainable_layers=3, progress=progress, norm_layer=kwargs.pop("norm_layer", None))
-    backbone = resnet_fpn_backbone(50, trainable_layers=plan.trainable_backbone_layers, norm_layer=plan.norm_layer,
-                                   body_state_dict=plan.backbone_state_dict(progress))
-    return plan.load_into(FasterRCNN(backbone, num_classes=plan.num_classes, **kwargs), progress)
+    plan, backbone, parts = resnet_fpn_two_stage_parts(
+        50, "FasterRCNN_ResNet50_FPN_Weights", weights=weights, progress=progress, num_classes=num_classes,
+        weights_backbone=weights_backbone, trainable_backbone_layers=trainable_backbone_layers, kwargs=kwargs)
+    return plan.load_into(FasterRCNN(backbone, num_classes=plan.num_classes, **parts, **kwargs), progress)
 
 
 def fasterrcnn_resnet50_fpn_v2(*, weights=None, progress: bool = True, num_classes: int | None = None,
@@ -225,20 +252,10 @@ def fasterrcnn_resnet50_fpn_v2(*, weights=None, progress: bool = True, num_class
     FPN and in a four-conv + one-FC box head, a two-conv RPN head. The ResNet keeps trainable ``BatchNorm2d``
     (torchvision's choice for this model, pretrained or not) unless ``norm_layer`` says otherwise. Arguments as
     :func:`fasterrcnn_resnet50_fpn` (``FasterRCNN_ResNet50_FPN_V2_Weights``)."""
-    plan = plan_build("FasterRCNN_ResNet50_FPN_V2_Weights", "ResNet50_Weights", weights=weights,
-                      weights_backbone=weights_backbone, num_classes=num_classes,
-                      trainable_backbone_layers=trainable_backbone_layers, max_trainable_layers=5,
-                      default_trainable_layers=3, progress=progress,
-                      norm_layer=kwargs.pop("norm_layer", nn.BatchNorm2d))
-    backbone = resnet_fpn_backbone(50, trainable_layers=plan.trainable_backbone_layers, norm_layer=plan.norm_layer,
-                                   body_state_dict=plan.backbone_state_dict(progress), fpn_norm_layer=nn.BatchNorm2d)
-    anchor_generator = fpn_anchor_generator()
-    rpn_head = RPNHead(backbone.out_channels, anchor_generator.num_anchors_per_location()[0], conv_depth=2)
-    box_head = FastRCNNConvFCHead((backbone.out_channels, 7, 7), [256, 256, 256, 256], [1024],
-                                  norm_layer=nn.BatchNorm2d)
-    model = FasterRCNN(backbone, num_classes=plan.num_classes, rpn_anchor_generator=anchor_generator,
-                       rpn_head=rpn_head, box_head=box_head, **kwargs)
-    return plan.load_into(model, progress)
+    plan, backbone, parts = resnet_fpn_two_stage_parts(
+        50, "FasterRCNN_ResNet50_FPN_V2_Weights", weights=weights, progress=progress, num_classes=num_classes,
+        weights_backbone=weights_backbone, trainable_backbone_layers=trainable_backbone_layers, kwargs=kwargs, v2=True)
+    return plan.load_into(FasterRCNN(backbone, num_classes=plan.num_classes, **parts, **kwargs), progress)
 
 
 def fasterrcnn_resnet18_fpn(*, weights=None, progress: bool = True, num_classes: int | None = None,
@@ -248,15 +265,10 @@ def fasterrcnn_resnet18_fpn(*, weights=None, progress: bool = True, num_classes:
     CPU: smaller input (``min_size`` 320, ``max_size`` 512 by default), frozen batch norm (``norm_layer`` changes
     it) and every backbone stage trainable unless ImageNet ``weights_backbone`` (``ResNet18_Weights``) are given
     (then 3). ``weights`` takes a ``.pth`` path or a state dict."""
-    plan = plan_build(None, "ResNet18_Weights", weights=weights, weights_backbone=weights_backbone,
-                      num_classes=num_classes, trainable_backbone_layers=trainable_backbone_layers,
-                      max_trainable_layers=5, default_trainable_layers=3, progress=progress,
-                      norm_layer=kwargs.pop("norm_layer", FrozenBatchNorm2d))
-    kwargs.setdefault("min_size", 320)
-    kwargs.setdefault("max_size", 512)
-    backbone = resnet_fpn_backbone(18, trainable_layers=plan.trainable_backbone_layers, norm_layer=plan.norm_layer,
-                                   body_state_dict=plan.backbone_state_dict(progress))
-    return plan.load_into(FasterRCNN(backbone, num_classes=plan.num_classes, **kwargs), progress)
+    plan, backbone, parts = resnet_fpn_two_stage_parts(
+        18, None, weights=weights, progress=progress, num_classes=num_classes, weights_backbone=weights_backbone,
+        trainable_backbone_layers=trainable_backbone_layers, kwargs=kwargs)
+    return plan.load_into(FasterRCNN(backbone, num_classes=plan.num_classes, **parts, **kwargs), progress)
 
 
 def _fasterrcnn_mobilenet_v3_large_fpn(weights_enum: str, weights, progress: bool, num_classes: int | None,

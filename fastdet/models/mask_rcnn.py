@@ -28,12 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdet.models._validation import check_images_and_targets
-from fastdet.models.backbones import FrozenBatchNorm2d, conv_norm_activation, resnet_fpn_backbone
+from fastdet.models.backbones import conv_norm_activation
 from fastdet.models.detection_utils import PaddedTargets, compact_mask, gather_rows
-from fastdet.models.faster_rcnn import FasterRCNN, fpn_anchor_generator, split_detections
-from fastdet.models.roi_heads import Detections, FastRCNNConvFCHead, RoIHeads
-from fastdet.models.rpn import Proposals, RPNHead
-from fastdet.models.weights import plan_build
+from fastdet.models.faster_rcnn import FasterRCNN, resnet_fpn_two_stage_parts, split_detections
+from fastdet.models.roi_heads import Detections, RoIHeads, init_conv_head
+from fastdet.models.rpn import Proposals
 from fastdet.ops import MultiScaleRoIAlign, paste_masks_in_image, project_masks_on_boxes
 
 __all__ = [
@@ -68,11 +67,7 @@ class MaskRCNNHeads(nn.Sequential):
             blocks.append(conv_norm_activation(in_channels, channels, 3, norm_layer=norm_layer, dilation=dilation))
             in_channels = channels
         super().__init__(*blocks)
-        for layer in self.modules():
-            if isinstance(layer, nn.Conv2d):
-                nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
-                if layer.bias is not None:
-                    nn.init.zeros_(layer.bias)
+        init_conv_head(self)
 
 
 class MaskRCNNPredictor(nn.Sequential):
@@ -243,13 +238,10 @@ def maskrcnn_resnet50_fpn(*, weights=None, progress: bool = True, num_classes: i
     """Mask R-CNN, ResNet-50 FPN: torchvision's ``maskrcnn_resnet50_fpn`` (same signature, defaults and state dict;
     ``MaskRCNN_ResNet50_FPN_Weights``). Arguments as :func:`fastdet.models.fasterrcnn_resnet50_fpn`; ``kwargs`` go to
     :class:`MaskRCNN`."""
-    plan = plan_build("MaskRCNN_ResNet50_FPN_Weights", "ResNet50_Weights", weights=weights,
-                      weights_backbone=weights_backbone, num_classes=num_classes,
-                      trainable_backbone_layers=trainable_backbone_layers, max_trainable_layers=5,
-                      default_trainable_layers=3, progress=progress, norm_layer=kwargs.pop("norm_layer", None))
-    backbone = resnet_fpn_backbone(50, trainable_layers=plan.trainable_backbone_layers, norm_layer=plan.norm_layer,
-                                   body_state_dict=plan.backbone_state_dict(progress))
-    return plan.load_into(MaskRCNN(backbone, num_classes=plan.num_classes, **kwargs), progress)
+    plan, backbone, parts = resnet_fpn_two_stage_parts(
+        50, "MaskRCNN_ResNet50_FPN_Weights", weights=weights, progress=progress, num_classes=num_classes,
+        weights_backbone=weights_backbone, trainable_backbone_layers=trainable_backbone_layers, kwargs=kwargs)
+    return plan.load_into(MaskRCNN(backbone, num_classes=plan.num_classes, **parts, **kwargs), progress)
 
 
 def maskrcnn_resnet50_fpn_v2(*, weights=None, progress: bool = True, num_classes: int | None = None,
@@ -259,21 +251,12 @@ def maskrcnn_resnet50_fpn_v2(*, weights=None, progress: bool = True, num_classes
     in a four-conv + one-FC box head and in the mask head, a two-conv RPN head; the ResNet keeps trainable
     ``BatchNorm2d`` unless ``norm_layer`` says otherwise. Arguments as :func:`maskrcnn_resnet50_fpn`
     (``MaskRCNN_ResNet50_FPN_V2_Weights``)."""
-    plan = plan_build("MaskRCNN_ResNet50_FPN_V2_Weights", "ResNet50_Weights", weights=weights,
-                      weights_backbone=weights_backbone, num_classes=num_classes,
-                      trainable_backbone_layers=trainable_backbone_layers, max_trainable_layers=5,
-                      default_trainable_layers=3, progress=progress,
-                      norm_layer=kwargs.pop("norm_layer", nn.BatchNorm2d))
-    backbone = resnet_fpn_backbone(50, trainable_layers=plan.trainable_backbone_layers, norm_layer=plan.norm_layer,
-                                   body_state_dict=plan.backbone_state_dict(progress), fpn_norm_layer=nn.BatchNorm2d)
-    anchor_generator = fpn_anchor_generator()
-    rpn_head = RPNHead(backbone.out_channels, anchor_generator.num_anchors_per_location()[0], conv_depth=2)
-    box_head = FastRCNNConvFCHead((backbone.out_channels, 7, 7), [256, 256, 256, 256], [1024],
-                                  norm_layer=nn.BatchNorm2d)
+    plan, backbone, parts = resnet_fpn_two_stage_parts(
+        50, "MaskRCNN_ResNet50_FPN_V2_Weights", weights=weights, progress=progress, num_classes=num_classes,
+        weights_backbone=weights_backbone, trainable_backbone_layers=trainable_backbone_layers, kwargs=kwargs, v2=True)
     mask_head = MaskRCNNHeads(backbone.out_channels, [256, 256, 256, 256], 1, norm_layer=nn.BatchNorm2d)
-    model = MaskRCNN(backbone, num_classes=plan.num_classes, rpn_anchor_generator=anchor_generator,
-                     rpn_head=rpn_head, box_head=box_head, mask_head=mask_head, **kwargs)
-    return plan.load_into(model, progress)
+    return plan.load_into(MaskRCNN(backbone, num_classes=plan.num_classes, mask_head=mask_head, **parts, **kwargs),
+                          progress)
 
 
 def maskrcnn_resnet18_fpn(*, weights=None, progress: bool = True, num_classes: int | None = None,
@@ -281,12 +264,7 @@ def maskrcnn_resnet18_fpn(*, weights=None, progress: bool = True, num_classes: i
     """A light Mask R-CNN (ResNet-18 FPN, same code; fastdet's, no published weights) that trains on a CPU: input
     ``min_size`` 320 / ``max_size`` 512 by default, frozen batch norm, every stage trainable unless ImageNet
     ``weights_backbone`` (``ResNet18_Weights``) are given. ``weights`` takes a ``.pth`` path or a state dict."""
-    plan = plan_build(None, "ResNet18_Weights", weights=weights, weights_backbone=weights_backbone,
-                      num_classes=num_classes, trainable_backbone_layers=trainable_backbone_layers,
-                      max_trainable_layers=5, default_trainable_layers=3, progress=progress,
-                      norm_layer=kwargs.pop("norm_layer", FrozenBatchNorm2d))
-    kwargs.setdefault("min_size", 320)
-    kwargs.setdefault("max_size", 512)
-    backbone = resnet_fpn_backbone(18, trainable_layers=plan.trainable_backbone_layers, norm_layer=plan.norm_layer,
-                                   body_state_dict=plan.backbone_state_dict(progress))
-    return plan.load_into(MaskRCNN(backbone, num_classes=plan.num_classes, **kwargs), progress)
+    plan, backbone, parts = resnet_fpn_two_stage_parts(
+        18, None, weights=weights, progress=progress, num_classes=num_classes, weights_backbone=weights_backbone,
+        trainable_backbone_layers=trainable_backbone_layers, kwargs=kwargs)
+    return plan.load_into(MaskRCNN(backbone, num_classes=plan.num_classes, **parts, **kwargs), progress)

@@ -57,6 +57,16 @@ class TwoMLPHead(nn.Module):
         return F.relu(self.fc7(F.relu(self.fc6(x.flatten(start_dim=1)))))
 
 
+def init_conv_head(module: nn.Module) -> None:
+    """torchvision's initialisation of the RoI heads' convolutions (box and mask heads): He-normal weights (fan-out,
+    ReLU gain), zero biases."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d):
+            nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+
 class FastRCNNConvFCHead(nn.Sequential):
     """Box head of the v2 models: 3x3 conv (+ norm) + ReLU blocks, flatten, then Linear + ReLU layers; torchvision's
     ``FastRCNNConvFCHead`` layout (``{i}.0`` conv, ``{i}.1`` norm, then the linear layers), so its keys load.
@@ -80,11 +90,7 @@ class FastRCNNConvFCHead(nn.Sequential):
             blocks += [nn.Linear(features, out_features), nn.ReLU(inplace=True)]
             features = out_features
         super().__init__(*blocks)
-        for layer in self.modules():
-            if isinstance(layer, nn.Conv2d):
-                nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
-                if layer.bias is not None:
-                    nn.init.zeros_(layer.bias)
+        init_conv_head(self)
 
 
 class FastRCNNPredictor(nn.Module):
