@@ -23,6 +23,8 @@ from fastdet.models.rpn import select_proposals
 from fastdet.ops import MultiScaleRoIAlign
 
 tv_detection = pytest.importorskip("torchvision.models.detection")
+# torchvision decides NMS on its per-category path, fastdet's semantics (see conftest.py).
+pytestmark = pytest.mark.usefixtures("torchvision_per_category_nms")
 from torchvision.models.detection import _utils as tv_utils  # noqa: E402
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone as tv_resnet_fpn_backbone  # noqa: E402
 from torchvision.ops import feature_pyramid_network as tv_fpn  # noqa: E402

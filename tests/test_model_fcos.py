@@ -11,6 +11,8 @@ from fastdet.models import backbones
 from fastdet.models.fcos import FCOS, fcos_assign_targets, fcos_resnet50_fpn, linear_box_decode, linear_box_encode
 
 tv_detection = pytest.importorskip("torchvision.models.detection")
+# torchvision decides NMS on its per-category path, fastdet's semantics (see conftest.py).
+pytestmark = pytest.mark.usefixtures("torchvision_per_category_nms")
 from torchvision.models.detection import _utils as tv_utils  # noqa: E402
 
 SMALL = dict(min_size=128, max_size=192)

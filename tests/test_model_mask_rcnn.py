@@ -12,6 +12,8 @@ from fastdet.models import maskrcnn_resnet18_fpn, maskrcnn_resnet50_fpn, maskrcn
 from fastdet.models.mask_rcnn import MaskRCNN, mask_loss
 
 tv_detection = pytest.importorskip("torchvision.models.detection")
+# torchvision decides NMS on its per-category path, fastdet's semantics (see conftest.py).
+pytestmark = pytest.mark.usefixtures("torchvision_per_category_nms")
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone as tv_resnet_fpn_backbone  # noqa: E402
 from torchvision.ops.misc import FrozenBatchNorm2d as TVFrozenBatchNorm2d  # noqa: E402
 

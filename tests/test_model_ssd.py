@@ -28,6 +28,8 @@ from detection_asserts import (
 )
 
 tv_detection = pytest.importorskip("torchvision.models.detection")
+# torchvision decides NMS on its per-category path, fastdet's semantics (see conftest.py).
+pytestmark = pytest.mark.usefixtures("torchvision_per_category_nms")
 from torchvision.models.detection import _utils as tv_det_utils  # noqa: E402
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator as TvDefaultBoxGenerator  # noqa: E402
 from torchvision.ops import batched_nms as tv_batched_nms  # noqa: E402

