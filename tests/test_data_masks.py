@@ -160,3 +160,101 @@ def test_transforms_keep_masks_aligned_with_boxes(shapes, transform):
                 assert tight_box(mask) == box.tolist()
             checked += 1
     assert checked > 5
+
+
+def _random_masks(seed: int):
+    rng = np.random.default_rng(seed)
+    masks = [rng.random((int(rng.integers(1, 24)), int(rng.integers(1, 24)))) < rng.random() for _ in range(60)]
+    ring = np.ones((9, 9), bool)
+    ring[3:6, 3:6] = False  # a hole
+    pinch = np.zeros((4, 4), bool)
+    pinch[0:2, 0:2] = pinch[2:4, 2:4] = True  # two squares touching at a corner
+    return masks + [ring, pinch, np.ones((1, 1), bool), np.ones((5, 7), bool)]
+
+
+def test_mask_to_polygon_rasterises_back_to_the_same_mask(shapes, seed):
+    from fastdet.data.masks import mask_to_polygon
+
+    masks = [m for i in range(6) for m in render_shapes_image(i, seed=seed % 1000, image_size=(64, 96),
+                                                              return_masks=True)[3]]
+    for mask in masks + _random_masks(seed):
+        polygon = mask_to_polygon(mask)
+        height, width = mask.shape
+        if not mask.any():
+            assert polygon == []
+            continue
+        back = mask_api.decode(mask_api.frPyObjects([polygon], height, width))[:, :, 0]
+        assert np.array_equal(back, mask.astype(np.uint8)), f"seed={seed}"
+    assert mask_to_polygon(np.zeros((3, 4), bool)) == []
+
+
+def test_join_polygons_covers_every_part():
+    from fastdet.data.masks import join_polygons
+
+    parts = [[2, 2, 8, 2, 8, 6, 2, 6], [20, 10, 26, 10, 23, 18], [5, 20, 9, 20, 9, 24, 5, 24]]
+    joined = join_polygons(parts)
+    assert len(joined) % 2 == 0 and len(joined) >= 6 * 3
+    one = mask_api.decode(mask_api.frPyObjects([joined], 30, 30))[:, :, 0]
+    separate = mask_api.decode(mask_api.merge(mask_api.frPyObjects(parts, 30, 30)))
+    assert np.array_equal(one, separate)
+    assert join_polygons([]) == [] and join_polygons([parts[0]]) == [float(v) for v in parts[0]]
+
+
+def test_yolo_segmentation_labels_round_trip_the_masks(shapes, tmp_path):
+    from fastdet.data import convert_dataset, read_dataset
+
+    report = convert_dataset(shapes["root"], "coco", tmp_path / "yolo", "yolo")
+    assert any("RLE masks are written as polygons" in item for item in report.lost)
+    lines = [line.split() for path in sorted((tmp_path / "yolo" / "labels").rglob("*.txt"))
+             for line in path.read_text().splitlines()]
+    assert lines and all(len(fields) >= 7 and len(fields) % 2 == 1 for fields in lines)  # class + polygon pairs
+    original = {r.image_id: r for r in read_dataset(shapes["root"], "coco").records}
+    again = read_dataset(tmp_path / "yolo", "yolo").records
+    assert len(again) == len(original)
+    for record in again:
+        source = original[record.image_id]
+        assert record.segmentations is not None and all(len(s) == 1 for s in record.segmentations)
+        np.testing.assert_allclose(record.boxes, source.boxes, atol=1e-3)
+        masks = [decode_segmentation(s, record.height, record.width) for s in record.segmentations]
+        expected = [decode_segmentation(s, source.height, source.width) for s in source.segmentations]
+        assert all(np.array_equal(m, e) for m, e in zip(masks, expected))
+    # and back to COCO: polygons now, the same pixels
+    convert_dataset(tmp_path / "yolo", "yolo", tmp_path / "coco", "coco")
+    dataset = read_dataset(tmp_path / "coco", "coco")
+    for record in dataset.records:
+        source = original[record.image_id]
+        for s, e in zip(record.segmentations, source.segmentations):
+            assert isinstance(s, list)
+            assert np.array_equal(decode_segmentation(s, record.height, record.width),
+                                  decode_segmentation(e, source.height, source.width))
+
+
+def test_yolo_reports_what_its_polygons_cannot_hold(tmp_path):
+    from fastdet.data import convert_dataset, read_dataset
+
+    path, _ = _coco_with_segmentations(tmp_path)
+    (tmp_path / "annotations").mkdir()
+    path.rename(tmp_path / "annotations" / "instances_train.json")
+    report = convert_dataset(tmp_path, "coco", tmp_path / "yolo", "yolo")
+    lost = "\n".join(report.lost)
+    assert "1 multi-part polygons are joined" in lost and "2 RLE masks" in lost and "1 objects without" in lost
+    record = read_dataset(tmp_path / "yolo", "yolo").records[0]
+    # the object without a segmentation comes back as its box's outline: the same filled box
+    box_mask = decode_segmentation(record.segmentations[3], record.height, record.width)
+    assert box_mask.sum() == 25 and box_mask[30:35, 40:45].all()
+    voc = convert_dataset(tmp_path, "coco", tmp_path / "voc", "voc")
+    assert any("3 objects' instance masks are not written" in item for item in voc.lost)
+
+
+def test_yolo_polygon_labels_must_be_finite(tmp_path):
+    from PIL import Image
+
+    from fastdet.data import read_dataset
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(tmp_path / "images" / "1.png")
+    (tmp_path / "labels" / "1.txt").write_text("0 0.1 0.1 0.5 nan 0.5 0.5\n")
+    (tmp_path / "data.yaml").write_text("names: [a]\n")
+    with pytest.raises(DatasetError, match="finite"):
+        read_dataset(tmp_path, "yolo")

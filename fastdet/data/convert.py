@@ -156,6 +156,7 @@ def _losses(contents: DatasetContents, dst_format: str) -> list[str]:
                 what = f"{name}: {count} objects carry a {name} that {dst_format} cannot store"
         if count:
             lost.append(what)
+    lost += _segmentation_losses(records, dst_format)
     if "ignore_boxes" not in holds:
         regions = sum(len(r.ignore_boxes) for r in records)
         if regions:
@@ -171,6 +172,29 @@ def _losses(contents: DatasetContents, dst_format: str) -> list[str]:
         if changed:
             lost.append(f"image ids: {dst_format} stores none; {changed} images will read back with other ids "
                         "(taken from their file names or their order)")
+    return lost
+
+
+def _segmentation_losses(records, dst_format: str) -> list[str]:
+    """What happens to instance segmentations in ``dst_format`` (COCO holds them exactly)."""
+    segmentations = [seg for r in records if r.segmentations is not None for seg in r.segmentations]
+    if dst_format == "coco" or not segmentations:
+        return []
+    if dst_format != "yolo":
+        return [f"segmentations: {sum(s is not None for s in segmentations)} objects' instance masks are not written "
+                f"({dst_format} stores boxes only)"]
+    lost = []
+    multi = sum(isinstance(s, list) and len(s) > 1 for s in segmentations)
+    if multi:
+        lost.append(f"segmentations: {multi} multi-part polygons are joined into one outline (YOLO holds one polygon "
+                    "per object; parts that overlap each other may lose their overlap)")
+    rle = sum(isinstance(s, dict) for s in segmentations)
+    if rle:
+        lost.append(f"segmentations: {rle} RLE masks are written as polygons tracing their pixel boundary (the same "
+                    "pixels; they read back as polygons, not RLE)")
+    boxes_only = sum(s is None for s in segmentations)
+    if boxes_only:
+        lost.append(f"segmentations: {boxes_only} objects without a segmentation are written as their box's outline")
     return lost
 
 

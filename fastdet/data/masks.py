@@ -17,7 +17,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["check_segmentation", "decode_segmentation", "decode_segmentations", "encode_mask", "polygons_area"]
+__all__ = ["check_segmentation", "decode_segmentation", "decode_segmentations", "encode_mask", "join_polygons",
+           "mask_to_polygon", "polygons_area"]
 
 
 def _mask_api():
@@ -93,3 +94,84 @@ def polygons_area(polygons: Sequence[Sequence[float]], height: int, width: int) 
         return 0.0
     api = _mask_api()
     return float(api.area(api.merge(api.frPyObjects([list(map(float, p)) for p in polygons], height, width))))
+
+
+def join_polygons(parts: Sequence[Sequence[float]]) -> list[float]:
+    """One closed outline ``[x1, y1, x2, y2, ...]`` through every part of a multi-part polygon, for formats that hold a
+    single polygon per object (YOLO segmentation txt). Each part is entered from the nearest vertex of the outline
+    built so far and left the same way, so the connecting segments are walked there and back and enclose no area:
+    under pycocotools' rasterisation the outline covers the parts' pixels (where parts overlap, the overlap is
+    covered an even number of times and may come out empty; COCO's own multi-part polygons do not overlap)."""
+    loops = [np.asarray(p, np.float64).reshape(-1, 2) for p in parts if len(p) >= 6]
+    if not loops:
+        return []
+    joined = loops[-1]
+    for loop in reversed(loops[:-1]):
+        # nearest pair (a on this part, b on the outline so far); the outline is a closed walk, so rotating it to
+        # start at b leaves it the same walk
+        distance = ((loop[:, None, :] - joined[None, :, :]) ** 2).sum(-1)
+        a, b = np.unravel_index(int(np.argmin(distance)), distance.shape)
+        rotated = np.concatenate([joined[b:], joined[:b]])
+        joined = np.concatenate([loop[:a + 1], rotated, rotated[:1], loop[a:]])
+    return [float(v) for v in joined.reshape(-1)]
+
+
+def _boundary_loops(mask: np.ndarray) -> list[np.ndarray]:
+    """The pixel-edge boundary of a binary mask as closed loops of corner points ``(x, y)``, interior on the right of
+    the walking direction (outer boundaries clockwise on screen, holes anticlockwise), collinear points dropped."""
+    m = np.pad(np.asarray(mask, bool), 1)
+    inside = m[1:-1, 1:-1]
+    rows, cols = np.nonzero(inside & ~m[:-2, 1:-1])  # outside above: top edge, walking +x
+    starts = [np.stack([cols, rows], 1)]
+    steps = [(1, 0)]
+    rows, cols = np.nonzero(inside & ~m[1:-1, 2:])  # outside right: right edge, walking +y
+    starts.append(np.stack([cols + 1, rows], 1))
+    steps.append((0, 1))
+    rows, cols = np.nonzero(inside & ~m[2:, 1:-1])  # outside below: bottom edge, walking -x
+    starts.append(np.stack([cols + 1, rows + 1], 1))
+    steps.append((-1, 0))
+    rows, cols = np.nonzero(inside & ~m[1:-1, :-2])  # outside left: left edge, walking -y
+    starts.append(np.stack([cols, rows + 1], 1))
+    steps.append((0, -1))
+    width = mask.shape[1] + 2
+    outgoing: dict[int, list[int]] = {}
+    edge_start = np.concatenate(starts)
+    edge_step = np.concatenate([np.tile(np.asarray(st), (len(sv), 1)) for st, sv in zip(steps, starts)])
+    keys = (edge_start[:, 1] * width + edge_start[:, 0]).tolist()
+    for e, key in enumerate(keys):
+        outgoing.setdefault(key, []).append(e)
+    used = np.zeros(len(keys), bool)
+    loops = []
+    for first in range(len(keys)):
+        if used[first]:
+            continue
+        points, e = [], first
+        while not used[e]:
+            used[e] = True
+            points.append(edge_start[e])
+            x, y = edge_start[e] + edge_step[e]
+            candidates = [c for c in outgoing[int(y * width + x)] if not used[c]]
+            if not candidates:
+                break
+            # at a pinch (two pixels touching at a corner) turn towards the interior, which keeps loops simple
+            e = candidates[0] if len(candidates) == 1 else max(
+                candidates, key=lambda c: edge_step[e][0] * edge_step[c][1] - edge_step[e][1] * edge_step[c][0])
+        loop = np.asarray(points, np.float64)
+        turn = np.roll(loop, -1, 0) - loop
+        previous = loop - np.roll(loop, 1, 0)
+        corner = (turn[:, 0] * previous[:, 1] - turn[:, 1] * previous[:, 0]) != 0
+        loops.append(loop[corner])
+    return loops
+
+
+def mask_to_polygon(mask: np.ndarray) -> list[float]:
+    """A binary ``[H, W]`` mask as one polygon ``[x1, y1, ...]`` in pixel-edge coordinates (COCO's), tracing the
+    pixel boundary of every connected part and hole and joining them with :func:`join_polygons`; pycocotools
+    rasterises it back to the same mask. Empty for an empty mask."""
+    mask = np.asarray(mask, bool)
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    if not len(rows):
+        return []
+    crop = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    offset = np.array([cols[0], rows[0]], np.float64)
+    return join_polygons([(loop + offset).reshape(-1).tolist() for loop in _boundary_loops(crop)])

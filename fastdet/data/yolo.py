@@ -5,7 +5,15 @@ Layout: ``root/data.yaml`` with ``names`` (a list, or a dict ``{index: name}``) 
 yaml's folder) or to the yaml's folder. Without split entries the images are ``root/images/**``. The label file of
 ``.../images/<sub>/<stem>.<ext>`` is ``.../labels/<sub>/<stem>.txt`` (the last ``images`` folder swapped for
 ``labels``); each line is ``class cx cy w h`` with a 0-based class and coordinates normalised by the image size, or
-``class x1 y1 x2 y2 x3 y3 ...`` (a polygon, whose bounding box is used).
+``class x1 y1 x2 y2 x3 y3 ...`` (Ultralytics' segmentation labels: a polygon, normalised the same way, whose bounding
+box is the object's box and which is kept as the object's instance segmentation).
+
+Segmentation labels read into ``ImageRecord.segmentations`` as one-part COCO polygons in pixels (a box line in a
+dataset that has polygons gets ``None``: its mask is its box). Writing a record with segmentations writes polygon lines:
+COCO polygons with several parts are joined into one outline, RLE masks (e.g. the synthetic shapes' or COCO's crowd
+annotations) are traced along their pixel boundary (:func:`fastdet.data.masks.mask_to_polygon`, which pycocotools
+rasterises back to the same mask) and an object without a segmentation is written as its box's outline, so every
+line of a segmentation dataset is a polygon, as Ultralytics expects.
 
 YOLO stores no image ids, crowd or difficult flags, ignore regions or category ids: the class index ``c`` becomes label
 ``c + 1`` and category id ``c + 1``; image ids come from the file names (:func:`image_ids_from_names`).
@@ -34,6 +42,7 @@ from fastdet.data._base import (
     read_image_size,
     read_label_text,
 )
+from fastdet.data.masks import decode_segmentation, join_polygons, mask_to_polygon
 
 SPLIT_KEYS = ("train", "val", "test")
 
@@ -99,9 +108,10 @@ def _split_images(entry, base: Path, yaml_path: Path) -> list[Path]:
 
 
 def _parse_label_file(path: Path, num_classes: int, width: int, height: int):
-    """Pixel xyxy boxes and 0-based classes of one label file; raises DatasetError naming the line."""
+    """Pixel xyxy boxes, 0-based classes and per-object pixel polygons (None for box lines, None overall when the file
+    has no polygon line) of one label file; raises DatasetError naming the line."""
     text = read_label_text(path)
-    boxes, classes, lines = [], [], []
+    boxes, classes, lines, polygons = [], [], [], []
     for line_number, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
         if not fields:
@@ -121,9 +131,14 @@ def _parse_label_file(path: Path, num_classes: int, width: int, height: int):
         if len(values) == 4:
             cx, cy, w, h = values
             box = [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
+            polygons.append(None)
         else:
+            if not np.isfinite(values).all():
+                raise DatasetError("malformed_label", f"polygon coordinates must be finite: {line.strip()!r}",
+                                   path, line_number)
             xy = values.reshape(-1, 2)
             box = [*xy.min(axis=0), *xy.max(axis=0)]
+            polygons.append([[float(v) for v in (xy * (width, height)).reshape(-1)]])
         boxes.append(box)
         classes.append(cls)
         lines.append(line_number)
@@ -133,7 +148,8 @@ def _parse_label_file(path: Path, num_classes: int, width: int, height: int):
     if bad.any():
         j = int(np.flatnonzero(bad)[0])
         raise DatasetError("bad_box", reasons[j], path, lines[j])
-    return clipped, np.asarray(classes, np.int64)
+    segmentations = polygons if any(p is not None for p in polygons) else None
+    return clipped, np.asarray(classes, np.int64), segmentations
 
 
 def read_yolo(root: str | Path, class_names: Sequence[str] | None = None, skip_bad: bool = False,
@@ -174,15 +190,15 @@ def read_yolo(root: str | Path, class_names: Sequence[str] | None = None, skip_b
             width, height = read_image_size(image)
             label_file = label_path_for(image)
             if allow_missing_labels and not label_file.exists():
-                boxes, classes = np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
+                boxes, classes, segmentations = np.zeros((0, 4), np.float32), np.zeros(0, np.int64), None
             else:
-                boxes, classes = _parse_label_file(label_file, len(names), width, height)
+                boxes, classes, segmentations = _parse_label_file(label_file, len(names), width, height)
         except DatasetError as error:
             collect(error)
             continue
         index_of[i] = len(records)
         records.append(ImageRecord(file_name=rel_names[i], image_id=int(ids[i]), width=width, height=height,
-                                   boxes=boxes, labels=classes + 1))
+                                   boxes=boxes, labels=classes + 1, segmentations=segmentations))
         paths.append(image)
     splits = {key: np.array([index_of[unique[p.resolve()]] for p in images if unique[p.resolve()] in index_of],
                             np.int64) for key, images in split_lists.items()}
@@ -229,6 +245,19 @@ def _format_number(value: float) -> str:
     return text if text not in ("-0", "") else "0"
 
 
+def segmentation_outline(segmentation, box, height: int, width: int) -> list[float]:
+    """The single pixel polygon YOLO segmentation txt stores for one object (see the module docstring)."""
+    if segmentation is None:
+        x1, y1, x2, y2 = box
+        return [x1, y1, x2, y1, x2, y2, x1, y2]
+    if isinstance(segmentation, list):
+        return join_polygons(segmentation)
+    outline = mask_to_polygon(decode_segmentation(segmentation, height, width))
+    if not outline:  # an empty mask: keep the object, as its box
+        return segmentation_outline(None, box, height, width)
+    return outline
+
+
 def write_yolo(contents: DatasetContents, dst: str | Path, copy_image: Callable[[Path, Path], None]) -> list[str]:
     """Write ``contents`` as a YOLO dataset under ``dst``: ``images/<split>/``, ``labels/<split>/`` (an empty file for
     an image without objects) and ``data.yaml``. Returns notes on what YOLO could not hold."""
@@ -249,10 +278,16 @@ def write_yolo(contents: DatasetContents, dst: str | Path, copy_image: Callable[
             label_dst.parent.mkdir(parents=True, exist_ok=True)
             b = record.boxes.astype(np.float64)
             scale = np.array([record.width, record.height], np.float64)
-            centre = (b[:, :2] + b[:, 2:]) / 2 / scale
-            size = (b[:, 2:] - b[:, :2]) / scale
-            lines = [" ".join([str(int(c) - 1), *(_format_number(v) for v in (*ctr, *wh))])
-                     for c, ctr, wh in zip(record.labels.tolist(), centre.tolist(), size.tolist())]
+            if record.segmentations is not None:
+                outlines = [segmentation_outline(seg, box, record.height, record.width)
+                            for seg, box in zip(record.segmentations, b.tolist())]
+                values = [(np.asarray(o, np.float64).reshape(-1, 2) / scale).reshape(-1).tolist() for o in outlines]
+            else:
+                centre = (b[:, :2] + b[:, 2:]) / 2 / scale
+                size = (b[:, 2:] - b[:, :2]) / scale
+                values = [[*ctr, *wh] for ctr, wh in zip(centre.tolist(), size.tolist())]
+            lines = [" ".join([str(int(c) - 1), *(_format_number(v) for v in row)])
+                     for c, row in zip(record.labels.tolist(), values)]
             label_dst.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     if flat:
         yaml_data["train"] = yaml_data["val"] = "images"
