@@ -105,3 +105,35 @@ def test_draw_detections_paints_masks():
     assert (drawn[30:, 40:] == plain[30:, 40:]).all()
     with pytest.raises(ValueError, match="image-sized"):
         draw_detections(image, torch.zeros(1, 4), torch.tensor([1]), masks=torch.zeros(1, 1, 5, 5))
+
+
+def test_native_and_pycocotools_segm_agree_and_native_gives_f1_curves(seed):
+    from fastdet.eval import f1_confidence_from_evaluation, precision_recall_curves
+
+    gt, masks = _ground_truth()
+    g = torch.Generator().manual_seed(seed)
+    detections = []
+    for image_id in (1,):
+        probs = torch.rand(12, 1, H, W, generator=g) * 0.4
+        for k, m in enumerate(masks):  # some detections near the true masks, the rest noise
+            probs[k, 0] += torch.from_numpy(m).float() * 0.5
+        labels = torch.randint(1, 3, (12,), generator=g)
+        boxes = torch.tensor([[0.0, 0.0, W, H]]).repeat(12, 1)
+        detections.append({"image_id": image_id, "boxes": boxes, "scores": torch.rand(12, generator=g),
+                           "labels": labels, "segmentation": masks_to_rles(probs)})
+    native = evaluate_segmentation(gt, detections)
+    reference = evaluate_segmentation(gt, detections, backend="pycocotools")
+    for name, value in reference.stats.items():
+        assert native.stats[name] == pytest.approx(value, abs=1e-12, nan_ok=True), (name, f"seed={seed}")
+    np.testing.assert_allclose(native.precision, reference.precision, atol=1e-12)
+    assert reference.matches is None and native.matches is not None
+    f1 = f1_confidence_from_evaluation(native)
+    assert f1.f1.shape[0] == 2 and np.nanmax(f1.f1) <= 1
+    # the F1 curve at the lowest confidence counts every counted detection: its recall is the evaluated recall at 0.5
+    true_positive = native.matches.true_positive[0]
+    for k in range(2):
+        tp = int(true_positive[native.matches.category_index == k].sum())
+        assert f1.recall[k, 0] == pytest.approx(tp / native.matches.num_ground_truth[k])
+    assert precision_recall_curves(native).precision.shape == (2, 101)
+    with pytest.raises(ValueError, match="backend"):
+        evaluate_segmentation(gt, detections, backend="nope")

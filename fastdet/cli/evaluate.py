@@ -31,7 +31,8 @@ def evaluate_and_report(model, dataset, device, spec_or_names, output: Path | No
                         amp: bool = False, max_detections: int = 100, workers: int = 0, quiet: bool = False,
                         backend: str = "native"):
     """Run ``model`` over ``dataset``, print the 12 COCO stats and per-class AP, and (with ``output``) write
-    metrics.json, pr_curve.png, f1_confidence.png and confusion_matrix.png. Returns the CocoEvaluation."""
+    metrics.json, pr_curve.png, f1_confidence.png and confusion_matrix.png (for a mask model also segm_pr_curve.png
+    and segm_f1_confidence.png). Returns the CocoEvaluation."""
     from fastdet.data import make_data_loader, to_coco_dict
     from fastdet.eval import (
         collect_detections,
@@ -66,7 +67,7 @@ def evaluate_and_report(model, dataset, device, spec_or_names, output: Path | No
         from fastdet.eval.segm import evaluate_segmentation
 
         segm = evaluate_segmentation(ground_truth, detections, dataset.label_to_category_id,
-                                     max_detections=max_detections)
+                                     max_detections=max_detections, backend=backend)
         if not quiet:
             print(f"\nCOCO mask (segm) evaluation:\n{segm.summary}")
     evaluation.segm = segm
@@ -89,8 +90,16 @@ def evaluate_and_report(model, dataset, device, spec_or_names, output: Path | No
             matrix = confusion_matrix(detections, targets, len(class_names))
         plot_f1_confidence(f1, output / "f1_confidence.png", names)
         plot_confusion_matrix(matrix, output / "confusion_matrix.png", names)
+        written = ["metrics.json", "pr_curve.png", "f1_confidence.png", "confusion_matrix.png"]
+        if segm is not None:  # the mask task's curves, next to the box task's
+            plot_precision_recall(precision_recall_curves(segm), output / "segm_pr_curve.png")
+            written.append("segm_pr_curve.png")
+            if segm.matches is not None:
+                plot_f1_confidence(f1_confidence_from_evaluation(segm), output / "segm_f1_confidence.png",
+                                   segm.category_names)
+                written.append("segm_f1_confidence.png")
         if not quiet:
-            print(f"\nwrote metrics.json, pr_curve.png, f1_confidence.png, confusion_matrix.png to {output}")
+            print(f"\nwrote {', '.join(written)} to {output}")
     evaluation.detections = detections
     return evaluation
 

@@ -373,7 +373,8 @@ class Trainer:
                 from fastdet.eval.segm import evaluate_segmentation
 
                 segm = evaluate_segmentation(self.ground_truth, detections, self.label_to_category_id,
-                                             max_detections=self.config.eval_max_detections)
+                                             max_detections=self.config.eval_max_detections,
+                                             backend=self.config.eval_backend)
                 stats.update({f"segm_{name}": value for name, value in segm.stats.items()})
                 if self.config.progress:
                     print(f"mask (segm) evaluation:\n{segm.summary}")

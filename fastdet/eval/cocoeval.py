@@ -558,10 +558,25 @@ class COCOeval:
         groups = _group(gt, dt, list(p.imgIds), list(p.catIds), bool(p.useCats))
         load = time.perf_counter()
         self._evaluated = _native_evaluate(groups, p.iouThrs, p.areaRng, int(p.maxDets[-1]))
+        self._dt = dt
         self._paramsEval = copy.deepcopy(p)
         toc = time.perf_counter()
         self.timings = {"load": load - tic, "evaluate": toc - load}
         self._log(f"DONE (t={toc - tic:0.2f}s).")
+
+    def matches(self) -> CocoMatches:
+        """A fastdet extra: every detection's outcome per IoU threshold (area "all", the largest maxDets) as
+        :class:`CocoMatches`, in the order of ``cocoDt``'s annotations (``cocoDt.dataset["annotations"]``), for
+        F1-confidence curves with COCO's matching (:func:`fastdet.eval.f1_confidence_from_evaluation`). Needs
+        :meth:`evaluate` first and ``useCats=1``."""
+        if self._evaluated is None:
+            raise RuntimeError("Please run evaluate() first")
+        pe = self._paramsEval
+        if not pe.useCats:
+            raise ValueError("matches() needs an evaluation with useCats=1 (per-category matching)")
+        category_index = _positions(self._dt.category_ids, list(pe.catIds))
+        return _matches(self._evaluated, self._dt.scores, category_index, list(pe.areaRngLbl).index("all"),
+                        len(pe.catIds))
 
     def accumulate(self, p=None) -> None:
         """Precision/recall/score arrays over images (pycocotools' accumulate)."""

@@ -1,4 +1,5 @@
-"""COCO mask AP ("segm") through pycocotools, next to the box metrics of :mod:`fastdet.eval.coco`.
+"""COCO mask AP ("segm"), next to the box metrics of :mod:`fastdet.eval.coco`: fastdet's native evaluator by default
+(pycocotools' protocol and numbers, with per-detection matches for F1 curves), or pycocotools itself.
 
 Detections carry their masks as compressed RLE (``"segmentation"``: one ``{"size", "counts"}`` per detection), which
 :func:`fastdet.eval.collect_detections` fills from a mask model's ``"masks"`` output (probabilities thresholded at
@@ -56,10 +57,16 @@ def _ground_truth_with_masks(coco_gt):
 
 def evaluate_segmentation(ground_truth, detections: Sequence[Mapping],
                           label_to_category_id: Mapping[int, int] | None = None,
-                          max_detections: int = 100) -> CocoEvaluation:
+                          max_detections: int = 100, backend: str = "native") -> CocoEvaluation:
     """COCO mask evaluation: as :func:`fastdet.eval.evaluate_detections` (same arguments, same statistics, 12 of
-    them), with each detection's ``"segmentation"`` RLE in place of its box."""
+    them; ``backend`` ``"native"`` (default, with ``matches`` for
+    :func:`fastdet.eval.f1_confidence_from_evaluation`) or ``"pycocotools"``), with each detection's
+    ``"segmentation"`` RLE in place of its box."""
+    if backend not in ("native", "pycocotools"):
+        raise ValueError(f"backend must be 'native' or 'pycocotools', got {backend!r}")
     COCO, COCOeval = _import_pycocotools()
+    if backend == "native":
+        from fastdet.eval.cocoeval import COCOeval
     limits = _max_detection_limits(max_detections)
     coco_gt = _ground_truth_with_masks(load_ground_truth(ground_truth))
     for position, det in enumerate(detections):
@@ -82,6 +89,7 @@ def evaluate_segmentation(ground_truth, detections: Sequence[Mapping],
         evaluator.params.maxDets = limits
         evaluator.evaluate()
         evaluator.accumulate()
+    matches = evaluator.matches() if backend == "native" else None
     params = evaluator.params
     precision, recall = evaluator.eval["precision"], evaluator.eval["recall"]
     stats = _summarise(precision, recall, params.iouThrs, params.areaRngLbl, limits)
@@ -92,7 +100,7 @@ def evaluate_segmentation(ground_truth, detections: Sequence[Mapping],
                           scores=evaluator.eval["scores"], category_ids=list(params.catIds), category_names=names,
                           iou_thresholds=np.asarray(params.iouThrs), recall_thresholds=np.asarray(params.recThrs),
                           max_detections=limits, summary=_summary_text(stats, params.iouThrs, limits),
-                          num_detections=int(rows.shape[0]))
+                          num_detections=int(rows.shape[0]), matches=matches)
 
 
 def _mask_area(rle: dict) -> float:
