@@ -256,3 +256,61 @@ def test_eval_report_confusion_matrix_per_backend(tmp_path, monkeypatch, backend
         assert drawn["names"] == list(dataset.class_names)
     np.testing.assert_array_equal(drawn["matrix"], expected)
     assert drawn["matrix"].sum() > 0
+
+
+class _MaskModel(_TwoBoxModel):
+    """_TwoBoxModel's detections with a mask each (filled boxes): a stand-in mask model for the report."""
+
+    def __call__(self, images):
+        import torch
+
+        outputs = super().__call__(images)
+        for image, output in zip(images, outputs):
+            masks = torch.zeros(2, 1, *image.shape[-2:])
+            for k, (x1, y1, x2, y2) in enumerate(output["boxes"].int().tolist()):
+                masks[k, 0, y1:y2, x1:x2] = 0.9
+            output["masks"] = masks
+        return outputs
+
+
+def test_eval_report_of_a_mask_model_has_the_mask_task_curves(tmp_path):
+    import torch
+
+    from fastdet.cli._common import load_coco
+    from fastdet.cli.evaluate import evaluate_and_report
+    from fastdet.data import make_shapes_dataset
+
+    paths = make_shapes_dataset(tmp_path / "data", num_images=8, image_size=(64, 64), seed=5, masks=True)
+    dataset = load_coco(paths["images"], paths["test"])
+    evaluation = evaluate_and_report(_MaskModel(), dataset, torch.device("cpu"), None, tmp_path / "eval", quiet=True)
+    assert evaluation.segm is not None and evaluation.segm.matches is not None
+    for png in ("pr_curve.png", "f1_confidence.png", "segm_pr_curve.png", "segm_f1_confidence.png"):
+        assert (tmp_path / "eval" / png).stat().st_size > 0
+    metrics = strict_json(tmp_path / "eval" / "metrics.json")
+    assert set(metrics["segm_stats"]) >= {"AP", "AP50"}
+
+
+def test_mask_rcnn_trains_evaluates_and_predicts_from_the_command_line(tmp_path):
+    from fastdet.data import make_shapes_dataset
+
+    make_shapes_dataset(tmp_path / "data", num_images=8, image_size=(64, 64), seed=3, masks=True,
+                        split=(0.5, 0.5, 0.0))
+    tiny = ["--model-arg", "min_size=64", "--model-arg", "max_size=64", "--model-arg", "rpn_batch_size_per_image=32",
+            "--model-arg", "box_batch_size_per_image=32"]
+    result = fastdet("train", "--model", "maskrcnn_resnet18_fpn", *tiny, "--data", tmp_path / "data", "--output",
+                     tmp_path / "run", "--epochs", "1", "--batch-size", "2", "--workers", "0", "--no-progress",
+                     "--device", "cpu", "--warmup-iters", "0", "--lr", "0.005")
+    assert result.returncode == 0, result.stdout + result.stderr
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_segm_AP" in row for row in logged)  # the epoch's validation reports mask AP too
+    checkpoint = tmp_path / "run" / "last.pt"
+    result = fastdet("eval", "--checkpoint", checkpoint, "--data", tmp_path / "data", "--split", "val", "--output",
+                     tmp_path / "eval", "--device", "cpu")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "mask (segm)" in result.stdout and (tmp_path / "eval" / "segm_pr_curve.png").is_file()
+    image = sorted((tmp_path / "data" / "images").glob("*.png"))[0]
+    result = fastdet("predict", "--checkpoint", checkpoint, image, "--output", tmp_path / "pred",
+                     "--score-threshold", "0.0", "--device", "cpu")
+    assert result.returncode == 0, result.stdout + result.stderr
+    detections = strict_json(tmp_path / "pred" / "predictions.json")[0]["detections"]
+    assert all("segmentation" in d for d in detections)
