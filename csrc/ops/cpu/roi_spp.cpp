@@ -112,7 +112,7 @@ std::tuple<Tensor, Tensor> roi_spp_kernel(const Tensor& input, const Tensor& roi
                   best[c] = empty ? T(0) : roi::pool_init<T>();
                   where[c] = -1;
                   if (!empty) {
-                    spp::bin_max(base + c * isc, ish, isw, W, y0, y1, x0, x1, &best[c], &where[c]);
+                    roi::pool_bin_max(base + c * isc, ish, isw, W, y0, y1, x0, x1, &best[c], &where[c]);
                   }
                 }
               }

@@ -62,7 +62,7 @@ __global__ void spp_forward_kernel(const scalar_t* __restrict__ input, Shape4 is
       roi::pool_bin_range(g.start_w, g.bin_w, pw, W, &w0, &w1);
       if (g.valid && h1 > h0 && w1 > w0) {
         best = roi::pool_init<T>();
-        spp::bin_max(input + n * is.n + c * is.c, is.h, is.w, W, h0, h1, w0, w1, &best, &where);
+        roi::pool_bin_max(input + n * is.n + c * is.c, is.h, is.w, W, h0, h1, w0, w1, &best, &where);
       }
     }
     out[idx] = static_cast<scalar_t>(best);
