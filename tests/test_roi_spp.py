@@ -374,3 +374,21 @@ def test_inputs_are_not_modified(device, seed):
     x0, rois0 = x.clone(), rois.clone()
     ops.roi_spp(x, rois, (1, 2, 4), SCALE)
     assert torch.equal(x, x0) and torch.equal(rois, rois0)
+
+
+def test_fx_symbolic_trace_keeps_roi_spp_a_leaf(seed):
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.spp = ops.RoISPP((1, 2, 4), SCALE)
+
+        def forward(self, x, rois):
+            return self.spp(x, rois).relu() + ops.roi_spp(x, rois, (2,), SCALE).sum(dim=1, keepdim=True)
+
+    traced = torch.fx.symbolic_trace(Head())
+    names = [getattr(node.target, "__name__", "") for node in traced.graph.nodes if node.op == "call_function"]
+    assert names.count("roi_spp") == 2, names
+    gen = torch.Generator().manual_seed(seed)
+    x = random_features(gen, N, C, H, W)
+    rois = random_rois(gen, 7)
+    assert torch.equal(traced(x, rois), Head()(x, rois))
