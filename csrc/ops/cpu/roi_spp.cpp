@@ -131,9 +131,9 @@ std::tuple<Tensor, Tensor> roi_spp_kernel(const Tensor& input, const Tensor& roi
 
 // grad [K, C * B] and argmax [K, C, B] (any strides); returns the accumulation-dtype gradient of the input.
 Tensor roi_spp_backward_kernel(const Tensor& grad, const Tensor& rois, const Tensor& argmax_in,
-                               const std::vector<int64_t>& levels, double /*spatial_scale: only the CUDA gather uses it*/,
-                               int64_t N, int64_t C, int64_t H, int64_t W, bool channels_last,
-                               bool /*deterministic: the CPU always is*/) {
+                               const std::vector<int64_t>& levels,
+                               double /*spatial_scale: only the CUDA gather uses it*/, int64_t N, int64_t C, int64_t H,
+                               int64_t W, bool channels_last, bool /*deterministic: the CPU always is*/) {
   const auto acc = accumulation_type(grad.scalar_type());
   auto buf = roi_zeros({N, C, H, W}, acc, grad, channels_last);
   const spp::Levels lv = spp::make_levels(levels);
