@@ -87,6 +87,10 @@ SIZES = {
         Size({"batch": 2, "n": 16}),
         Size({"batch": 8, "n": 512}, cpu={"batch": 2, "n": 256}),
     ],
+    # SPP-Net's RoI pyramid pooling (benchmarks/test_bench_roi_spp.py): B images, N RoIs per image.
+    "roi_spp": [
+        Size({"batch": 2, "n": 256}),
+    ],
     "multi_scale_roi_align": [
         Size({"batch": 1, "n": 16}),
         Size({"batch": 8, "n": 512}, cpu={"batch": 1, "n": 256}),

@@ -426,7 +426,7 @@ def test_eager_multi_scale_roi_align_module_still_records_its_scales():
 # autocast
 # --------------------------------------------------------------------------------------------------------------------
 
-AUTOCAST_OPS = ["nms", "batched_nms", "roi_align", "roi_pool", "multi_scale_roi_align"]
+AUTOCAST_OPS = ["nms", "batched_nms", "roi_align", "roi_pool", "roi_spp", "multi_scale_roi_align"]
 
 
 @pytest.mark.parametrize("key", ["AutocastCPU", "AutocastCUDA"])

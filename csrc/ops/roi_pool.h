@@ -72,5 +72,28 @@ C10_HOST_DEVICE inline T pool_init() {
   return static_cast<T>(-FLT_MAX);
 }
 
+// Running maximum of one bin [h0, h1) x [w0, w1) of a feature plane read through strides (ish, isw), updating
+// (*best, *where) as torchvision's roi_pool: a value wins only if it is strictly greater (NaN never wins, ties keep the
+// first pixel in row-major order). Branch-free selects: bins hold a handful of pixels, so a data-dependent branch would
+// mispredict about half the time. Shared by roi_pool's and roi_spp's CPU and CUDA kernels.
+template <typename scalar_t, typename T>
+C10_HOST_DEVICE inline void pool_bin_max(const scalar_t* plane, int64_t ish, int64_t isw, int64_t W, int64_t h0,
+                                         int64_t h1, int64_t w0, int64_t w1, T* best, int32_t* where) {
+  T top = *best;
+  int32_t at = *where;
+  for (int64_t h = h0; h < h1; ++h) {
+    const scalar_t* line = plane + h * ish;
+    const int32_t row = static_cast<int32_t>(h * W);
+    for (int64_t w = w0; w < w1; ++w) {
+      const T v = static_cast<T>(line[w * isw]);
+      const bool better = v > top;
+      top = better ? v : top;
+      at = better ? row + static_cast<int32_t>(w) : at;
+    }
+  }
+  *best = top;
+  *where = at;
+}
+
 }  // namespace roi
 }  // namespace fastdet

@@ -112,18 +112,7 @@ std::tuple<Tensor, Tensor> roi_pool_kernel(const Tensor& input, const Tensor& ro
                 T top = empty ? T(0) : roi::pool_init<T>();
                 int32_t at = -1;
                 if (!empty) {
-                  for (int64_t h = h0[ph]; h < h1[ph]; ++h) {
-                    const scalar_t* line = plane + h * ish;
-                    const int32_t row = static_cast<int32_t>(h * W);
-                    for (int64_t w = w0[pw]; w < w1[pw]; ++w) {
-                      // Branch-free running maximum: bins hold a handful of pixels, so a data-dependent branch would
-                      // mispredict about half the time. Same result as `if (v > top)` (NaN never wins).
-                      const T v = static_cast<T>(line[w * isw]);
-                      const bool better = v > top;
-                      top = better ? v : top;
-                      at = better ? row + static_cast<int32_t>(w) : at;
-                    }
-                  }
+                  roi::pool_bin_max(plane, ish, isw, W, h0[ph], h1[ph], w0[pw], w1[pw], &top, &at);
                 }
                 const int64_t off = k * osn + (c0 + c) * osc + ph * osh + pw * osw;
                 o[off] = static_cast<scalar_t>(top);

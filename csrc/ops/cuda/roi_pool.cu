@@ -64,15 +64,7 @@ __global__ void pool_forward_kernel(const scalar_t* __restrict__ input, Shape4 i
       roi::pool_bin_range(g.start_w, g.bin_w, pw, W, &w0, &w1);
       if (g.valid && h1 > h0 && w1 > w0) {
         best = roi::pool_init<T>();
-        const scalar_t* plane = input + n * is.n + c * is.c;
-        for (int64_t h = h0; h < h1; ++h) {
-          for (int64_t w = w0; w < w1; ++w) {
-            const T v = static_cast<T>(plane[h * is.h + w * is.w]);
-            const bool better = v > best;  // NaN never wins; selects instead of a divergent branch
-            best = better ? v : best;
-            where = better ? static_cast<int32_t>(h * W + w) : where;
-          }
-        }
+        roi::pool_bin_max(input + n * is.n + c * is.c, is.h, is.w, W, h0, h1, w0, w1, &best, &where);
       }
     }
     const int64_t o = k * os.n + c * os.c + ph * os.h + pw * os.w;
