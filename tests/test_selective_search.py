@@ -195,6 +195,19 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.fastdet.selective_search.default,
                           (image, [1, 50, 15, 2, 100, 14], 0, 0.8, -1, 0))
     torch.library.opcheck(torch.ops.fastdet.selective_search.default, (image, [1, 50, 15], 5, 0.8, 6, 1))
+    torch.library.opcheck(torch.ops.fastdet._selective_search_regions.default, (image, [4, 50, 3], 5, 0.8))
+
+
+def test_compile_fullgraph_with_dynamic_output():
+    image = blocky_image(16, 20, seed=4)
+
+    def f(image):
+        boxes = fastdet.ops.selective_search(image, "fast", max_proposals=50)
+        return boxes[:, 2:] - boxes[:, :2]
+
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=True)
+        assert torch.equal(compiled(image), f(image))
 
 
 # --- bad input -------------------------------------------------------------------------------------------------

@@ -131,19 +131,34 @@ def _selective_search_regions(image: Tensor, strategy, min_size: int | None = No
     return native("_selective_search_regions")(image, codes, _int_arg(min_size, "min_size", 0, 1), float(sigma))
 
 
-def _proposal_count(image, max_proposals):
+def _proposal_count(max_proposals: int):
     """The data-dependent number of proposals: an unbacked symint, at most max_proposals when that is set."""
     ctx = torch.library.get_ctx()
-    k = ctx.new_dynamic_size(max=max_proposals) if max_proposals >= 0 else ctx.new_dynamic_size()
-    return k
+    return ctx.new_dynamic_size(max=max_proposals) if max_proposals >= 0 else ctx.new_dynamic_size()
 
 
 # Fake kernels: the number of proposals depends on the image's content.
 @register_fake("selective_search")
 def _selective_search_fake(image, strategies, min_size, sigma, max_proposals, seed):
-    return image.new_empty((_proposal_count(image, max_proposals), 4), dtype=torch.float32)
+    return image.new_empty((_proposal_count(max_proposals), 4), dtype=torch.float32)
 
 
 @register_fake("_selective_search_kernel")
 def _selective_search_kernel_fake(image, strategies, min_size, sigma, max_proposals, seed):
-    return image.new_empty((_proposal_count(image, max_proposals), 4), dtype=torch.float32)
+    return image.new_empty((_proposal_count(max_proposals), 4), dtype=torch.float32)
+
+
+def _regions_fake(image, strategy, min_size, sigma):
+    channels = 1 if strategy[0] in (COLOR_SPACES["h"], COLOR_SPACES["i"], COLOR_SPACES["l"]) else 3
+    height, width = image.shape[1], image.shape[2]
+    count = torch.library.get_ctx().new_dynamic_size()
+    return (
+        image.new_empty((count, 4), dtype=torch.float32),
+        image.new_empty((height, width), dtype=torch.int64),
+        image.new_empty((channels, height, width), dtype=torch.int64),
+        image.new_empty((8 * channels, height, width), dtype=torch.int64),
+    )
+
+
+register_fake("_selective_search_regions")(_regions_fake)
+register_fake("_selective_search_regions_kernel")(_regions_fake)
