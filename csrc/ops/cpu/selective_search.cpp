@@ -145,14 +145,17 @@ void gaussian_blur(const float* src, float* dst, int64_t H, int64_t W, double si
   for (int64_t i = -radius; i <= radius; ++i) {
     kernel[i + radius] = static_cast<float>(std::exp(-0.5 * (i * i) / (sigma * sigma)) / total);
   }
-  std::vector<float> tmp(H * W);
+  std::vector<float> tmp(H * W), padded(W + 2 * radius);
   for (int64_t y = 0; y < H; ++y) {
+    // the row with its border pixels replicated radius times on each side, so the taps need no clamping
     const float* row = src + y * W;
+    std::fill(padded.begin(), padded.begin() + radius, row[0]);
+    std::copy(row, row + W, padded.begin() + radius);
+    std::fill(padded.begin() + radius + W, padded.end(), row[W - 1]);
     for (int64_t x = 0; x < W; ++x) {
+      const float* taps = padded.data() + x;
       float acc = 0;
-      for (int64_t i = -radius; i <= radius; ++i) {
-        acc += kernel[i + radius] * row[std::min(W - 1, std::max<int64_t>(0, x + i))];
-      }
+      for (int64_t i = 0; i <= 2 * radius; ++i) acc += kernel[i] * taps[i];
       tmp[y * W + x] = acc;
     }
   }
@@ -253,24 +256,28 @@ std::vector<Edge> sorted_edges(const std::vector<uint8_t>& planes, int64_t C, in
   return edges;
 }
 
+// Union-find over pixels; parent, size and internal threshold of a node side by side (one cache line per visit).
 struct DisjointSets {
-  std::vector<int32_t> parent, size;
-  std::vector<float> threshold;
-  DisjointSets(int64_t n, float k) : parent(n), size(n, 1), threshold(n, k) {
-    for (int64_t i = 0; i < n; ++i) parent[i] = static_cast<int32_t>(i);
+  struct Node {
+    int32_t parent, size;
+    float threshold;
+  };
+  std::vector<Node> nodes;
+  DisjointSets(int64_t n, float k) : nodes(n) {
+    for (int64_t i = 0; i < n; ++i) nodes[i] = {static_cast<int32_t>(i), 1, k};
   }
   int32_t find(int32_t x) {
-    while (parent[x] != x) {
-      parent[x] = parent[parent[x]];
-      x = parent[x];
+    while (nodes[x].parent != x) {
+      nodes[x].parent = nodes[nodes[x].parent].parent;
+      x = nodes[x].parent;
     }
     return x;
   }
   // Joins roots a and b; returns the new root (the larger component, a on ties).
   int32_t join(int32_t a, int32_t b) {
-    if (size[a] < size[b]) std::swap(a, b);
-    parent[b] = a;
-    size[a] += size[b];
+    if (nodes[a].size < nodes[b].size) std::swap(a, b);
+    nodes[b].parent = a;
+    nodes[a].size += nodes[b].size;
     return a;
   }
 };
@@ -283,14 +290,14 @@ int32_t segment(const std::vector<Edge>& edges, int64_t n, double k, int64_t min
     if (a == b) continue;
     float w;
     std::memcpy(&w, &e.key, sizeof(w));
-    if (w <= sets.threshold[a] && w <= sets.threshold[b]) {
+    if (w <= sets.nodes[a].threshold && w <= sets.nodes[b].threshold) {
       const int32_t root = sets.join(a, b);
-      sets.threshold[root] = w + static_cast<float>(k / sets.size[root]);
+      sets.nodes[root].threshold = w + static_cast<float>(k / sets.nodes[root].size);
     }
   }
   for (const Edge& e : edges) {
     int32_t a = sets.find(e.a), b = sets.find(e.b);
-    if (a != b && (sets.size[a] < min_size || sets.size[b] < min_size)) sets.join(a, b);
+    if (a != b && (sets.nodes[a].size < min_size || sets.nodes[b].size < min_size)) sets.join(a, b);
   }
   labels.assign(n, -1);
   std::vector<int32_t> id_of_root(n, -1);
