@@ -219,7 +219,7 @@ def test_compile_fullgraph_with_dynamic_output():
         ({"image": torch.zeros(3, 4, 4, dtype=torch.int32)}, RuntimeError, "image must be a uint8 tensor"),
         ({"image": torch.zeros(4, 4, 3, dtype=torch.uint8)}, RuntimeError, r"image must have shape \[3, H, W\]"),
         ({"image": torch.zeros(1, 3, 4, 4)}, RuntimeError, r"image must have shape \[3, H, W\]"),
-        ({"image": torch.zeros(3, 4097, 2, dtype=torch.uint8)}, RuntimeError, "image must be at most 4096"),
+        ({"image": torch.zeros(3, 2049, 2, dtype=torch.uint8)}, RuntimeError, "image must be at most 2048"),
         ({"image": torch.full((3, 2, 2), float("nan"))}, RuntimeError, "image must not contain NaN"),
         ({"image": [[0]]}, TypeError, "image must be a torch.Tensor"),
         ({"mode": "slow"}, ValueError, "mode must be one of"),

@@ -28,7 +28,9 @@ constexpr int64_t kAllSimilarities = kColour | kTexture | kSize | kFill;
 constexpr int64_t kColourBins = 25;      // per channel
 constexpr int64_t kOrientations = 8;     // Gaussian-derivative directions, every 45 degrees
 constexpr int64_t kTextureBins = 10;     // per channel and orientation
-constexpr int64_t kMaxSide = 4096;       // images above kMaxSide x kMaxSide are refused (work and memory bound)
+// Images above kMaxSide x kMaxSide are refused: a bound on work and memory (per colour space 4 edges of 8 bytes and
+// 27 bytes of features per pixel; "quality" holds 5 colour spaces at once: ~1.3 GB at the limit).
+constexpr int64_t kMaxSide = 2048;
 constexpr int64_t kMaxK = 1000000;       // bound on the segmentation scale k
 constexpr int64_t kMaxStrategies = 256;  // bound on the number of strategies of one call
 

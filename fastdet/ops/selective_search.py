@@ -95,7 +95,8 @@ def selective_search(
 
     Args:
         image (Tensor[3, H, W]): RGB, channels first (torchvision's layout), uint8 in 0..255 or floating in [0, 1]
-            (clamped, then rounded to 1/255 steps), on the CPU, at most 4096 x 4096 pixels.
+            (clamped, then rounded to 1/255 steps), on the CPU, at most 2048 x 2048 pixels (resize larger images
+            first; the paper works at ~500 pixels).
         mode (str): ``"single"``, ``"fast"`` or ``"quality"`` (see the module docstring); ignored with ``strategies``.
         strategies: instead of a mode, a list of ``(colour_space, k, similarities)`` triples, e.g.
             ``[("hsv", 100, "CTSF")]``; colour spaces as in :data:`COLOR_SPACES`, similarities letters of ``"CTSF"``.
