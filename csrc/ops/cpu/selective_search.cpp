@@ -348,65 +348,94 @@ struct PairAfter {
   }
 };
 
+// The initial segments of one segmentation, shared by every strategy grouping them: full colour and texture
+// histograms (25 C + 80 C bins a segment), sizes, boxes and the deduplicated 8-connected neighbour pairs (a < b).
+struct InitialRegions {
+  int32_t count = 0;
+  int64_t colour_bins = 0, texture_bins = 0;
+  std::vector<int32_t> hist;
+  std::vector<int64_t> size;
+  std::vector<Box> boxes;
+  std::vector<uint64_t> pairs;
+};
+
+InitialRegions initial_regions(const std::vector<int32_t>& labels, int32_t count, const uint8_t* colour_planes,
+                               const uint8_t* texture, int64_t C, int64_t H, int64_t W) {
+  const int64_t n = H * W;
+  InitialRegions init;
+  init.count = count;
+  init.colour_bins = ss::kColourBins * C;
+  init.texture_bins = ss::kOrientations * ss::kTextureBins * C;
+  const int64_t stride = init.colour_bins + init.texture_bins;
+  init.hist.assign(count * stride, 0);
+  init.size.assign(count, 0);
+  init.boxes.assign(count, Box{INT32_MAX, INT32_MAX, -1, -1});
+  for (int64_t y = 0; y < H; ++y) {
+    for (int64_t x = 0; x < W; ++x) {
+      const int64_t p = y * W + x;
+      const int32_t r = labels[p];
+      ++init.size[r];
+      Box& box = init.boxes[r];
+      box.x0 = std::min<int32_t>(box.x0, x), box.y0 = std::min<int32_t>(box.y0, y);
+      box.x1 = std::max<int32_t>(box.x1, x), box.y1 = std::max<int32_t>(box.y1, y);
+      int32_t* h = init.hist.data() + r * stride;
+      for (int64_t c = 0; c < C; ++c) ++h[c * ss::kColourBins + ((colour_planes[c * n + p] * ss::kColourBins) >> 8)];
+      int32_t* t = h + init.colour_bins;
+      for (int64_t co = 0; co < C * ss::kOrientations; ++co) ++t[co * ss::kTextureBins + texture[co * n + p]];
+    }
+  }
+  std::vector<uint64_t>& pairs = init.pairs;
+  auto touch = [&](int32_t a, int32_t b) {
+    if (a == b) return;
+    if (a > b) std::swap(a, b);
+    const uint64_t key = (static_cast<uint64_t>(a) << 32) | static_cast<uint32_t>(b);
+    if (pairs.empty() || pairs.back() != key) pairs.push_back(key);
+  };
+  for (int64_t y = 0; y < H; ++y) {
+    for (int64_t x = 0; x < W; ++x) {
+      const int32_t r = labels[y * W + x];
+      if (x + 1 < W) touch(r, labels[y * W + x + 1]);
+      if (y + 1 < H) {
+        touch(r, labels[(y + 1) * W + x]);
+        if (x + 1 < W) touch(r, labels[(y + 1) * W + x + 1]);
+        if (x > 0) touch(r, labels[(y + 1) * W + x - 1]);
+      }
+    }
+  }
+  std::sort(pairs.begin(), pairs.end());
+  pairs.erase(std::unique(pairs.begin(), pairs.end()), pairs.end());
+  return init;
+}
+
 class Grouping {
  public:
-  Grouping(const std::vector<int32_t>& labels, int32_t num_segments, const uint8_t* colour_planes,
-           const uint8_t* texture, int64_t C, int64_t H, int64_t W, int64_t mask)
+  // Keeps only the histogram parts the similarity mask uses.
+  Grouping(const InitialRegions& init, int64_t C, int64_t H, int64_t W, int64_t mask)
       : C_(C), H_(H), W_(W), mask_(mask) {
-    const int64_t n = H * W;
-    colour_bins_ = (mask & ss::kColour) ? ss::kColourBins * C : 0;
-    texture_bins_ = (mask & ss::kTexture) ? ss::kOrientations * ss::kTextureBins * C : 0;
+    const int32_t num_segments = init.count;
+    colour_bins_ = (mask & ss::kColour) ? init.colour_bins : 0;
+    texture_bins_ = (mask & ss::kTexture) ? init.texture_bins : 0;
     stride_ = colour_bins_ + texture_bins_;
     const int64_t total = 2 * static_cast<int64_t>(num_segments) - 1;
     hist_.assign(total * stride_, 0);
     size_.assign(total, 0);
-    boxes_.assign(total, Box{INT32_MAX, INT32_MAX, -1, -1});
-    for (int64_t y = 0; y < H; ++y) {
-      for (int64_t x = 0; x < W; ++x) {
-        const int64_t p = y * W + x;
-        const int32_t r = labels[p];
-        ++size_[r];
-        Box& box = boxes_[r];
-        box.x0 = std::min<int32_t>(box.x0, x), box.y0 = std::min<int32_t>(box.y0, y);
-        box.x1 = std::max<int32_t>(box.x1, x), box.y1 = std::max<int32_t>(box.y1, y);
-        int32_t* h = hist_.data() + r * stride_;
-        if (colour_bins_) {
-          for (int64_t c = 0; c < C; ++c) ++h[c * ss::kColourBins + ((colour_planes[c * n + p] * ss::kColourBins) >> 8)];
-        }
-        if (texture_bins_) {
-          int32_t* t = h + colour_bins_;
-          for (int64_t co = 0; co < C * ss::kOrientations; ++co) ++t[co * ss::kTextureBins + texture[co * n + p]];
-        }
-      }
+    boxes_.assign(total, Box{0, 0, 0, 0});
+    std::copy(init.size.begin(), init.size.end(), size_.begin());
+    std::copy(init.boxes.begin(), init.boxes.end(), boxes_.begin());
+    const int64_t full = init.colour_bins + init.texture_bins;
+    for (int32_t r = 0; r < num_segments; ++r) {
+      const int32_t* src = init.hist.data() + r * full;
+      int32_t* dst = hist_.data() + r * stride_;
+      if (colour_bins_) std::copy(src, src + colour_bins_, dst);
+      if (texture_bins_) std::copy(src + init.colour_bins, src + full, dst + colour_bins_);
     }
-    // Neighbouring segment pairs (8-connected), deduplicated.
-    std::vector<uint64_t> pairs;
-    auto touch = [&](int32_t a, int32_t b) {
-      if (a == b) return;
-      if (a > b) std::swap(a, b);
-      const uint64_t key = (static_cast<uint64_t>(a) << 32) | static_cast<uint32_t>(b);
-      if (pairs.empty() || pairs.back() != key) pairs.push_back(key);
-    };
-    for (int64_t y = 0; y < H; ++y) {
-      for (int64_t x = 0; x < W; ++x) {
-        const int32_t r = labels[y * W + x];
-        if (x + 1 < W) touch(r, labels[y * W + x + 1]);
-        if (y + 1 < H) {
-          touch(r, labels[(y + 1) * W + x]);
-          if (x + 1 < W) touch(r, labels[(y + 1) * W + x + 1]);
-          if (x > 0) touch(r, labels[(y + 1) * W + x - 1]);
-        }
-      }
-    }
-    std::sort(pairs.begin(), pairs.end());
-    pairs.erase(std::unique(pairs.begin(), pairs.end()), pairs.end());
     neighbours_.assign(total, {});
     alive_.assign(total, 0);
     std::fill(alive_.begin(), alive_.begin() + num_segments, 1);
     mark_.assign(total, -1);
     std::vector<PairEntry> initial;
-    initial.reserve(pairs.size());
-    for (uint64_t key : pairs) {
+    initial.reserve(init.pairs.size());
+    for (uint64_t key : init.pairs) {
       const int32_t a = static_cast<int32_t>(key >> 32), b = static_cast<int32_t>(key & 0xFFFFFFFFu);
       neighbours_[a].push_back(b);
       neighbours_[b].push_back(a);
@@ -528,6 +557,7 @@ struct SegmentationData {
   int64_t k = 0, min_size = 0;
   std::vector<int32_t> labels;
   int32_t count = 0;
+  InitialRegions initial;
 };
 
 int64_t effective_min_size(int64_t min_size, int64_t k) { return min_size > 0 ? min_size : k; }
@@ -576,6 +606,8 @@ std::vector<std::vector<Box>> run_strategies(const std::vector<uint8_t>& rgb, in
     for (int64_t j = begin; j < end; ++j) {
       SegmentationData& g = segmentations[j];
       g.count = segment(spaces[g.space_slot].edges, n, W, static_cast<double>(g.k), g.min_size, g.labels);
+      const SpaceData& d = spaces[g.space_slot];
+      g.initial = initial_regions(g.labels, g.count, d.planes.data(), d.texture.data(), d.C, H, W);
     }
   });
   for (SpaceData& d : spaces) std::vector<Edge>().swap(d.edges);
@@ -583,8 +615,7 @@ std::vector<std::vector<Box>> run_strategies(const std::vector<uint8_t>& rgb, in
   parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) {
       const SegmentationData& g = segmentations[segmentation_of[s]];
-      const SpaceData& d = spaces[space_of[s]];
-      Grouping grouping(g.labels, g.count, d.planes.data(), d.texture.data(), d.C, H, W, strategies[3 * s + 2]);
+      Grouping grouping(g.initial, spaces[space_of[s]].C, H, W, strategies[3 * s + 2]);
       regions[s] = grouping.run();
     }
   });
