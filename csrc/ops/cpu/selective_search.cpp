@@ -199,7 +199,8 @@ std::vector<uint8_t> texture_bins(const std::vector<uint8_t>& planes, int64_t C,
       if (peak <= 0) continue;
       const float scale = static_cast<float>(ss::kTextureBins) / peak;
       for (int64_t p = 0; p < n; ++p) {
-        out[p] = static_cast<uint8_t>(std::min<int64_t>(ss::kTextureBins - 1, static_cast<int64_t>(response[p] * scale)));
+        const int64_t bin = static_cast<int64_t>(response[p] * scale);
+        out[p] = static_cast<uint8_t>(std::min<int64_t>(ss::kTextureBins - 1, bin));
       }
     }
   }
@@ -330,6 +331,9 @@ int32_t segment(const std::vector<Edge>& edges, int64_t n, int64_t W, double k, 
 }
 
 // ------------------------------------------------------------------------------------------------ grouping
+// A channel value's bin of the 25-bin colour histogram.
+inline int64_t colour_bin(uint8_t value) { return (value * ss::kColourBins) >> 8; }
+
 struct Box {
   int32_t x0, y0, x1, y1;  // inclusive pixel bounds
 };
@@ -379,7 +383,7 @@ InitialRegions initial_regions(const std::vector<int32_t>& labels, int32_t count
       box.x0 = std::min<int32_t>(box.x0, x), box.y0 = std::min<int32_t>(box.y0, y);
       box.x1 = std::max<int32_t>(box.x1, x), box.y1 = std::max<int32_t>(box.y1, y);
       int32_t* h = init.hist.data() + r * stride;
-      for (int64_t c = 0; c < C; ++c) ++h[c * ss::kColourBins + ((colour_planes[c * n + p] * ss::kColourBins) >> 8)];
+      for (int64_t c = 0; c < C; ++c) ++h[c * ss::kColourBins + colour_bin(colour_planes[c * n + p])];
       int32_t* t = h + init.colour_bins;
       for (int64_t co = 0; co < C * ss::kOrientations; ++co) ++t[co * ss::kTextureBins + texture[co * n + p]];
     }
@@ -714,7 +718,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> selective_search_regions_cpu(const Te
   auto colour = aten::empty({C, H, W}, kLong, image);
   int64_t* cb = colour.mutable_data_ptr<int64_t>();
   for (int64_t c = 0; c < C; ++c) {
-    for (int64_t p = 0; p < n; ++p) cb[c * n + p] = c * ss::kColourBins + ((d.planes[c * n + p] * ss::kColourBins) >> 8);
+    for (int64_t p = 0; p < n; ++p) cb[c * n + p] = c * ss::kColourBins + colour_bin(d.planes[c * n + p]);
   }
   auto texture = aten::empty({C * ss::kOrientations, H, W}, kLong, image);
   int64_t* tb = texture.mutable_data_ptr<int64_t>();
