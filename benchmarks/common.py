@@ -57,6 +57,10 @@ SIZES = {
     "weighted_boxes_fusion": [
         Size({"batch": 200, "models": 3}),
     ],
+    # issue 15: selective search (fast mode) of one 500 x 500 photograph, against OpenCV contrib's
+    "selective_search": [
+        Size({"height": 500, "width": 500}),
+    ],
     # issue 4: anchors + decode of RetinaNet's 5 FPN levels (P3-P7, 9 anchors per cell) at 800 x 1333 (padded to 1344)
     "anchors_decode": [
         Size({"batch": 16}, cpu={"batch": 4}),
@@ -225,6 +229,17 @@ def ensemble_boxes():
         return importlib.import_module("ensemble_boxes")
     except Exception as exc:
         pytest.skip(f"ensemble-boxes not importable ({type(exc).__name__}: {exc})")
+
+
+def opencv():
+    """OpenCV (``cv2``) with the contrib modules (``opencv-contrib-python-headless``), or a skip with the reason."""
+    try:
+        cv2 = importlib.import_module("cv2")
+    except Exception as exc:
+        pytest.skip(f"opencv-contrib-python-headless not importable ({type(exc).__name__}: {exc})")
+    if not hasattr(cv2, "ximgproc"):
+        pytest.skip("cv2 lacks the contrib module ximgproc: install opencv-contrib-python-headless")
+    return cv2
 
 
 def uniform_scores(shape, seed: int = 1) -> torch.Tensor:

@@ -29,7 +29,7 @@ def have(*names):
 print("torch-ok" if have("torch", "torchvision") else "torch-missing",
       "deps-ok" if have("setuptools", "wheel", "ninja", "numpy", "pytest", "pytest_benchmark", "PIL", "pycocotools",
                         "matplotlib", "tqdm", "yaml", "onnx", "onnxscript", "onnxruntime",
-                        "faster_coco_eval", "ensemble_boxes") else "deps-missing")
+                        "faster_coco_eval", "ensemble_boxes", "cv2") else "deps-missing")
 PYEOF
 }
 state=$(probe)
@@ -41,7 +41,7 @@ fi
 if [[ $state == *deps-missing* ]]; then
   "$PY" -m pip install -q --disable-pip-version-check "setuptools>=77" wheel ninja numpy "pytest>=8" \
     "pytest-benchmark>=4" pillow "pycocotools>=2.0.7" matplotlib tqdm pyyaml onnx onnxscript onnxruntime \
-    faster-coco-eval ensemble-boxes
+    faster-coco-eval ensemble-boxes opencv-contrib-python-headless
 fi
 
 # Rebuild only when something the build depends on changed: the native sources, the build scripts, torch, or the

@@ -16,6 +16,7 @@ from fastdet.ops import onnx as _onnx
 from fastdet.ops import rotated as _rotated
 from fastdet.ops import roi as _roi
 from fastdet.ops import roi_spp as _roi_spp
+from fastdet.ops import selective_search as _selective_search
 from fastdet.ops import soft_nms as _soft_nms
 from fastdet.ops import wbf as _wbf
 from fastdet.ops.anchors import *  # noqa: F401,F403
@@ -30,6 +31,7 @@ from fastdet.ops.onnx import *  # noqa: F401,F403
 from fastdet.ops.rotated import *  # noqa: F401,F403
 from fastdet.ops.roi import *  # noqa: F401,F403
 from fastdet.ops.roi_spp import *  # noqa: F401,F403
+from fastdet.ops.selective_search import *  # noqa: F401,F403
 from fastdet.ops.soft_nms import *  # noqa: F401,F403
 from fastdet.ops.wbf import *  # noqa: F401,F403
 
@@ -47,6 +49,7 @@ __all__ = sorted(
         *_rotated.__all__,
         *_roi.__all__,
         *_roi_spp.__all__,
+        *_selective_search.__all__,
         *_soft_nms.__all__,
         *_wbf.__all__,
     ]

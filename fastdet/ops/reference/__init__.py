@@ -13,6 +13,7 @@ from fastdet.ops.reference import matrix_nms as _matrix_nms
 from fastdet.ops.reference import nms as _nms
 from fastdet.ops.reference import roi as _roi
 from fastdet.ops.reference import roi_spp as _roi_spp
+from fastdet.ops.reference import selective_search as _selective_search
 from fastdet.ops.reference import soft_nms as _soft_nms
 from fastdet.ops.reference import wbf as _wbf
 from fastdet.ops.reference import rotated as _rotated
@@ -25,6 +26,7 @@ from fastdet.ops.reference.matrix_nms import *  # noqa: F401,F403
 from fastdet.ops.reference.nms import *  # noqa: F401,F403
 from fastdet.ops.reference.roi import *  # noqa: F401,F403
 from fastdet.ops.reference.roi_spp import *  # noqa: F401,F403
+from fastdet.ops.reference.selective_search import *  # noqa: F401,F403
 from fastdet.ops.reference.soft_nms import *  # noqa: F401,F403
 from fastdet.ops.reference.wbf import *  # noqa: F401,F403
 from fastdet.ops.reference.rotated import *  # noqa: F401,F403
@@ -40,6 +42,7 @@ __all__ = sorted(
         *_nms.__all__,
         *_roi.__all__,
         *_roi_spp.__all__,
+        *_selective_search.__all__,
         *_soft_nms.__all__,
         *_wbf.__all__,
         *_rotated.__all__,
