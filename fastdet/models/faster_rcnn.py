@@ -23,7 +23,8 @@ from collections import OrderedDict
 from torch import Tensor, nn
 
 from fastdet.models._validation import check_images_and_targets
-from fastdet.models.backbones import FrozenBatchNorm2d, resnet_fpn_backbone
+from fastdet.models.backbones.resnet import resnet_fpn_backbone
+from fastdet.models.layers import FrozenBatchNorm2d
 from fastdet.models.detection_utils import pad_targets
 from fastdet.models.roi_heads import Detections, FastRCNNConvFCHead, FastRCNNPredictor, RoIHeads, TwoMLPHead
 from fastdet.models.rpn import RegionProposalNetwork, RPNHead
@@ -274,7 +275,7 @@ def fasterrcnn_resnet18_fpn(*, weights=None, progress: bool = True, num_classes:
 def _fasterrcnn_mobilenet_v3_large_fpn(weights_enum: str, weights, progress: bool, num_classes: int | None,
                                        weights_backbone, trainable_backbone_layers: int | None,
                                        **kwargs) -> FasterRCNN:
-    from fastdet.models.mobilenet import mobilenet_fpn_backbone, mobilenet_v3_large
+    from fastdet.models.backbones.mobilenet import mobilenet_fpn_backbone, mobilenet_v3_large
 
     plan = plan_build(weights_enum, "MobileNet_V3_Large_Weights", weights=weights, weights_backbone=weights_backbone,
                       num_classes=num_classes, trainable_backbone_layers=trainable_backbone_layers,

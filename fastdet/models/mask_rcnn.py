@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdet.models._validation import check_images_and_targets
-from fastdet.models.backbones import conv_norm_activation
+from fastdet.models.layers import conv_norm_activation
 from fastdet.models.detection_utils import PaddedTargets, compact_mask, gather_rows
 from fastdet.models.faster_rcnn import FasterRCNN, resnet_fpn_two_stage_parts, split_detections
 from fastdet.models.roi_heads import Detections, RoIHeads, init_conv_head

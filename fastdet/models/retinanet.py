@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from fastdet import ops
 from fastdet.models._validation import check_images_and_targets
-from fastdet.models.backbones import conv_norm_activation
+from fastdet.models.layers import conv_norm_activation
 from fastdet.models.transform import DetectionTransform, ImageBatch, batched_postprocess_boxes
 from fastdet.models.weights import plan_build
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastdet.models.backbones import conv_norm_activation
+from fastdet.models.layers import conv_norm_activation
 from fastdet.models.detection_utils import (
     BELOW_LOW_THRESHOLD,
     BETWEEN_THRESHOLDS,

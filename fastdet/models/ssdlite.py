@@ -10,8 +10,8 @@ from functools import partial
 from torch import nn
 
 from fastdet import ops
-from fastdet.models.backbones import conv_norm_activation
-from fastdet.models.mobilenet import SSDLiteFeatureExtractor, freeze_mobilenet_stages, mobilenet_v3_large, normal_init
+from fastdet.models.layers import conv_norm_activation
+from fastdet.models.backbones.mobilenet import SSDLiteFeatureExtractor, freeze_mobilenet_stages, mobilenet_v3_large, normal_init
 from fastdet.models.ssd import SSD, _probe_out_channels, _SSDScoringHead
 from fastdet.models.weights import plan_build
 
