@@ -1,5 +1,6 @@
-"""Small building blocks shared by backbones, necks and heads: frozen batch norm, conv-norm-activation blocks and
-the wrapper returning a network's intermediate layers (torchvision's module and state-dict names)."""
+"""Small building blocks shared by backbones, necks and heads: frozen batch norm, conv-norm-activation blocks, the
+wrapper returning a network's intermediate layers (torchvision's module and state-dict names) and the weight
+initialisations torchvision's SSD / SSDlite use."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FrozenBatchNorm2d", "IntermediateLayers", "conv_norm_activation"]
+__all__ = ["FrozenBatchNorm2d", "IntermediateLayers", "conv_norm_activation", "normal_init", "xavier_init"]
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -90,3 +91,20 @@ class IntermediateLayers(nn.ModuleDict):
             if name in self.return_layers:
                 out[self.return_layers[name]] = x
         return out
+
+
+def xavier_init(module: nn.Module) -> None:
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d):
+            nn.init.xavier_uniform_(layer.weight)
+            if layer.bias is not None:
+                nn.init.constant_(layer.bias, 0.0)
+
+
+def normal_init(module: nn.Module, std: float = 0.03) -> None:
+    """SSDlite's initialisation: every conv N(0, std), biases 0."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d):
+            nn.init.normal_(layer.weight, mean=0.0, std=std)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)

@@ -58,6 +58,7 @@ from fastdet.models.heads.yolo_head import (
     yolo_select,
 )
 from fastdet.models.necks.pan import PANNeck
+from fastdet.models.targets import pad_box_lists as pad_targets
 from fastdet.models.transform import DetectionTransform, batched_postprocess_boxes
 from fastdet.models.weights import plan_build
 from fastdet.ops import complete_box_iou_loss, yolo_grid_priors
@@ -90,29 +91,6 @@ YOLOV5_ANCHORS: tuple[tuple[tuple[float, float], ...], ...] = (
 
 # YOLOv5's objectness weights per level: the fine level has the most priors and the most small, hard objects.
 _OBJECTNESS_BALANCE = (4.0, 1.0, 0.4)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# target padding
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def pad_targets(boxes: Sequence[Tensor], labels: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """Stack per-image ``boxes (Tensor[G_i, 4])`` and ``labels (Tensor[G_i])`` into ``[B, G_max, 4]``,
-    ``[B, G_max]`` and a ``[B, G_max]`` bool mask of the real entries (padding: box 0, label 0).
-
-    One ``pad_sequence`` per field (no loop over boxes); G_max is 1 when every image is empty, so shapes stay
-    non-empty.
-    """
-    if len(boxes) != len(labels):
-        raise ValueError(f"boxes and labels must have one entry per image, got {len(boxes)} and {len(labels)}")
-    counts = torch.tensor([b.shape[0] for b in boxes], device=boxes[0].device)
-    longest = max(1, max(b.shape[0] for b in boxes))
-    # An extra dummy row of the full length makes pad_sequence pad every image to exactly `longest`.
-    padded_boxes = nn.utils.rnn.pad_sequence([*boxes, boxes[0].new_zeros(longest, 4)], batch_first=True)[:-1]
-    padded_labels = nn.utils.rnn.pad_sequence([*labels, labels[0].new_zeros(longest)], batch_first=True)[:-1]
-    mask = torch.arange(longest, device=counts.device)[None, :] < counts[:, None]
-    return padded_boxes, padded_labels, mask
 
 
 # --------------------------------------------------------------------------------------------------------------------

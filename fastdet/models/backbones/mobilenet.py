@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from fastdet.models.layers import conv_norm_activation
+from fastdet.models.layers import conv_norm_activation, normal_init
 from fastdet.models.necks.fpn import BackboneWithFPN, LastLevelMaxPool
 
 __all__ = [
@@ -232,12 +232,3 @@ class SSDLiteFeatureExtractor(nn.Module):
             x = block(x)
             outputs.append(x)
         return OrderedDict((str(i), v) for i, v in enumerate(outputs))
-
-
-def normal_init(module: nn.Module, std: float = 0.03) -> None:
-    """SSDlite's initialisation: every conv N(0, std), biases 0."""
-    for layer in module.modules():
-        if isinstance(layer, nn.Conv2d):
-            nn.init.normal_(layer.weight, mean=0.0, std=std)
-            if layer.bias is not None:
-                nn.init.zeros_(layer.bias)
