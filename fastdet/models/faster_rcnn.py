@@ -23,10 +23,12 @@ from collections import OrderedDict
 from torch import Tensor, nn
 
 from fastdet.models._validation import check_images_and_targets
-from fastdet.models.backbones import FrozenBatchNorm2d, resnet_fpn_backbone
-from fastdet.models.detection_utils import pad_targets
-from fastdet.models.roi_heads import Detections, FastRCNNConvFCHead, FastRCNNPredictor, RoIHeads, TwoMLPHead
-from fastdet.models.rpn import RegionProposalNetwork, RPNHead
+from fastdet.models.backbones.resnet import resnet_fpn_backbone
+from fastdet.models.heads.roi_heads import Detections, FastRCNNConvFCHead, FastRCNNPredictor, RoIHeads, TwoMLPHead
+from fastdet.models.heads.rpn import RegionProposalNetwork, RPNHead
+from fastdet.models.layers import FrozenBatchNorm2d
+from fastdet.models.postprocess import split_padded
+from fastdet.models.targets import pad_targets
 from fastdet.models.transform import DetectionTransform, batched_postprocess_boxes
 from fastdet.models.weights import plan_build
 from fastdet.ops import AnchorGenerator, MultiScaleRoIAlign
@@ -56,16 +58,11 @@ def split_detections(detections: Detections) -> list[dict[str, Tensor]]:
     have data-dependent lengths. It is deliberately kept out of the selection functions, which stay
     synchronisation-free.
     """
-    counts = detections.num_detections.tolist()
-    out = [
-        {"boxes": detections.boxes[i, :n], "labels": detections.labels[i, :n], "scores": detections.scores[i, :n]}
-        for i, n in enumerate(counts)
-    ]
+    fields = {"boxes": detections.boxes, "labels": detections.labels, "scores": detections.scores}
     masks = getattr(detections, "masks", None)  # Mask R-CNN's MaskDetections
     if masks is not None:
-        for i, n in enumerate(counts):
-            out[i]["masks"] = masks[i, :n]
-    return out
+        fields["masks"] = masks
+    return split_padded(detections.num_detections, **fields)
 
 
 class FasterRCNN(nn.Module):
@@ -274,7 +271,7 @@ def fasterrcnn_resnet18_fpn(*, weights=None, progress: bool = True, num_classes:
 def _fasterrcnn_mobilenet_v3_large_fpn(weights_enum: str, weights, progress: bool, num_classes: int | None,
                                        weights_backbone, trainable_backbone_layers: int | None,
                                        **kwargs) -> FasterRCNN:
-    from fastdet.models.mobilenet import mobilenet_fpn_backbone, mobilenet_v3_large
+    from fastdet.models.backbones.mobilenet import mobilenet_fpn_backbone, mobilenet_v3_large
 
     plan = plan_build(weights_enum, "MobileNet_V3_Large_Weights", weights=weights, weights_backbone=weights_backbone,
                       num_classes=num_classes, trainable_backbone_layers=trainable_backbone_layers,

@@ -18,25 +18,26 @@ box labelled 0 as background).
 
 from __future__ import annotations
 
-import math
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdet import ops
 from fastdet.models._validation import check_images_and_targets
-from fastdet.models.retinanet import (
-    BELOW_LOW_THRESHOLD,
-    PaddedTargets,
-    _order_by_anchor_index,
-    _stable_top_k_mask,
-    features_as_list,
-    image_sizes_tensor,
-    split_detections,
+from fastdet.models.backbones.vgg import VGG16SSDFeatures, freeze_vgg_stages, load_vgg16_features
+from fastdet.models.heads.ssd_head import (
+    SSD_BOX_WEIGHTS,
+    SSDClassificationHead,
+    SSDHead,
+    SSDRegressionHead,
+    match_default_boxes,
+    ssd_loss,
+    ssd_select_detections,
 )
+from fastdet.models.layers import xavier_init
+from fastdet.models.postprocess import features_as_list, image_sizes_tensor, probe_out_channels, split_detections
+from fastdet.models.targets import pad_targets
 from fastdet.models.transform import DetectionTransform, batched_postprocess_boxes
 from fastdet.models.weights import plan_build
 
@@ -52,76 +53,10 @@ __all__ = [
     "ssd_select_detections",
 ]
 
-_BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
-
-
-def _xavier_init(module: nn.Module) -> None:
-    for layer in module.modules():
-        if isinstance(layer, nn.Conv2d):
-            nn.init.xavier_uniform_(layer.weight)
-            if layer.bias is not None:
-                nn.init.constant_(layer.bias, 0.0)
-
 
 # --------------------------------------------------------------------------------------------------------------------
 # heads
 # --------------------------------------------------------------------------------------------------------------------
-
-
-class _SSDScoringHead(nn.Module):
-    """One 3x3 conv per feature map (``module_list.{level}``); outputs are flattened to ``[B, sum_l H_l W_l A_l,
-    columns]`` in the default boxes' order (row, column, box shape)."""
-
-    def __init__(self, module_list: nn.ModuleList, num_columns: int):
-        super().__init__()
-        self.module_list = module_list
-        self.num_columns = num_columns
-
-    def forward(self, features: list[Tensor]) -> Tensor:
-        if len(features) != len(self.module_list):
-            raise ValueError(f"the head was built for {len(self.module_list)} feature maps, got {len(features)}")
-        outputs = []
-        for conv, feature in zip(self.module_list, features):
-            result = conv(feature)
-            batch, _, height, width = result.shape
-            result = result.view(batch, -1, self.num_columns, height, width).permute(0, 3, 4, 1, 2)
-            outputs.append(result.reshape(batch, -1, self.num_columns))
-        return torch.cat(outputs, dim=1)
-
-
-class SSDClassificationHead(_SSDScoringHead):
-    """Class logits (``num_classes`` including background 0) for every default box."""
-
-    def __init__(self, in_channels: Sequence[int], num_anchors: Sequence[int], num_classes: int):
-        convs = nn.ModuleList(nn.Conv2d(c, num_classes * a, kernel_size=3, padding=1)
-                              for c, a in zip(in_channels, num_anchors))
-        _xavier_init(convs)
-        super().__init__(convs, num_classes)
-
-
-class SSDRegressionHead(_SSDScoringHead):
-    """Box deltas (weights ``(10, 10, 5, 5)``) for every default box."""
-
-    def __init__(self, in_channels: Sequence[int], num_anchors: Sequence[int]):
-        convs = nn.ModuleList(nn.Conv2d(c, 4 * a, kernel_size=3, padding=1) for c, a in zip(in_channels, num_anchors))
-        _xavier_init(convs)
-        super().__init__(convs, 4)
-
-
-class SSDHead(nn.Module):
-    """``forward(features)`` -> ``{"bbox_regression": [B, N, 4], "cls_logits": [B, N, num_classes]}``."""
-
-    def __init__(self, in_channels: Sequence[int], num_anchors: Sequence[int], num_classes: int):
-        super().__init__()
-        if len(in_channels) != len(num_anchors):
-            raise ValueError(f"in_channels ({len(in_channels)}) and num_anchors ({len(num_anchors)}) must describe "
-                             "the same feature maps")
-        self.classification_head = SSDClassificationHead(in_channels, num_anchors, num_classes)
-        self.regression_head = SSDRegressionHead(in_channels, num_anchors)
-
-    def forward(self, features: list[Tensor]) -> dict[str, Tensor]:
-        return {"bbox_regression": self.regression_head(features),
-                "cls_logits": self.classification_head(features)}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -129,216 +64,14 @@ class SSDHead(nn.Module):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _vgg16_layers(width: float) -> list[nn.Module]:
-    """VGG-16's convolutional part (13 3x3 convs + ReLU, 5 max pools), channels scaled by ``width``. Indices match
-    torchvision's ``vgg16().features`` (conv1_1 is 0, the pools are 4, 9, 16, 23, 30)."""
-    layers: list[nn.Module] = []
-    in_channels = 3
-    for stage, (channels, convs) in enumerate(((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))):
-        out_channels = _scaled(channels, width)
-        for _ in range(convs):
-            conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.constant_(conv.bias, 0)
-            layers += [conv, nn.ReLU(inplace=True)]
-            in_channels = out_channels
-        # SSD rounds the third pool up (75 -> 38 at 300 px) to get the paper's 38x38 conv4_3 map.
-        layers.append(nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=stage == 2))
-    return layers
-
-
-def _scaled(channels: int, width: float) -> int:
-    return max(1, int(round(channels * width)))
-
-
-class VGG16SSDFeatures(nn.Module):
-    """SSD300's VGG-16 feature extractor with torchvision's module names (``features``, ``scale_weight``,
-    ``extra.{0..4}``), so ``backbone.*`` keys of a torchvision ``ssd300_vgg16`` state dict load unchanged.
-
-    Outputs six maps (38, 19, 10, 5, 3, 1 at 300 px): conv4_3 L2-normalised per location and rescaled by the learned
-    ``scale_weight`` (initially 20), fc7 (dilated fc6 + 1x1 fc7 after a 3x3/1 pool5), and conv8_2 ... conv11_2.
-
-    Args:
-        width (float): channel multiplier (1.0 = VGG-16; e.g. 0.125 for a light model that trains on a CPU).
-    """
-
-    def __init__(self, width: float = 1.0):
-        super().__init__()
-        if not (isinstance(width, (int, float)) and math.isfinite(width) and width > 0):
-            raise ValueError(f"width must be a positive number, got {width!r}")
-        w = lambda c: _scaled(c, width)  # noqa: E731
-        layers = _vgg16_layers(width)
-        self.scale_weight = nn.Parameter(torch.ones(w(512)) * 20)
-        self.features = nn.Sequential(*layers[:23])  # conv1_1 .. conv4_3 + ReLU
-        fc = nn.Sequential(
-            nn.MaxPool2d(kernel_size=3, stride=1, padding=1, ceil_mode=False),  # pool5, resolution kept
-            nn.Conv2d(w(512), w(1024), kernel_size=3, padding=6, dilation=6),  # fc6, atrous
-            nn.ReLU(inplace=True),
-            nn.Conv2d(w(1024), w(1024), kernel_size=1),  # fc7
-            nn.ReLU(inplace=True),
-        )
-        _xavier_init(fc)
-
-        def extra_block(in_c: int, mid_c: int, out_c: int, **conv_kwargs) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(in_c, mid_c, kernel_size=1), nn.ReLU(inplace=True),
-                                 nn.Conv2d(mid_c, out_c, kernel_size=3, **conv_kwargs), nn.ReLU(inplace=True))
-
-        extra = nn.ModuleList([
-            extra_block(w(1024), w(256), w(512), padding=1, stride=2),  # conv8_2
-            extra_block(w(512), w(128), w(256), padding=1, stride=2),  # conv9_2
-            extra_block(w(256), w(128), w(256)),  # conv10_2
-            extra_block(w(256), w(128), w(256)),  # conv11_2
-        ])
-        _xavier_init(extra)
-        # pool4 .. conv5_3 (+ ReLU), then pool5/fc6/fc7: torchvision keeps them together as extra.0.
-        extra.insert(0, nn.Sequential(*layers[23:30], fc))
-        self.extra = extra
-        self.out_channels = [w(512), w(1024), w(512), w(256), w(256), w(256)]
-
-    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
-        x = self.features(x)
-        outputs = [self.scale_weight.view(1, -1, 1, 1) * F.normalize(x)]
-        for block in self.extra:
-            x = block(x)
-            outputs.append(x)
-        return OrderedDict((str(i), v) for i, v in enumerate(outputs))
-
-
-def _freeze_vgg_stages(backbone: VGG16SSDFeatures, trainable_layers: int) -> None:
-    """Freeze all but the last ``trainable_layers`` of VGG's five stages (torchvision's rule: the stages start at
-    layer 0 and at each of the first four pools; stage 5's convolutions live in ``extra.0``, which always trains)."""
-    if isinstance(trainable_layers, bool) or not isinstance(trainable_layers, int) or not 0 <= trainable_layers <= 5:
-        raise ValueError(f"trainable_backbone_layers must be an int in [0, 5], got {trainable_layers!r}")
-    stage_starts = [0, 4, 9, 16, 23]
-    freeze_before = 30 if trainable_layers == 0 else stage_starts[5 - trainable_layers]
-    # VGG layers 0-22 are features.0-22; layers 23-29 (pool4, conv5_x) are extra.0.0-6.
-    vgg_layers = list(backbone.features) + list(backbone.extra[0])[:7]
-    for layer in vgg_layers[:freeze_before]:
-        for parameter in layer.parameters():
-            parameter.requires_grad_(False)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # matching and loss
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def match_default_boxes(gt_boxes: Tensor, gt_valid: Tensor, default_boxes: Tensor, iou_threshold: float) -> Tensor:
-    """torchvision's ``SSDMatcher`` for a whole batch.
-
-    A default box is matched to its highest-IoU ground-truth box when that IoU is >= ``iou_threshold``; in addition
-    every ground-truth box claims its own highest-IoU default box (when two boxes claim the same default box, the
-    later box wins, as torchvision's in-order assignment does).
-
-    Args:
-        gt_boxes (Tensor[B, G, 4]), gt_valid (Tensor[B, G] bool): padded ground truth.
-        default_boxes (Tensor[N, 4]): shared by the batch.
-
-    Returns:
-        Tensor[B, N] int64: the matched ground-truth index or -1.
-    """
-    batch, num_gt = gt_boxes.shape[:2]
-    num_boxes = default_boxes.shape[0]
-    if num_gt == 0:
-        return torch.full((batch, num_boxes), BELOW_LOW_THRESHOLD, dtype=torch.int64, device=default_boxes.device)
-    iou = ops.box_iou(gt_boxes.to(default_boxes.dtype), default_boxes)  # [B, G, N]
-    iou = iou.masked_fill(~gt_valid[:, :, None], -1.0)
-    best_iou, matches = iou.max(dim=1)
-    matches = torch.where(best_iou < iou_threshold, BELOW_LOW_THRESHOLD, matches)
-    # Claims: the largest claiming index wins; padding rows claim an extra, discarded column.
-    claimed_box = torch.where(gt_valid, iou.argmax(dim=2), num_boxes)  # [B, G]
-    claimant = torch.arange(num_gt, device=iou.device).expand(batch, num_gt)
-    claims = torch.full((batch, num_boxes + 1), -1, dtype=torch.int64, device=iou.device)
-    claims = claims.scatter_reduce(1, claimed_box, claimant, reduce="amax")[:, :num_boxes]
-    return torch.where(claims >= 0, claims, matches)
-
-
-def ssd_loss(cls_logits: Tensor, bbox_regression: Tensor, padded_targets: PaddedTargets, default_boxes: Tensor,
-             matched_idxs: Tensor, neg_to_pos_ratio: float) -> dict[str, Tensor]:
-    """torchvision's SSD losses for a batch (see the module docstring); returns ``{"bbox_regression",
-    "classification"}``, both divided by max(1, number of positives in the batch)."""
-    batch, num_boxes = matched_idxs.shape
-    foreground_match = matched_idxs >= 0
-    safe = matched_idxs.clamp(min=0)
-    boxes_b = default_boxes.to(padded_targets.boxes.dtype).expand(batch, num_boxes, 4)
-    matched_boxes = padded_targets.boxes.gather(1, safe[:, :, None].expand(batch, num_boxes, 4))
-    matched_boxes = torch.where(foreground_match[:, :, None], matched_boxes, boxes_b)  # background: zero delta
-    target_deltas = ops.box_encode(matched_boxes.reshape(-1, 4), boxes_b.reshape(-1, 4), _BOX_WEIGHTS)
-    pred = bbox_regression.reshape(-1, 4)
-    pred = pred if pred.dtype == torch.float64 else pred.float()
-    box_terms = ops.smooth_l1_loss(pred, target_deltas.to(pred.dtype), beta=1.0).sum(dim=1).reshape(batch, num_boxes)
-    box_loss = torch.where(foreground_match, box_terms, 0).sum()
-
-    cls_targets = torch.where(foreground_match, padded_targets.labels.gather(1, safe), 0)
-    logits = cls_logits if cls_logits.dtype == torch.float64 else cls_logits.float()
-    cls_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), cls_targets.reshape(-1), reduction="none")
-    cls_loss = cls_loss.reshape(batch, num_boxes)
-    # Hard negative mining, as torchvision: a box counts as positive when its target class is not background; each
-    # image keeps the neg_to_pos_ratio * positives highest-loss boxes of its ranking, with positives ranked last.
-    positive = cls_targets > 0
-    num_positive = positive.sum(dim=1, keepdim=True)
-    negative_loss = cls_loss.detach().masked_fill(positive, float("-inf"))
-    rank = negative_loss.argsort(dim=1, descending=True).argsort(dim=1)
-    hard_negative = rank < neg_to_pos_ratio * num_positive
-    cls_total = torch.where(positive, cls_loss, 0).sum() + torch.where(hard_negative, cls_loss, 0).sum()
-    normaliser = foreground_match.sum().clamp(min=1)
-    return {"bbox_regression": box_loss / normaliser, "classification": cls_total / normaliser}
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # detection selection (batched, fixed-size, no host synchronisation)
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def ssd_select_detections(
-    cls_logits: Tensor,
-    bbox_regression: Tensor,
-    default_boxes: Tensor,
-    image_sizes: Tensor,
-    score_thresh: float = 0.01,
-    topk_candidates: int = 400,
-    nms_thresh: float = 0.45,
-    detections_per_img: int = 200,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """SSD's detection selection for a whole batch, with torchvision's rules and fixed-size outputs.
-
-    Args:
-        cls_logits (Tensor[B, N, K]): logits, class 0 = background.
-        bbox_regression (Tensor[B, N, 4]): deltas with weights ``(10, 10, 5, 5)``.
-        default_boxes (Tensor[N, 4]): xyxy, shared by the batch.
-        image_sizes (Tensor[B, 2]): ``(height, width)``; boxes are clipped to it.
-        score_thresh, topk_candidates, nms_thresh, detections_per_img: as torchvision's ``SSD``.
-
-    Returns:
-        boxes (Tensor[B, D, 4] float32), scores (Tensor[B, D]), labels (Tensor[B, D] int64, in ``[1, K)``),
-        num_detections (Tensor[B] int64), ``D = detections_per_img``; padding slots hold zeros and label -1.
-
-    Rules (torchvision's, per image): softmax over classes; for every foreground class, the default boxes with
-    probability > ``score_thresh``, best ``topk_candidates`` of them (ties: lower box index); their decoded, clipped
-    boxes go through class-wise NMS and the best ``detections_per_img`` survivors are returned by decreasing score.
-    Ties in the final order: same class, lower box index first; different classes at the same box, lower class
-    first; different boxes and classes, lower box index first (torchvision concatenates the classes before a sort
-    whose tie order it does not define on large inputs). Scores are float32 whatever the head's dtype.
-    """
-    batch, num_boxes, num_classes = cls_logits.shape
-    foreground = F.softmax(cls_logits.float(), dim=-1)[:, :, 1:]  # [B, N, K - 1]
-    # Per-class candidates: the best topk_candidates passing boxes of each (image, class) row.
-    per_class = foreground.transpose(1, 2).reshape(batch * (num_classes - 1), num_boxes)
-    ranked = torch.where(per_class > score_thresh, per_class, float("-inf"))
-    chosen = _stable_top_k_mask(ranked, topk_candidates) & (ranked > float("-inf"))
-    chosen = chosen.reshape(batch, num_classes - 1, num_boxes).transpose(1, 2)
-    candidate_scores = torch.where(chosen, foreground, float("-inf"))
-    # Every box with a chosen class is a candidate (at most min(N, topk * (K - 1))); only those are decoded.
-    max_candidates = min(num_boxes, topk_candidates * (num_classes - 1))
-    boxes, scores, index, _ = ops.decode_and_select(bbox_regression.float(), default_boxes.float(), candidate_scores,
-                                                    score_thresh, max_candidates, image_sizes, weights=_BOX_WEIGHTS)
-    boxes, scores, _ = _order_by_anchor_index(boxes, scores, index)
-    # At most min(N, topk) boxes per class pass, so this pre-NMS cap never drops a candidate.
-    det_boxes, det_scores, det_labels, num = ops.multiclass_nms(
-        boxes, scores, score_thresh, nms_thresh, detections_per_img,
-        pre_nms_top_k=min(num_boxes, topk_candidates) * (num_classes - 1))
-    # Class columns start at 1 (background removed); padding labels stay -1.
-    return det_boxes, det_scores, torch.where(det_labels >= 0, det_labels + 1, -1), num
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -386,11 +119,11 @@ class SSD(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.backbone = backbone
         self.anchor_generator = anchor_generator
-        self.box_coder = ops.BoxCoder(weights=_BOX_WEIGHTS)
+        self.box_coder = ops.BoxCoder(weights=SSD_BOX_WEIGHTS)
         if head is None:
             out_channels = getattr(backbone, "out_channels", None)
             if out_channels is None:
-                out_channels = _probe_out_channels(backbone, size)
+                out_channels = probe_out_channels(backbone, size)
             if len(out_channels) != len(anchor_generator.aspect_ratios):
                 raise ValueError(f"the backbone gives {len(out_channels)} feature maps but the anchor generator has "
                                  f"{len(anchor_generator.aspect_ratios)} levels of aspect ratios")
@@ -419,7 +152,7 @@ class SSD(nn.Module):
             old = container[index]
             anchors = old.out_channels // head.num_columns
             fresh = nn.Conv2d(old.in_channels, anchors * num_classes, old.kernel_size, old.stride, old.padding)
-            getattr(head, "init_logits", _xavier_init)(fresh)
+            getattr(head, "init_logits", xavier_init)(fresh)
             container[index] = fresh.to(old.weight.device, old.weight.dtype)
         head.num_columns = num_classes
         self.num_classes = num_classes
@@ -439,7 +172,7 @@ class SSD(nn.Module):
         head_outputs = self.head(features)
         default_boxes = self.default_boxes(batch.tensors.shape[-2:], features)
         if self.training:
-            padded = PaddedTargets.from_list(targets, torch.float32, default_boxes.device)
+            padded = pad_targets(targets, default_boxes.device)
             matched = match_default_boxes(padded.boxes, padded.valid, default_boxes, self.iou_thresh)
             return ssd_loss(head_outputs["cls_logits"], head_outputs["bbox_regression"], padded, default_boxes,
                             matched, self.neg_to_pos_ratio)
@@ -449,17 +182,6 @@ class SSD(nn.Module):
             self.topk_candidates, self.nms_thresh, self.detections_per_img)
         boxes = batched_postprocess_boxes(boxes, batch.image_sizes, original_sizes)
         return split_detections(boxes, scores, labels, num)
-
-
-def _probe_out_channels(backbone: nn.Module, size: tuple[int, int]) -> list[int]:
-    was_training = backbone.training
-    backbone.eval()
-    parameter = next(backbone.parameters(), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
-    with torch.no_grad():
-        features = features_as_list(backbone(torch.zeros(1, 3, size[1], size[0], device=device)))
-    backbone.train(was_training)
-    return [f.shape[1] for f in features]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -473,25 +195,6 @@ def _ssd300_default_boxes() -> ops.DefaultBoxGenerator:
                                    steps=[8, 16, 32, 64, 100, 300])
 
 
-def load_vgg16_features(backbone: VGG16SSDFeatures, state_dict) -> None:
-    """Load torchvision ``vgg16`` weights (``features.{i}.*``; the classifier's entries are ignored) into the VGG
-    layers of ``backbone``: layers 0-22 are ``features``, 23-29 (pool4, conv5_x) are ``extra.0.0``-``extra.0.6``."""
-    mapped = {}
-    for key, value in state_dict.items():
-        parts = key.split(".")
-        if parts[0] != "features":
-            continue
-        index = int(parts[1])
-        target = f"features.{index}" if index < 23 else f"extra.0.{index - 23}"
-        mapped[".".join([target, *parts[2:]])] = value
-    expected = {k for k in backbone.state_dict() if k.startswith("features.") or
-                (k.startswith("extra.0.") and int(k.split(".")[2]) < 7)}
-    if set(mapped) != expected:
-        raise ValueError(f"weights_backbone is not a VGG-16 state dict of this width: missing "
-                         f"{sorted(expected - set(mapped))[:4]}, unexpected {sorted(set(mapped) - expected)[:4]}")
-    backbone.load_state_dict(mapped, strict=False)
-
-
 def _ssd300(width: float, plan, progress: bool, **kwargs) -> SSD:
     if "size" in kwargs:
         raise ValueError("SSD300's input size is fixed at (300, 300); do not pass size")
@@ -499,7 +202,7 @@ def _ssd300(width: float, plan, progress: bool, **kwargs) -> SSD:
     backbone_weights = plan.backbone_state_dict(progress)
     if backbone_weights is not None:
         load_vgg16_features(backbone, backbone_weights)
-    _freeze_vgg_stages(backbone, plan.trainable_backbone_layers)
+    freeze_vgg_stages(backbone, plan.trainable_backbone_layers)
     # torchvision's SSD300 normalisation: the VGG weights expect 0..255 inputs minus the mean, hence std = 1 / 255.
     defaults = {"image_mean": [0.48235, 0.45882, 0.40784], "image_std": [1.0 / 255.0, 1.0 / 255.0, 1.0 / 255.0]}
     model = SSD(backbone, _ssd300_default_boxes(), (300, 300), plan.num_classes, **{**defaults, **kwargs})

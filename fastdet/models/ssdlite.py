@@ -4,61 +4,20 @@ depthwise-separable prediction heads and SSDlite's MobileNetV3 feature extractor
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import partial
 
 from torch import nn
 
 from fastdet import ops
-from fastdet.models.backbones import conv_norm_activation
-from fastdet.models.mobilenet import SSDLiteFeatureExtractor, freeze_mobilenet_stages, mobilenet_v3_large, normal_init
-from fastdet.models.ssd import SSD, _probe_out_channels, _SSDScoringHead
+from fastdet.models.backbones.mobilenet import SSDLiteFeatureExtractor, freeze_mobilenet_stages, mobilenet_v3_large
+from fastdet.models.heads.ssd_head import SSDLiteClassificationHead, SSDLiteHead, SSDLiteRegressionHead
+from fastdet.models.layers import normal_init
+from fastdet.models.postprocess import probe_out_channels
+from fastdet.models.ssd import SSD
 from fastdet.models.weights import plan_build
 
 __all__ = ["SSDLiteClassificationHead", "SSDLiteHead", "SSDLiteRegressionHead", "ssdlite320_mobilenet_v3_large"]
-
-
-def _prediction_block(in_channels: int, out_channels: int, norm_layer: Callable[[int], nn.Module]) -> nn.Sequential:
-    # Depthwise 3x3 + norm + ReLU6, then a 1x1 convolution to the outputs (keys {level}.0.*, {level}.1.*).
-    return nn.Sequential(
-        conv_norm_activation(in_channels, in_channels, 3, groups=in_channels, norm_layer=norm_layer,
-                             activation_layer=nn.ReLU6),
-        nn.Conv2d(in_channels, out_channels, 1))
-
-
-class SSDLiteClassificationHead(_SSDScoringHead):
-    """Class logits (background 0 included) of every default box through separable prediction blocks."""
-
-    init_logits = staticmethod(normal_init)  # how SSD.replace_class_heads initialises a fresh logits layer
-
-    def __init__(self, in_channels: Sequence[int], num_anchors: Sequence[int], num_classes: int,
-                 norm_layer: Callable[[int], nn.Module]):
-        blocks = nn.ModuleList(_prediction_block(c, num_classes * a, norm_layer) for c, a in zip(in_channels,
-                                                                                                 num_anchors))
-        normal_init(blocks)
-        super().__init__(blocks, num_classes)
-
-
-class SSDLiteRegressionHead(_SSDScoringHead):
-    """Box deltas (weights ``(10, 10, 5, 5)``) of every default box through separable prediction blocks."""
-
-    def __init__(self, in_channels: Sequence[int], num_anchors: Sequence[int], norm_layer: Callable[[int], nn.Module]):
-        blocks = nn.ModuleList(_prediction_block(c, 4 * a, norm_layer) for c, a in zip(in_channels, num_anchors))
-        normal_init(blocks)
-        super().__init__(blocks, 4)
-
-
-class SSDLiteHead(nn.Module):
-    """``forward(features)`` -> ``{"bbox_regression": [B, N, 4], "cls_logits": [B, N, num_classes]}``."""
-
-    def __init__(self, in_channels: Sequence[int], num_anchors: Sequence[int], num_classes: int,
-                 norm_layer: Callable[[int], nn.Module]):
-        super().__init__()
-        self.classification_head = SSDLiteClassificationHead(in_channels, num_anchors, num_classes, norm_layer)
-        self.regression_head = SSDLiteRegressionHead(in_channels, num_anchors, norm_layer)
-
-    def forward(self, features):
-        return {"bbox_regression": self.regression_head(features), "cls_logits": self.classification_head(features)}
 
 
 def ssdlite320_mobilenet_v3_large(*, weights=None, progress: bool = True, num_classes: int | None = None,
@@ -96,7 +55,7 @@ def ssdlite320_mobilenet_v3_large(*, weights=None, progress: bool = True, num_cl
     backbone.reduced_tail = reduced_tail  # an architecture choice a rebuild must repeat (weights.rebuild_kwargs)
     size = (320, 320)
     anchor_generator = ops.DefaultBoxGenerator([[2, 3] for _ in range(6)], min_ratio=0.2, max_ratio=0.95)
-    out_channels = _probe_out_channels(backbone, size)
+    out_channels = probe_out_channels(backbone, size)
     defaults = {"score_thresh": 0.001, "nms_thresh": 0.55, "detections_per_img": 300, "topk_candidates": 300,
                 "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
     head = SSDLiteHead(out_channels, anchor_generator.num_anchors_per_location(), plan.num_classes, plan.norm_layer)

@@ -378,7 +378,7 @@ def _load_state_dict_file(path: Path) -> Mapping[str, torch.Tensor]:
 def resolve_norm_layer(norm_layer: Any, pretrained: bool) -> Callable[[int], nn.Module]:
     """``None`` -> ``FrozenBatchNorm2d`` when pretrained else ``BatchNorm2d`` (torchvision's rule); the strings
     ``"FrozenBatchNorm2d"``/``"BatchNorm2d"`` (what a checkpoint's model description can record) or a class."""
-    from fastdet.models.backbones import FrozenBatchNorm2d
+    from fastdet.models.layers import FrozenBatchNorm2d
 
     if norm_layer is None:
         return FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
@@ -429,7 +429,7 @@ class BuildPlan:
 
 def set_frozen_bn_eps(model: nn.Module, eps: float) -> None:
     """Set ``eps`` of every ``FrozenBatchNorm2d`` of ``model`` (torchvision's ``overwrite_eps``)."""
-    from fastdet.models.backbones import FrozenBatchNorm2d
+    from fastdet.models.layers import FrozenBatchNorm2d
 
     for module in model.modules():
         if isinstance(module, FrozenBatchNorm2d):
@@ -478,7 +478,7 @@ def rebuild_kwargs(model: nn.Module, kwargs: Mapping[str, Any]) -> dict[str, Any
     weights file, e.g. from a training checkpoint: ``weights_backbone=None`` (the checkpoint holds every weight),
     plus the choices the builder derived from pretrained weights: ``norm_layer="FrozenBatchNorm2d"`` when the model
     holds frozen batch norms, and the MobileNet tail width of SSDlite (``reduced_tail``)."""
-    from fastdet.models.backbones import FrozenBatchNorm2d
+    from fastdet.models.layers import FrozenBatchNorm2d
 
     extra: dict[str, Any] = {"weights_backbone": None}
     if "norm_layer" not in kwargs and any(isinstance(m, FrozenBatchNorm2d) for m in model.modules()):
