@@ -103,8 +103,8 @@ def _head_norm(channels: int) -> nn.Module:
 
 def efficientdet_anchor_generator(anchor_scale: float = 4.0, num_scales: int = 3,
                                   aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0)) -> ops.AnchorGenerator:
-    """EfficientDet's anchors on P3-P7: per level, sizes ``anchor_scale * 2^l * 2^(k / num_scales)`` for ``k < num_scales``
-    times the height/width ``aspect_ratios``, centred on the cells (offset 0.5)."""
+    """EfficientDet's anchors on P3-P7: on level l, sizes ``anchor_scale * 2^l * 2^(k / num_scales)`` for
+    ``k < num_scales`` times the height/width ``aspect_ratios``, centred on the cells (offset 0.5)."""
     if not (math.isfinite(anchor_scale) and anchor_scale > 0):
         raise ValueError(f"anchor_scale must be a positive number, got {anchor_scale!r}")
     if isinstance(num_scales, bool) or not isinstance(num_scales, int) or num_scales < 1:
@@ -260,7 +260,8 @@ class EfficientDet(RetinaNet):
             anchor_generator = efficientdet_anchor_generator()
         if head is None and isinstance(anchor_generator, ops.AnchorGenerator):
             head = EfficientDetHead(backbone.out_channels, anchor_generator.num_anchors_per_location()[0],
-                                    num_classes, head_layers, bbox_loss_type=bbox_loss_type, box_loss_weight=box_loss_weight)
+                                    num_classes, head_layers, bbox_loss_type=bbox_loss_type,
+                                    box_loss_weight=box_loss_weight)
         kwargs.setdefault("min_size", image_size)
         kwargs.setdefault("max_size", image_size)
         kwargs.setdefault("size_divisible", 2 ** (_MIN_LEVEL + _NUM_LEVELS - 1))
