@@ -71,6 +71,20 @@ def test_parameter_counts_match_the_paper(variant):
     assert abs(count / PAPER_PARAMS_M[variant] - 1) < 0.02, (variant, count)
 
 
+def test_d0_multiply_adds_match_the_paper():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = efficientdet_d0(num_classes=90).eval()
+        x = torch.empty(1, 3, 512, 512)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            features = model.backbone(x)
+            outputs = model.head(list(features.values()))
+    assert outputs["cls_logits"].shape == (1, 49104, 90)  # the reference's anchor count at 512 px
+    multiply_adds = counter.get_total_flops() / 2  # the counter counts a multiply-add as 2 FLOPs
+    assert abs(multiply_adds / 2.5e9 - 1) < 0.03, multiply_adds  # paper: 2.5B "FLOPs" (multiply-adds)
+
+
 def test_d0_parameter_count_on_cpu():
     model = efficientdet_d0(num_classes=90)
     count = sum(p.numel() for p in model.parameters())
