@@ -363,6 +363,33 @@ def test_neck_and_head_compile_without_graph_breaks():
             torch.testing.assert_close(actual, expected)
 
 
+class _Detections(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image):
+        out = self.model([image])[0]
+        return out["boxes"], out["scores"], out["labels"]
+
+
+def test_inference_path_exports_with_soft_nms():
+    """torch.export of the whole inference path (transform, backbone, BiFPN, heads, anchors, selection, gaussian
+    soft-NMS, rescaling) gives the eager detections exactly on a new image of the same size."""
+    torch.manual_seed(0)
+    model = small_model(num_classes=4).eval()
+    with torch.no_grad():
+        model.head.class_net.predictor.pointwise.bias.zero_()  # scores around 0.5: many detections
+    wrapper = _Detections(model)
+    program = torch.export.export(wrapper, (torch.rand(3, 100, 128),))
+    image = torch.rand(3, 100, 128, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got, want = program.module()(image), wrapper(image)
+    assert len(want[0]) == 100  # detections_per_img
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # weights
 # --------------------------------------------------------------------------------------------------------------------
