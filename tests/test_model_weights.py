@@ -94,6 +94,7 @@ def _torchvision_enums(get_model_weights):
              "fasterrcnn_mobilenet_v3_large_320_fpn", "retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2",
              "ssd300_vgg16", "ssdlite320_mobilenet_v3_large", "fcos_resnet50_fpn", "maskrcnn_resnet50_fpn",
              "maskrcnn_resnet50_fpn_v2", "resnet18", "resnet50", "mobilenet_v3_large", "vgg16"]
+    names += [f"efficientnet_b{i}" for i in range(8)]
     return [get_model_weights(n) for n in names]
 
 

@@ -80,3 +80,18 @@ DETECTOR_BUILDERS = (
     "maskrcnn_resnet18_fpn", "yolo", "yolo_n", "yolo_s", "yolo_m",
 )
 __all__ += ["DETECTOR_BUILDERS"]
+
+from fastdet.models.efficientdet import (  # noqa: E402
+    EfficientDet,
+    efficientdet_d0,
+    efficientdet_d1,
+    efficientdet_d2,
+    efficientdet_d3,
+    efficientdet_d4,
+    efficientdet_d5,
+    efficientdet_d6,
+    efficientdet_d7,
+)
+
+__all__ += ["EfficientDet"] + [f"efficientdet_d{i}" for i in range(8)]
+DETECTOR_BUILDERS += tuple(f"efficientdet_d{i}" for i in range(8))

@@ -248,6 +248,17 @@ WEIGHTS: dict[str, dict[str, Weights]] = {
     "VGG16_Weights": _entries("VGG16_Weights", "IMAGENET1K_V1", {
         "IMAGENET1K_V1": ("vgg16-397923af.pth", 1000, None),
         "IMAGENET1K_FEATURES": ("vgg16_features-amdegroot-88682ab5.pth", None, None)}, "ImageNet-1K"),
+    **{f"EfficientNet_B{b}_Weights": _entries(f"EfficientNet_B{b}_Weights", default, {
+        name: (file, 1000, None) for name, file in files.items()}, "ImageNet-1K") for b, default, files in (
+        (0, "IMAGENET1K_V1", {"IMAGENET1K_V1": "efficientnet_b0_rwightman-7f5810bc.pth"}),
+        (1, "IMAGENET1K_V2", {"IMAGENET1K_V1": "efficientnet_b1_rwightman-bac287d4.pth",
+                              "IMAGENET1K_V2": "efficientnet_b1-c27df63c.pth"}),
+        (2, "IMAGENET1K_V1", {"IMAGENET1K_V1": "efficientnet_b2_rwightman-c35c1473.pth"}),
+        (3, "IMAGENET1K_V1", {"IMAGENET1K_V1": "efficientnet_b3_rwightman-b3899882.pth"}),
+        (4, "IMAGENET1K_V1", {"IMAGENET1K_V1": "efficientnet_b4_rwightman-23ab8bcd.pth"}),
+        (5, "IMAGENET1K_V1", {"IMAGENET1K_V1": "efficientnet_b5_lukemelas-1a07897c.pth"}),
+        (6, "IMAGENET1K_V1", {"IMAGENET1K_V1": "efficientnet_b6_lukemelas-24a108a5.pth"}),
+        (7, "IMAGENET1K_V1", {"IMAGENET1K_V1": "efficientnet_b7_lukemelas-c5b4e57e.pth"}))},
 }
 
 
