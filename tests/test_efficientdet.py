@@ -14,7 +14,7 @@ from torch import nn
 
 import fastdet.models as models
 from fastdet import ops
-from fastdet.models.bifpn import BiFPN, FastNormalizedFusion
+from fastdet.models.necks.bifpn import BiFPN, FastNormalizedFusion
 from fastdet.models.efficientdet import (
     EFFICIENTDET_CONFIGS,
     EfficientDet,
@@ -22,7 +22,7 @@ from fastdet.models.efficientdet import (
     efficientdet_anchor_generator,
     efficientdet_d0,
 )
-from fastdet.models.efficientnet import efficientnet, efficientnet_features
+from fastdet.models.backbones.efficientnet import efficientnet, efficientnet_features
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 128  # the smallest useful input: batches are padded to multiples of 128 (P7's stride)

@@ -1,10 +1,10 @@
 """Detection models built on :mod:`fastdet.ops`: transforms, backbones, necks, heads and detectors.
 
-Layout: ``backbones/`` (resnet, mobilenet, darknet, vgg), ``necks/`` (fpn, pan), ``heads/`` (rpn, roi_heads,
-mask_head, retinanet_head, ssd_head, fcos_head, yolo_head), the shared utilities ``layers`` (frozen BN, conv blocks,
+Layout: ``backbones/`` (resnet, mobilenet, darknet, vgg, efficientnet), ``necks/`` (fpn, pan, bifpn), ``heads/`` (rpn,
+roi_heads, mask_head, retinanet_head, ssd_head, fcos_head, yolo_head, efficientdet_head), the shared utilities ``layers`` (frozen BN, conv blocks,
 initialisations), ``matching`` (the one Matcher, the fg/bg sampler), ``targets`` (padded ground truth) and
 ``postprocess`` (image sizes, anchors, flattening, stable top-k, per-image split), and one thin file per detector
-(faster_rcnn, mask_rcnn, retinanet, ssd, ssdlite, yolo, fcos) holding the detector class and its builders."""
+(faster_rcnn, mask_rcnn, retinanet, ssd, ssdlite, yolo, fcos, efficientdet) holding the detector class and its builders."""
 
 from fastdet.models.backbones import (
     BackboneWithFPN,

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastdet.models.backbones import conv_norm_activation
+from fastdet.models.layers import conv_norm_activation
 
 __all__ = ["BiFPN", "BiFPNLayer", "FastNormalizedFusion", "SeparableConv2d"]
 

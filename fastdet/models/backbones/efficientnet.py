@@ -23,8 +23,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from fastdet.models.backbones import conv_norm_activation
-from fastdet.models.mobilenet import SqueezeExcitation, make_divisible
+from fastdet.models.layers import conv_norm_activation
+from fastdet.models.backbones.mobilenet import SqueezeExcitation, make_divisible
 
 __all__ = [
     "EFFICIENTNET_SCALING",
