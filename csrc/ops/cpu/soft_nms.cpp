@@ -1,6 +1,6 @@
 // CPU kernel of soft-NMS: each segment (an image, or one category of an image) runs ensemble-boxes' sequential
 // algorithm (soft_nms_math.h) step for step, in O(n log n + overlapping pairs) instead of its O(n^2) (see
-// SoftNmsSegment); independent segments run in parallel.
+// SoftNmsSegment), skipping boxes that can no longer be kept; independent segments run in parallel.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -35,24 +35,44 @@ class SoftNmsSegment {
     slot_entry_.resize(n);
     entry_slot_.resize(n);
     for (int64_t k = 0; k < n; ++k) slot_entry_[k] = entry_slot_[k] = k;
-    build_tree(n);
     build_graph(n, p);
+    // Pruning (see dead_): weights lie in [0, 1] when every box is ordinary, so with score_threshold >= 0 a finite
+    // score <= score_threshold stays so whatever decays it later.
+    prune_ = special_.empty() && p.score_threshold >= 0.0;
+    dead_.assign(n, 0);
+    if (prune_) {
+      for (int64_t e = 0; e < n; ++e) dead_[e] = is_dead(score_[e], p.score_threshold);
+    }
+    build_tree(n);
+    int64_t stop = n;
     for (int64_t i = 0; i < n; ++i) {
       const int64_t best = remove_through(i);
+      if (best < 0 && dead_[slot_entry_[i]]) {
+        stop = i;  // nothing from slot i on can be kept, nor change what was
+        break;
+      }
       if (best >= 0 && score_[slot_entry_[i]] < score_[slot_entry_[best]]) {
         std::swap(slot_entry_[i], slot_entry_[best]);
         entry_slot_[slot_entry_[i]] = i;
         entry_slot_[slot_entry_[best]] = best;
         update_slot(best);
       }
+      if (best < 0) continue;  // no later slot left whose score matters
       const int64_t e = slot_entry_[i];
+      const double* eb = box_ + soft_nms::kFields * e;
       auto decay = [&](int64_t c) {
-        if (entry_slot_[c] <= i) return;
-        const double w = soft_nms::weight(soft_nms::iou(box_ + soft_nms::kFields * e, box_ + soft_nms::kFields * c),
-                                          p.method, p.iou_threshold, p.sigma);
+        if (dead_[c] || entry_slot_[c] <= i) return;
+        const double w = soft_nms::weight(soft_nms::iou(eb, box_ + soft_nms::kFields * c), p.method,
+                                          p.iou_threshold, p.sigma);
         if (w != 1.0) {
           score_[c] = static_cast<S>(w * static_cast<double>(score_[c]));
-          update_slot(entry_slot_[c]);
+          if (prune_ && is_dead(score_[c], p.score_threshold)) {
+            dead_[c] = 1;
+            const int64_t slot = entry_slot_[c];
+            if (block_best_[slot / kBlock] == slot) rescan(slot / kBlock);
+          } else {
+            update_slot(entry_slot_[c]);
+          }
         }
       };
       if (special_flag_[e]) {
@@ -66,7 +86,7 @@ class SoftNmsSegment {
       const int64_t e = slot_entry_[k];
       score[k] = score_[e];
       perm_tmp_.push_back(perm[e]);
-      kept[k] = static_cast<double>(score_[e]) > p.score_threshold;
+      kept[k] = k < stop && static_cast<double>(score_[e]) > p.score_threshold;
     }
     std::copy(perm_tmp_.begin(), perm_tmp_.end(), perm);
     perm_tmp_.clear();
@@ -153,7 +173,7 @@ class SoftNmsSegment {
     const int64_t lo = std::max(block * kBlock, first_), hi = std::min((block + 1) * kBlock, n_);
     int64_t best = -1;
     for (int64_t k = lo; k < hi; ++k) {
-      if (best < 0 || before(k, best)) best = k;
+      if (!dead_[slot_entry_[k]] && (best < 0 || before(k, best))) best = k;
     }
     block_best_[block] = best;
   }
@@ -168,7 +188,7 @@ class SoftNmsSegment {
     const int64_t best = block_best_[block];
     if (best == slot) {
       rescan(block);
-    } else if (best < 0 || before(slot, best)) {
+    } else if (!dead_[slot_entry_[slot]] && (best < 0 || before(slot, best))) {
       block_best_[block] = slot;
     }
   }
@@ -193,6 +213,16 @@ class SoftNmsSegment {
   std::vector<int64_t> adj_start_;
   std::vector<int32_t> adj_, hits_;
   std::vector<char> special_flag_;
+  // Pruned boxes (only when prune_): a finite score <= score_threshold. Such a box can never be kept and ranks below
+  // every box that can (or that has a NaN score, which ranks first), so it leaves the argmax and is no longer
+  // decayed; the run stops once only such boxes remain. Kept boxes, their order and scores are unchanged.
+  std::vector<char> dead_;
+  bool prune_ = false;
+  template <typename T>
+  static bool is_dead(T score, double score_threshold) {
+    const double s = static_cast<double>(score);
+    return std::isfinite(s) && s <= score_threshold;
+  }
   const double* box_ = nullptr;
   std::vector<S> score_;  // per entry
   std::vector<int64_t> slot_entry_, entry_slot_, special_, order_, cursor_, perm_tmp_;
