@@ -60,7 +60,7 @@ C10_HOST_DEVICE inline double clip01(double v) {
 }
 
 // Box k of model m as ensemble-boxes prepares it: skipped (false) when its score is NaN or < skip_box_threshold, a
-// coordinate is NaN, or its area after ordering the corners and clipping to [0, 1] is 0.
+// coordinate is NaN, its area after ordering the corners and clipping to [0, 1] is 0, or its weighted score is NaN.
 C10_HOST_DEVICE inline bool make_entry(const double* box, double score, int64_t label, int64_t model, double weight,
                                        double skip_box_threshold, Entry& out) {
   if (score != score || score < skip_box_threshold) return false;
@@ -81,7 +81,9 @@ C10_HOST_DEVICE inline bool make_entry(const double* box, double score, int64_t 
   y1 = clip01(y1);
   y2 = clip01(y2);
   if (exact::mul_rn(x2 - x1, y2 - y1) == 0.0) return false;
-  out = Entry{x1, y1, x2, y2, exact::mul_rn(score, weight), weight, label, model};
+  const double weighted = exact::mul_rn(score, weight);
+  if (weighted != weighted) return false;  // an infinite score of a model weighted 0
+  out = Entry{x1, y1, x2, y2, weighted, weight, label, model};
   return true;
 }
 
