@@ -15,6 +15,18 @@
 namespace fastdet {
 namespace {
 
+struct Edge {
+  int32_t a, b;
+};
+
+struct NeighbourBuffers {
+  std::vector<Edge> edges;
+  std::vector<int32_t> adj;
+  size_t bytes() const { return edges.capacity() * sizeof(Edge) + adj.capacity() * sizeof(int32_t); }
+};
+
+constexpr size_t kRetainedBytes = size_t{32} << 20;
+
 struct SoftNmsParams {
   double iou_threshold, sigma, score_threshold;
   int64_t method;
@@ -90,6 +102,11 @@ class SoftNmsSegment {
     }
     std::copy(perm_tmp_.begin(), perm_tmp_.end(), perm);
     perm_tmp_.clear();
+  }
+
+  void swap_buffers(NeighbourBuffers& buffers) {
+    edges_.swap(buffers.edges);
+    adj_.swap(buffers.adj);
   }
 
  private:
@@ -206,9 +223,6 @@ class SoftNmsSegment {
 
   std::vector<int64_t> block_best_;
   int64_t n_ = 0, first_ = 0;
-  struct Edge {
-    int32_t a, b;
-  };
   std::vector<Edge> edges_;
   std::vector<int64_t> adj_start_;
   std::vector<int32_t> adj_, hits_;
@@ -260,13 +274,19 @@ std::tuple<Tensor, Tensor, Tensor> soft_nms_kernel_cpu(const Tensor& boxes, cons
   FASTDET_DISPATCH_FLOAT_DOUBLE(scores.scalar_type(), "soft_nms", [&] {
     scalar_t* score_ptr = out_scores.mutable_data_ptr<scalar_t>();
     parallel_for(0, static_cast<int64_t>(segments.size() / 3), 1, [&](int64_t s0, int64_t s1) {
+      // The neighbour lists are the only large buffers: reused between calls by each thread (fresh ones cost more
+      // in page faults than a few thousand boxes take to run), released once they grew past kRetainedBytes.
+      thread_local NeighbourBuffers buffers;
       SoftNmsSegment<scalar_t> segment;
+      segment.swap_buffers(buffers);
       for (int64_t s = s0; s < s1; ++s) {
         const int64_t begin = segments[3 * s] * N + segments[3 * s + 1];
         const int64_t n = segments[3 * s + 2] - segments[3 * s + 1];
         segment.run(dst + soft_nms::kFields * begin, score_ptr + begin, perm_ptr + begin, kept_ptr + begin, n,
                     params);
       }
+      segment.swap_buffers(buffers);
+      if (buffers.bytes() > kRetainedBytes) buffers = NeighbourBuffers();
     });
   });
   return {perm, out_scores, kept};
