@@ -144,6 +144,7 @@ class SoftNmsSegment {
       sy2[k] = b[3];
     }
     const bool linear = p.method == soft_nms::kLinear;
+    adj_start_.assign(n + 1, 0);  // degrees first, prefix sums below
     hits_.resize(m);
     int32_t* hits = hits_.data();
     for (int64_t a = 0; a < m; ++a) {
@@ -156,19 +157,22 @@ class SoftNmsSegment {
         count += (sy1[b] < bottom) & (top < sy2[b]);
       }
       const int64_t e = order_[a];
+      // written in place rather than push_back'd one by one (the capacity check kept this loop scalar and slow)
+      const size_t base = edges_.size();
+      edges_.resize(base + count);
+      Edge* out = edges_.data() + base;
+      int64_t kept = 0;
       for (int64_t h = 0; h < count; ++h) {
         const int64_t c = order_[hits[h]];
         if (linear && soft_nms::weight(soft_nms::iou(box_ + soft_nms::kFields * e, box_ + soft_nms::kFields * c),
                                        p.method, p.iou_threshold, p.sigma) == 1.0) {
           continue;
         }
-        edges_.push_back({static_cast<int32_t>(e), static_cast<int32_t>(c)});
+        out[kept++] = {static_cast<int32_t>(e), static_cast<int32_t>(c)};
+        ++adj_start_[c + 1];
       }
-    }
-    adj_start_.assign(n + 1, 0);
-    for (const Edge& edge : edges_) {
-      ++adj_start_[edge.a + 1];
-      ++adj_start_[edge.b + 1];
+      adj_start_[e + 1] += kept;
+      edges_.resize(base + kept);
     }
     for (int64_t k = 0; k < n; ++k) adj_start_[k + 1] += adj_start_[k];
     adj_.resize(adj_start_[n]);
