@@ -55,6 +55,8 @@ class SoftNmsSegment {
     if (prune_) {
       for (int64_t e = 0; e < n; ++e) dead_[e] = is_dead(score_[e], p.score_threshold);
     }
+    slot_score_.assign(score_.begin(), score_.end());  // slots start in entry order
+    slot_dead_.assign(dead_.begin(), dead_.end());
     build_tree(n);
     int64_t stop = n;
     for (int64_t i = 0; i < n; ++i) {
@@ -63,8 +65,10 @@ class SoftNmsSegment {
         stop = i;  // nothing from slot i on can be kept, nor change what was
         break;
       }
-      if (best >= 0 && score_[slot_entry_[i]] < score_[slot_entry_[best]]) {
+      if (best >= 0 && slot_score_[i] < slot_score_[best]) {
         std::swap(slot_entry_[i], slot_entry_[best]);
+        std::swap(slot_score_[i], slot_score_[best]);
+        std::swap(slot_dead_[i], slot_dead_[best]);
         entry_slot_[slot_entry_[i]] = i;
         entry_slot_[slot_entry_[best]] = best;
         update_slot(best);
@@ -78,12 +82,14 @@ class SoftNmsSegment {
                                           p.iou_threshold, p.sigma);
         if (w != 1.0) {
           score_[c] = static_cast<S>(w * static_cast<double>(score_[c]));
+          const int64_t slot = entry_slot_[c];
+          slot_score_[slot] = score_[c];
           if (prune_ && is_dead(score_[c], p.score_threshold)) {
             dead_[c] = 1;
-            const int64_t slot = entry_slot_[c];
+            slot_dead_[slot] = 1;
             if (block_best_[slot / kBlock] == slot) rescan(slot / kBlock);
           } else {
-            update_slot(entry_slot_[c]);
+            update_slot(slot);
           }
         }
       };
@@ -188,13 +194,13 @@ class SoftNmsSegment {
   // rescans the block only when it was that best.
   static constexpr int64_t kBlock = 32;
   bool before(int64_t a, int64_t b) const {
-    return soft_nms::ranks_before(score_[slot_entry_[a]], a, score_[slot_entry_[b]], b);
+    return soft_nms::ranks_before(slot_score_[a], a, slot_score_[b], b);
   }
   void rescan(int64_t block) {
     const int64_t lo = std::max(block * kBlock, first_), hi = std::min((block + 1) * kBlock, n_);
     int64_t best = -1;
     for (int64_t k = lo; k < hi; ++k) {
-      if (!dead_[slot_entry_[k]] && (best < 0 || before(k, best))) best = k;
+      if (!slot_dead_[k] && (best < 0 || before(k, best))) best = k;
     }
     block_best_[block] = best;
   }
@@ -209,7 +215,7 @@ class SoftNmsSegment {
     const int64_t best = block_best_[block];
     if (best == slot) {
       rescan(block);
-    } else if (!dead_[slot_entry_[slot]] && (best < 0 || before(slot, best))) {
+    } else if (!slot_dead_[slot] && (best < 0 || before(slot, best))) {
       block_best_[block] = slot;
     }
   }
@@ -243,6 +249,9 @@ class SoftNmsSegment {
   }
   const double* box_ = nullptr;
   std::vector<S> score_;  // per entry
+  // The same scores and dead flags per slot, kept in step, so that the argmax reads them without an indirection.
+  std::vector<S> slot_score_;
+  std::vector<char> slot_dead_;
   std::vector<int64_t> slot_entry_, entry_slot_, special_, order_, cursor_, perm_tmp_;
   std::vector<double> sorted_;
 };

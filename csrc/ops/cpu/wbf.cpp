@@ -1,6 +1,7 @@
 // CPU kernel of weighted boxes fusion, ensemble-boxes' weighted_boxes_fusion step for step, images in parallel.
 //
-// Per image: every box of every model with score >= skip_box_threshold (NaN scores and NaN coordinates are skipped)
+// Per image: every box of every model with score >= skip_box_threshold (NaN scores, NaN coordinates and NaN weighted
+// scores, i.e. an infinite score times a weight of 0, are skipped)
 // has its corners swapped into order and clipped to [0, 1], and is dropped if its area is 0; its score becomes
 // score * weight[model]. Boxes are grouped by label (labels in order of first appearance) and visited by decreasing
 // weighted score (ties: the later box first, as a stable argsort reversed). A box joins the cluster whose current
