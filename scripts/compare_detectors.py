@@ -12,10 +12,10 @@ when the cap is reached, and the JSON records how many steps were done). Each de
 detectors that already have a JSON file are skipped unless ``--force``. ``--quick`` is a smoke run (tiny data, a few
 steps; the numbers mean nothing) that exercises every step for the whole list in a few minutes.
 
-Speed is measured on the CPU with ``--threads`` threads for every detector (default: all cores), with random
-``IMAGE_SIZE`` x ``IMAGE_SIZE`` images through the detector's full ``forward`` (its own resizing and
-post-processing included). FLOPs count the matrix-multiply and convolution family only
-(:func:`fastdet.eval.count_flops`).
+Speed is measured on the CPU with ``--threads`` threads for every detector (default: all cores), one test image at a
+time through the trained detector's full ``forward`` (its own resizing and post-processing included); FLOPs are the
+mean over the same images and count the matrix-multiply and convolution family only (as
+:func:`fastdet.eval.count_flops`).
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ DETECTORS = {
         "min_size": IMAGE_SIZE, "max_size": IMAGE_SIZE, "rpn_batch_size_per_image": 64,
         "box_batch_size_per_image": 128, "rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 600,
         "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 300}},
-    # EfficientDet-D0 (issue 15): its own input size (512) is the paper's; at 128 px the P3-P7 pyramid still has
-    # 16 x 16 ... 1 x 1 maps.
+    # EfficientDet-D0 (issue 15): the builder's input size (512, the paper's) down to the data's 128 px; the P3-P7
+    # pyramid then has 16 x 16 ... 1 x 1 maps. Its backbone is randomly initialised by default, like the others here.
     "efficientdet_d0": {"kwargs": {"image_size": IMAGE_SIZE}},
 }
 # The default list: the detectors above that exist in this fastdet (later ones are added by name as they land).
@@ -112,8 +112,9 @@ def make_data(root: Path, num_images: int, quick: bool, seed: int) -> dict:
 
 
 def train(model, loader, steps: int, time_cap: float, lr: float, weight_decay: float, device) -> dict:
-    """AdamW, linear warmup (10 % of the steps) then cosine decay, gradient norm clipped at 10; stops after
-    ``steps`` optimiser steps or when ``time_cap`` seconds have passed. Returns the steps done and timings."""
+    """AdamW (no weight decay on norms and biases), linear warmup over 10 % of the steps then cosine decay to 5 %,
+    gradient norm clipped at 10 (as the demo recipe); stops after ``steps`` optimiser steps or when ``time_cap``
+    seconds have passed. Returns the steps done and timings."""
     from fastdet.engine import TrainConfig
     from fastdet.engine.schedule import WarmupSchedule
     from fastdet.engine.trainer import build_optimizer
@@ -154,15 +155,40 @@ def train(model, loader, steps: int, time_cap: float, lr: float, weight_decay: f
             "final_loss": last_loss, "capped": done < steps}
 
 
+def speed_on_images(model, dataset, warmup: int, iters: int) -> tuple[float, float]:
+    """Mean FLOPs per image and images per second at batch 1, on the first ``iters`` test images (cycled if there are
+    fewer). Real images rather than random ones (as :mod:`fastdet.eval.speed` uses): the RoI heads of two-stage
+    models and every detector's post-processing cost depends on how many boxes the trained model keeps. FLOPs:
+    ``FlopCounterMode``, the matrix-multiply and convolution family, as :func:`fastdet.eval.count_flops`."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    images = [dataset[i % len(dataset)][0] for i in range(iters)]
+    model.eval()
+    with torch.inference_mode():
+        counter = FlopCounterMode(display=False)
+        with counter:
+            for image in images:
+                model([image])
+        flops = counter.get_total_flops() / len(images)
+        for image in images[:warmup]:
+            model([image])
+        start = time.perf_counter()
+        for image in images:
+            model([image])
+        seconds = time.perf_counter() - start
+    return float(flops), len(images) / max(seconds, 1e-12)
+
+
 def run_one(name: str, data: dict, budget: dict, threads: int, seed: int) -> dict:
     import fastdet.models as models
     from fastdet.cli._common import load_coco
+    from fastdet.cli.train import train_transforms
     from fastdet.data import make_data_loader, to_coco_dict
-    from fastdet.eval import collect_detections, count_flops, evaluate_detections, measure_fps
+    from fastdet.eval import collect_detections, evaluate_detections
 
     device = torch.device("cpu")
     paths = data["paths"]
-    train_set = load_coco(paths["images"], paths["train"])
+    train_set = load_coco(paths["images"], paths["train"], train_transforms(0.5))  # flips, as `fastdet demo`
     test_set = load_coco(paths["images"], paths["test"])
     kwargs = model_kwargs(name)
     entry = DETECTORS.get(name, {})
@@ -186,8 +212,7 @@ def run_one(name: str, data: dict, budget: dict, threads: int, seed: int) -> dic
 
         segm = evaluate_segmentation(ground_truth, detections, test_set.label_to_category_id)
         result.update(mask_AP=segm.stats["AP"], mask_AP50=segm.stats["AP50"])
-    flops = count_flops(model, IMAGE_SIZE, device)
-    fps = measure_fps(model, 1, IMAGE_SIZE, device, warmup=budget["fps_warmup"], iters=budget["fps_iters"])
+    flops, fps = speed_on_images(model, test_set, budget["fps_warmup"], budget["fps_iters"])
     return {
         "detector": name, "kwargs": kwargs, "lr": lr, "weight_decay": weight_decay, **result,
         "parameters": params, "flops": flops, "fps": fps, **trained, "budget_steps": budget["steps"],
