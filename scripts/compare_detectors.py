@@ -35,7 +35,9 @@ IMAGE_SIZE = 128
 
 # Per-detector settings: builder keyword arguments that make the detector fit 128-px images, and optimiser choices.
 # Anything not listed uses OPTIMIZER_DEFAULTS and the builder's own defaults. The training budget (steps, batch
-# size, time cap) is the same for all and is not set here.
+# size, time cap) is the same for all and is not set here. A new detector (SPP-Net, R-CNN, ...) joins the default list
+# by an entry here; it must follow the contract model(images, targets) -> losses / model(images) -> detections (a
+# detector that needs external proposals, like Fast R-CNN, needs a wrapper that supplies them).
 OPTIMIZER_DEFAULTS = {"lr": 1e-3, "weight_decay": 1e-4}
 DETECTORS = {
     # The demo recipe's model (fastdet.models.recipes): YOLOv5n at 128 px with anchors fitted to the shapes data,
@@ -253,8 +255,9 @@ def markdown_table(output: Path) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    summary, details = __doc__.split("\n\n", 1)
+    p = argparse.ArgumentParser(description=summary, epilog=details,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", required=True, help="results folder: one JSON per detector, and the data")
     p.add_argument("--models", help="comma-separated builder names (default: " + ",".join(DEFAULT_MODELS)
                                     + ", those that exist)")
