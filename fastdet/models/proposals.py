@@ -48,8 +48,8 @@ class SelectiveSearchProposals:
     ``(0, 0, W, H)``).
     """
 
-    def __init__(self, mode: str = "fast", max_proposals_train: int | None = 2000, max_proposals_test: int | None = 1000,
-                 max_side: int | None = 500, seed: int = 0, **search_kwargs):
+    def __init__(self, mode: str = "fast", max_proposals_train: int | None = 2000,
+                 max_proposals_test: int | None = 1000, max_side: int | None = 500, seed: int = 0, **search_kwargs):
         self.mode = mode
         self.max_proposals_train = _positive_int_or_none(max_proposals_train, "max_proposals_train")
         self.max_proposals_test = _positive_int_or_none(max_proposals_test, "max_proposals_test")
