@@ -11,7 +11,7 @@ The pipeline, and how each step is done here:
    (the paper: 16 pixels at 227 x 227), then warped anisotropically to ``warp_size x warp_size`` by one
    :func:`fastdet.ops.roi_align` call over the normalised batch for all regions of all images (bilinear sampling,
    ``sampling_ratio`` samples per output pixel and axis). Context outside the image reads 0 in the normalised image,
-   i.e. the image mean: the paper's mean padding.
+   i.e. the image mean: the paper's mean padding (within a pixel of the border, the edge value).
 3. **Features**: a CNN on the warped regions, globally pooled (``backbone(crops [N, 3, S, S]) -> [N, D]``, e.g. the
    ResNet of the builders with ``fc`` an identity or a Linear + ReLU ``representation_size`` layer). The SVMs and
    box regressors read them scaled to L2 norm ``feature_norm`` (the paper too rescales its features for the SVMs).
@@ -95,7 +95,8 @@ def warp_boxes(images: Tensor, boxes: Tensor, warp_size: int, context_padding: f
         sampling_ratio (int): bilinear samples per output pixel and axis (averaged).
 
     Returns:
-        Tensor[B * P, C, S, S], image-major. Samples outside the image read 0.
+        Tensor[B * P, C, S, S], image-major. Samples more than one pixel outside the image read 0 (nearer ones the
+        edge pixel: :func:`fastdet.ops.roi_align`'s border rule).
     """
     B, P, _ = boxes.shape
     boxes = boxes.to(images.dtype)
