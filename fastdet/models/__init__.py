@@ -1,10 +1,12 @@
 """Detection models built on :mod:`fastdet.ops`: transforms, backbones, necks, heads and detectors.
 
 Layout: ``backbones/`` (resnet, mobilenet, darknet, vgg, efficientnet), ``necks/`` (fpn, pan, bifpn), ``heads/`` (rpn,
-roi_heads, mask_head, retinanet_head, ssd_head, fcos_head, yolo_head, efficientdet_head), the shared utilities ``layers`` (frozen BN, conv blocks,
-initialisations), ``matching`` (the one Matcher, the fg/bg sampler), ``targets`` (padded ground truth) and
-``postprocess`` (image sizes, anchors, flattening, stable top-k, per-image split), and one thin file per detector
-(faster_rcnn, mask_rcnn, retinanet, ssd, ssdlite, yolo, fcos, efficientdet) holding the detector class and its builders."""
+roi_heads, mask_head, retinanet_head, ssd_head, fcos_head, yolo_head, efficientdet_head), the shared utilities
+``layers`` (frozen BN, conv blocks, initialisations), ``matching`` (the one Matcher, the fg/bg sampler), ``targets``
+(padded ground truth), ``postprocess`` (image sizes, anchors, flattening, stable top-k, per-image split) and
+``proposals`` (external region proposals: selective search, checks, padding), and one thin file per detector
+(faster_rcnn, mask_rcnn, retinanet, ssd, ssdlite, yolo, fcos, efficientdet, rcnn) holding the detector class and its
+builders."""
 
 from fastdet.models.backbones import (
     BackboneWithFPN,
@@ -95,3 +97,8 @@ from fastdet.models.efficientdet import (  # noqa: E402
 
 __all__ += ["EfficientDet"] + [f"efficientdet_d{i}" for i in range(8)]
 DETECTOR_BUILDERS += tuple(f"efficientdet_d{i}" for i in range(8))
+
+from fastdet.models.rcnn import RCNN, rcnn_resnet18, rcnn_resnet50  # noqa: E402
+
+__all__ += ["RCNN", "rcnn_resnet18", "rcnn_resnet50"]
+DETECTOR_BUILDERS += ("rcnn_resnet18", "rcnn_resnet50")

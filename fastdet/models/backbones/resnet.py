@@ -24,6 +24,7 @@ __all__ = [
     "BasicBlock",
     "Bottleneck",
     "ResNet",
+    "freeze_resnet_stages",
     "resnet",
     "resnet_fpn_backbone",
 ]
@@ -145,6 +146,19 @@ def resnet(depth: int, norm_layer: Callable[[int], nn.Module] = FrozenBatchNorm2
     return ResNet(block, layers, num_classes=num_classes, norm_layer=norm_layer)
 
 
+def freeze_resnet_stages(body: ResNet, trainable_layers: int) -> None:
+    """Keep ``requires_grad`` only on the last ``trainable_layers`` stages of ``body`` (counted from ``layer4`` down
+    to ``conv1``; with 5, ``bn1`` too; ``fc`` never, as torchvision's detection backbones). Modifies ``body``."""
+    if isinstance(trainable_layers, bool) or not isinstance(trainable_layers, int) or not 0 <= trainable_layers <= 5:
+        raise ValueError(f"trainable_layers must be an int in [0, 5], got {trainable_layers!r}")
+    stages_to_train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+    if trainable_layers == 5:
+        stages_to_train.append("bn1")
+    for name, parameter in body.named_parameters():
+        if not any(name.startswith(stage) for stage in stages_to_train):
+            parameter.requires_grad_(False)
+
+
 def resnet_fpn_backbone(depth: int, trainable_layers: int = 3, returned_layers: Sequence[int] | None = None,
                         extra_blocks: nn.Module | None = None,
                         norm_layer: Callable[[int], nn.Module] = FrozenBatchNorm2d,
@@ -168,12 +182,7 @@ def resnet_fpn_backbone(depth: int, trainable_layers: int = 3, returned_layers: 
     body = resnet(depth, norm_layer=norm_layer)
     if body_state_dict is not None:
         body.load_state_dict(body_state_dict)
-    stages_to_train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
-    if trainable_layers == 5:
-        stages_to_train.append("bn1")
-    for name, parameter in body.named_parameters():
-        if not any(name.startswith(stage) for stage in stages_to_train):
-            parameter.requires_grad_(False)
+    freeze_resnet_stages(body, trainable_layers)
     if returned_layers is None:
         returned_layers = [1, 2, 3, 4]
     returned_layers = list(returned_layers)
