@@ -315,3 +315,26 @@ def test_cli_trains_evaluates_and_predicts_on_shapes(tmp_path):
                      "--device", "cpu")
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "pred" / "predictions.json").is_file()
+
+
+def test_torchvision_weights_enum_resolves_to_the_faster_rcnn_checkpoint(monkeypatch):
+    from fastdet.models.weights import WeightsNotFoundError, resolve_weights
+
+    monkeypatch.delenv("FASTDET_ALLOW_DOWNLOAD", raising=False)
+
+    resolved = resolve_weights("COCO_V1", "FasterRCNN_ResNet50_FPN_Weights")
+    assert "fasterrcnn_resnet50_fpn_coco" in resolved.url
+    if not resolved.cache_path().is_file():
+        with pytest.raises(WeightsNotFoundError, match="fasterrcnn_resnet50_fpn_coco"):
+            fast_rcnn_resnet50_fpn(weights="COCO_V1")
+    else:  # the published file is cached: it loads without its RPN, with its 91 classes
+        model = fast_rcnn_resnet50_fpn(weights="COCO_V1")
+        assert model.num_classes == 91 and not hasattr(model, "rpn")
+
+
+def test_replace_class_heads():
+    model = small_model()
+    model.replace_class_heads(5)
+    assert model.num_classes == 5 and model.roi_heads.box_predictor.bbox_pred.out_features == 20
+    with pytest.raises(ValueError, match="num_classes"):
+        model.replace_class_heads(1)
