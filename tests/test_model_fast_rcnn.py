@@ -104,23 +104,21 @@ def test_resnet50_loads_a_faster_rcnn_checkpoint_without_its_rpn(tmp_path):
 
 
 def test_training_steps_lower_the_loss():
-    # frozen ResNet stages keep the CPU step short; the FPN and the RoI heads train
-    model = small_model(trainable_backbone_layers=0)
+    # trainable batch norm keeps the randomly initialised network's steps stable; proposals from selective search
+    model = small_model(norm_layer="BatchNorm2d")
     images, targets = images_and_targets()
-    proposals = [torch.tensor([[0.0, 0.0, 64.0, 64.0], [30.0, 30.0, 100.0, 100.0], [5.0, 5.0, 80.0, 90.0]]),
-                 torch.tensor([[10.0, 5.0, 60.0, 70.0], [0.0, 0.0, 128.0, 96.0]])]
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.005)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
     model.train()
     totals = []
     for _ in range(4):
-        losses = model(images, proposals, targets)
+        losses = model(images, targets=targets)
         assert set(losses) == {"loss_classifier", "loss_box_reg"}
         total = sum(losses.values())
         optimizer.zero_grad()
         total.backward()
         optimizer.step()
         totals.append(float(total.detach()))
-    assert totals[-1] < 0.7 * totals[0], totals
+    assert totals[-1] < 0.5 * totals[0], totals
 
 
 def test_eval_output_format_with_the_default_selective_search():

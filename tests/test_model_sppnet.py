@@ -69,15 +69,14 @@ def test_pooled_features_are_roi_spp_of_the_feature_map():
 
 
 def test_training_steps_lower_the_loss_and_reach_the_conv_layers():
-    model = small_model()
+    # trainable batch norm keeps the randomly initialised network's steps stable; proposals from selective search
+    model = small_model(norm_layer="BatchNorm2d")
     images, targets = images_and_targets()
-    proposals = [torch.tensor([[0.0, 0.0, 64.0, 64.0], [30.0, 30.0, 100.0, 100.0], [5.0, 5.0, 80.0, 90.0]]),
-                 torch.tensor([[10.0, 5.0, 60.0, 70.0], [0.0, 0.0, 128.0, 96.0]])]
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.002)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
     model.train()
     totals = []
-    for step in range(5):
-        losses = model(images, proposals, targets=targets)
+    for step in range(4):
+        losses = model(images, targets=targets)
         assert set(losses) == {"loss_classifier", "loss_box_reg"}
         total = sum(losses.values())
         optimizer.zero_grad()
@@ -87,7 +86,7 @@ def test_training_steps_lower_the_loss_and_reach_the_conv_layers():
             assert grad is not None and grad.abs().sum() > 0
         optimizer.step()
         totals.append(float(total.detach()))
-    assert totals[-1] < 0.8 * totals[0], totals
+    assert totals[-1] < 0.5 * totals[0], totals
 
 
 def test_trainable_backbone_layers():
