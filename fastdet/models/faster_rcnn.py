@@ -42,7 +42,6 @@ __all__ = ["FasterRCNN", "fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_mo
            "fasterrcnn_resnet18_fpn", "fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "split_detections"]
 
 
-
 def fpn_anchor_generator() -> AnchorGenerator:
     """torchvision's FPN anchors: one size per level (32 ... 512), ratios 0.5, 1, 2: 3 anchors per location."""
     return AnchorGenerator(sizes=((32,), (64,), (128,), (256,), (512,)), aspect_ratios=((0.5, 1.0, 2.0),) * 5)
