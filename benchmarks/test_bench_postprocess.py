@@ -45,15 +45,14 @@ BOXES_PER_MODEL = 100
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", cases("weighted_boxes_fusion"))
 def test_weighted_boxes_fusion(bench, case, impl):
-    if case.device == "cuda":
-        pytest.skip("weighted_boxes_fusion runs on the CPU only (fastdet and ensemble-boxes)")
+    _skip_cuda_for_ensemble_boxes(case, impl)
     images, models = case.params["batch"], case.params["models"]
     per_image = [[normalised_detections(BOXES_PER_MODEL, seed=models * b + m) for m in range(models)]
                  for b in range(images)]
     if impl == "fastdet":
-        boxes = torch.stack([torch.stack([d[0] for d in image]) for image in per_image])
-        scores = torch.stack([torch.stack([d[1] for d in image]) for image in per_image])
-        labels = torch.stack([torch.stack([d[2] for d in image]) for image in per_image])
+        boxes = torch.stack([torch.stack([d[0] for d in image]) for image in per_image]).to(case.device)
+        scores = torch.stack([torch.stack([d[1] for d in image]) for image in per_image]).to(case.device)
+        labels = torch.stack([torch.stack([d[2] for d in image]) for image in per_image]).to(case.device)
         bench(lambda: fastdet.ops.weighted_boxes_fusion_batched(boxes, scores, labels, iou_threshold=0.55),
               op="weighted_boxes_fusion", case=case, impl="fastdet")
     else:

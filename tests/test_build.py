@@ -18,11 +18,9 @@ FASTDET_OPS = sorted(name for name in torch._C._dispatch_get_all_op_names() if n
 
 
 # Ops that run on the CPU only (their docstrings say why): COCO evaluation works on host-side annotations; the fused
-# multiclass_nms kernel is the CPU fast path (CUDA takes the generic batched path); weighted boxes fusion has no CUDA
-# kernel yet (its clustering is sequential per label; CUDA inputs get a clear error).
+# multiclass_nms kernel is the CPU fast path (CUDA takes the generic batched path); selective search's segmentation and
+# greedy grouping are sequential per strategy (CPU only by design).
 CPU_ONLY_OPS = {"fastdet::_coco_evaluate_kernel", "fastdet::_coco_accumulate_kernel", "fastdet::_multiclass_nms_kernel",
-                "fastdet::_weighted_boxes_fusion_kernel",
-                # selective search: segmentation and greedy grouping are sequential per strategy (CPU only by design)
                 "fastdet::_selective_search_kernel", "fastdet::_selective_search_regions_kernel"}
 
 

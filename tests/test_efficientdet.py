@@ -228,7 +228,7 @@ def test_huber_box_loss_is_efficientdets():
     gt = torch.tensor([[[1.0, 1.0, 12.0, 11.0], [18.0, 22.0, 41.0, 45.0]]])
     matched = torch.tensor([[0, 1, -1]])
     deltas = torch.randn(1, 3, 4) * 0.3
-    from fastdet.models.retinanet import PaddedTargets
+    from fastdet.models.targets import PaddedTargets
 
     padded = PaddedTargets(gt, torch.tensor([[0, 1]]), torch.tensor([[True, True]]))
     losses = head.compute_loss(padded, {"cls_logits": torch.zeros(1, 3, 2), "bbox_regression": deltas}, anchors,

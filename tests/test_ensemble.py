@@ -110,5 +110,5 @@ def test_retinanet_soft_nms_method(monkeypatch):
         out = model([torch.rand(3, 96, 128)])[0]
     assert seen == ["soft"]
     assert (out["scores"] > 0.3).all() and (out["scores"][:-1] >= out["scores"][1:]).all()
-    with pytest.raises(ValueError, match="nms_method must be"):
+    with pytest.raises(ValueError, match="nms_method must be one of"):
         retinanet_resnet18_fpn(num_classes=3, nms_method="matrix")

@@ -103,6 +103,25 @@ def test_matches_reference_with_adversarial_inputs(device, method):
     torch.testing.assert_close(scores, before[1], rtol=0, atol=0, equal_nan=True)
 
 
+@needs_eb
+@pytest.mark.parametrize("method", ["gaussian", "linear"])
+@pytest.mark.parametrize("thresh", [0.0, 0.3, 0.6])
+def test_boxes_that_cannot_be_kept_are_pruned_without_changing_results(method, thresh):
+    # Only ordinary boxes, so the CPU kernel drops boxes whose score fell to <= thresh and stops once only those are
+    # left; NaN / inf / negative scores and scores exactly at the threshold stay in play as ensemble-boxes has them.
+    seed = fresh_seed()
+    boxes, scores = normalised_boxes(600, seed)
+    scores[::11] = thresh
+    scores[5], scores[6], scores[7], scores[8] = float("nan"), float("inf"), -float("inf"), -0.25
+    boxes[40] = boxes[41]  # identical boxes: a linear weight of exactly 0
+    keep, values = ops.soft_nms(boxes, scores, 0.3, 0.5, thresh, method)
+    exp_keep, exp_values = eb_run(boxes, scores, 0.3, 0.5, thresh, method)
+    assert np.array_equal(keep.numpy(), exp_keep), f"seed={seed}"
+    np.testing.assert_allclose(values.numpy(), exp_values, rtol=1e-13)
+    ref_keep, ref_values = reference.soft_nms(boxes, scores, 0.3, 0.5, thresh, method)
+    assert torch.equal(keep, ref_keep), f"seed={seed}"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_half_precision_and_non_contiguous(device, dtype):

@@ -125,3 +125,31 @@ def test_empty_errors_and_opcheck():
     args = (b[None, None], s[None, None], lab[None, None], torch.tensor([[5]]), torch.ones(1, dtype=torch.float64),
             0.55, 0.0, 0, False)
     torch.library.opcheck(torch.ops.fastdet.weighted_boxes_fusion, args)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device available")
+@pytest.mark.parametrize("conf_type", CONF_TYPES)
+@pytest.mark.parametrize("allows_overflow", [False, True])
+def test_cuda_matches_cpu_bit_for_bit(conf_type, allows_overflow):
+    seed = fresh_seed()
+    B, M, N = 5, 4, 70
+    g = torch.Generator().manual_seed(seed)
+    boxes = torch.stack([torch.stack([normalised_boxes(N, seed + 7 * b + m)[0] for m in range(M)]) for b in range(B)])
+    scores = torch.rand(B, M, N, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 4, (B, M, N), generator=g)
+    counts = torch.randint(0, N + 1, (B, M), generator=g)
+    scores[0, :, :10] = 0.5  # ties across models
+    scores[1, 0, 3] = float("nan")  # skipped
+    scores[1, 1, 4] = float("inf")  # weighted 0 below: NaN, skipped
+    scores[2, 0, :5] = 0.0  # zero-score clusters: NaN fused boxes
+    boxes[1, 2, 5] = float("nan")
+    boxes[3, 1, :4] = boxes[3, 1, :4][:, [2, 3, 0, 1]]  # swapped corners
+    boxes[4, 0, :3] += 0.6  # partly outside [0, 1]
+    weights = [1.0, 0.0, 2.5, 0.75]
+    args = (labels, counts, weights, 0.55, 0.1, conf_type, allows_overflow)
+    cpu = ops.weighted_boxes_fusion_batched(boxes, scores, *args)
+    cuda = ops.weighted_boxes_fusion_batched(boxes.cuda(), scores.cuda(), labels.cuda(), counts.cuda(), *args[2:])
+    for a, b in zip(cpu, cuda):
+        assert b.device.type == "cuda"
+        assert torch.equal(torch.nan_to_num(a, nan=7.0), torch.nan_to_num(b.cpu(), nan=7.0)), f"seed={seed}"

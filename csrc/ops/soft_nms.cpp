@@ -117,7 +117,8 @@ STABLE_TORCH_LIBRARY_FRAGMENT(fastdet, m) {
         "float score_threshold, int method, int max_output) -> (Tensor, Tensor, Tensor)");
   // Backend kernel: boxes [B, N, 4] float64 contiguous, scores [B, N] float32/float64 contiguous, categories [B, N]
   // int64 grouped (non-decreasing) within each image or None. Returns, per slot after the run: the box's position
-  // in the input, its final score and whether it is kept. Prepared and checked by the composites above.
+  // in the input, its final score and whether it is kept (the scores and order of slots that are not kept may be left
+  // mid-run: a kernel may stop once no remaining box can be kept). Prepared and checked by the composites above.
   m.def("_soft_nms_kernel(Tensor boxes, Tensor scores, Tensor? categories, float iou_threshold, float sigma, "
         "float score_threshold, int method) -> (Tensor, Tensor, Tensor)");
 }

@@ -1,5 +1,5 @@
 // Schema and composite of weighted boxes fusion (Solovyev et al., 2021) with ensemble-boxes' semantics; the kernel
-// (cpu/wbf.cpp) documents the algorithm. The composite checks the arguments once and brings them to the kernel's
+// (cpu/wbf.cpp, cuda/wbf.cu; wbf_math.h has their shared math) documents the algorithm. The composite checks the arguments once and brings them to the kernel's
 // layout: float64 boxes / scores / weights (exact widenings: ensemble-boxes computes in float64), int64 labels and
 // counts.
 #include <tuple>
@@ -37,9 +37,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> weighted_boxes_fusion_impl(
   for (const auto* t : {&scores, &labels, &counts, &weights}) {
     FASTDET_CHECK(t->device() == boxes.device(), "boxes, scores, labels, counts and weights must be on one device");
   }
-  FASTDET_CHECK(boxes.device().type() == torch::headeronly::DeviceType::CPU,
-                "weighted_boxes_fusion runs on the CPU (its clustering is sequential per label); got tensors on ",
-                device_of(boxes), ": move them with .cpu()");
   FASTDET_CHECK(M <= kMaxModels, "weighted_boxes_fusion fuses at most ", kMaxModels, " models, got ", M);
   FASTDET_CHECK(iou_threshold == iou_threshold, "iou_threshold must not be NaN");
   FASTDET_CHECK(skip_box_threshold == skip_box_threshold, "skip_box_threshold must not be NaN");

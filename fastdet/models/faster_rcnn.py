@@ -88,6 +88,8 @@ class FasterRCNN(nn.Module):
         box_head, box_predictor, box_score_thresh, box_nms_thresh, box_detections_per_img, box_fg_iou_thresh,
         box_bg_iou_thresh, box_batch_size_per_image, box_positive_fraction, bbox_reg_weights: the box branch.
         box_pre_nms_top_k (int, optional): cap on candidates per image entering the final NMS (None = all, exact).
+        nms_method (str): the final NMS: ``"hard"`` (default, torchvision's), ``"soft"`` (gaussian soft-NMS) or
+            ``"soft_linear"`` (see :func:`fastdet.ops.multiclass_nms`); the RPN keeps greedy NMS.
     """
 
     # The RoI heads built by __init__; a detector with more branches (Mask R-CNN) subclasses both.
@@ -107,7 +109,7 @@ class FasterRCNN(nn.Module):
                  box_score_thresh: float = 0.05, box_nms_thresh: float = 0.5, box_detections_per_img: int = 100,
                  box_fg_iou_thresh: float = 0.5, box_bg_iou_thresh: float = 0.5,
                  box_batch_size_per_image: int = 512, box_positive_fraction: float = 0.25,
-                 bbox_reg_weights=None, box_pre_nms_top_k: int | None = None):
+                 bbox_reg_weights=None, box_pre_nms_top_k: int | None = None, nms_method: str = "hard"):
         super().__init__()
         if not hasattr(backbone, "out_channels"):
             raise ValueError("backbone must have an 'out_channels' attribute (channels of its feature maps)")
@@ -130,7 +132,7 @@ class FasterRCNN(nn.Module):
         self.roi_heads = self.roi_heads_class(
             box_roi_pool, box_head, box_predictor, box_fg_iou_thresh, box_bg_iou_thresh, box_batch_size_per_image,
             box_positive_fraction, bbox_reg_weights, box_score_thresh, box_nms_thresh, box_detections_per_img,
-            box_pre_nms_top_k)
+            box_pre_nms_top_k, nms_method)
 
     def replace_class_heads(self, num_classes: int) -> None:
         """Fine-tuning: a fresh ``FastRCNNPredictor`` for ``num_classes`` (background included) on the same features,

@@ -37,7 +37,13 @@ from fastdet.models.heads.fcos_head import (
     linear_box_decode,
     linear_box_encode,
 )
-from fastdet.models.postprocess import dense_anchors, features_as_list, image_sizes_tensor, split_detections
+from fastdet.models.postprocess import (
+    check_nms_method,
+    dense_anchors,
+    features_as_list,
+    image_sizes_tensor,
+    split_detections,
+)
 from fastdet.models.targets import pad_targets
 from fastdet.models.transform import DetectionTransform, batched_postprocess_boxes
 from fastdet.models.weights import plan_build
@@ -78,14 +84,18 @@ class FCOS(nn.Module):
         head (nn.Module, optional): default :class:`FCOSHead`.
         center_sampling_radius (float): positives lie within this many strides of a box's centre.
         score_thresh, nms_thresh, detections_per_img, topk_candidates: detection selection (torchvision's values).
+        nms_method (str): ``"hard"`` (greedy NMS, default), ``"soft"`` (gaussian soft-NMS) or ``"soft_linear"``
+            (see :func:`fastdet.ops.multiclass_nms`).
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, min_size=800, max_size: int = 1333,
                  image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None,
                  anchor_generator: ops.AnchorGenerator | None = None, head: nn.Module | None = None,
                  center_sampling_radius: float = 1.5, score_thresh: float = 0.2, nms_thresh: float = 0.6,
-                 detections_per_img: int = 100, topk_candidates: int = 1000, **transform_kwargs):
+                 detections_per_img: int = 100, topk_candidates: int = 1000, nms_method: str = "hard",
+                 **transform_kwargs):
         super().__init__()
+        self.nms_method = check_nms_method(nms_method)
         if not hasattr(backbone, "out_channels"):
             raise ValueError("backbone must have an out_channels attribute (the channel count of every feature map)")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -147,7 +157,7 @@ class FCOS(nn.Module):
         boxes, scores, labels, num = fcos_select_detections(
             head_outputs["cls_logits"], head_outputs["bbox_regression"], head_outputs["bbox_ctrness"], anchors,
             points_per_level, sizes, self.score_thresh, self.topk_candidates, self.nms_thresh,
-            self.detections_per_img)
+            self.detections_per_img, getattr(self, "nms_method", "hard"))
         boxes = batched_postprocess_boxes(boxes, batch.image_sizes, original_sizes)
         return split_detections(boxes, scores, labels, num)
 

@@ -10,7 +10,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FrozenBatchNorm2d", "IntermediateLayers", "conv_norm_activation", "normal_init", "xavier_init"]
+__all__ = ["FrozenBatchNorm2d", "IntermediateLayers", "classifier_init", "conv_norm_activation", "normal_init",
+           "xavier_init"]
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -108,3 +109,19 @@ def normal_init(module: nn.Module, std: float = 0.03) -> None:
             nn.init.normal_(layer.weight, mean=0.0, std=std)
             if layer.bias is not None:
                 nn.init.zeros_(layer.bias)
+
+
+def classifier_init(module: nn.Module, linear_init: Callable[[nn.Linear], None]) -> None:
+    """torchvision's initialisation of its ImageNet classifiers (MobileNetV3, EfficientNet): convs Kaiming-normal
+    (fan out) with zero bias, norm layers weight 1 and bias 0, and ``linear_init`` for the fully connected layers
+    (the one part in which the architectures differ)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            linear_init(m)

@@ -19,6 +19,8 @@ from fastdet.models.transform import ImageBatch
 from fastdet.ops.nms import top_k_stable
 
 __all__ = [
+    "NMS_METHODS",
+    "check_nms_method",
     "clip_boxes_to_images",
     "compact_mask",
     "dense_anchors",
@@ -33,6 +35,18 @@ __all__ = [
     "split_padded",
     "stable_top_k_mask",
 ]
+
+
+# The NMS variants every detector's post-processing accepts (``nms_method=``), as fastdet.ops.multiclass_nms' method.
+NMS_METHODS = ("hard", "soft", "soft_linear")
+
+
+def check_nms_method(nms_method) -> str:
+    """``nms_method`` if it is one of :data:`NMS_METHODS`: ``"hard"`` (greedy NMS, torchvision's), ``"soft"``
+    (gaussian soft-NMS) or ``"soft_linear"`` (see :func:`fastdet.ops.multiclass_nms`); else a ValueError."""
+    if nms_method not in NMS_METHODS:
+        raise ValueError(f"nms_method must be one of {NMS_METHODS}, got {nms_method!r}")
+    return nms_method
 
 
 def gather_rows(values: Tensor, index: Tensor) -> Tensor:

@@ -35,7 +35,13 @@ from fastdet.models.heads.retinanet_head import (
     retinanet_select_detections,
 )
 from fastdet.models.matching import match_anchors
-from fastdet.models.postprocess import dense_anchors, features_as_list, image_sizes_tensor, split_detections
+from fastdet.models.postprocess import (
+    check_nms_method,
+    dense_anchors,
+    features_as_list,
+    image_sizes_tensor,
+    split_detections,
+)
 from fastdet.models.targets import pad_targets
 from fastdet.models.transform import DetectionTransform, ImageBatch, batched_postprocess_boxes
 from fastdet.models.weights import plan_build
@@ -102,8 +108,7 @@ class RetinaNet(nn.Module):
                             f"{type(anchor_generator).__name__}")
         if not 0 <= bg_iou_thresh <= fg_iou_thresh:
             raise ValueError(f"need 0 <= bg_iou_thresh <= fg_iou_thresh, got {bg_iou_thresh} and {fg_iou_thresh}")
-        if nms_method not in ("hard", "soft", "soft_linear"):
-            raise ValueError(f"nms_method must be 'hard', 'soft' or 'soft_linear', got {nms_method!r}")
+        check_nms_method(nms_method)
         if bbox_loss_type not in BOX_LOSS_TYPES:
             raise ValueError(f"bbox_loss_type must be one of {BOX_LOSS_TYPES}, got {bbox_loss_type!r}")
         for name, value in (("detections_per_img", detections_per_img), ("topk_candidates", topk_candidates)):

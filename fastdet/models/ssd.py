@@ -36,7 +36,13 @@ from fastdet.models.heads.ssd_head import (
     ssd_select_detections,
 )
 from fastdet.models.layers import xavier_init
-from fastdet.models.postprocess import features_as_list, image_sizes_tensor, probe_out_channels, split_detections
+from fastdet.models.postprocess import (
+    check_nms_method,
+    features_as_list,
+    image_sizes_tensor,
+    probe_out_channels,
+    split_detections,
+)
 from fastdet.models.targets import pad_targets
 from fastdet.models.transform import DetectionTransform, batched_postprocess_boxes
 from fastdet.models.weights import plan_build
@@ -93,6 +99,8 @@ class SSD(nn.Module):
         score_thresh, nms_thresh, detections_per_img, topk_candidates: detection selection (torchvision's values).
         iou_thresh (float): a default box is positive at IoU >= iou_thresh (plus each box's best default box).
         positive_fraction (float): hard negative mining keeps ``(1 - f) / f`` negatives per positive (3 for 0.25).
+        nms_method (str): ``"hard"`` (greedy NMS, default), ``"soft"`` (gaussian soft-NMS) or ``"soft_linear"``
+            (see :func:`fastdet.ops.multiclass_nms`).
     """
 
     def __init__(self, backbone: nn.Module, anchor_generator: ops.DefaultBoxGenerator, size: tuple[int, int],
@@ -100,8 +108,9 @@ class SSD(nn.Module):
                  image_std: Sequence[float] | None = None, head: nn.Module | None = None,
                  score_thresh: float = 0.01, nms_thresh: float = 0.45, detections_per_img: int = 200,
                  iou_thresh: float = 0.5, topk_candidates: int = 400, positive_fraction: float = 0.25,
-                 **transform_kwargs):
+                 nms_method: str = "hard", **transform_kwargs):
         super().__init__()
+        self.nms_method = check_nms_method(nms_method)
         if not isinstance(anchor_generator, ops.DefaultBoxGenerator):
             raise TypeError(f"anchor_generator must be a fastdet.ops.DefaultBoxGenerator, got "
                             f"{type(anchor_generator).__name__}")
@@ -179,7 +188,7 @@ class SSD(nn.Module):
         sizes = image_sizes_tensor(batch.image_sizes, default_boxes.device)
         boxes, scores, labels, num = ssd_select_detections(
             head_outputs["cls_logits"], head_outputs["bbox_regression"], default_boxes, sizes, self.score_thresh,
-            self.topk_candidates, self.nms_thresh, self.detections_per_img)
+            self.topk_candidates, self.nms_thresh, self.detections_per_img, getattr(self, "nms_method", "hard"))
         boxes = batched_postprocess_boxes(boxes, batch.image_sizes, original_sizes)
         return split_detections(boxes, scores, labels, num)
 

@@ -58,6 +58,7 @@ from fastdet.models.heads.yolo_head import (
     yolo_select,
 )
 from fastdet.models.necks.pan import PANNeck
+from fastdet.models.postprocess import check_nms_method
 from fastdet.models.targets import pad_box_lists as pad_targets
 from fastdet.models.transform import DetectionTransform, batched_postprocess_boxes
 from fastdet.models.weights import plan_build
@@ -122,6 +123,8 @@ class YOLO(nn.Module):
         detections_per_image (int): output slots per image.
         pre_nms_top_k (int): best candidates per image (over all classes) entering NMS.
         image_mean, image_std: normalisation; the default (0, 1) keeps YOLOv5's plain 0..1 input.
+        nms_method (str): ``"hard"`` (greedy NMS, default), ``"soft"`` (gaussian soft-NMS) or ``"soft_linear"``
+            (see :func:`fastdet.ops.multiclass_nms`).
     """
 
     def __init__(self, num_classes: int, *, width_multiple: float = 0.5, depth_multiple: float = 0.33,
@@ -129,8 +132,9 @@ class YOLO(nn.Module):
                  box_loss_gain: float = 0.05, obj_loss_gain: float = 1.0, cls_loss_gain: float = 0.5,
                  score_threshold: float = 0.001, nms_threshold: float = 0.6, detections_per_image: int = 100,
                  pre_nms_top_k: int = 1000, image_mean: Sequence[float] = (0.0, 0.0, 0.0),
-                 image_std: Sequence[float] = (1.0, 1.0, 1.0)):
+                 image_std: Sequence[float] = (1.0, 1.0, 1.0), nms_method: str = "hard"):
         super().__init__()
+        self.nms_method = check_nms_method(nms_method)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2 (it counts the background), got {num_classes!r}")
         for name, value in (("width_multiple", width_multiple), ("depth_multiple", depth_multiple),
@@ -260,7 +264,8 @@ class YOLO(nn.Module):
         priors, prior_strides = self.priors(grid_sizes, predictions.device)
         sizes = torch.tensor(image_sizes, dtype=torch.float32, device=predictions.device)
         boxes, scores, labels, counts = yolo_select(predictions, priors, prior_strides, sizes, self.score_threshold,
-                                                    self.nms_threshold, self.detections_per_image, self.pre_nms_top_k)
+                                                    self.nms_threshold, self.detections_per_image, self.pre_nms_top_k,
+                                                    getattr(self, "nms_method", "hard"))
         boxes = batched_postprocess_boxes(boxes, image_sizes, original_sizes)
         # The one host read of the whole inference: how many slots of each image are real.
         return [{"boxes": b[:n], "labels": l[:n] + 1, "scores": s[:n]}

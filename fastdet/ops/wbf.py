@@ -10,8 +10,9 @@ unspecified; labels come back as int64 (ensemble-boxes returns float64); the ski
 compares a float32 score with the threshold rounded to float32); weight sums are sequential (numpy sums 8 or more
 weights pairwise); and at most 64 models are fused. Results are float64, as ensemble-boxes'.
 
-The CPU kernel runs images in parallel; there is no CUDA kernel (the clustering is sequential per label), so CUDA
-inputs raise an error asking for ``.cpu()``.
+The CPU kernel runs images in parallel; the CUDA kernel runs one thread block per image (the clustering is sequential
+within a label; each box is matched against the label's clusters by the whole block) and gives the same results.
+A box whose weighted score is NaN (an infinite score of a model weighted 0) is skipped like a NaN score.
 """
 
 from __future__ import annotations
@@ -35,12 +36,12 @@ def _conf_type(conf_type) -> int:
 def _weights(weights, num_models: int, device) -> Tensor:
     if weights is None:
         return torch.ones(num_models, dtype=torch.float64, device=device)
-    w = torch.as_tensor(weights, dtype=torch.float64, device=device).reshape(-1)
+    w = torch.as_tensor(weights, dtype=torch.float64).reshape(-1).cpu()  # checked on the host: a few numbers
     if w.numel() != num_models:
         raise ValueError(f"weights must have one entry per model ({num_models}), got {w.numel()}")
     if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not float(w.sum()) > 0:
         raise ValueError(f"weights must be finite, non-negative and not all zero, got {w.tolist()}")
-    return w
+    return w.to(device)
 
 
 def weighted_boxes_fusion(

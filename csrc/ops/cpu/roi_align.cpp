@@ -17,6 +17,7 @@
 #include <optional>
 #include <vector>
 
+#include "ops/cpu/roi_tasks.h"
 #include "ops/roi_align.h"
 #include "ops/roi_align_math.h"
 #include "ops/cpu/roi_axis_table.h"
@@ -24,15 +25,11 @@
 namespace fastdet {
 namespace {
 
+using roi_cpu::batch_indices;
+using roi_cpu::grain_for;
+
 constexpr int64_t kForwardBlock = 32;   // channels per forward task
 constexpr int64_t kBackwardBlock = 16;  // channels per backward task
-// Tasks smaller than this many (channel x bin) cells are grouped, so tiny calls (gradcheck, single RoIs) run on one
-// thread instead of paying for waking the pool -- which on a busy machine can cost milliseconds per call.
-constexpr int64_t kMinCellsPerTask = 16384;
-
-int64_t grain_for(int64_t cells_per_item) {
-  return std::max<int64_t>(1, kMinCellsPerTask / std::max<int64_t>(cells_per_item, 1));
-}
 
 struct Strides {
   int64_t n, c, h, w;
@@ -90,21 +87,6 @@ bool planar_samples(const roi::AxisTable<T>& ytab, const roi::AxisTable<T>& xtab
   }
   bin_begin[PH * PW] = static_cast<int64_t>(samples.size());
   return true;
-}
-
-// Batch index and level of every RoI; -1 where either is invalid (outside [0, N) / [0, L)), which the kernels treat
-// like a non-finite box: the RoI pools to 0 and passes no gradient. The schema file has already rejected such RoIs
-// with a clear error for the public ops, so this only keeps a direct call of the private op in bounds.
-std::vector<int64_t> batch_indices(const Tensor& rois, int64_t N) {
-  const int64_t K = rois.size(0);
-  std::vector<int64_t> batch(K);
-  FASTDET_DISPATCH_FLOAT_DOUBLE(rois.scalar_type(), "roi_batch_index", [&] {
-    const auto* r = rois.const_data_ptr<scalar_t>();
-    for (int64_t k = 0; k < K; ++k) {
-      batch[k] = roi::batch_index(r[k * 5], N);
-    }
-  });
-  return batch;
 }
 
 std::vector<int64_t> level_indices(const std::optional<Tensor>& levels, int64_t K, int64_t L) {

@@ -8,34 +8,17 @@
 #include <tuple>
 #include <vector>
 
+#include "ops/cpu/roi_tasks.h"
 #include "ops/roi_align.h"
 #include "ops/roi_spp.h"
 
 namespace fastdet {
 namespace {
 
+using roi_cpu::batch_indices;
+using roi_cpu::grain_for;
+
 constexpr int64_t kBlock = 16;
-// Tasks smaller than this many (channel x bin) cells are grouped, so tiny calls run on one thread.
-constexpr int64_t kMinCellsPerTask = 16384;
-
-int64_t grain_for(int64_t cells_per_item) {
-  return std::max<int64_t>(1, kMinCellsPerTask / std::max<int64_t>(cells_per_item, 1));
-}
-
-// Batch index of every RoI; -1 where it is not in [0, N) (the schema file rejects that on the CPU; a direct call of
-// the private op pools such a RoI to 0 with argmax -1 and passes it no gradient, as the CUDA kernel does).
-std::vector<int64_t> batch_indices(const Tensor& rois, int64_t N) {
-  const int64_t K = rois.size(0);
-  std::vector<int64_t> batch(K);
-  FASTDET_DISPATCH_FLOAT_DOUBLE(rois.scalar_type(), "roi_spp_batch_index", [&] {
-    const auto* r = rois.const_data_ptr<scalar_t>();
-    for (int64_t k = 0; k < K; ++k) {
-      batch[k] = roi::batch_index(r[k * 5], N);
-    }
-  });
-  return batch;
-}
-
 std::tuple<Tensor, Tensor> roi_spp_kernel(const Tensor& input, const Tensor& rois, const std::vector<int64_t>& levels,
                                           double spatial_scale, bool /*channels_last: read through the strides*/) {
   const int64_t K = rois.size(0), N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);

@@ -1,6 +1,6 @@
 // CPU kernel of soft-NMS: each segment (an image, or one category of an image) runs ensemble-boxes' sequential
 // algorithm (soft_nms_math.h) step for step, in O(n log n + overlapping pairs) instead of its O(n^2) (see
-// SoftNmsSegment); independent segments run in parallel.
+// SoftNmsSegment), skipping boxes that can no longer be kept; independent segments run in parallel.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -14,6 +14,18 @@
 
 namespace fastdet {
 namespace {
+
+struct Edge {
+  int32_t a, b;
+};
+
+struct NeighbourBuffers {
+  std::vector<Edge> edges;
+  std::vector<int32_t> adj;
+  size_t bytes() const { return edges.capacity() * sizeof(Edge) + adj.capacity() * sizeof(int32_t); }
+};
+
+constexpr size_t kRetainedBytes = size_t{32} << 20;
 
 struct SoftNmsParams {
   double iou_threshold, sigma, score_threshold;
@@ -35,24 +47,50 @@ class SoftNmsSegment {
     slot_entry_.resize(n);
     entry_slot_.resize(n);
     for (int64_t k = 0; k < n; ++k) slot_entry_[k] = entry_slot_[k] = k;
-    build_tree(n);
     build_graph(n, p);
+    // Pruning (see dead_): weights lie in [0, 1] when every box is ordinary, so with score_threshold >= 0 a finite
+    // score <= score_threshold stays so whatever decays it later.
+    prune_ = special_.empty() && p.score_threshold >= 0.0;
+    dead_.assign(n, 0);
+    if (prune_) {
+      for (int64_t e = 0; e < n; ++e) dead_[e] = is_dead(score_[e], p.score_threshold);
+    }
+    slot_score_.assign(score_.begin(), score_.end());  // slots start in entry order
+    slot_dead_.assign(dead_.begin(), dead_.end());
+    build_tree(n);
+    int64_t stop = n;
     for (int64_t i = 0; i < n; ++i) {
       const int64_t best = remove_through(i);
-      if (best >= 0 && score_[slot_entry_[i]] < score_[slot_entry_[best]]) {
+      if (best < 0 && dead_[slot_entry_[i]]) {
+        stop = i;  // nothing from slot i on can be kept, nor change what was
+        break;
+      }
+      if (best >= 0 && slot_score_[i] < slot_score_[best]) {
         std::swap(slot_entry_[i], slot_entry_[best]);
+        std::swap(slot_score_[i], slot_score_[best]);
+        std::swap(slot_dead_[i], slot_dead_[best]);
         entry_slot_[slot_entry_[i]] = i;
         entry_slot_[slot_entry_[best]] = best;
         update_slot(best);
       }
+      if (best < 0) continue;  // no later slot left whose score matters
       const int64_t e = slot_entry_[i];
+      const double* eb = box_ + soft_nms::kFields * e;
       auto decay = [&](int64_t c) {
-        if (entry_slot_[c] <= i) return;
-        const double w = soft_nms::weight(soft_nms::iou(box_ + soft_nms::kFields * e, box_ + soft_nms::kFields * c),
-                                          p.method, p.iou_threshold, p.sigma);
+        if (dead_[c] || entry_slot_[c] <= i) return;
+        const double w = soft_nms::weight(soft_nms::iou(eb, box_ + soft_nms::kFields * c), p.method,
+                                          p.iou_threshold, p.sigma);
         if (w != 1.0) {
           score_[c] = static_cast<S>(w * static_cast<double>(score_[c]));
-          update_slot(entry_slot_[c]);
+          const int64_t slot = entry_slot_[c];
+          slot_score_[slot] = score_[c];
+          if (prune_ && is_dead(score_[c], p.score_threshold)) {
+            dead_[c] = 1;
+            slot_dead_[slot] = 1;
+            if (block_best_[slot / kBlock] == slot) rescan(slot / kBlock);
+          } else {
+            update_slot(slot);
+          }
         }
       };
       if (special_flag_[e]) {
@@ -66,10 +104,15 @@ class SoftNmsSegment {
       const int64_t e = slot_entry_[k];
       score[k] = score_[e];
       perm_tmp_.push_back(perm[e]);
-      kept[k] = static_cast<double>(score_[e]) > p.score_threshold;
+      kept[k] = k < stop && static_cast<double>(score_[e]) > p.score_threshold;
     }
     std::copy(perm_tmp_.begin(), perm_tmp_.end(), perm);
     perm_tmp_.clear();
+  }
+
+  void swap_buffers(NeighbourBuffers& buffers) {
+    edges_.swap(buffers.edges);
+    adj_.swap(buffers.adj);
   }
 
  private:
@@ -107,6 +150,7 @@ class SoftNmsSegment {
       sy2[k] = b[3];
     }
     const bool linear = p.method == soft_nms::kLinear;
+    adj_start_.assign(n + 1, 0);  // degrees first, prefix sums below
     hits_.resize(m);
     int32_t* hits = hits_.data();
     for (int64_t a = 0; a < m; ++a) {
@@ -119,19 +163,22 @@ class SoftNmsSegment {
         count += (sy1[b] < bottom) & (top < sy2[b]);
       }
       const int64_t e = order_[a];
+      // written in place rather than push_back'd one by one (the capacity check kept this loop scalar and slow)
+      const size_t base = edges_.size();
+      edges_.resize(base + count);
+      Edge* out = edges_.data() + base;
+      int64_t kept = 0;
       for (int64_t h = 0; h < count; ++h) {
         const int64_t c = order_[hits[h]];
         if (linear && soft_nms::weight(soft_nms::iou(box_ + soft_nms::kFields * e, box_ + soft_nms::kFields * c),
                                        p.method, p.iou_threshold, p.sigma) == 1.0) {
           continue;
         }
-        edges_.push_back({static_cast<int32_t>(e), static_cast<int32_t>(c)});
+        out[kept++] = {static_cast<int32_t>(e), static_cast<int32_t>(c)};
+        ++adj_start_[c + 1];
       }
-    }
-    adj_start_.assign(n + 1, 0);
-    for (const Edge& edge : edges_) {
-      ++adj_start_[edge.a + 1];
-      ++adj_start_[edge.b + 1];
+      adj_start_[e + 1] += kept;
+      edges_.resize(base + kept);
     }
     for (int64_t k = 0; k < n; ++k) adj_start_[k + 1] += adj_start_[k];
     adj_.resize(adj_start_[n]);
@@ -147,13 +194,13 @@ class SoftNmsSegment {
   // rescans the block only when it was that best.
   static constexpr int64_t kBlock = 32;
   bool before(int64_t a, int64_t b) const {
-    return soft_nms::ranks_before(score_[slot_entry_[a]], a, score_[slot_entry_[b]], b);
+    return soft_nms::ranks_before(slot_score_[a], a, slot_score_[b], b);
   }
   void rescan(int64_t block) {
     const int64_t lo = std::max(block * kBlock, first_), hi = std::min((block + 1) * kBlock, n_);
     int64_t best = -1;
     for (int64_t k = lo; k < hi; ++k) {
-      if (best < 0 || before(k, best)) best = k;
+      if (!slot_dead_[k] && (best < 0 || before(k, best))) best = k;
     }
     block_best_[block] = best;
   }
@@ -168,7 +215,7 @@ class SoftNmsSegment {
     const int64_t best = block_best_[block];
     if (best == slot) {
       rescan(block);
-    } else if (best < 0 || before(slot, best)) {
+    } else if (!slot_dead_[slot] && (best < 0 || before(slot, best))) {
       block_best_[block] = slot;
     }
   }
@@ -186,15 +233,25 @@ class SoftNmsSegment {
 
   std::vector<int64_t> block_best_;
   int64_t n_ = 0, first_ = 0;
-  struct Edge {
-    int32_t a, b;
-  };
   std::vector<Edge> edges_;
   std::vector<int64_t> adj_start_;
   std::vector<int32_t> adj_, hits_;
   std::vector<char> special_flag_;
+  // Pruned boxes (only when prune_): a finite score <= score_threshold. Such a box can never be kept and ranks below
+  // every box that can (or that has a NaN score, which ranks first), so it leaves the argmax and is no longer
+  // decayed; the run stops once only such boxes remain. Kept boxes, their order and scores are unchanged.
+  std::vector<char> dead_;
+  bool prune_ = false;
+  template <typename T>
+  static bool is_dead(T score, double score_threshold) {
+    const double s = static_cast<double>(score);
+    return std::isfinite(s) && s <= score_threshold;
+  }
   const double* box_ = nullptr;
   std::vector<S> score_;  // per entry
+  // The same scores and dead flags per slot, kept in step, so that the argmax reads them without an indirection.
+  std::vector<S> slot_score_;
+  std::vector<char> slot_dead_;
   std::vector<int64_t> slot_entry_, entry_slot_, special_, order_, cursor_, perm_tmp_;
   std::vector<double> sorted_;
 };
@@ -230,13 +287,19 @@ std::tuple<Tensor, Tensor, Tensor> soft_nms_kernel_cpu(const Tensor& boxes, cons
   FASTDET_DISPATCH_FLOAT_DOUBLE(scores.scalar_type(), "soft_nms", [&] {
     scalar_t* score_ptr = out_scores.mutable_data_ptr<scalar_t>();
     parallel_for(0, static_cast<int64_t>(segments.size() / 3), 1, [&](int64_t s0, int64_t s1) {
+      // The neighbour lists are the only large buffers: reused between calls by each thread (fresh ones cost more
+      // in page faults than a few thousand boxes take to run), released once they grew past kRetainedBytes.
+      thread_local NeighbourBuffers buffers;
       SoftNmsSegment<scalar_t> segment;
+      segment.swap_buffers(buffers);
       for (int64_t s = s0; s < s1; ++s) {
         const int64_t begin = segments[3 * s] * N + segments[3 * s + 1];
         const int64_t n = segments[3 * s + 2] - segments[3 * s + 1];
         segment.run(dst + soft_nms::kFields * begin, score_ptr + begin, perm_ptr + begin, kept_ptr + begin, n,
                     params);
       }
+      segment.swap_buffers(buffers);
+      if (buffers.bytes() > kRetainedBytes) buffers = NeighbourBuffers();
     });
   });
   return {perm, out_scores, kept};

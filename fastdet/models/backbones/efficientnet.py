@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from fastdet.models.layers import conv_norm_activation
+from fastdet.models.layers import classifier_init, conv_norm_activation
 from fastdet.models.backbones.mobilenet import SqueezeExcitation, make_divisible
 
 __all__ = [
@@ -55,6 +55,12 @@ _B0_STAGES = (
 # The stages whose outputs are C3 (stride 8), C4 (stride 16) and C5 (stride 32): the last stage of each stride.
 _PYRAMID_STAGES = (3, 5, 7)
 
+
+
+def _uniform_linear_init(linear: nn.Linear) -> None:
+    bound = 1.0 / math.sqrt(linear.out_features)  # torchvision's EfficientNet classifier
+    nn.init.uniform_(linear.weight, -bound, bound)
+    nn.init.zeros_(linear.bias)
 
 class MBConvConfig(NamedTuple):
     expand_ratio: int
@@ -159,18 +165,7 @@ class EfficientNet(nn.Module):
         self.stage_channels = [stages[0].input_channels] + [s.out_channels for s in stages]
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Dropout(p=dropout, inplace=True), nn.Linear(4 * last_in, num_classes))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                bound = 1.0 / math.sqrt(m.out_features)
-                nn.init.uniform_(m.weight, -bound, bound)
-                nn.init.zeros_(m.bias)
+        classifier_init(self, _uniform_linear_init)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from fastdet.models.layers import conv_norm_activation, normal_init
+from fastdet.models.layers import classifier_init, conv_norm_activation, normal_init
 from fastdet.models.necks.fpn import BackboneWithFPN, LastLevelMaxPool
 
 __all__ = [
@@ -38,6 +38,11 @@ def make_divisible(value: float, divisor: int = 8) -> int:
     rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
     return rounded + divisor if rounded < 0.9 * value else rounded
 
+
+
+def _normal_linear_init(linear: nn.Linear) -> None:
+    nn.init.normal_(linear.weight, 0, 0.01)  # torchvision's MobileNetV3 classifier
+    nn.init.zeros_(linear.bias)
 
 class BlockConfig(NamedTuple):
     input_channels: int
@@ -139,17 +144,7 @@ class MobileNetV3(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Linear(6 * last_in, last_channel), nn.Hardswish(inplace=True),
                                         nn.Dropout(p=dropout, inplace=True), nn.Linear(last_channel, num_classes))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        classifier_init(self, _normal_linear_init)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))

@@ -215,7 +215,8 @@ def fcos_assign_targets(gt_boxes: Tensor, gt_valid: Tensor, anchors: Tensor, poi
 def fcos_select_detections(cls_logits: Tensor, bbox_regression: Tensor, bbox_ctrness: Tensor, anchors: Tensor,
                            points_per_level: Sequence[int], image_sizes: Tensor, score_thresh: float = 0.2,
                            topk_candidates: int = 1000, nms_thresh: float = 0.6,
-                           detections_per_img: int = 100) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                           detections_per_img: int = 100, nms_method: str = "hard"
+                           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """FCOS's detection selection for a whole batch with torchvision's rules (see the module docstring).
 
     Args:
@@ -242,4 +243,4 @@ def fcos_select_detections(cls_logits: Tensor, bbox_regression: Tensor, bbox_ctr
     # Decoding every point is a few elementwise operations: cheaper than gathering the candidates first.
     boxes = clip_boxes_to_images(linear_box_decode(bbox_regression.float(), anchors.float()[None]), image_sizes)
     return ops.multiclass_nms(boxes, scores, score_thresh, nms_thresh, detections_per_img,
-                              pre_nms_top_k=len(points_per_level) * topk_candidates)
+                              pre_nms_top_k=len(points_per_level) * topk_candidates, method=nms_method)

@@ -26,7 +26,13 @@ from fastdet.models.matching import (
     Matcher,
     match_iou,
 )
-from fastdet.models.postprocess import clip_boxes_to_images, compact_mask, gather_rows, image_sizes_tensor
+from fastdet.models.postprocess import (
+    check_nms_method,
+    clip_boxes_to_images,
+    compact_mask,
+    gather_rows,
+    image_sizes_tensor,
+)
 from fastdet.models.targets import PaddedTargets
 from fastdet.ops import box_decode, box_encode, multiclass_nms, smooth_l1_loss
 
@@ -152,7 +158,8 @@ def box_branch(out_channels: int, num_classes: int | None, box_roi_pool: nn.Modu
 
 def select_detections(class_logits: Tensor, box_regression: Tensor, proposals: Tensor, proposal_valid: Tensor,
                       image_sizes: Tensor, score_thresh: float, nms_thresh: float, detections_per_img: int,
-                      bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), pre_nms_top_k: int | None = None) -> Detections:
+                      bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), pre_nms_top_k: int | None = None,
+                      nms_method: str = "hard") -> Detections:
     """Final detections of the batch (see the module docstring).
 
     Args:
@@ -162,6 +169,8 @@ def select_detections(class_logits: Tensor, box_regression: Tensor, proposals: T
         image_sizes (Tensor[B, 2]): ``(height, width)`` of each resized image.
         pre_nms_top_k (int, optional): cap on the candidates per image entering NMS; None (default) = all
             ``P * (C - 1)``, which keeps the result identical to torchvision's.
+        nms_method (str): ``"hard"`` (default, torchvision's), ``"soft"`` or ``"soft_linear"`` (soft-NMS; see
+            :func:`fastdet.ops.multiclass_nms`).
 
     Returns :class:`Detections` (K = ``detections_per_img``), boxes in resized-image pixels. No host synchronisation;
     compiles with ``torch.compile(fullgraph=True)``.
@@ -177,7 +186,8 @@ def select_detections(class_logits: Tensor, box_regression: Tensor, proposals: T
     usable[..., 0] = False  # class 0 is background
     scores = torch.where(usable, scores, float("-inf"))
     top_k = P * C if pre_nms_top_k is None else int(pre_nms_top_k)
-    return Detections(*multiclass_nms(boxes, scores, score_thresh, nms_thresh, detections_per_img, top_k))
+    return Detections(*multiclass_nms(boxes, scores, score_thresh, nms_thresh, detections_per_img, top_k,
+                                      method=nms_method))
 
 
 class RoIHeads(nn.Module):
@@ -192,8 +202,9 @@ class RoIHeads(nn.Module):
     def __init__(self, box_roi_pool: nn.Module, box_head: nn.Module, box_predictor: nn.Module, fg_iou_thresh: float,
                  bg_iou_thresh: float, batch_size_per_image: int, positive_fraction: float,
                  bbox_reg_weights=None, score_thresh: float = 0.05, nms_thresh: float = 0.5,
-                 detections_per_img: int = 100, pre_nms_top_k: int | None = None):
+                 detections_per_img: int = 100, pre_nms_top_k: int | None = None, nms_method: str = "hard"):
         super().__init__()
+        self.nms_method = check_nms_method(nms_method)
         self.box_roi_pool = box_roi_pool
         self.box_head = box_head
         self.box_predictor = box_predictor
@@ -232,7 +243,8 @@ class RoIHeads(nn.Module):
         sizes = image_sizes_tensor(image_sizes, proposals.boxes.device)
         detections = select_detections(class_logits, box_regression, proposals.boxes, proposals.valid, sizes,
                                        self.score_thresh, self.nms_thresh, self.detections_per_img,
-                                       self.bbox_reg_weights, self.pre_nms_top_k)
+                                       self.bbox_reg_weights, self.pre_nms_top_k,
+                                       getattr(self, "nms_method", "hard"))
         return detections, {}
 
     def select_training_samples(self, proposals: Proposals, targets: PaddedTargets

@@ -158,6 +158,7 @@ def ssd_select_detections(
     topk_candidates: int = 400,
     nms_thresh: float = 0.45,
     detections_per_img: int = 200,
+    nms_method: str = "hard",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """SSD's detection selection for a whole batch, with torchvision's rules and fixed-size outputs.
 
@@ -195,7 +196,7 @@ def ssd_select_detections(
     # At most min(N, topk) boxes per class pass, so this pre-NMS cap never drops a candidate.
     det_boxes, det_scores, det_labels, num = ops.multiclass_nms(
         boxes, scores, score_thresh, nms_thresh, detections_per_img,
-        pre_nms_top_k=min(num_boxes, topk_candidates) * (num_classes - 1))
+        pre_nms_top_k=min(num_boxes, topk_candidates) * (num_classes - 1), method=nms_method)
     # Class columns start at 1 (background removed); padding labels stay -1.
     return det_boxes, det_scores, torch.where(det_labels >= 0, det_labels + 1, -1), num
 

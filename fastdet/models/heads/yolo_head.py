@@ -188,8 +188,8 @@ def cell_relative_pairs(box_logits: Tensor, priors: Tensor, prior_strides: Tenso
 
 
 def yolo_select(predictions: Tensor, priors: Tensor, prior_strides: Tensor, image_sizes: Tensor,
-                score_threshold: float, iou_threshold: float, max_detections: int, pre_nms_top_k: int
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                score_threshold: float, iou_threshold: float, max_detections: int, pre_nms_top_k: int,
+                nms_method: str = "hard") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Decode raw predictions and run batched multi-class NMS: fixed-size output, no host synchronisation, so it works
     under ``torch.compile(fullgraph=True)``.
 
@@ -199,6 +199,7 @@ def yolo_select(predictions: Tensor, priors: Tensor, prior_strides: Tensor, imag
         image_sizes (Tensor[B, 2]): ``(height, width)`` of each image inside the padded batch (boxes are clipped to
             it).
         score_threshold, iou_threshold, max_detections, pre_nms_top_k: as ``fastdet.ops.multiclass_nms``.
+        nms_method (str): ``multiclass_nms``' ``method`` (``"hard"``, ``"soft"``, ``"soft_linear"``).
 
     Returns:
         boxes (Tensor[B, K, 4]) xyxy in network-input pixels, scores (Tensor[B, K]), class output indices
@@ -209,4 +210,5 @@ def yolo_select(predictions: Tensor, priors: Tensor, prior_strides: Tensor, imag
     limits = image_sizes.to(boxes)[:, None, [1, 0, 1, 0]]  # (w, h, w, h) per image
     boxes = torch.minimum(boxes.clamp(min=0), limits)
     scores = predictions[..., 4:5].sigmoid() * predictions[..., 5:].sigmoid()
-    return multiclass_nms(boxes, scores, score_threshold, iou_threshold, max_detections, pre_nms_top_k)
+    return multiclass_nms(boxes, scores, score_threshold, iou_threshold, max_detections, pre_nms_top_k,
+                          method=nms_method)

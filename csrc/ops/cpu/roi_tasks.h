@@ -1,0 +1,39 @@
+// What the CPU RoI kernels (roi_align, roi_pool, roi_spp) share: how much work one parallel task takes, and the batch
+// index of every RoI.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "ops/roi_align.h"
+#include "ops/roi_align_math.h"
+
+namespace fastdet {
+namespace roi_cpu {
+
+// Tasks smaller than this many (channel x bin) cells are grouped, so tiny calls (gradcheck, single RoIs) run on one
+// thread instead of paying for waking the pool -- which on a busy machine can cost milliseconds per call.
+constexpr int64_t kMinCellsPerTask = 16384;
+
+inline int64_t grain_for(int64_t cells_per_item) {
+  return std::max<int64_t>(1, kMinCellsPerTask / std::max<int64_t>(cells_per_item, 1));
+}
+
+// Batch index of every RoI; -1 where it is not in [0, N), which the kernels treat like a non-finite box: the RoI
+// pools to 0 and passes no gradient. The schema files reject such RoIs with a clear error for the public ops, so
+// this only keeps a direct call of a private kernel op in bounds.
+inline std::vector<int64_t> batch_indices(const Tensor& rois, int64_t N) {
+  const int64_t K = rois.size(0);
+  std::vector<int64_t> batch(K);
+  FASTDET_DISPATCH_FLOAT_DOUBLE(rois.scalar_type(), "roi_batch_index", [&] {
+    const auto* r = rois.const_data_ptr<scalar_t>();
+    for (int64_t k = 0; k < K; ++k) {
+      batch[k] = roi::batch_index(r[k * 5], N);
+    }
+  });
+  return batch;
+}
+
+}  // namespace roi_cpu
+}  // namespace fastdet
