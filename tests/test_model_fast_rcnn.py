@@ -336,3 +336,15 @@ def test_replace_class_heads():
     assert model.num_classes == 5 and model.roi_heads.box_predictor.bbox_pred.out_features == 20
     with pytest.raises(ValueError, match="num_classes"):
         model.replace_class_heads(1)
+
+
+def test_soft_nms_method():
+    model = small_model(nms_method="soft", box_score_thresh=0.0).eval()
+    assert model.roi_heads.nms_method == "soft"
+    images, _ = images_and_targets()
+    proposals = [torch.tensor([[0.0, 0.0, 64.0, 64.0], [2.0, 2.0, 66.0, 66.0]]), torch.zeros(0, 4)]
+    with torch.no_grad():
+        soft = model(images, proposals)
+    assert soft[0]["boxes"].shape[0] > 0 and soft[1]["boxes"].shape == (0, 4)
+    with pytest.raises(ValueError, match="nms_method"):
+        small_model(nms_method="fuzzy")

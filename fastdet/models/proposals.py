@@ -239,6 +239,7 @@ class ProposalDetector(nn.Module):
         max_proposals_train, max_proposals_test (int): the default generator's caps.
         min_size, max_size, image_mean, image_std, size_divisible, fixed_size: :class:`DetectionTransform`.
         box_*: :class:`RoIHeads` (torchvision's Faster R-CNN defaults).
+        nms_method (str): the final NMS, ``"hard"`` (default), ``"soft"`` or ``"soft_linear"`` (as Faster R-CNN's).
     """
 
     def __init__(self, backbone: nn.Module, box_roi_pool: nn.Module, box_head: nn.Module, box_predictor: nn.Module,
@@ -247,7 +248,7 @@ class ProposalDetector(nn.Module):
                  fixed_size=None, box_score_thresh: float = 0.05, box_nms_thresh: float = 0.5,
                  box_detections_per_img: int = 100, box_fg_iou_thresh: float = 0.5, box_bg_iou_thresh: float = 0.5,
                  box_batch_size_per_image: int = 512, box_positive_fraction: float = 0.25, bbox_reg_weights=None,
-                 box_pre_nms_top_k: int | None = None):
+                 box_pre_nms_top_k: int | None = None, nms_method: str = "hard"):
         super().__init__()
         if not hasattr(backbone, "out_channels"):
             raise ValueError("backbone must have an 'out_channels' attribute (channels of its feature maps)")
@@ -258,7 +259,7 @@ class ProposalDetector(nn.Module):
         self.roi_heads = RoIHeads(
             box_roi_pool, box_head, box_predictor, box_fg_iou_thresh, box_bg_iou_thresh, box_batch_size_per_image,
             box_positive_fraction, bbox_reg_weights, box_score_thresh, box_nms_thresh, box_detections_per_img,
-            box_pre_nms_top_k)
+            box_pre_nms_top_k, nms_method)
         self.proposal_generator = make_proposal_source(proposal_generator, max_proposals_train, max_proposals_test)
 
     def replace_class_heads(self, num_classes: int) -> None:
