@@ -36,8 +36,8 @@ IMAGE_SIZE = 128
 # Per-detector settings: builder keyword arguments that make the detector fit 128-px images, and optimiser choices.
 # Anything not listed uses OPTIMIZER_DEFAULTS and the builder's own defaults. The training budget (steps, batch
 # size, time cap) is the same for all and is not set here. A new detector (SPP-Net, R-CNN, ...) joins the default list
-# by an entry here; it must follow the contract model(images, targets) -> losses / model(images) -> detections (a
-# detector that needs external proposals, like Fast R-CNN, needs a wrapper that supplies them).
+# by an entry here; it must follow the contract model(images, targets=targets) -> losses / model(images) -> detections
+# (targets by keyword: the detectors on external proposals take them second and generate them when not given).
 OPTIMIZER_DEFAULTS = {"lr": 1e-3, "weight_decay": 1e-4}
 DETECTORS = {
     # The demo recipe's model (fastdet.models.recipes): YOLOv5n at 128 px with anchors fitted to the shapes data,
@@ -65,6 +65,14 @@ DETECTORS = {
         "min_size": IMAGE_SIZE, "max_size": IMAGE_SIZE, "rpn_batch_size_per_image": 64,
         "box_batch_size_per_image": 128, "rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 600,
         "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 300}},
+    # Fast R-CNN and SPP-Net on their default selective-search proposals (fast mode), capped like the Faster R-CNN
+    # entry's RPN (600 train / 300 test), with the same 128 sampled RoIs per image.
+    "fast_rcnn_resnet18_fpn": {"kwargs": {
+        "min_size": IMAGE_SIZE, "max_size": IMAGE_SIZE, "box_batch_size_per_image": 128, "max_proposals_train": 600,
+        "max_proposals_test": 300}},
+    "sppnet_resnet18": {"kwargs": {
+        "min_size": IMAGE_SIZE, "max_size": IMAGE_SIZE, "box_batch_size_per_image": 128, "max_proposals_train": 600,
+        "max_proposals_test": 300}},
     # EfficientDet-D0 (issue 15): the builder's input size (512, the paper's) down to the data's 128 px; the P3-P7
     # pyramid then has 16 x 16 ... 1 x 1 maps. Its backbone is randomly initialised by default, like the others here.
     "efficientdet_d0": {"kwargs": {"image_size": IMAGE_SIZE}},
@@ -132,7 +140,7 @@ def train(model, loader, steps: int, time_cap: float, lr: float, weight_decay: f
             images = [image.to(device) for image in images]
             targets = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in target.items()}
                        for target in targets]
-            losses = model(images, targets)
+            losses = model(images, targets=targets)
             loss = torch.stack(list(losses.values())).sum()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss at step {done + 1}: "

@@ -107,7 +107,8 @@ def test_bad_arguments_are_reported(tmp_path):
     assert empty.returncode == 1
 
 
-@pytest.mark.parametrize("name", ["fasterrcnn_resnet18_fpn", "maskrcnn_resnet18_fpn", "retinanet_resnet18_fpn"])
+@pytest.mark.parametrize("name", ["fasterrcnn_resnet18_fpn", "maskrcnn_resnet18_fpn", "retinanet_resnet18_fpn",
+                                  "fast_rcnn_resnet18_fpn", "sppnet_resnet18"])
 def test_per_detector_settings_build(name):
     """The settings table's keyword arguments are accepted by the builders (a typo would fail the real run late)."""
     import fastdet.models as models

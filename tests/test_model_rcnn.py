@@ -167,7 +167,8 @@ def test_train_steps_decrease_the_loss():
     torch.manual_seed(0)
     model = tiny_model().train()
     images, targets = shapes_batch()
-    proposals = SelectiveSearchProposals(max_proposals_train=60)(images, training=True)
+    generator = SelectiveSearchProposals(max_proposals_train=60).train()
+    proposals = [generator(image) for image in images]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     history = []
     for _ in range(8):
@@ -259,7 +260,7 @@ def test_inputs_are_not_modified():
 def test_bad_inputs_raise_clear_errors():
     model = tiny_model().eval()
     images, targets = shapes_batch()
-    with pytest.raises(ValueError, match="one entry per image"):
+    with pytest.raises(ValueError, match="one Tensor\[K, 4\] per image"):
         model(images, proposals=[torch.zeros(1, 4)])
     with pytest.raises(ValueError, match=r"proposals\[1\] must have shape \[K, 4\]"):
         model(images, proposals=[torch.zeros(1, 4), torch.zeros(4)])
@@ -293,8 +294,8 @@ def test_bad_inputs_raise_clear_errors():
 def test_proposal_generator_caps_and_rescales():
     images, _ = shapes_batch(size=96)
     generator = SelectiveSearchProposals(max_proposals_train=30, max_proposals_test=10, max_side=48)
-    train = generator(images, training=True)
-    test = generator(images, training=False)
+    train = [generator.train()(image) for image in images]
+    test = [generator.eval()(image) for image in images]
     for image, boxes, few in zip(images, train, test):
         assert boxes.shape[0] <= 30 and few.shape[0] <= 10 and torch.equal(few, boxes[: few.shape[0]])
         height, width = image.shape[-2:]

@@ -1,6 +1,6 @@
 """The training loop for any detector following torchvision's detection contract.
 
-Contract: in training mode ``model(images, targets)`` returns a dict of scalar losses (summed for the backward
+Contract: in training mode ``model(images, targets=targets)`` returns a dict of scalar losses (summed for the backward
 pass); in eval mode ``model(images)`` returns one dict per image with ``boxes`` (xyxy, original image pixels),
 ``scores`` and ``labels``. ``images`` is a list of ``[C, H, W]`` tensors, ``targets`` a list of dicts of tensors.
 
@@ -248,7 +248,8 @@ class Trainer:
 
     def _losses(self, images, targets) -> dict[str, torch.Tensor]:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.amp):
-            losses = self.train_model(images, targets)
+            # By keyword: detectors on external proposals (Fast R-CNN, SPP-Net) take proposals second.
+            losses = self.train_model(images, targets=targets)
         if not isinstance(losses, Mapping) or not losses:
             raise TypeError(
                 "in training mode the model must return a non-empty dict of losses (torchvision's detection "

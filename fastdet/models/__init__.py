@@ -4,9 +4,9 @@ Layout: ``backbones/`` (resnet, mobilenet, darknet, vgg, efficientnet), ``necks/
 roi_heads, mask_head, retinanet_head, ssd_head, fcos_head, yolo_head, efficientdet_head), the shared utilities
 ``layers`` (frozen BN, conv blocks, initialisations), ``matching`` (the one Matcher, the fg/bg sampler), ``targets``
 (padded ground truth), ``postprocess`` (image sizes, anchors, flattening, stable top-k, per-image split) and
-``proposals`` (external region proposals: selective search, checks, padding), and one thin file per detector
-(faster_rcnn, mask_rcnn, retinanet, ssd, ssdlite, yolo, fcos, efficientdet, rcnn) holding the detector class and its
-builders."""
+``proposals`` (external region proposals: selective search, tables and files, checks, padding, and the detector base
+on them), and one thin file per detector (faster_rcnn, mask_rcnn, fast_rcnn, sppnet, rcnn, retinanet, ssd, ssdlite,
+yolo, fcos, efficientdet) holding the detector class and its builders."""
 
 from fastdet.models.backbones import (
     BackboneWithFPN,
@@ -102,3 +102,10 @@ from fastdet.models.rcnn import RCNN, rcnn_resnet18, rcnn_resnet50  # noqa: E402
 
 __all__ += ["RCNN", "rcnn_resnet18", "rcnn_resnet50"]
 DETECTOR_BUILDERS += ("rcnn_resnet18", "rcnn_resnet50")
+
+from fastdet.models.fast_rcnn import FastRCNN, fast_rcnn_resnet18_fpn, fast_rcnn_resnet50_fpn  # noqa: E402
+from fastdet.models.sppnet import SPPNet, sppnet_resnet18, sppnet_resnet50  # noqa: E402
+
+__all__ += ["FastRCNN", "fast_rcnn_resnet18_fpn", "fast_rcnn_resnet50_fpn", "SPPNet", "sppnet_resnet18",
+            "sppnet_resnet50"]
+DETECTOR_BUILDERS += ("fast_rcnn_resnet50_fpn", "fast_rcnn_resnet18_fpn", "sppnet_resnet50", "sppnet_resnet18")

@@ -24,20 +24,22 @@ from torch import Tensor, nn
 
 from fastdet.models._validation import check_images_and_targets
 from fastdet.models.backbones.resnet import resnet_fpn_backbone
-from fastdet.models.heads.roi_heads import Detections, FastRCNNConvFCHead, FastRCNNPredictor, RoIHeads, TwoMLPHead
+from fastdet.models.heads.roi_heads import (
+    Detections,
+    FastRCNNConvFCHead,
+    RoIHeads,
+    box_branch,
+)
 from fastdet.models.heads.rpn import RegionProposalNetwork, RPNHead
 from fastdet.models.layers import FrozenBatchNorm2d
 from fastdet.models.postprocess import split_padded
 from fastdet.models.targets import pad_targets
-from fastdet.models.transform import DetectionTransform, batched_postprocess_boxes
+from fastdet.models.transform import IMAGENET_MEAN, IMAGENET_STD, DetectionTransform, batched_postprocess_boxes
 from fastdet.models.weights import plan_build
-from fastdet.ops import AnchorGenerator, MultiScaleRoIAlign
+from fastdet.ops import AnchorGenerator
 
 __all__ = ["FasterRCNN", "fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_mobilenet_v3_large_fpn",
            "fasterrcnn_resnet18_fpn", "fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "split_detections"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def fpn_anchor_generator() -> AnchorGenerator:
@@ -111,25 +113,14 @@ class FasterRCNN(nn.Module):
         super().__init__()
         if not hasattr(backbone, "out_channels"):
             raise ValueError("backbone must have an 'out_channels' attribute (channels of its feature maps)")
-        if box_predictor is None:
-            if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
-                raise ValueError(f"num_classes must be an int >= 2 (background included) when box_predictor is not "
-                                 f"given, got {num_classes!r}")
-        elif num_classes is not None:
-            raise ValueError("num_classes must be None when box_predictor is given")
         out_channels = backbone.out_channels
         if rpn_anchor_generator is None:
             rpn_anchor_generator = fpn_anchor_generator()
         if rpn_head is None:
             rpn_head = RPNHead(out_channels, rpn_anchor_generator.num_anchors_per_location()[0])
-        if box_roi_pool is None:
-            box_roi_pool = MultiScaleRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
-        if box_head is None:
-            resolution = box_roi_pool.output_size[0]
-            box_head = TwoMLPHead(out_channels * resolution**2, 1024)
-        if box_predictor is None:
-            box_predictor = FastRCNNPredictor(1024, num_classes)
-        self.num_classes = num_classes if num_classes is not None else box_predictor.cls_score.out_features
+        # After the RPN head, as torchvision: the random initialisations are drawn in its order.
+        box_roi_pool, box_head, box_predictor, self.num_classes = box_branch(
+            out_channels, num_classes, box_roi_pool, box_head, box_predictor)
         self.transform = DetectionTransform(min_size, max_size, image_mean or IMAGENET_MEAN, image_std or IMAGENET_STD,
                                             size_divisible=size_divisible, fixed_size=fixed_size)
         self.backbone = backbone
@@ -146,11 +137,7 @@ class FasterRCNN(nn.Module):
     def replace_class_heads(self, num_classes: int) -> None:
         """Fine-tuning: a fresh ``FastRCNNPredictor`` for ``num_classes`` (background included) on the same features,
         on the old predictor's device and dtype (torchvision's tutorial recipe); the rest stays as loaded."""
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an int >= 2 (background included), got {num_classes!r}")
-        old = self.roi_heads.box_predictor.cls_score
-        self.roi_heads.box_predictor = FastRCNNPredictor(old.in_features, num_classes).to(old.weight.device,
-                                                                                          old.weight.dtype)
+        self.roi_heads.replace_box_predictor(num_classes)
         self.num_classes = num_classes
 
     def _features(self, images: Tensor) -> OrderedDict[str, Tensor]:

@@ -45,7 +45,7 @@ from fastdet.models.postprocess import (
     split_detections,
 )
 from fastdet.models.targets import pad_targets
-from fastdet.models.transform import DetectionTransform, batched_postprocess_boxes
+from fastdet.models.transform import IMAGENET_MEAN, IMAGENET_STD, DetectionTransform, batched_postprocess_boxes
 from fastdet.models.weights import plan_build
 
 __all__ = [
@@ -119,8 +119,8 @@ class FCOS(nn.Module):
         self.anchor_generator = anchor_generator
         self.head = head if head is not None else FCOSHead(backbone.out_channels, 1, num_classes)
         self.num_classes = num_classes
-        self.transform = DetectionTransform(min_size, max_size, image_mean or [0.485, 0.456, 0.406],
-                                            image_std or [0.229, 0.224, 0.225], **transform_kwargs)
+        self.transform = DetectionTransform(min_size, max_size, image_mean or IMAGENET_MEAN,
+                                            image_std or IMAGENET_STD, **transform_kwargs)
         self.center_sampling_radius = float(center_sampling_radius)
         self.score_thresh = float(score_thresh)
         self.nms_thresh = float(nms_thresh)

@@ -69,14 +69,12 @@ from fastdet.models.postprocess import (
 )
 from fastdet.models.proposals import SelectiveSearchProposals, check_proposals, pad_proposals
 from fastdet.models.targets import pad_targets
-from fastdet.models.transform import DetectionTransform
+from fastdet.models.transform import IMAGENET_MEAN, IMAGENET_STD, DetectionTransform
 from fastdet.models.weights import plan_build
 from fastdet.ops import box_decode, box_encode, box_iou, multiclass_nms, roi_align
 
 __all__ = ["RCNN", "box_regression_loss", "rcnn_resnet18", "rcnn_resnet50", "svm_hinge_loss", "warp_boxes"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # The paper's box parameterisation has no weights (torchvision's Fast R-CNN uses (10, 10, 5, 5)).
 PAPER_BOX_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
 
@@ -193,9 +191,9 @@ class RCNN(nn.Module):
     Args:
         backbone (nn.Module): ``[N, 3, S, S] -> [N, D]`` features, with an ``out_features`` attribute (D).
         num_classes (int): including background (>= 2).
-        proposal_generator (callable, optional): ``(images, training) -> list[Tensor[K_i, 4]]``; default
+        proposal_generator (callable, optional): ``image -> Tensor[K, 4]`` (xyxy, image pixels); default
             :class:`SelectiveSearchProposals` with ``proposal_mode``, ``max_proposals_train``, ``max_proposals_test``
-            and ``proposal_max_side``.
+            and ``proposal_max_side`` (a module: ``train()`` / ``eval()`` switch its cap).
         warp_size (int): side of the warped regions (227, the paper's).
         context_padding (float, optional): context pixels around a region in the warped output (default
             ``16 * warp_size / 227``, the paper's 16 at 227).
@@ -303,8 +301,8 @@ class RCNN(nn.Module):
 
     def _proposals(self, images: list[Tensor], proposals) -> list[Tensor]:
         if proposals is None:
-            return self.proposal_generator(images, self.training)
-        check_proposals(proposals, len(images), images[0].device)
+            proposals = [self.proposal_generator(image) for image in images]
+        check_proposals(proposals, images)
         cap = self.max_proposals_train if self.training else self.max_proposals_test
         return [p[:cap] if cap is not None else p for p in proposals]
 

@@ -43,7 +43,13 @@ from fastdet.models.postprocess import (
     split_detections,
 )
 from fastdet.models.targets import pad_targets
-from fastdet.models.transform import DetectionTransform, ImageBatch, batched_postprocess_boxes
+from fastdet.models.transform import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DetectionTransform,
+    ImageBatch,
+    batched_postprocess_boxes,
+)
 from fastdet.models.weights import plan_build
 
 __all__ = [
@@ -128,8 +134,8 @@ class RetinaNet(nn.Module):
         self.box_coder = ops.BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
         self.fg_iou_thresh = float(fg_iou_thresh)
         self.bg_iou_thresh = float(bg_iou_thresh)
-        self.transform = DetectionTransform(min_size, max_size, image_mean or [0.485, 0.456, 0.406],
-                                            image_std or [0.229, 0.224, 0.225], **transform_kwargs)
+        self.transform = DetectionTransform(min_size, max_size, image_mean or IMAGENET_MEAN,
+                                            image_std or IMAGENET_STD, **transform_kwargs)
         self.score_thresh = float(score_thresh)
         self.nms_thresh = float(nms_thresh)
         self.detections_per_img = detections_per_img

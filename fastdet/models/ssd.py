@@ -44,7 +44,7 @@ from fastdet.models.postprocess import (
     split_detections,
 )
 from fastdet.models.targets import pad_targets
-from fastdet.models.transform import DetectionTransform, batched_postprocess_boxes
+from fastdet.models.transform import IMAGENET_MEAN, IMAGENET_STD, DetectionTransform, batched_postprocess_boxes
 from fastdet.models.weights import plan_build
 
 __all__ = [
@@ -140,8 +140,8 @@ class SSD(nn.Module):
         self.head = head
         self.num_classes = num_classes
         self.iou_thresh = float(iou_thresh)
-        self.transform = DetectionTransform(min(size), max(size), image_mean or [0.485, 0.456, 0.406],
-                                            image_std or [0.229, 0.224, 0.225], size_divisible=1, fixed_size=size,
+        self.transform = DetectionTransform(min(size), max(size), image_mean or IMAGENET_MEAN,
+                                            image_std or IMAGENET_STD, size_divisible=1, fixed_size=size,
                                             **transform_kwargs)
         self.score_thresh = float(score_thresh)
         self.nms_thresh = float(nms_thresh)

@@ -28,6 +28,11 @@ from torch import Tensor, nn
 __all__ = ["DetectionTransform", "ImageBatch", "batched_postprocess_boxes", "resize_boxes"]
 
 
+# torchvision's ImageNet normalisation, the default of the detectors' transforms.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
 class ImageBatch:
     """A padded batch of images and the size of each image before padding.
 

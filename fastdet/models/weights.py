@@ -429,10 +429,15 @@ class BuildPlan:
             return None
         return self.weights_backbone.get_state_dict(progress)
 
-    def load_into(self, model: nn.Module, progress: bool = True) -> nn.Module:
-        """Load ``weights`` strictly into ``model`` and apply the checkpoint's frozen-BN eps override."""
+    def load_into(self, model: nn.Module, progress: bool = True, ignore_prefixes: tuple[str, ...] = ()) -> nn.Module:
+        """Load ``weights`` strictly into ``model`` and apply the checkpoint's frozen-BN eps override. Keys starting
+        with one of ``ignore_prefixes`` are dropped first (e.g. ``("rpn.",)``: a Faster R-CNN checkpoint loaded into a
+        detector without an RPN); every other key must still match."""
         if self.weights is not None:
-            model.load_state_dict(self.weights.get_state_dict(progress))
+            state = self.weights.get_state_dict(progress)
+            if ignore_prefixes:
+                state = {k: v for k, v in state.items() if not k.startswith(tuple(ignore_prefixes))}
+            model.load_state_dict(state)
             if self.weights.frozen_bn_eps is not None:
                 set_frozen_bn_eps(model, self.weights.frozen_bn_eps)
         return model

@@ -12,12 +12,13 @@ Naming contract (what makes checkpoints interchangeable):
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from fastdet.models.layers import FrozenBatchNorm2d
+from fastdet.models.layers import FrozenBatchNorm2d, IntermediateLayers
 from fastdet.models.necks.fpn import BackboneWithFPN
 
 __all__ = [
@@ -27,6 +28,8 @@ __all__ = [
     "freeze_resnet_stages",
     "resnet",
     "resnet_fpn_backbone",
+    "resnet_trunk_backbone",
+    "SingleMapBackbone",
 ]
 
 
@@ -177,12 +180,7 @@ def resnet_fpn_backbone(depth: int, trainable_layers: int = 3, returned_layers: 
             into the ResNet before it is cut into a feature extractor.
         fpn_norm_layer: normalisation after each FPN convolution (``nn.BatchNorm2d`` in torchvision's v2 models).
     """
-    if isinstance(trainable_layers, bool) or not isinstance(trainable_layers, int) or not 0 <= trainable_layers <= 5:
-        raise ValueError(f"trainable_layers must be an int in [0, 5], got {trainable_layers!r}")
-    body = resnet(depth, norm_layer=norm_layer)
-    if body_state_dict is not None:
-        body.load_state_dict(body_state_dict)
-    freeze_resnet_stages(body, trainable_layers)
+    body = _pretrained_resnet(depth, trainable_layers, norm_layer, body_state_dict)
     if returned_layers is None:
         returned_layers = [1, 2, 3, 4]
     returned_layers = list(returned_layers)
@@ -193,3 +191,44 @@ def resnet_fpn_backbone(depth: int, trainable_layers: int = 3, returned_layers: 
     stage2_channels = body.inplanes // 8
     in_channels_list = [stage2_channels * 2 ** (stage - 1) for stage in returned_layers]
     return BackboneWithFPN(body, return_layers, in_channels_list, out_channels, extra_blocks, fpn_norm_layer)
+
+
+def _pretrained_resnet(depth: int, trainable_layers: int, norm_layer: Callable[[int], nn.Module],
+                       body_state_dict: Mapping[str, Tensor] | None) -> ResNet:
+    """A ResNet-``depth`` with ``body_state_dict`` loaded strictly (when given) and every stage but the last
+    ``trainable_layers`` frozen (:func:`freeze_resnet_stages`)."""
+    if isinstance(trainable_layers, bool) or not isinstance(trainable_layers, int) or not 0 <= trainable_layers <= 5:
+        raise ValueError(f"trainable_layers must be an int in [0, 5], got {trainable_layers!r}")
+    body = resnet(depth, norm_layer=norm_layer)
+    if body_state_dict is not None:
+        body.load_state_dict(body_state_dict)
+    freeze_resnet_stages(body, trainable_layers)
+    return body
+
+
+class SingleMapBackbone(nn.Module):
+    """A network's children run up to one of them, giving one feature map: ``{"0": Tensor[B, C, H/s, W/s]}``
+    (``out_channels`` = C, ``stride`` = s). State-dict keys are ``body.<the network's own names>``."""
+
+    def __init__(self, network: nn.Module, last_layer: str, out_channels: int, stride: int):
+        super().__init__()
+        self.body = IntermediateLayers(network, {last_layer: "0"})
+        self.out_channels = int(out_channels)
+        self.stride = int(stride)
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        return self.body(x)
+
+
+def resnet_trunk_backbone(depth: int, last_stage: int = 3, trainable_layers: int = 3,
+                          norm_layer: Callable[[int], nn.Module] = FrozenBatchNorm2d,
+                          body_state_dict: Mapping[str, Tensor] | None = None) -> SingleMapBackbone:
+    """ResNet-``depth`` up to ``layer{last_stage}`` (no FPN): one feature map of stride ``2 ** (last_stage + 1)``,
+    e.g. C4 (``last_stage=3``, stride 16: 256 channels for ResNet-18/34, 1024 for ResNet-50/101), the single-map
+    backbone of the SPP-Net / Fast R-CNN era. ``trainable_layers``, ``norm_layer`` and ``body_state_dict`` as in
+    :func:`resnet_fpn_backbone` (stages after ``last_stage`` are dropped whatever their flag)."""
+    if isinstance(last_stage, bool) or last_stage not in (1, 2, 3, 4):
+        raise ValueError(f"last_stage must be a stage number in [1, 4], got {last_stage!r}")
+    body = _pretrained_resnet(depth, trainable_layers, norm_layer, body_state_dict)
+    channels = body.inplanes // 8 * 2 ** (last_stage - 1)
+    return SingleMapBackbone(body, f"layer{last_stage}", channels, 2 ** (last_stage + 1))

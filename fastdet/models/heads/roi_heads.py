@@ -36,7 +36,8 @@ from fastdet.models.postprocess import (
 from fastdet.models.targets import PaddedTargets
 from fastdet.ops import box_decode, box_encode, multiclass_nms, smooth_l1_loss
 
-__all__ = ["Detections", "FastRCNNConvFCHead", "FastRCNNPredictor", "RoIHeads", "TwoMLPHead", "select_detections"]
+__all__ = ["Detections", "FastRCNNConvFCHead", "FastRCNNPredictor", "RoIHeads", "SingleMapRoIPool", "TwoMLPHead",
+           "box_branch", "select_detections"]
 
 # torchvision's fixed minimum side of a detection (RoIHeads.postprocess_detections' remove_small_boxes).
 MIN_DETECTION_SIZE = 1e-2
@@ -112,6 +113,49 @@ class FastRCNNPredictor(nn.Module):
         return self.cls_score(x), self.bbox_pred(x)
 
 
+class SingleMapRoIPool(nn.Module):
+    """Adapter giving a single-map RoI pooling module (``pool(features, rois)``, e.g. ``fastdet.ops.RoISPP``,
+    ``RoIPool``, ``RoIAlign``) :class:`RoIHeads`' ``box_roi_pool(features, rois, image_sizes)`` contract: it pools
+    ``features[featmap_name]`` and ignores the image sizes (the pool carries its own ``spatial_scale``)."""
+
+    def __init__(self, pool: nn.Module, featmap_name: str = "0"):
+        super().__init__()
+        self.pool = pool
+        self.featmap_name = featmap_name
+
+    def forward(self, features: dict[str, Tensor], rois: Tensor, image_sizes=None) -> Tensor:
+        if self.featmap_name not in features:
+            raise KeyError(f"SingleMapRoIPool pools the feature map {self.featmap_name!r}, the backbone gave "
+                           f"{list(features)}")
+        return self.pool(features[self.featmap_name], rois)
+
+
+def box_branch(out_channels: int, num_classes: int | None, box_roi_pool: nn.Module | None = None,
+               box_head: nn.Module | None = None, box_predictor: nn.Module | None = None
+               ) -> tuple[nn.Module, nn.Module, nn.Module, int]:
+    """The box branch of a two-stage detector with torchvision's defaults for what is not given: ``box_roi_pool``
+    ``MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)``, ``box_head`` ``TwoMLPHead(out_channels * 7 * 7, 1024)`` (the
+    pool's ``output_size``), ``box_predictor`` ``FastRCNNPredictor(1024, num_classes)``. ``num_classes`` (background
+    included, >= 2) is required unless ``box_predictor`` is given, and must then be None. Returns
+    ``(box_roi_pool, box_head, box_predictor, num_classes)``."""
+    from fastdet.ops import MultiScaleRoIAlign
+
+    if box_predictor is None:
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+            raise ValueError(f"num_classes must be an int >= 2 (background included) when box_predictor is not "
+                             f"given, got {num_classes!r}")
+    elif num_classes is not None:
+        raise ValueError("num_classes must be None when box_predictor is given")
+    if box_roi_pool is None:
+        box_roi_pool = MultiScaleRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
+    if box_head is None:
+        resolution = box_roi_pool.output_size[0]
+        box_head = TwoMLPHead(out_channels * resolution**2, 1024)
+    if box_predictor is None:
+        box_predictor = FastRCNNPredictor(1024, num_classes)
+    return box_roi_pool, box_head, box_predictor, box_predictor.cls_score.out_features
+
+
 def select_detections(class_logits: Tensor, box_regression: Tensor, proposals: Tensor, proposal_valid: Tensor,
                       image_sizes: Tensor, score_thresh: float, nms_thresh: float, detections_per_img: int,
                       bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), pre_nms_top_k: int | None = None,
@@ -171,6 +215,14 @@ class RoIHeads(nn.Module):
         self.nms_thresh = float(nms_thresh)
         self.detections_per_img = int(detections_per_img)
         self.pre_nms_top_k = pre_nms_top_k
+
+    def replace_box_predictor(self, num_classes: int) -> None:
+        """Fine-tuning: a fresh :class:`FastRCNNPredictor` for ``num_classes`` (background included) on the same
+        features, on the old predictor's device and dtype (torchvision's tutorial recipe)."""
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an int >= 2 (background included), got {num_classes!r}")
+        old = self.box_predictor.cls_score
+        self.box_predictor = FastRCNNPredictor(old.in_features, num_classes).to(old.weight.device, old.weight.dtype)
 
     def _predict(self, features: dict[str, Tensor], boxes: Tensor, image_sizes) -> tuple[Tensor, Tensor]:
         B, R, _ = boxes.shape
