@@ -73,6 +73,9 @@ DETECTORS = {
     "sppnet_resnet18": {"kwargs": {
         "min_size": IMAGE_SIZE, "max_size": IMAGE_SIZE, "box_batch_size_per_image": 128, "max_proposals_train": 600,
         "max_proposals_test": 300}},
+    # R-CNN on the same capped selective-search proposals; regions warped to 64 x 64 (the light builder's default;
+    # the paper's 227 would cost ~12x more per region on the CPU) and the paper's 32 + 96 fine-tuning sample.
+    "rcnn_resnet18": {"kwargs": {"max_proposals_train": 600, "max_proposals_test": 300}},
     # EfficientDet-D0 (issue 15): the builder's input size (512, the paper's) down to the data's 128 px; the P3-P7
     # pyramid then has 16 x 16 ... 1 x 1 maps. Its backbone is randomly initialised by default, like the others here.
     "efficientdet_d0": {"kwargs": {"image_size": IMAGE_SIZE}},
