@@ -191,25 +191,14 @@ void align_backward_kernel(const std::vector<Level<opmath_t<scalar_t>>>& grads, 
   const scalar_t* grad_ptr = grad.const_data_ptr<scalar_t>();
   const Strides gs = strides_of(grad);
   const int64_t K = rois.size(0);
-  // RoIs of each image, in index order (a stable counting sort); RoIs with an invalid batch index or level pass no
-  // gradient and are left out.
-  std::vector<int64_t> first(N + 1, 0), order(K);
+  // RoIs of each image, in index order; RoIs with an invalid batch index or level pass no gradient and are left out.
+  std::vector<int64_t> usable(batch);
   for (int64_t k = 0; k < K; ++k) {
-    if (batch[k] >= 0 && level_of[k] >= 0) {
-      ++first[batch[k] + 1];
-    }
+    if (level_of[k] < 0) usable[k] = -1;
   }
-  for (int64_t n = 0; n < N; ++n) {
-    first[n + 1] += first[n];
-  }
-  {
-    std::vector<int64_t> fill(first.begin(), first.end() - 1);
-    for (int64_t k = 0; k < K; ++k) {
-      if (batch[k] >= 0 && level_of[k] >= 0) {
-        order[fill[batch[k]]++] = k;
-      }
-    }
-  }
+  const roi_cpu::RoisByImage groups = roi_cpu::rois_by_image(usable, N);
+  const std::vector<int64_t>& first = groups.first;
+  const std::vector<int64_t>& order = groups.order;
   const int64_t blocks = (C + kBackwardBlock - 1) / kBackwardBlock;
   const int64_t rois_per_image = (K + N - 1) / std::max<int64_t>(N, 1);
   parallel_for(0, N * blocks, grain_for(rois_per_image * kBackwardBlock * PH * PW),

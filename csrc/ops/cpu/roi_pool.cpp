@@ -121,18 +121,10 @@ Tensor roi_pool_backward_kernel(const Tensor& grad, const Tensor& rois, const Te
   // not satisfy the layout test below).
   if (K > 0 && C > 0 && PH > 0 && PW > 0 && buf.numel() > 0) {
     const auto batch = batch_indices(rois, N);
-    // RoIs of each image in index order (a stable counting sort); RoIs with an invalid batch index are left out.
-    std::vector<int64_t> first(N + 1, 0), order(K);
-    for (int64_t k = 0; k < K; ++k) {
-      if (batch[k] >= 0) ++first[batch[k] + 1];
-    }
-    for (int64_t n = 0; n < N; ++n) first[n + 1] += first[n];
-    {
-      std::vector<int64_t> fill(first.begin(), first.end() - 1);
-      for (int64_t k = 0; k < K; ++k) {
-        if (batch[k] >= 0) order[fill[batch[k]]++] = k;
-      }
-    }
+    // RoIs of each image in index order; RoIs with an invalid batch index are left out.
+    const roi_cpu::RoisByImage groups = roi_cpu::rois_by_image(batch, N);
+    const std::vector<int64_t>& first = groups.first;
+    const std::vector<int64_t>& order = groups.order;
     const int64_t blocks = (C + kBlock - 1) / kBlock;
     FASTDET_DISPATCH_FLOATING(grad.scalar_type(), "roi_pool_backward_cpu", [&] {
       using T = opmath_t<scalar_t>;

@@ -125,18 +125,10 @@ Tensor roi_spp_backward_kernel(const Tensor& grad, const Tensor& rois, const Ten
     return buf;
   }
   const auto batch = batch_indices(rois, N);
-  // RoIs of each image in index order (a stable counting sort); RoIs with an invalid batch index are left out.
-  std::vector<int64_t> first(N + 1, 0), order(K);
-  for (int64_t k = 0; k < K; ++k) {
-    if (batch[k] >= 0) ++first[batch[k] + 1];
-  }
-  for (int64_t n = 0; n < N; ++n) first[n + 1] += first[n];
-  {
-    std::vector<int64_t> fill(first.begin(), first.end() - 1);
-    for (int64_t k = 0; k < K; ++k) {
-      if (batch[k] >= 0) order[fill[batch[k]]++] = k;
-    }
-  }
+  // RoIs of each image in index order; RoIs with an invalid batch index are left out.
+  const roi_cpu::RoisByImage groups = roi_cpu::rois_by_image(batch, N);
+  const std::vector<int64_t>& first = groups.first;
+  const std::vector<int64_t>& order = groups.order;
   // Output column of bin b for channel c: col_base[b] + c * bin_area[b] (layout of roi_spp_math.h).
   std::vector<int64_t> col_base(B), bin_area(B);
   for (int32_t j = 0; j < lv.count; ++j) {

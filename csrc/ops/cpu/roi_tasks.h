@@ -35,5 +35,25 @@ inline std::vector<int64_t> batch_indices(const Tensor& rois, int64_t N) {
   return batch;
 }
 
+// The RoIs of each image in index order (a stable counting sort): those of image n are order[first[n]] ..
+// order[first[n + 1] - 1]. RoIs whose batch index is negative are left out (order keeps K entries; the tail is unused).
+struct RoisByImage {
+  std::vector<int64_t> first, order;
+};
+
+inline RoisByImage rois_by_image(const std::vector<int64_t>& batch, int64_t N) {
+  const int64_t K = static_cast<int64_t>(batch.size());
+  RoisByImage out{std::vector<int64_t>(N + 1, 0), std::vector<int64_t>(K)};
+  for (int64_t k = 0; k < K; ++k) {
+    if (batch[k] >= 0) ++out.first[batch[k] + 1];
+  }
+  for (int64_t n = 0; n < N; ++n) out.first[n + 1] += out.first[n];
+  std::vector<int64_t> fill(out.first.begin(), out.first.end() - 1);
+  for (int64_t k = 0; k < K; ++k) {
+    if (batch[k] >= 0) out.order[fill[batch[k]]++] = k;
+  }
+  return out;
+}
+
 }  // namespace roi_cpu
 }  // namespace fastdet
