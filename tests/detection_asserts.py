@@ -53,3 +53,13 @@ def assert_losses_and_gradients_match(ours, theirs, images, targets, parameter_n
     for name in parameter_names:
         torch.testing.assert_close(ours.get_parameter(name).grad, theirs.get_parameter(name).grad, rtol=1e-4,
                                    atol=grad_atol)
+
+
+def two_images_and_targets(seed=0, size=128):
+    """Two random images (``size`` x ``size`` and 96 x ``size``) and their targets: three boxes of labels 1 and 2."""
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.rand(3, size, size, generator=g), torch.rand(3, 96, size, generator=g)]
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 70.0, 80.0], [60.0, 50.0, 120.0, 110.0]]),
+                "labels": torch.tensor([1, 2])},
+               {"boxes": torch.tensor([[20.0, 10.0, 50.0, 60.0]]), "labels": torch.tensor([2])}]
+    return images, targets

@@ -10,18 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_runner import REPO, repo_env, run_fastdet
 
-REPO = Path(__file__).resolve().parents[1]
 COMMANDS = ["demo", "train", "eval", "predict", "convert", "bench", "showcase"]
 
 
-def repo_env():
-    return dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-
-
 def fastdet(*args, cwd=None, timeout=600):
-    return subprocess.run([sys.executable, "-m", "fastdet", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=repo_env(), timeout=timeout)
+    return run_fastdet(*args, cwd=cwd, timeout=timeout)
 
 
 def strict_json(path):

@@ -3,13 +3,10 @@ BiFPN fusion weights, shapes, training (including empty targets), the detection 
 torch.compile of the new parts, weights handling, and `fastdet train`/`eval` on the shapes data."""
 
 import copy
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import run_fastdet as fastdet
 from torch import nn
 
 import fastdet.models as models
@@ -24,7 +21,6 @@ from fastdet.models.efficientdet import (
 )
 from fastdet.models.backbones.efficientnet import efficientnet, efficientnet_features
 
-REPO = Path(__file__).resolve().parents[1]
 SIZE = 128  # the smallest useful input: batches are padded to multiples of 128 (P7's stride)
 
 # The paper's Table 2 parameter counts (millions, COCO: 90 classes).
@@ -435,12 +431,6 @@ def test_cli_trains_and_evaluates_on_shapes(tmp_path):
     from fastdet.data import make_shapes_dataset
 
     make_shapes_dataset(tmp_path / "data", num_images=10, image_size=(96, 96), seed=5, max_objects=2)
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-
-    def fastdet(*args):
-        return subprocess.run([sys.executable, "-m", "fastdet", *map(str, args)], capture_output=True, text=True,
-                              env=env, timeout=900)
-
     run = fastdet("train", "--data", tmp_path / "data", "--model", "efficientdet_d0", "--model-arg",
                   f"image_size={SIZE}", "--output", tmp_path / "run", "--epochs", "1", "--batch-size", "4",
                   "--optimizer", "adamw", "--lr", "1e-3", "--warmup-iters", "0", "--workers", "0", "--no-progress",

@@ -6,20 +6,16 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_runner import run_fastdet as fastdet
 
 import fastdet.models as models
 from fastdet.models.proposals import SelectiveSearchProposals, pad_proposals
 from fastdet.models.rcnn import RCNN, box_regression_loss, rcnn_resnet18, rcnn_resnet50, svm_hinge_loss, warp_boxes
 
-REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 4  # background + 3 shapes
 
 
@@ -334,12 +330,6 @@ def test_cli_trains_and_evaluates_on_shapes(tmp_path):
     from fastdet.data import make_shapes_dataset
 
     make_shapes_dataset(tmp_path / "data", num_images=10, image_size=(64, 64), seed=5, max_objects=2)
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-
-    def fastdet(*args):
-        return subprocess.run([sys.executable, "-m", "fastdet", *map(str, args)], capture_output=True, text=True,
-                              env=env, timeout=900)
-
     model_args = ["warp_size=32", "batch_size_per_image=16", "max_proposals_train=60", "max_proposals_test=30"]
     run = fastdet("train", "--data", tmp_path / "data", "--model", "rcnn_resnet18",
                   *[a for arg in model_args for a in ("--model-arg", arg)], "--output", tmp_path / "run",

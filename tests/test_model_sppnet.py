@@ -4,13 +4,11 @@ layers through roi_spp), the detection contract, empty and bad input, and the CL
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import run_fastdet as fastdet
+from detection_asserts import two_images_and_targets as images_and_targets
 
 import fastdet.models as models
 from fastdet.models import SPPNet, sppnet_resnet18, sppnet_resnet50
@@ -18,19 +16,9 @@ from fastdet.models.backbones.resnet import resnet_trunk_backbone
 from fastdet.models.heads.roi_heads import SingleMapRoIPool
 from fastdet.ops import RoISPP, roi_spp
 
-REPO = Path(__file__).resolve().parents[1]
 SIZE = 128
 SMALL = dict(min_size=SIZE, max_size=SIZE, max_proposals_train=100, max_proposals_test=100,
              box_batch_size_per_image=64)
-
-
-def images_and_targets(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    images = [torch.rand(3, SIZE, SIZE, generator=g), torch.rand(3, 96, SIZE, generator=g)]
-    targets = [{"boxes": torch.tensor([[10.0, 12.0, 70.0, 80.0], [60.0, 50.0, 120.0, 110.0]]),
-                "labels": torch.tensor([1, 2])},
-               {"boxes": torch.tensor([[20.0, 10.0, 50.0, 60.0]]), "labels": torch.tensor([2])}]
-    return images, targets
 
 
 def small_model(**kwargs):
@@ -177,12 +165,6 @@ def test_cli_trains_evaluates_and_predicts_on_shapes(tmp_path):
     from fastdet.data import make_shapes_dataset
 
     make_shapes_dataset(tmp_path / "data", num_images=6, image_size=(96, 96), seed=5, max_objects=2)
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-
-    def fastdet(*args):
-        return subprocess.run([sys.executable, "-m", "fastdet", *map(str, args)], capture_output=True, text=True,
-                              env=env, timeout=900)
-
     run = fastdet("train", "--data", tmp_path / "data", "--model", "sppnet_resnet18", "--model-arg", "min_size=96",
                   "--model-arg", "max_size=96", "--model-arg", "max_proposals_train=100", "--model-arg",
                   "max_proposals_test=100", "--output", tmp_path / "run", "--epochs", "1", "--batch-size", "2",
