@@ -38,31 +38,25 @@ std::tuple<Tensor, Tensor, Tensor> matrix_nms_impl(const Tensor& boxes, const Te
   auto boxes3 = batched ? boxes : aten::unsqueeze(boxes, 0);
   auto scores2 = batched ? scores : aten::unsqueeze(scores, 0);
   const int64_t B = boxes3.size(0), N = boxes3.size(1);
-  Tensor keep, out_scores, num;
-  if (B > 0 && N > 0 && max_output > 0) {
-    const auto acc = accumulation_type(boxes.scalar_type());
-    auto order = std::get<1>(aten::sort(scores2, /*stable=*/true, /*dim=*/1, /*descending=*/true));
-    auto sorted_boxes = aten::contiguous(
-        aten::to(aten::gather(boxes3, 1, aten::expand(aten::unsqueeze(order, -1), {-1, -1, 4})), acc));
-    std::optional<Tensor> categories;
-    if (idxs.has_value()) {
-      auto idxs2 = batched ? *idxs : aten::unsqueeze(*idxs, 0);
-      categories = aten::contiguous(aten::gather(aten::to(idxs2, kLong), 1, order));
-    }
-    auto decay = call_op<Tensor>("fastdet::_matrix_nms_kernel", sorted_boxes, categories, kernel, sigma);
-    // decayed score = score * decay, in the scores' accumulation dtype
-    auto sorted_scores = aten::to(aten::gather(scores2, 1, order), accumulation_type(scores.scalar_type()));
-    auto decayed = aten::mul(sorted_scores, aten::to(decay, sorted_scores.scalar_type()));
-    auto threshold = aten::full({}, score_threshold, kDouble, boxes);
-    auto kept = aten::lt(threshold, aten::to(decayed, kDouble));
-    std::tie(keep, out_scores, num) = select_top_fixed(order, decayed, kept, max_output, scores.scalar_type());
-  } else {
-    keep = aten::full({B, max_output}, -1.0, kLong, boxes);
-    out_scores = aten::zeros({B, max_output}, scores.scalar_type(), scores);
-    num = aten::zeros({B}, kLong, boxes);
+  if (B == 0 || N == 0 || max_output == 0) {
+    return unbatch_top_fixed(empty_top_fixed(B, max_output, scores.scalar_type(), boxes), batched);
   }
-  if (!batched) return {aten::squeeze(keep, 0), aten::squeeze(out_scores, 0), aten::squeeze(num, 0)};
-  return {keep, out_scores, num};
+  const auto acc = accumulation_type(boxes.scalar_type());
+  auto order = std::get<1>(aten::sort(scores2, /*stable=*/true, /*dim=*/1, /*descending=*/true));
+  auto sorted_boxes = aten::contiguous(
+      aten::to(aten::gather(boxes3, 1, aten::expand(aten::unsqueeze(order, -1), {-1, -1, 4})), acc));
+  std::optional<Tensor> categories;
+  if (idxs.has_value()) {
+    auto idxs2 = batched ? *idxs : aten::unsqueeze(*idxs, 0);
+    categories = aten::contiguous(aten::gather(aten::to(idxs2, kLong), 1, order));
+  }
+  auto decay = call_op<Tensor>("fastdet::_matrix_nms_kernel", sorted_boxes, categories, kernel, sigma);
+  // decayed score = score * decay, in the scores' accumulation dtype
+  auto sorted_scores = aten::to(aten::gather(scores2, 1, order), accumulation_type(scores.scalar_type()));
+  auto decayed = aten::mul(sorted_scores, aten::to(decay, sorted_scores.scalar_type()));
+  auto threshold = aten::full({}, score_threshold, kDouble, boxes);
+  auto kept = aten::lt(threshold, aten::to(decayed, kDouble));
+  return unbatch_top_fixed(select_top_fixed(order, decayed, kept, max_output, scores.scalar_type()), batched);
 }
 
 }  // namespace

@@ -8,15 +8,28 @@
 
 namespace fastdet {
 
+// The fixed-size outputs with nothing kept: keep [B, K] = -1, scores [B, K] = 0 (out_dtype), num_kept [B] = 0, on
+// like's device.
+inline std::tuple<Tensor, Tensor, Tensor> empty_top_fixed(int64_t B, int64_t max_output, ScalarType out_dtype,
+                                                          const Tensor& like) {
+  return {aten::full({B, max_output}, -1.0, kLong, like), aten::zeros({B, max_output}, out_dtype, like),
+          aten::zeros({B}, kLong, like)};
+}
+
+// The unbatched form ([K], [K], []) of fixed-size outputs when the caller passed one image without a batch dim.
+inline std::tuple<Tensor, Tensor, Tensor> unbatch_top_fixed(const std::tuple<Tensor, Tensor, Tensor>& out,
+                                                            bool batched) {
+  if (batched) return out;
+  return {aten::squeeze(std::get<0>(out), 0), aten::squeeze(std::get<1>(out), 0), aten::squeeze(std::get<2>(out), 0)};
+}
+
 // index [B, N] int64 (what to report per candidate), scores [B, N] floating, kept [B, N] bool; out_dtype: the
 // dtype of the returned scores. Returns (keep [B, K], scores [B, K], num_kept [B]).
 inline std::tuple<Tensor, Tensor, Tensor> select_top_fixed(const Tensor& index, const Tensor& scores,
                                                            const Tensor& kept, int64_t max_output,
                                                            ScalarType out_dtype) {
   const int64_t B = index.size(0), N = index.size(1);
-  auto keep = aten::full({B, max_output}, -1.0, kLong, index);
-  auto out_scores = aten::zeros({B, max_output}, out_dtype, index);
-  auto num = aten::zeros({B}, kLong, index);
+  auto [keep, out_scores, num] = empty_top_fixed(B, max_output, out_dtype, index);
   const int64_t k = max_output < N ? max_output : N;
   if (B == 0 || k == 0) return {keep, out_scores, num};
   auto ninf = aten::full({}, -INFINITY, scores.scalar_type(), index);

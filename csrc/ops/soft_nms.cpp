@@ -94,17 +94,11 @@ std::tuple<Tensor, Tensor, Tensor> soft_nms_fixed_impl(const Tensor& boxes, cons
   std::optional<Tensor> idxs2;
   if (idxs.has_value()) idxs2 = batched ? *idxs : aten::unsqueeze(*idxs, 0);
   const int64_t B = boxes3.size(0), N = boxes3.size(1);
-  Tensor keep, out_scores, num;
-  if (B > 0 && N > 0 && max_output > 0) {
-    auto r = run_soft_nms(boxes3, scores2, idxs2, iou_threshold, sigma, score_threshold, method);
-    std::tie(keep, out_scores, num) = select_top_fixed(r.index, r.scores, r.kept, max_output, scores.scalar_type());
-  } else {
-    keep = aten::full({B, max_output}, -1.0, kLong, boxes);
-    out_scores = aten::zeros({B, max_output}, scores.scalar_type(), scores);
-    num = aten::zeros({B}, kLong, boxes);
+  if (B == 0 || N == 0 || max_output == 0) {
+    return unbatch_top_fixed(empty_top_fixed(B, max_output, scores.scalar_type(), boxes), batched);
   }
-  if (!batched) return {aten::squeeze(keep, 0), aten::squeeze(out_scores, 0), aten::squeeze(num, 0)};
-  return {keep, out_scores, num};
+  auto r = run_soft_nms(boxes3, scores2, idxs2, iou_threshold, sigma, score_threshold, method);
+  return unbatch_top_fixed(select_top_fixed(r.index, r.scores, r.kept, max_output, scores.scalar_type()), batched);
 }
 
 }  // namespace
