@@ -8,6 +8,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include "ops/nms.h"
 #include "ops/soft_nms_math.h"
 #include "ops/stable.h"
@@ -15,14 +19,9 @@
 namespace fastdet {
 namespace {
 
-struct Edge {
-  int32_t a, b;
-};
-
 struct NeighbourBuffers {
-  std::vector<Edge> edges;
-  std::vector<int32_t> adj;
-  size_t bytes() const { return edges.capacity() * sizeof(Edge) + adj.capacity() * sizeof(int32_t); }
+  std::vector<int32_t> forward, backward;
+  size_t bytes() const { return (forward.capacity() + backward.capacity()) * sizeof(int32_t); }
 };
 
 constexpr size_t kRetainedBytes = size_t{32} << 20;
@@ -32,31 +31,40 @@ struct SoftNmsParams {
   int64_t method;
 };
 
-// One segment of n boxes. Slots start in index order; entries (the boxes) never move, slots point at them.
+// One segment of n boxes. Internally a box (an "entry") is named by its position in x order: the ordinary boxes
+// sorted by x1 first, then the special ones (see build_graph); entries never move, slots point at them. Slots start in
+// index order, so slot k first holds the entry of box k.
 //  * The per-step argmax over the remaining slots (numpy's argmax order, soft_nms::ranks_before on slot positions)
 //    compares cached per-block bests, kept up to date as scores and slots change.
 //  * A box decays only the boxes it overlaps: every other pair has IoU exactly +-0, hence weight exactly 1. The
-//    pairs that can have another weight are found once, up front, by a sweep along x (build_graph).
+//    pairs that can have another weight are found once, up front, by a sweep along x (build_graph). Numbering the
+//    entries in x order keeps a box's neighbours close to it in memory.
+//  * A step first gathers the neighbours that are still decayed (later slot, not pruned), then computes all their
+//    weights in one tight loop (independent exp calls overlap), then applies them. Each neighbour is decayed once per
+//    step whatever the order, so the results are those of one-by-one decays.
 template <typename S>
 class SoftNmsSegment {
  public:
   void run(const double* box, S* score, int64_t* perm, bool* kept, int64_t n, const SoftNmsParams& p) {
     if (n == 0) return;
-    box_ = box;
-    score_.assign(score, score + n);
+    build_graph(box, n, p);  // fills order_ (entry -> box) and the entries' boxes
+    score_.resize(n);
+    for (int64_t e = 0; e < n; ++e) score_[e] = score[order_[e]];
     slot_entry_.resize(n);
     entry_slot_.resize(n);
-    for (int64_t k = 0; k < n; ++k) slot_entry_[k] = entry_slot_[k] = k;
-    build_graph(n, p);
+    for (int64_t k = 0; k < n; ++k) {
+      slot_entry_[k] = entry_of_[k];
+      entry_slot_[entry_of_[k]] = k;
+    }
     // Pruning (see dead_): weights lie in [0, 1] when every box is ordinary, so with score_threshold >= 0 a finite
     // score <= score_threshold stays so whatever decays it later.
-    prune_ = special_.empty() && p.score_threshold >= 0.0;
+    prune_ = num_ordinary_ == n && p.score_threshold >= 0.0;
     dead_.assign(n, 0);
+    slot_score_.assign(score, score + n);  // slots start in box order
+    slot_dead_.assign(n, 0);
     if (prune_) {
-      for (int64_t e = 0; e < n; ++e) dead_[e] = is_dead(score_[e], p.score_threshold);
+      for (int64_t k = 0; k < n; ++k) dead_[entry_of_[k]] = slot_dead_[k] = is_dead(score[k], p.score_threshold);
     }
-    slot_score_.assign(score_.begin(), score_.end());  // slots start in entry order
-    slot_dead_.assign(dead_.begin(), dead_.end());
     build_tree(n);
     int64_t stop = n;
     for (int64_t i = 0; i < n; ++i) {
@@ -75,35 +83,46 @@ class SoftNmsSegment {
       }
       if (best < 0) continue;  // no later slot left whose score matters
       const int64_t e = slot_entry_[i];
-      const double* eb = box_ + soft_nms::kFields * e;
-      auto decay = [&](int64_t c) {
-        if (dead_[c] || entry_slot_[c] <= i) return;
-        const double w = soft_nms::weight(soft_nms::iou(eb, box_ + soft_nms::kFields * c), p.method,
-                                          p.iou_threshold, p.sigma);
-        if (w != 1.0) {
-          score_[c] = static_cast<S>(w * static_cast<double>(score_[c]));
-          const int64_t slot = entry_slot_[c];
-          slot_score_[slot] = score_[c];
-          if (prune_ && is_dead(score_[c], p.score_threshold)) {
-            dead_[c] = 1;
-            slot_dead_[slot] = 1;
-            if (block_best_[slot / kBlock] == slot) rescan(slot / kBlock);
-          } else {
-            update_slot(slot);
-          }
-        }
+      // 1. the entries this step decays
+      targets_.clear();
+      auto gather = [&](int64_t c) {
+        if (!dead_[c] && entry_slot_[c] > i) targets_.push_back(static_cast<int32_t>(c));
       };
-      if (special_flag_[e]) {
-        for (int64_t j = i + 1; j < n; ++j) decay(slot_entry_[j]);
+      if (e >= num_ordinary_) {
+        for (int64_t j = i + 1; j < n; ++j) gather(slot_entry_[j]);
       } else {
-        for (int64_t k = adj_start_[e]; k < adj_start_[e + 1]; ++k) decay(adj_[k]);
-        for (int64_t c : special_) decay(c);
+        for (int64_t k = forward_start_[e]; k < forward_start_[e + 1]; ++k) gather(forward_[k]);
+        for (int64_t k = backward_start_[e]; k < backward_start_[e + 1]; ++k) gather(backward_[k]);
+        for (int64_t c = num_ordinary_; c < n; ++c) gather(c);
+      }
+      // 2. their weights
+      const int64_t t = static_cast<int64_t>(targets_.size());
+      weights_.resize(t);
+      const double* eb = entry_box(e);
+      for (int64_t k = 0; k < t; ++k) {
+        weights_[k] = soft_nms::weight(soft_nms::iou(eb, entry_box(targets_[k])), p.method, p.iou_threshold, p.sigma);
+      }
+      // 3. the decays
+      for (int64_t k = 0; k < t; ++k) {
+        const double w = weights_[k];
+        if (w == 1.0) continue;
+        const int64_t c = targets_[k];
+        score_[c] = static_cast<S>(w * static_cast<double>(score_[c]));
+        const int64_t slot = entry_slot_[c];
+        slot_score_[slot] = score_[c];
+        if (prune_ && is_dead(score_[c], p.score_threshold)) {
+          dead_[c] = 1;
+          slot_dead_[slot] = 1;
+          if (block_best_[slot / kBlock] == slot) rescan(slot / kBlock);
+        } else {
+          update_slot(slot);
+        }
       }
     }
     for (int64_t k = 0; k < n; ++k) {
       const int64_t e = slot_entry_[k];
       score[k] = score_[e];
-      perm_tmp_.push_back(perm[e]);
+      perm_tmp_.push_back(perm[order_[e]]);
       kept[k] = k < stop && static_cast<double>(score_[e]) > p.score_threshold;
     }
     std::copy(perm_tmp_.begin(), perm_tmp_.end(), perm);
@@ -111,81 +130,107 @@ class SoftNmsSegment {
   }
 
   void swap_buffers(NeighbourBuffers& buffers) {
-    edges_.swap(buffers.edges);
-    adj_.swap(buffers.adj);
+    forward_.swap(buffers.forward);
+    backward_.swap(buffers.backward);
   }
 
  private:
-  // Neighbour lists: the pairs of ordinary boxes (finite coordinates, positive sides, finite positive area) whose
-  // decay weight may differ from 1. Ordinary boxes with disjoint interiors have IoU +-0 and weight exactly 1, so a
-  // sweep along x over the ordinary boxes sorted by x1 finds every candidate pair; for the linear method the (cheap)
-  // weight itself filters them further. Weights are computed when applied. Special boxes (everything else) are
-  // paired with every box by the step loop itself.
-  void build_graph(int64_t n, const SoftNmsParams& p) {
-    edges_.clear();
-    special_.clear();
+  const double* entry_box(int64_t e) const { return boxes_.data() + soft_nms::kFields * e; }
+
+  // Entries and neighbour lists. Ordinary boxes (finite coordinates, positive sides, finite positive area) come first,
+  // sorted by x1 (ties by index); special boxes (everything else) follow in index order and are paired with every box
+  // by the step loop itself. Neighbours: the pairs of ordinary boxes whose decay weight may differ from 1. Ordinary
+  // boxes with disjoint interiors have IoU +-0 and weight exactly 1, so a sweep along x finds every candidate pair;
+  // for the linear method the (cheap) weight itself filters them further. Entry a's neighbours after it in x order
+  // are forward_[forward_start_[a] ...], those before it backward_[backward_start_[a] ...]. Weights are computed when
+  // applied.
+  void build_graph(const double* box, int64_t n, const SoftNmsParams& p) {
     order_.clear();
-    special_flag_.assign(n, 0);
-    for (int64_t e = 0; e < n; ++e) {
-      const double* b = box_ + soft_nms::kFields * e;
+    special_.clear();
+    for (int64_t k = 0; k < n; ++k) {
+      const double* b = box + soft_nms::kFields * k;
       const bool ordinary = std::isfinite(b[0]) && std::isfinite(b[1]) && std::isfinite(b[2]) &&
                             std::isfinite(b[3]) && b[0] < b[2] && b[1] < b[3] && std::isfinite(b[4]) && b[4] > 0;
-      (ordinary ? order_ : special_).push_back(e);
-      special_flag_[e] = !ordinary;
+      (ordinary ? order_ : special_).push_back(k);
     }
     std::sort(order_.begin(), order_.end(), [&](int64_t a, int64_t b) {
-      return box_[soft_nms::kFields * a] < box_[soft_nms::kFields * b];
+      const double xa = box[soft_nms::kFields * a], xb = box[soft_nms::kFields * b];
+      return xa < xb || (xa == xb && a < b);
     });
     const int64_t m = static_cast<int64_t>(order_.size());
+    num_ordinary_ = m;
+    order_.insert(order_.end(), special_.begin(), special_.end());
+    entry_of_.resize(n);
+    boxes_.resize(soft_nms::kFields * n);
+    for (int64_t e = 0; e < n; ++e) {
+      entry_of_[order_[e]] = e;
+      std::copy_n(box + soft_nms::kFields * order_[e], soft_nms::kFields, boxes_.data() + soft_nms::kFields * e);
+    }
     sorted_.resize(4 * m);
     double* sx1 = sorted_.data();
     double* sx2 = sx1 + m;
     double* sy1 = sx2 + m;
     double* sy2 = sy1 + m;
-    for (int64_t k = 0; k < m; ++k) {
-      const double* b = box_ + soft_nms::kFields * order_[k];
-      sx1[k] = b[0];
-      sy1[k] = b[1];
-      sx2[k] = b[2];
-      sy2[k] = b[3];
+    for (int64_t a = 0; a < m; ++a) {
+      const double* b = entry_box(a);
+      sx1[a] = b[0];
+      sy1[a] = b[1];
+      sx2[a] = b[2];
+      sy2[a] = b[3];
     }
     const bool linear = p.method == soft_nms::kLinear;
-    adj_start_.assign(n + 1, 0);  // degrees first, prefix sums below
-    hits_.resize(m);
-    int32_t* hits = hits_.data();
+    // forward_ and backward_ only grow (the per-thread buffers are reused between calls): resizing them to each
+    // call's size would zero-fill them every time.
+    int64_t used = 0;
+    forward_start_.assign(m + 1, 0);
+    backward_start_.assign(m + 1, 0);  // degrees first, prefix sums below
     for (int64_t a = 0; a < m; ++a) {
       // sx1[a] <= sx1[b] < sx2[b] for every later b, so the x interiors meet exactly while sx1[b] < sx2[a]
       const int64_t end = std::lower_bound(sx1 + a + 1, sx1 + m, sx2[a]) - sx1;
+      const int64_t window = std::max<int64_t>(end - a - 1, 0);
+      if (static_cast<int64_t>(forward_.size()) < used + window) {
+        forward_.resize(std::max<size_t>(used + window, 2 * forward_.size()));
+      }
+      int32_t* out = forward_.data() + used;
+      // branch-free compaction of the y-overlapping ones, two at a time where SSE2 is there
       const double top = sy1[a], bottom = sy2[a];
-      int64_t count = 0;
-      for (int64_t b = a + 1; b < end; ++b) {  // branch-free compaction of the y-overlapping ones
-        hits[count] = static_cast<int32_t>(b);
+      int64_t count = 0, b = a + 1;
+#if defined(__SSE2__)
+      const __m128d top2 = _mm_set1_pd(top), bottom2 = _mm_set1_pd(bottom);
+      for (; b + 2 <= end; b += 2) {
+        const int meets = _mm_movemask_pd(
+            _mm_and_pd(_mm_cmplt_pd(_mm_loadu_pd(sy1 + b), bottom2), _mm_cmplt_pd(top2, _mm_loadu_pd(sy2 + b))));
+        out[count] = static_cast<int32_t>(b);
+        count += meets & 1;
+        out[count] = static_cast<int32_t>(b + 1);
+        count += meets >> 1;
+      }
+#endif
+      for (; b < end; ++b) {
+        out[count] = static_cast<int32_t>(b);
         count += (sy1[b] < bottom) & (top < sy2[b]);
       }
-      const int64_t e = order_[a];
-      // written in place rather than push_back'd one by one (the capacity check kept this loop scalar and slow)
-      const size_t base = edges_.size();
-      edges_.resize(base + count);
-      Edge* out = edges_.data() + base;
-      int64_t kept = 0;
-      for (int64_t h = 0; h < count; ++h) {
-        const int64_t c = order_[hits[h]];
-        if (linear && soft_nms::weight(soft_nms::iou(box_ + soft_nms::kFields * e, box_ + soft_nms::kFields * c),
-                                       p.method, p.iou_threshold, p.sigma) == 1.0) {
-          continue;
+      if (linear) {
+        int64_t kept = 0;
+        for (int64_t h = 0; h < count; ++h) {
+          if (soft_nms::weight(soft_nms::iou(entry_box(a), entry_box(out[h])), p.method, p.iou_threshold,
+                               p.sigma) != 1.0) {
+            out[kept++] = out[h];
+          }
         }
-        out[kept++] = {static_cast<int32_t>(e), static_cast<int32_t>(c)};
-        ++adj_start_[c + 1];
+        count = kept;
       }
-      adj_start_[e + 1] += kept;
-      edges_.resize(base + kept);
+      used += count;
+      forward_start_[a + 1] = used;
+      for (int64_t h = 0; h < count; ++h) ++backward_start_[out[h] + 1];
     }
-    for (int64_t k = 0; k < n; ++k) adj_start_[k + 1] += adj_start_[k];
-    adj_.resize(adj_start_[n]);
-    cursor_.assign(adj_start_.begin(), adj_start_.end() - 1);
-    for (const Edge& edge : edges_) {
-      adj_[cursor_[edge.a]++] = edge.b;
-      adj_[cursor_[edge.b]++] = edge.a;
+    for (int64_t a = 0; a < m; ++a) backward_start_[a + 1] += backward_start_[a];
+    if (static_cast<int64_t>(backward_.size()) < backward_start_[m]) backward_.resize(backward_start_[m]);
+    cursor_.assign(backward_start_.begin(), backward_start_.end() - 1);
+    for (int64_t a = 0; a < m; ++a) {
+      for (int64_t k = forward_start_[a]; k < forward_start_[a + 1]; ++k) {
+        backward_[cursor_[forward_[k]]++] = static_cast<int32_t>(a);
+      }
     }
   }
 
@@ -232,12 +277,11 @@ class SoftNmsSegment {
   }
 
   std::vector<int64_t> block_best_;
-  int64_t n_ = 0, first_ = 0;
-  std::vector<Edge> edges_;
-  std::vector<int64_t> adj_start_;
-  std::vector<int32_t> adj_, hits_;
-  std::vector<char> special_flag_;
-  // Pruned boxes (only when prune_): a finite score <= score_threshold. Such a box can never be kept and ranks below
+  int64_t n_ = 0, first_ = 0, num_ordinary_ = 0;
+  std::vector<int32_t> forward_, backward_, targets_;
+  std::vector<int64_t> forward_start_, backward_start_, cursor_;
+  std::vector<double> weights_;
+  // Pruned entries (only when prune_): a finite score <= score_threshold. Such a box can never be kept and ranks below
   // every box that can (or that has a NaN score, which ranks first), so it leaves the argmax and is no longer
   // decayed; the run stops once only such boxes remain. Kept boxes, their order and scores are unchanged.
   std::vector<char> dead_;
@@ -247,12 +291,13 @@ class SoftNmsSegment {
     const double s = static_cast<double>(score);
     return std::isfinite(s) && s <= score_threshold;
   }
-  const double* box_ = nullptr;
-  std::vector<S> score_;  // per entry
+  std::vector<double> boxes_;  // per entry: x1, y1, x2, y2, area
+  std::vector<S> score_;       // per entry
   // The same scores and dead flags per slot, kept in step, so that the argmax reads them without an indirection.
   std::vector<S> slot_score_;
   std::vector<char> slot_dead_;
-  std::vector<int64_t> slot_entry_, entry_slot_, special_, order_, cursor_, perm_tmp_;
+  // order_: entry -> box index; entry_of_: box index -> entry
+  std::vector<int64_t> slot_entry_, entry_slot_, special_, order_, entry_of_, perm_tmp_;
   std::vector<double> sorted_;
 };
 
