@@ -50,11 +50,16 @@ SIZES = {
         Size({"batch": 32, "n": 8_732, "classes": 91}, cpu={"batch": 2, "n": 8_732, "classes": 91}),
         Size({"batch": 16, "n": 1_000, "classes": 80}, cpu={"batch": 1, "n": 1_000, "classes": 80}),
     ],
-    # issue 16: soft-NMS of one image's 3,000 normalised boxes; weighted boxes fusion of 3 models x 200 images
+    # issue 16: soft-NMS of one image's 3,000 normalised boxes; weighted boxes fusion (and non-maximum weighted) of
+    # 3 models x 200 images
     "soft_nms": [
         Size({"n": 3_000}),
     ],
     "weighted_boxes_fusion": [
+        Size({"batch": 200, "models": 3}),
+    ],
+    # non-maximum weighted on the same inputs as weighted boxes fusion
+    "non_maximum_weighted": [
         Size({"batch": 200, "models": 3}),
     ],
     # issue 15: selective search (fast mode) of one 500 x 500 photograph, against OpenCV contrib's

@@ -42,6 +42,7 @@ TARGETS = [
     ("cpu", "multiclass_nms", {}, 2.0),
     ("cpu", "soft_nms", {}, 20.0),
     ("cpu", "weighted_boxes_fusion", {}, 20.0),
+    ("cpu", "non_maximum_weighted", {}, 20.0),
     # Issue 15: selective search (fast) vs OpenCV contrib's, same thread count.
     ("cpu", "selective_search", {}, 1.0),
     ("cuda", "focal_loss_fwd_bwd_fp32", {}, 5.0),

@@ -1,5 +1,5 @@
 """Ensembles and test-time augmentation: run several detectors (or one detector on several views of each image) and
-merge their detections with weighted boxes fusion, hard NMS or soft-NMS.
+merge their detections with weighted boxes fusion, non-maximum weighted, hard NMS or soft-NMS.
 
 :class:`EnsembleDetector` wraps detectors that follow torchvision's inference interface (a list of ``[3, H, W]``
 images in, a list of ``{"boxes", "scores", "labels"}`` dicts out, boxes in pixels) and is one itself. Each model runs
@@ -8,6 +8,8 @@ are mapped back to the original image. The fusion of all images is one batched n
 
 * ``"wbf"``: :func:`fastdet.ops.weighted_boxes_fusion_batched` on boxes normalised by the image size (ensemble-boxes'
   semantics: per-model weights, ``conf_type``, ``skip_box_threshold``);
+* ``"nmw"``: :func:`fastdet.ops.non_maximum_weighted_batched`, likewise (ensemble-boxes' ``non_maximum_weighted``: each
+  cluster's box is its members' mean weighted by score x IoU with its best box, whose score it keeps);
 * ``"nms"`` / ``"soft-nms"``: scores are scaled by ``weight / sum(weights)`` (as ensemble-boxes' ``nms_method``
   does), then :func:`fastdet.ops.nms_fixed` / :func:`fastdet.ops.soft_nms_fixed` per label (gaussian soft-NMS with
   ``sigma``; ``skip_box_threshold`` is its score threshold).
@@ -26,7 +28,7 @@ from fastdet import ops
 
 __all__ = ["EnsembleDetector", "fuse_detections"]
 
-METHODS = ("wbf", "nms", "soft-nms")
+METHODS = ("wbf", "nmw", "nms", "soft-nms")
 
 
 def _pad(predictions: list[list[dict]], device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -81,6 +83,11 @@ def fuse_detections(
             boxes / size, scores, labels, counts, weights, iou_threshold, skip_box_threshold, conf_type
         )
         fused_boxes = fused_boxes * size[:, 0]
+    elif method == "nmw":
+        fused_boxes, fused_scores, fused_labels, num = ops.non_maximum_weighted_batched(
+            boxes / size, scores, labels, counts, weights, iou_threshold, skip_box_threshold
+        )
+        fused_boxes = fused_boxes.double() * size[:, 0]
     else:
         w = torch.tensor(weights, dtype=torch.float64)
         valid = torch.arange(N)[None, None, :] < counts[:, :, None]
@@ -115,7 +122,7 @@ class EnsembleDetector(nn.Module):
 
     Args:
         models: detectors with torchvision's inference interface (evaluated in eval mode).
-        method: ``"wbf"``, ``"nms"`` or ``"soft-nms"``.
+        method: ``"wbf"``, ``"nmw"``, ``"nms"`` or ``"soft-nms"``.
         weights: per-model weights (every view of a model shares its weight).
         tta: add each image's horizontal flip as a view (boxes flipped back).
         tta_scales: extra views resized by these factors (boxes scaled back); only useful for models that do not

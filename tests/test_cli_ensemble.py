@@ -32,7 +32,7 @@ def _image(path):
 def test_predict_ensembles_two_checkpoints_with_tta(tmp_path, capsys):
     a, b = _checkpoint(tmp_path / "a.pt", 1), _checkpoint(tmp_path / "b.pt", 2)
     image = _image(tmp_path / "img.png")
-    for method in ("wbf", "nms", "soft-nms"):
+    for method in ("wbf", "nmw", "nms", "soft-nms"):
         out = tmp_path / method
         code = main(["predict", "--checkpoint", str(a), "--checkpoint", str(b), str(image), "--output", str(out),
                      "--ensemble", method, "--tta", "--score-threshold", "0.0", "--no-draw", "--device", "cpu"])

@@ -1,4 +1,4 @@
-"""weighted_boxes_fusion: against ensemble-boxes (bit-exact) and fastdet.ops.reference.weighted_boxes_fusion."""
+"""weighted_boxes_fusion and non_maximum_weighted: against ensemble-boxes (bit-exact) and fastdet.ops.reference."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from tests.test_nms import fresh_seed
 from tests.test_soft_nms import normalised_boxes
 
 try:
+    from ensemble_boxes import non_maximum_weighted as eb_nmw
     from ensemble_boxes import weighted_boxes_fusion as eb_wbf
 except Exception:  # pragma: no cover - ensemble-boxes is a test extra
-    eb_wbf = None
+    eb_wbf = eb_nmw = None
 
 needs_eb = pytest.mark.skipif(eb_wbf is None, reason="ensemble-boxes is not installed")
 CONF_TYPES = ["avg", "max", "box_and_model_avg", "absent_model_aware_avg"]
@@ -150,6 +151,145 @@ def test_cuda_matches_cpu_bit_for_bit(conf_type, allows_overflow):
     args = (labels, counts, weights, 0.55, 0.1, conf_type, allows_overflow)
     cpu = ops.weighted_boxes_fusion_batched(boxes, scores, *args)
     cuda = ops.weighted_boxes_fusion_batched(boxes.cuda(), scores.cuda(), labels.cuda(), counts.cuda(), *args[2:])
+    for a, b in zip(cpu, cuda):
+        assert b.device.type == "cuda"
+        assert torch.equal(torch.nan_to_num(a, nan=7.0), torch.nan_to_num(b.cpu(), nan=7.0)), f"seed={seed}"
+
+
+# --- non-maximum weighted -------------------------------------------------------------------------------------------
+
+
+def _lists(models):
+    return [m[0] for m in models], [m[1] for m in models], [m[2] for m in models]
+
+
+@needs_eb
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("num_models", [1, 3, 5])
+@pytest.mark.parametrize("iou_threshold, skip_box_threshold", [(0.55, 0.0), (0.3, 0.2), (0.0, 0.05)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_nmw_matches_ensemble_boxes_exactly(weighted, num_models, iou_threshold, skip_box_threshold, dtype):
+    seed = fresh_seed()
+    models = _models(seed, num_models, dtype=dtype)
+    if num_models > 1 and len(models[0][0]) > 3:
+        models[0][0][:3] = models[0][0][:3][:, [2, 3, 0, 1]]  # swapped corners
+        models[1][0][:2] += 0.5  # partly outside [0, 1]: clipped
+    weights = [1.0 + m * 0.75 for m in range(num_models)] if weighted else None
+    got = ops.non_maximum_weighted(*_lists(models), weights, iou_threshold, skip_box_threshold)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exp = eb_nmw(*[[t.numpy() for t in part] for part in _lists(models)], weights=weights,
+                     iou_thr=iou_threshold, skip_box_thr=skip_box_threshold)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32 and got[2].dtype == torch.int64
+    np.testing.assert_array_equal(got[0].numpy(), exp[0], err_msg=f"seed={seed}")
+    np.testing.assert_array_equal(got[1].numpy(), exp[1], err_msg=f"seed={seed}")
+    np.testing.assert_array_equal(got[2].numpy(), exp[2].astype(np.int64), err_msg=f"seed={seed}")
+
+
+def test_nmw_matches_reference_with_adversarial_inputs():
+    seed = fresh_seed()
+    models = _models(seed, 3)
+    models[0][1][:5] = 0.2  # exactly at the skip threshold: kept
+    models[1][1][:4] = models[2][1][:4] = 0.5  # ties across models
+    models[2][0][:4] = models[1][0][:4]  # identical boxes: IoU exactly 1 with their cluster's first box
+    if len(models[0][0]) > 6:
+        models[0][0][5] = float("nan")  # skipped
+        models[0][0][6, 2:] = models[0][0][6, :2]  # zero area: skipped
+    args = (*_lists(models), [2.0, 1.0, 0.5], 0.5, 0.2)
+    got = ops.non_maximum_weighted(*args)
+    exp = reference.non_maximum_weighted(*args)
+    for a, e in zip(got, exp):
+        assert a.dtype == e.dtype and torch.equal(a, e), f"seed={seed}"
+
+
+def test_nmw_differs_from_wbf_as_specified():
+    # Two boxes of one label: NMW keeps the first box's score and weights the second by score x IoU; WBF averages.
+    boxes = [torch.tensor([[0.1, 0.1, 0.5, 0.5]], dtype=torch.float64),
+             torch.tensor([[0.1, 0.1, 0.5, 0.6]], dtype=torch.float64)]
+    scores = [torch.tensor([0.9], dtype=torch.float64), torch.tensor([0.6], dtype=torch.float64)]
+    labels = [torch.tensor([1]), torch.tensor([1])]
+    b, s, lab = ops.non_maximum_weighted(boxes, scores, labels, iou_threshold=0.5)
+    iou = 0.16 / 0.2
+    w2 = 0.6 * iou
+    expected_y2 = (0.9 * 0.5 + w2 * 0.6) / (0.9 + w2)
+    assert lab.tolist() == [1] and s.tolist() == [pytest.approx(0.9)]
+    assert b[0, 3].item() == pytest.approx(expected_y2, rel=1e-6)
+    assert b[0, :3].tolist() == pytest.approx([0.1, 0.1, 0.5], rel=1e-6)
+    wb, ws, _ = ops.weighted_boxes_fusion(boxes, scores, labels, iou_threshold=0.5)
+    assert ws.tolist() == [pytest.approx(0.75)]  # (0.9 + 0.6) / 2 models
+
+
+def test_nmw_batched_form_matches_per_image_calls():
+    seed = fresh_seed()
+    B, M, N = 4, 3, 30
+    g = torch.Generator().manual_seed(seed)
+    boxes = torch.stack([torch.stack([normalised_boxes(N, seed + 7 * b + m)[0] for m in range(M)]) for b in range(B)])
+    scores = torch.rand(B, M, N, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 3, (B, M, N), generator=g)
+    counts = torch.randint(0, N + 1, (B, M), generator=g)
+    fb, fs, fl, num = ops.non_maximum_weighted_batched(boxes, scores, labels, counts, [1.0, 2.0, 0.5])
+    assert fb.shape == (B, M * N, 4) and fb.dtype == torch.float32 and num.shape == (B,)
+    for b in range(B):
+        k = [int(c) for c in counts[b]]
+        eb, es, el = ops.non_maximum_weighted([boxes[b, m, : k[m]] for m in range(M)],
+                                              [scores[b, m, : k[m]] for m in range(M)],
+                                              [labels[b, m, : k[m]] for m in range(M)], [1.0, 2.0, 0.5])
+        n = int(num[b])
+        assert n == len(es) and torch.equal(fb[b, :n], eb) and torch.equal(fs[b, :n], es)
+        assert torch.equal(fl[b, :n], el) and (fl[b, n:] == -1).all() and (fs[b, n:] == 0).all()
+
+
+def test_nmw_empty_errors_and_opcheck():
+    boxes, scores, labels = ops.non_maximum_weighted([torch.zeros(0, 4)], [torch.zeros(0)], [torch.zeros(0)])
+    assert boxes.shape == (0, 4) and boxes.dtype == torch.float32 and scores.shape == (0,) and labels.shape == (0,)
+    b, s = normalised_boxes(5, 1)
+    lab = torch.zeros(5, dtype=torch.int64)
+    with pytest.raises(ValueError, match="weights must be finite"):
+        ops.non_maximum_weighted([b], [s], [lab], weights=[0.0])
+    with pytest.raises(ValueError, match="weights must have one entry per model"):
+        ops.non_maximum_weighted([b], [s], [lab], weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="one entry per model"):
+        ops.non_maximum_weighted([b, b], [s], [lab, lab])
+    with pytest.raises(TypeError, match="boxes must be a torch.Tensor"):
+        ops.non_maximum_weighted_batched(b.numpy(), s, lab)
+    with pytest.raises(RuntimeError, match="non_maximum_weighted fuses at most 64 models"):
+        ops.non_maximum_weighted_batched(torch.rand(1, 65, 2, 4), torch.rand(1, 65, 2), torch.zeros(1, 65, 2).long())
+    inputs = (b[None, None], s[None, None], lab[None, None])
+    before = [t.clone() for t in inputs]
+    args = (*inputs, torch.tensor([[5]]), torch.ones(1, dtype=torch.float64), 0.55, 0.0)
+    torch.library.opcheck(torch.ops.fastdet.non_maximum_weighted, args)
+    assert all(torch.equal(x, y) for x, y in zip(before, inputs))  # inputs untouched
+
+
+def test_nmw_under_compile():
+    b, s = normalised_boxes(40, 3)
+    lab = torch.randint(0, 3, (40,), generator=torch.Generator().manual_seed(0))
+    boxes, scores, labels = b.reshape(2, 2, 10, 4), s.reshape(2, 2, 10), lab.reshape(2, 2, 10)
+    eager = ops.non_maximum_weighted_batched(boxes, scores, labels)
+    compiled = torch.compile(ops.non_maximum_weighted_batched, fullgraph=True)(boxes, scores, labels)
+    for a, e in zip(compiled, eager):
+        assert torch.equal(a, e)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device available")
+def test_nmw_cuda_matches_cpu_bit_for_bit():
+    seed = fresh_seed()
+    B, M, N = 5, 4, 70
+    g = torch.Generator().manual_seed(seed)
+    boxes = torch.stack([torch.stack([normalised_boxes(N, seed + 7 * b + m)[0] for m in range(M)]) for b in range(B)])
+    scores = torch.rand(B, M, N, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 4, (B, M, N), generator=g)
+    counts = torch.randint(0, N + 1, (B, M), generator=g)
+    scores[0, :, :10] = 0.5  # ties across models
+    scores[1, 0, 3] = float("nan")  # skipped
+    scores[2, 0, :5] = 0.0  # zero-weight clusters: NaN fused boxes
+    boxes[1, 2, 5] = float("nan")
+    boxes[3, 1, :4] = boxes[3, 1, :4][:, [2, 3, 0, 1]]  # swapped corners
+    weights = [1.0, 0.5, 2.5, 0.75]
+    cpu = ops.non_maximum_weighted_batched(boxes, scores, labels, counts, weights, 0.55, 0.1)
+    cuda = ops.non_maximum_weighted_batched(boxes.cuda(), scores.cuda(), labels.cuda(), counts.cuda(), weights, 0.55,
+                                            0.1)
     for a, b in zip(cpu, cuda):
         assert b.device.type == "cuda"
         assert torch.equal(torch.nan_to_num(a, nan=7.0), torch.nan_to_num(b.cpu(), nan=7.0)), f"seed={seed}"

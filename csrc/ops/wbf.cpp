@@ -1,11 +1,12 @@
-// Schema and composite of weighted boxes fusion (Solovyev et al., 2021) with ensemble-boxes' semantics; the kernel
-// (cpu/wbf.cpp, cuda/wbf.cu; wbf_math.h has their shared math) documents the algorithm. The composite checks the arguments once and brings them to the kernel's
-// layout: float64 boxes / scores / weights (exact widenings: ensemble-boxes computes in float64), int64 labels and
-// counts.
+// Schemas and composites of weighted boxes fusion (Solovyev et al., 2021) and non-maximum weighted (Zhou et al., 2017)
+// with ensemble-boxes' semantics; the kernel they share (cpu/wbf.cpp, cuda/wbf.cu; wbf_math.h has their shared math)
+// documents both algorithms. The composites check the arguments once and bring them to the kernel's layout: float64
+// boxes / scores / weights (exact widenings: ensemble-boxes computes in float64), int64 labels and counts.
 #include <tuple>
 
 #include "ops/checks.h"
 #include "ops/stable.h"
+#include "ops/wbf_math.h"
 
 namespace fastdet {
 namespace {
@@ -13,13 +14,16 @@ namespace {
 constexpr int64_t kConfTypes = 4;  // avg, max, box_and_model_avg, absent_model_aware_avg
 constexpr int64_t kMaxModels = 64;
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> weighted_boxes_fusion_impl(
-    const Tensor& boxes, const Tensor& scores, const Tensor& labels, const Tensor& counts, const Tensor& weights,
-    double iou_threshold, double skip_box_threshold, int64_t conf_type, bool allows_overflow) {
+// Checks the arguments shared by both ops and runs the kernel.
+std::tuple<Tensor, Tensor, Tensor, Tensor> run_fusion(const Tensor& boxes, const Tensor& scores, const Tensor& labels,
+                                                      const Tensor& counts, const Tensor& weights, double iou_threshold,
+                                                      double skip_box_threshold, int64_t conf_type,
+                                                      bool allows_overflow, int64_t method) {
+  const char* op = method == wbf::kNmw ? "non_maximum_weighted" : "weighted_boxes_fusion";
   check_floating(boxes, "boxes");
   FASTDET_CHECK(boxes.dim() == 4 && boxes.size(3) == 4, "boxes must have shape [B, M, N, 4] (images, models, ",
                 "boxes per model, x1 y1 x2 y2), got ", shape_of(boxes));
-  const int64_t B = boxes.size(0), M = boxes.size(1), N = boxes.size(2);
+  const int64_t B = boxes.size(0), M = boxes.size(1);
   const auto b = boxes.sizes();
   const IntArrayRef bmn(b.data(), 3);
   check_floating(scores, "scores");
@@ -37,16 +41,35 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> weighted_boxes_fusion_impl(
   for (const auto* t : {&scores, &labels, &counts, &weights}) {
     FASTDET_CHECK(t->device() == boxes.device(), "boxes, scores, labels, counts and weights must be on one device");
   }
-  FASTDET_CHECK(M <= kMaxModels, "weighted_boxes_fusion fuses at most ", kMaxModels, " models, got ", M);
+  FASTDET_CHECK(M <= kMaxModels, op, " fuses at most ", kMaxModels, " models, got ", M);
   FASTDET_CHECK(iou_threshold == iou_threshold, "iou_threshold must not be NaN");
   FASTDET_CHECK(skip_box_threshold == skip_box_threshold, "skip_box_threshold must not be NaN");
-  FASTDET_CHECK(conf_type >= 0 && conf_type < kConfTypes, "conf_type must be 0 (avg), 1 (max), 2 (box_and_model_avg)",
-                " or 3 (absent_model_aware_avg), got ", conf_type);
   return call_op<std::tuple<Tensor, Tensor, Tensor, Tensor>>(
       "fastdet::_weighted_boxes_fusion_kernel", aten::contiguous(aten::to(boxes, kDouble)),
       aten::contiguous(aten::to(scores, kDouble)), aten::contiguous(aten::to(labels, kLong)),
       aten::contiguous(aten::to(counts, kLong)), aten::contiguous(aten::to(weights, kDouble)), iou_threshold,
-      skip_box_threshold, conf_type, allows_overflow);
+      skip_box_threshold, conf_type, allows_overflow, method);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> weighted_boxes_fusion_impl(
+    const Tensor& boxes, const Tensor& scores, const Tensor& labels, const Tensor& counts, const Tensor& weights,
+    double iou_threshold, double skip_box_threshold, int64_t conf_type, bool allows_overflow) {
+  FASTDET_CHECK(conf_type >= 0 && conf_type < kConfTypes, "conf_type must be 0 (avg), 1 (max), 2 (box_and_model_avg)",
+                " or 3 (absent_model_aware_avg), got ", conf_type);
+  return run_fusion(boxes, scores, labels, counts, weights, iou_threshold, skip_box_threshold, conf_type,
+                    allows_overflow, wbf::kWbf);
+}
+
+// Boxes and scores come back in float32, as ensemble-boxes' non_maximum_weighted stores them (the values are float32
+// ones, so the narrowing is exact).
+std::tuple<Tensor, Tensor, Tensor, Tensor> non_maximum_weighted_impl(const Tensor& boxes, const Tensor& scores,
+                                                                     const Tensor& labels, const Tensor& counts,
+                                                                     const Tensor& weights, double iou_threshold,
+                                                                     double skip_box_threshold) {
+  auto [out_boxes, out_scores, out_labels, num] =
+      run_fusion(boxes, scores, labels, counts, weights, iou_threshold, skip_box_threshold, /*conf_type=*/0,
+                 /*allows_overflow=*/false, wbf::kNmw);
+  return {aten::to(out_boxes, kFloat), aten::to(out_scores, kFloat), out_labels, num};
 }
 
 }  // namespace
@@ -56,14 +79,18 @@ STABLE_TORCH_LIBRARY_FRAGMENT(fastdet, m) {
   m.def("weighted_boxes_fusion(Tensor boxes, Tensor scores, Tensor labels, Tensor counts, Tensor weights, "
         "float iou_threshold, float skip_box_threshold, int conf_type, bool allows_overflow) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
-  // Kernel: boxes [B, M, N, 4] float64, scores [B, M, N] float64, labels [B, M, N] int64, counts [B, M] int64,
+  m.def("non_maximum_weighted(Tensor boxes, Tensor scores, Tensor labels, Tensor counts, Tensor weights, "
+        "float iou_threshold, float skip_box_threshold) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Kernel (method: wbf::Method; non-maximum weighted ignores conf_type and allows_overflow): boxes [B, M, N, 4]
+  // float64, scores [B, M, N] float64, labels [B, M, N] int64, counts [B, M] int64,
   // weights [M] float64, all contiguous (prepared and checked above). Returns fused boxes [B, M * N, 4] float64,
   // scores [B, M * N] float64, labels [B, M * N] int64 (-1 in padding) and the number of fused boxes [B].
   m.def("_weighted_boxes_fusion_kernel(Tensor boxes, Tensor scores, Tensor labels, Tensor counts, Tensor weights, "
-        "float iou_threshold, float skip_box_threshold, int conf_type, bool allows_overflow) "
+        "float iou_threshold, float skip_box_threshold, int conf_type, bool allows_overflow, int method) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(fastdet, CompositeExplicitAutograd, m) {
   m.impl("weighted_boxes_fusion", TORCH_BOX(&fastdet::weighted_boxes_fusion_impl));
+  m.impl("non_maximum_weighted", TORCH_BOX(&fastdet::non_maximum_weighted_impl));
 }

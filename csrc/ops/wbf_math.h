@@ -1,7 +1,7 @@
 #pragma once
-// Per-box and per-cluster math of weighted boxes fusion, shared by the CPU and CUDA kernels (cpu/wbf.cpp documents
-// the algorithm). Every step is ensemble-boxes' float64 arithmetic with its float32 stores; products that feed a sum
-// go through exact:: so nvcc does not fuse them, and both backends give the same bits.
+// Per-box and per-cluster math of weighted boxes fusion and of non-maximum weighted, shared by the CPU and CUDA
+// kernels (cpu/wbf.cpp documents both algorithms). Every step is ensemble-boxes' float64 arithmetic with its float32
+// stores; products that feed a sum go through exact:: so nvcc does not fuse them, and both backends give the same bits.
 #include <torch/headeronly/macros/Macros.h>
 
 #include <cmath>
@@ -13,6 +13,8 @@ namespace fastdet {
 namespace wbf {
 
 enum ConfType : int64_t { kAvg = 0, kMax = 1, kBoxAndModelAvg = 2, kAbsentModelAwareAvg = 3 };
+// kWbf: weighted boxes fusion; kNmw: non-maximum weighted (ensemble-boxes' non_maximum_weighted).
+enum Method : int64_t { kWbf = 0, kNmw = 1 };
 
 struct Entry {
   double x1, y1, x2, y2, score, weight;  // score: score * weight[model]
@@ -20,11 +22,11 @@ struct Entry {
 };
 
 struct Cluster {
-  double box[4];  // the current fused box
-  double score;   // its stored score (float32-rounded once the cluster has two members)
+  double box[4];  // WBF: the current fused box; NMW: the first member's box until finish()
+  double score;   // WBF: its stored score (float32-rounded once the cluster has two members); NMW: the first member's
   double weight;  // its stored weight sum (likewise)
-  float acc[4];   // float32 running sum of score * corner
-  double conf, weight_sum, max_conf;
+  float acc[4];   // float32 running sum of member weight * corner (member weight: WBF score, NMW score * IoU)
+  double conf, weight_sum, max_conf;  // conf: the sum of member weights
   int64_t count, label;
   uint64_t models;
 };
@@ -33,6 +35,7 @@ struct Params {
   double iou_threshold, skip_box_threshold;
   int64_t conf_type;
   bool allows_overflow;
+  int64_t method;
 };
 
 // x rounded to float32 and widened back: ensemble-boxes stores these values in a float32 array. On the host through a
@@ -117,13 +120,14 @@ C10_HOST_DEVICE inline bool joins(int64_t best, double best_iou, double iou_thre
   return best >= 0 && !(best_iou <= iou_threshold);
 }
 
-C10_HOST_DEVICE inline void accumulate(Cluster& c, const Entry& e) {
+// member_weight: WBF the entry's score; NMW its score times its IoU with the cluster's first box.
+C10_HOST_DEVICE inline void accumulate(Cluster& c, const Entry& e, double member_weight) {
   const double corner[4] = {e.x1, e.y1, e.x2, e.y2};
   for (int j = 0; j < 4; ++j) {
     c.acc[j] = static_cast<float>(
-        float32_rounded(exact::add_rn(static_cast<double>(c.acc[j]), exact::mul_rn(e.score, corner[j]))));
+        float32_rounded(exact::add_rn(static_cast<double>(c.acc[j]), exact::mul_rn(member_weight, corner[j]))));
   }
-  c.conf = exact::add_rn(c.conf, e.score);
+  c.conf = exact::add_rn(c.conf, member_weight);
   c.weight_sum = exact::add_rn(c.weight_sum, e.weight);
   c.max_conf = c.count == 0 ? e.score : max_of(c.max_conf, e.score);
   c.models |= uint64_t{1} << e.model;
@@ -139,15 +143,20 @@ C10_HOST_DEVICE inline Cluster new_cluster(const Entry& e) {
   c.score = e.score;
   c.weight = e.weight;
   c.label = e.label;
-  accumulate(c, e);
+  accumulate(c, e, e.score);  // NMW: the first member's IoU with itself is exactly 1
   return c;
 }
 
-// A new member: the fused box, score and weight are recomputed as get_weighted_box stores them (float32).
-C10_HOST_DEVICE inline void add(Cluster& c, const Entry& e, int64_t conf_type) {
-  accumulate(c, e);
+// A new member. WBF: the fused box, score and weight are recomputed as get_weighted_box stores them (float32). NMW:
+// the member is weighted by its score times its IoU with the first member (the cluster's box, which stays as is).
+C10_HOST_DEVICE inline void add(Cluster& c, const Entry& e, const Params& p) {
+  if (p.method == kNmw) {
+    accumulate(c, e, exact::mul_rn(e.score, iou_with(c.box, e)));
+    return;
+  }
+  accumulate(c, e, e.score);
   for (int j = 0; j < 4; ++j) c.box[j] = float32_rounded(static_cast<double>(c.acc[j]) / c.conf);
-  c.score = float32_rounded(conf_type == kMax ? c.max_conf : c.conf / static_cast<double>(c.count));
+  c.score = float32_rounded(p.conf_type == kMax ? c.max_conf : c.conf / static_cast<double>(c.count));
   c.weight = float32_rounded(c.weight_sum);
 }
 
@@ -159,6 +168,12 @@ C10_HOST_DEVICE inline void weight_stats(const double* weights, int64_t M, doubl
     total = exact::add_rn(total, weights[m]);
     largest = max_of(largest, weights[m]);
   }
+}
+
+// A model's weight as its boxes' scores are multiplied by it: WBF the weight as given, NMW the weight divided by the
+// largest one.
+C10_HOST_DEVICE inline double model_weight(const double* weights, int64_t m, double weight_max, const Params& p) {
+  return p.method == kNmw ? weights[m] / weight_max : weights[m];
 }
 
 // The final score by conf_type. weights: the M model weights; weight_total, weight_max: their sum and maximum.
@@ -186,6 +201,19 @@ C10_HOST_DEVICE inline double rescaled_score(const Cluster& c, const double* wei
       return exact::mul_rn(c.score, members) / weight_total;
     }
   }
+}
+
+// A cluster's output box and score. WBF: the fused box as it stands, the score rescaled by conf_type. NMW: the
+// member-weighted mean box (the float32 sums divided by the float64 weight sum, stored in float32, as ensemble-boxes'
+// float32 array divided in place by a numpy float64) and the first member's score in float32.
+C10_HOST_DEVICE inline void finish(Cluster& c, const double* weights, int64_t M, double weight_total,
+                                   double weight_max, const Params& p) {
+  if (p.method == kNmw) {
+    for (int j = 0; j < 4; ++j) c.box[j] = float32_rounded(static_cast<double>(c.acc[j]) / c.conf);
+    c.score = float32_rounded(c.score);
+    return;
+  }
+  c.score = rescaled_score(c, weights, M, weight_total, weight_max, p);
 }
 
 // Output order: decreasing score, NaN first (numpy's argsort puts NaN last; reversed, first), ties the later

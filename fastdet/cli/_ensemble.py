@@ -1,5 +1,5 @@
 """Ensemble / test-time-augmentation options shared by the commands that run checkpoints (``fastdet predict``; ready
-for ``fastdet eval``): repeated ``--checkpoint``, ``--ensemble wbf|nms|soft-nms``, ``--tta`` (see fastdet.ensemble)."""
+for ``fastdet eval``): repeated ``--checkpoint``, ``--ensemble wbf|nmw|nms|soft-nms``, ``--tta`` (see fastdet.ensemble)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from fastdet.cli._common import CommandError, load_checkpoint
 
 
 def add_ensemble_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ensemble", choices=["wbf", "nms", "soft-nms"], default="wbf",
+    p.add_argument("--ensemble", choices=["wbf", "nmw", "nms", "soft-nms"], default="wbf",
                    help="how detections of several --checkpoint models and --tta views are merged "
                         "(default: %(default)s)")
     p.add_argument("--ensemble-iou", type=float, default=0.55,

@@ -1,16 +1,20 @@
-// CPU kernel of weighted boxes fusion, ensemble-boxes' weighted_boxes_fusion step for step, images in parallel.
+// CPU kernel of weighted boxes fusion (WBF) and non-maximum weighted (NMW): ensemble-boxes' weighted_boxes_fusion
+// and non_maximum_weighted step for step, images in parallel.
 //
 // Per image: every box of every model with score >= skip_box_threshold (NaN scores, NaN coordinates and NaN weighted
 // scores, i.e. an infinite score times a weight of 0, are skipped)
 // has its corners swapped into order and clipped to [0, 1], and is dropped if its area is 0; its score becomes
-// score * weight[model]. Boxes are grouped by label (labels in order of first appearance) and visited by decreasing
-// weighted score (ties: the later box first, as a stable argsort reversed). A box joins the cluster whose current
-// fused box overlaps it most (the first of equal IoUs) when that IoU is > iou_threshold, else starts a cluster. A
-// cluster's fused box is the score-weighted mean of its members, accumulated in member order into float32 (as
-// ensemble-boxes' get_weighted_box does: float32 array, float64 arithmetic) and divided by the score sum; its score
-// is the mean (or max) of the member scores, also stored in float32; a one-member cluster keeps its box as is.
-// Scores are then rescaled by conf_type, and the clusters of all labels are ordered by decreasing score (ties: the
-// later cluster first).
+// score * weight[model] (NMW: weight[model] / max(weight)). Boxes are grouped by label (labels in order of first
+// appearance) and visited by decreasing weighted score (ties: the later box first, as a stable argsort reversed).
+// WBF: a box joins the cluster whose current fused box overlaps it most (the first of equal IoUs) when that IoU is
+// > iou_threshold, else starts a cluster. A cluster's fused box is the score-weighted mean of its members,
+// accumulated in member order into float32 (as ensemble-boxes' get_weighted_box does: float32 array, float64
+// arithmetic) and divided by the score sum; its score is the mean (or max) of the member scores, also stored in
+// float32; a one-member cluster keeps its box as is. Scores are then rescaled by conf_type.
+// NMW: the same, except that a box is matched against each cluster's first box (which never changes), a member's
+// weight is its score times its IoU with that first box, every output box is the weighted mean divided in float32,
+// and a cluster's score is its first box's, in float32.
+// The clusters of all labels are then ordered by decreasing score (ties: the later cluster first).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -38,12 +42,15 @@ class Fuser {
     entries_.clear();
     group_of_.clear();
     groups_.clear();
+    double weight_total, weight_max;
+    wbf::weight_stats(weights, M, weight_total, weight_max);
     for (int64_t m = 0; m < M; ++m) {
+      const double weight = wbf::model_weight(weights, m, weight_max, p);
       const int64_t count = std::min(std::max<int64_t>(counts[m], 0), N);
       for (int64_t j = 0; j < count; ++j) {
         const int64_t k = m * N + j;
         Entry entry;
-        if (!wbf::make_entry(boxes + 4 * k, scores[k], labels[k], m, weights[m], p.skip_box_threshold, entry)) {
+        if (!wbf::make_entry(boxes + 4 * k, scores[k], labels[k], m, weight, p.skip_box_threshold, entry)) {
           continue;
         }
         const int64_t label = labels[k];
@@ -56,8 +63,6 @@ class Fuser {
         entries_.push_back(entry);
       }
     }
-    double weight_total, weight_max;
-    wbf::weight_stats(weights, M, weight_total, weight_max);
     clusters_.clear();
     for (auto& group : groups_) {
       std::sort(group.begin(), group.end(), [&](int64_t a, int64_t b) {
@@ -76,14 +81,14 @@ class Fuser {
           }
         }
         if (wbf::joins(best, best_iou, p.iou_threshold)) {
-          wbf::add(clusters_[best], e, p.conf_type);
+          wbf::add(clusters_[best], e, p);
         } else {
           clusters_.push_back(wbf::new_cluster(e));
         }
       }
     }
-    // Rescale by conf_type, then order all clusters by decreasing score (ties: the later one first).
-    for (Cluster& c : clusters_) c.score = wbf::rescaled_score(c, weights, M, weight_total, weight_max, p);
+    // Final boxes and scores, then all clusters by decreasing score (ties: the later one first).
+    for (Cluster& c : clusters_) wbf::finish(c, weights, M, weight_total, weight_max, p);
     order_.resize(clusters_.size());
     std::iota(order_.begin(), order_.end(), 0);
     std::sort(order_.begin(), order_.end(), [&](int64_t a, int64_t b) {
@@ -110,7 +115,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> wbf_kernel_cpu(const Tensor& boxes, c
                                                           const Tensor& labels, const Tensor& counts,
                                                           const Tensor& weights, double iou_threshold,
                                                           double skip_box_threshold, int64_t conf_type,
-                                                          bool allows_overflow) {
+                                                          bool allows_overflow, int64_t method) {
   const int64_t B = boxes.size(0), M = boxes.size(1), N = boxes.size(2);
   const int64_t K = M * N;
   auto out_boxes = aten::zeros({B, K, 4}, kDouble, boxes);
@@ -118,7 +123,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> wbf_kernel_cpu(const Tensor& boxes, c
   auto out_labels = aten::full({B, K}, -1.0, kLong, boxes);
   auto num = aten::zeros({B}, kLong, boxes);
   if (B == 0 || K == 0) return {out_boxes, out_scores, out_labels, num};
-  const Params params{iou_threshold, skip_box_threshold, conf_type, allows_overflow};
+  const Params params{iou_threshold, skip_box_threshold, conf_type, allows_overflow, method};
   const double* bx = boxes.const_data_ptr<double>();
   const double* sc = scores.const_data_ptr<double>();
   const int64_t* lb = labels.const_data_ptr<int64_t>();

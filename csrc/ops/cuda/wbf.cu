@@ -1,11 +1,13 @@
-// CUDA kernel of weighted boxes fusion: one thread block per image, the same results as the CPU kernel (cpu/wbf.cpp
-// documents the algorithm; wbf_math.h has the shared per-box and per-cluster math). In the block:
+// CUDA kernel of weighted boxes fusion and non-maximum weighted: one thread block per image, the same results as the
+// CPU kernel (cpu/wbf.cpp documents the algorithms; wbf_math.h has the shared per-box and per-cluster math). In the
+// block:
 //  1. every thread prepares its share of the image's boxes (skip, order corners, clip, weight the score);
 //  2. each kept box gets its rank in the visit order (labels by first appearance, then decreasing weighted score,
 //     ties the later box first) by counting the boxes before it, O(K^2 / threads) per image;
 //  3. the boxes are visited in that order: the threads score the current box against the label's clusters in
 //     parallel, a block reduction picks the match (largest IoU, first of equals, NaN first), thread 0 fuses;
-//  4. clusters are rescaled by conf_type and written by decreasing score, again ranked by counting.
+//  4. clusters are finished (WBF: scores rescaled by conf_type; NMW: weighted mean boxes) and written by decreasing
+//     score, again ranked by counting.
 // No host synchronisation; the workspace (entries, ranks, clusters) is one byte tensor per call.
 #include <algorithm>
 #include <tuple>
@@ -72,10 +74,13 @@ __global__ void wbf_kernel(const double* __restrict__ boxes, const double* __res
       num_clusters = 0;
     }
     // 1. entries
+    double weight_total, weight_max;
+    wbf::weight_stats(weights, M, weight_total, weight_max);
     for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
       const int64_t m = k / N, j = k % N;
       const int64_t count = ct[m] < 0 ? 0 : (ct[m] > N ? N : ct[m]);
-      w.valid[k] = j < count && wbf::make_entry(bx + 4 * k, sc[k], lb[k], m, weights[m], p.skip_box_threshold,
+      w.valid[k] = j < count && wbf::make_entry(bx + 4 * k, sc[k], lb[k], m,
+                                                wbf::model_weight(weights, m, weight_max, p), p.skip_box_threshold,
                                                 w.entries[k]);
     }
     __syncthreads();
@@ -131,7 +136,7 @@ __global__ void wbf_kernel(const double* __restrict__ boxes, const double* __res
       }
       if (threadIdx.x == 0) {
         if (wbf::joins(red_index[0], red_iou[0], p.iou_threshold)) {
-          wbf::add(w.clusters[red_index[0]], e, p.conf_type);
+          wbf::add(w.clusters[red_index[0]], e, p);
         } else {
           w.clusters[num_clusters] = wbf::new_cluster(e);
           num_clusters = num_clusters + 1;
@@ -139,12 +144,10 @@ __global__ void wbf_kernel(const double* __restrict__ boxes, const double* __res
       }
       __syncthreads();
     }
-    // 4. rescale, then write by decreasing score
+    // 4. finish, then write by decreasing score
     const int64_t C = num_clusters;
-    double weight_total, weight_max;
-    wbf::weight_stats(weights, M, weight_total, weight_max);
     for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-      w.clusters[c].score = wbf::rescaled_score(w.clusters[c], weights, M, weight_total, weight_max, p);
+      wbf::finish(w.clusters[c], weights, M, weight_total, weight_max, p);
     }
     __syncthreads();
     double* ob = out_boxes + image * K * 4;
@@ -167,7 +170,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> wbf_kernel_cuda(const Tensor& boxes, 
                                                            const Tensor& labels, const Tensor& counts,
                                                            const Tensor& weights, double iou_threshold,
                                                            double skip_box_threshold, int64_t conf_type,
-                                                           bool allows_overflow) {
+                                                           bool allows_overflow, int64_t method) {
   const DeviceGuard device_guard(boxes.get_device_index());
   const int64_t B = boxes.size(0), M = boxes.size(1), N = boxes.size(2);
   const int64_t K = M * N;
@@ -177,7 +180,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> wbf_kernel_cuda(const Tensor& boxes, 
   auto num = aten::zeros({B}, kLong, boxes);
   if (B == 0 || K == 0) return {out_boxes, out_scores, out_labels, num};
   auto workspace = aten::empty({B * workspace_bytes(K) / 8}, kLong, boxes);  // 8-byte words
-  const Params params{iou_threshold, skip_box_threshold, conf_type, allows_overflow};
+  const Params params{iou_threshold, skip_box_threshold, conf_type, allows_overflow, method};
   const cudaStream_t stream = current_stream(boxes);
   const auto grid = static_cast<unsigned int>(std::min<int64_t>(B, kMaxBlocks));
   wbf_kernel<<<grid, kThreads, 0, stream>>>(

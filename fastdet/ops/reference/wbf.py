@@ -1,5 +1,5 @@
-"""Reference weighted boxes fusion: the algorithm of :mod:`fastdet.ops.wbf` (ensemble-boxes' semantics) written as
-plain Python over one image, with float32 stores emulated through ``torch.float32`` tensors."""
+"""Reference weighted boxes fusion and non-maximum weighted: the algorithms of :mod:`fastdet.ops.wbf` (ensemble-boxes'
+semantics) written as plain Python over one image, with float32 stores emulated through ``torch.float32`` tensors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 
 import torch
 
-__all__ = ["weighted_boxes_fusion"]
+__all__ = ["weighted_boxes_fusion", "non_maximum_weighted"]
 
 
 def _f32(x: float) -> float:
@@ -19,16 +19,13 @@ def _iou(a, b) -> float:
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
-def weighted_boxes_fusion(boxes_list, scores_list, labels_list, weights=None, iou_threshold=0.55,
-                          skip_box_threshold=0.0, conf_type="avg", allows_overflow=False):
-    """Returns (boxes [K, 4] float64, scores [K] float64, labels [K] int64) by decreasing score."""
-    if conf_type not in ("avg", "max", "box_and_model_avg", "absent_model_aware_avg"):
-        raise ValueError(f"unknown conf_type {conf_type!r}")
-    num_models = len(boxes_list)
-    weights = [1.0] * num_models if weights is None else [float(w) for w in weights]
+def _label_groups(boxes_list, scores_list, labels_list, weights, skip_box_threshold) -> dict:
+    """label -> [(weighted score, weight, model, input order, box)] of the boxes that pass ensemble-boxes'
+    preparation (corners ordered, clipped to [0, 1], zero-area and below-threshold boxes dropped), each label's
+    entries by decreasing weighted score (ties: the later box first)."""
     groups: dict = {}
     order = 0
-    for m in range(num_models):
+    for m in range(len(boxes_list)):
         boxes = torch.as_tensor(boxes_list[m], dtype=torch.float64).reshape(-1, 4).tolist()
         scores = torch.as_tensor(scores_list[m], dtype=torch.float64).reshape(-1).tolist()
         labels = torch.as_tensor(labels_list[m]).reshape(-1).tolist()
@@ -42,9 +39,21 @@ def weighted_boxes_fusion(boxes_list, scores_list, labels_list, weights=None, io
                 continue
             groups.setdefault(int(label), []).append((s * weights[m], weights[m], m, order, (x1, y1, x2, y2)))
             order += 1
+    for entries in groups.values():
+        entries.sort(key=lambda e: (-e[0], -e[3]))
+    return groups
+
+
+def weighted_boxes_fusion(boxes_list, scores_list, labels_list, weights=None, iou_threshold=0.55,
+                          skip_box_threshold=0.0, conf_type="avg", allows_overflow=False):
+    """Returns (boxes [K, 4] float64, scores [K] float64, labels [K] int64) by decreasing score."""
+    if conf_type not in ("avg", "max", "box_and_model_avg", "absent_model_aware_avg"):
+        raise ValueError(f"unknown conf_type {conf_type!r}")
+    num_models = len(boxes_list)
+    weights = [1.0] * num_models if weights is None else [float(w) for w in weights]
+    groups = _label_groups(boxes_list, scores_list, labels_list, weights, skip_box_threshold)
     clusters = []  # [label, box, score, weight, members]
     for label, entries in groups.items():
-        entries.sort(key=lambda e: (-e[0], -e[3]))
         first = len(clusters)
         for e in entries:
             best, best_iou = -1, 0.0
@@ -84,4 +93,39 @@ def weighted_boxes_fusion(boxes_list, scores_list, labels_list, weights=None, io
     boxes = torch.tensor([clusters[k][1] for k in ranked], dtype=torch.float64).reshape(-1, 4)
     scores = torch.tensor([clusters[k][2] for k in ranked], dtype=torch.float64)
     labels = torch.tensor([clusters[k][0] for k in ranked], dtype=torch.int64)
+    return boxes, scores, labels
+
+
+def non_maximum_weighted(boxes_list, scores_list, labels_list, weights=None, iou_threshold=0.55,
+                         skip_box_threshold=0.0):
+    """Returns (boxes [K, 4] float32, scores [K] float32, labels [K] int64) by decreasing score."""
+    num_models = len(boxes_list)
+    weights = [1.0] * num_models if weights is None else [float(w) for w in weights]
+    heaviest = max(weights, default=1.0)
+    weights = [w / heaviest for w in weights]
+    groups = _label_groups(boxes_list, scores_list, labels_list, weights, skip_box_threshold)
+    fused = []  # (label, box, score)
+    for label, entries in groups.items():
+        clusters: list = []  # each: [first entry, members]
+        for e in entries:
+            best, best_iou = -1, iou_threshold
+            for c, (first, _) in enumerate(clusters):
+                iou = _iou(first[4], e[4])
+                if iou > best_iou:
+                    best, best_iou = c, iou
+            if best >= 0:
+                clusters[best][1].append(e)
+            else:
+                clusters.append([e, [e]])
+        for first, members in clusters:
+            acc, conf = [0.0] * 4, 0.0
+            for member in members:
+                weight = member[0] * (1.0 if member is first else _iou(member[4], first[4]))
+                acc = [_f32(a + weight * v) for a, v in zip(acc, member[4])]
+                conf += weight
+            fused.append((label, [_f32(a / conf) if conf != 0 else math.nan for a in acc], _f32(first[0])))
+    ranked = sorted(range(len(fused)), key=lambda k: (-fused[k][2], -k))
+    boxes = torch.tensor([fused[k][1] for k in ranked], dtype=torch.float32).reshape(-1, 4)
+    scores = torch.tensor([fused[k][2] for k in ranked], dtype=torch.float32)
+    labels = torch.tensor([fused[k][0] for k in ranked], dtype=torch.int64)
     return boxes, scores, labels
