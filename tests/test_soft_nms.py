@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -239,3 +241,35 @@ def test_multiclass_nms_soft_compiles_without_graph_breaks():
     compiled = torch.compile(post, fullgraph=True, backend="aot_eager", dynamic=True)
     for a, e in zip(compiled(boxes, scores), post(boxes, scores)):
         assert torch.equal(a, e)
+
+
+def test_cpu_scalar_exp_path_matches_vector_path(tmp_path):
+    # The CPU kernel computes a step's gaussian weights with SLEEF's vector exp where the CPU and torch have it;
+    # FASTDET_SOFT_NMS_SCALAR=1 forces libm's. The two differ by at most an ulp per weight: same kept boxes, same
+    # order, scores to rounding.
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch, fastdet.ops as ops\n"
+        "from tests.test_soft_nms import normalised_boxes\n"
+        "out = []\n"
+        "for seed in range(6):\n"
+        "    boxes, scores = normalised_boxes(1500, seed, torch.float64)\n"
+        "    labels = torch.randint(0, 3, (1500,), generator=torch.Generator().manual_seed(seed))\n"
+        "    out.append((ops.soft_nms(boxes, scores, 0.3, 0.5, 0.001, 'gaussian'),\n"
+        "                ops.soft_nms_fixed(boxes, scores, labels, 200, 0.3, 0.1, 0.0, 'gaussian')))\n"
+        "torch.save(out, sys.argv[1])\n"
+    )
+    results = []
+    for scalar in ("1", "0"):
+        path = tmp_path / f"scalar{scalar}.pt"
+        env = dict(os.environ, FASTDET_SOFT_NMS_SCALAR=scalar)
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=env, cwd=Path(__file__).parents[1])
+        results.append(torch.load(path))
+    for (single_s, fixed_s), (single_v, fixed_v) in zip(*results):
+        assert torch.equal(single_s[0], single_v[0]) and torch.equal(fixed_s[0], fixed_v[0])
+        assert torch.equal(fixed_s[2], fixed_v[2])
+        torch.testing.assert_close(single_v[1], single_s[1], rtol=1e-13, atol=0)
+        torch.testing.assert_close(fixed_v[1], fixed_s[1], rtol=1e-13, atol=0)

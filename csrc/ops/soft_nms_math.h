@@ -37,12 +37,17 @@ C10_HOST_DEVICE inline double iou(const double* a, const double* b) {
   return inter / exact::sub_rn(exact::add_rn(a[4], b[4]), inter);
 }
 
+// The gaussian weight is exp of this.
+C10_HOST_DEVICE inline double gaussian_exponent(double overlap, double sigma) {
+  return -(exact::mul_rn(overlap, overlap)) / sigma;
+}
+
 // Decay weight for an overlap; exactly 1 (so the score is left as is) for IoU 0 under both methods.
 C10_HOST_DEVICE inline double weight(double overlap, int64_t method, double iou_threshold, double sigma) {
   if (method == kLinear) {
     return overlap > iou_threshold ? 1.0 - overlap : 1.0;
   }
-  return overlap == 0.0 ? 1.0 : exp(-(exact::mul_rn(overlap, overlap)) / sigma);
+  return overlap == 0.0 ? 1.0 : exp(gaussian_exponent(overlap, sigma));
 }
 
 // numpy's (max, argmax) order over the remaining scores: the first NaN wins, else the first largest value.

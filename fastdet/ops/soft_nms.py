@@ -19,8 +19,9 @@ Differences from ensemble-boxes' public ``soft_nms(boxes_list, scores_list, labe
 [0, 1], reorders swapped corners and drops zero-area boxes first (here boxes are used as given, in any units), groups
 by label in label order, and returns the *original* scores of the kept boxes; here the decayed scores are returned.
 The final threshold test is exact (as if in float64); numpy compares float32 scores with the threshold rounded to
-float32, which differs only for a decayed score between the two. ``exp`` is the platform's (glibc / CUDA) where numpy
-may use its own SIMD version, so gaussian scores can differ from ensemble-boxes' in the last bit.
+float32, which differs only for a decayed score between the two. ``exp`` is SLEEF's 1-ulp vector exp on CPUs with
+AVX2 (the one libtorch ships; ``FASTDET_SOFT_NMS_SCALAR=1`` forces libm's), libm's elsewhere and CUDA's on the GPU,
+where numpy may use its own SIMD version, so gaussian scores can differ from ensemble-boxes' in the last bits.
 """
 
 from __future__ import annotations

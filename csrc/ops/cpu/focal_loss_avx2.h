@@ -8,12 +8,11 @@
 //
 // The arithmetic is focal::element's, operation for operation (same products, same order, comparisons with the same
 // NaN behaviour), so the two paths differ only by SLEEF's exp/log1p/pow against libm's (<= 1 ulp each).
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#include "ops/cpu/sleef.h"
+#if defined(FASTDET_SLEEF_LOOKUP)
 #define FASTDET_FOCAL_AVX2 1
-#include <dlfcn.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <immintrin.h>
@@ -34,17 +33,11 @@ struct Sleef {
 inline const Sleef& sleef() {
   static const Sleef s = [] {
     Sleef r;
-    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))) {
-      return r;
-    }
     // FASTDET_FOCAL_SCALAR=1 forces the scalar path (the code the CUDA kernel shares), so tests can compare the two.
-    const char* force_scalar = std::getenv("FASTDET_FOCAL_SCALAR");
-    if (force_scalar != nullptr && force_scalar[0] != '\0' && force_scalar[0] != '0') return r;
-    void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
-    if (lib == nullptr) return r;
-    r.exp = dlsym(lib, "Sleef_expf8_u10avx2");
-    r.log1p = dlsym(lib, "Sleef_log1pf8_u10avx2");
-    r.pow = dlsym(lib, "Sleef_powf8_u10avx2");
+    if (!fastdet::sleef::avx2_fma_f16c() || fastdet::sleef::scalar_forced("FASTDET_FOCAL_SCALAR")) return r;
+    r.exp = fastdet::sleef::lookup("Sleef_expf8_u10avx2");
+    r.log1p = fastdet::sleef::lookup("Sleef_log1pf8_u10avx2");
+    r.pow = fastdet::sleef::lookup("Sleef_powf8_u10avx2");
     r.ok = r.exp != nullptr && r.log1p != nullptr && r.pow != nullptr;
     return r;
   }();

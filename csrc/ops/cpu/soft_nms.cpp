@@ -12,12 +12,50 @@
 #include <emmintrin.h>
 #endif
 
+#include "ops/cpu/sleef.h"
+#if defined(FASTDET_SLEEF_LOOKUP)
+#include <immintrin.h>
+#endif
 #include "ops/nms.h"
 #include "ops/soft_nms_math.h"
 #include "ops/stable.h"
 
 namespace fastdet {
 namespace {
+
+// exp of x[0..n) in place: SLEEF's 1-ulp AVX2 exp (4 at a time) where this CPU and torch have it, else libm's. The
+// vector path is used for every element (a short tail is padded), so a weight never depends on its position.
+// FASTDET_SOFT_NMS_SCALAR=1 forces libm's exp (the tests compare the two paths).
+#if defined(FASTDET_SLEEF_LOOKUP)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+using vexpd_t = __m256d (*)(__m256d);
+__attribute__((target("avx2,fma"))) void exp_sleef(void* fn, double* x, int64_t n) {
+  const auto vexp = reinterpret_cast<vexpd_t>(fn);
+  int64_t k = 0;
+  for (; k + 4 <= n; k += 4) _mm256_storeu_pd(x + k, vexp(_mm256_loadu_pd(x + k)));
+  if (k < n) {
+    double tail[4] = {0.0, 0.0, 0.0, 0.0};
+    std::copy(x + k, x + n, tail);
+    _mm256_storeu_pd(tail, vexp(_mm256_loadu_pd(tail)));
+    std::copy(tail, tail + (n - k), x + k);
+  }
+}
+#pragma GCC pop_options
+#endif
+
+void exp_in_place(double* x, int64_t n) {
+#if defined(FASTDET_SLEEF_LOOKUP)
+  static void* const fn = sleef::avx2_fma_f16c() && !sleef::scalar_forced("FASTDET_SOFT_NMS_SCALAR")
+                              ? sleef::lookup("Sleef_expd4_u10avx2")
+                              : nullptr;
+  if (fn != nullptr) {
+    exp_sleef(fn, x, n);
+    return;
+  }
+#endif
+  for (int64_t k = 0; k < n; ++k) x[k] = std::exp(x[k]);
+}
 
 struct NeighbourBuffers {
   std::vector<int32_t> forward, backward;
@@ -40,8 +78,8 @@ struct SoftNmsParams {
 //    pairs that can have another weight are found once, up front, by a sweep along x (build_graph). Numbering the
 //    entries in x order keeps a box's neighbours close to it in memory.
 //  * A step first gathers the neighbours that are still decayed (later slot, not pruned), then computes all their
-//    weights in one tight loop (independent exp calls overlap), then applies them. Each neighbour is decayed once per
-//    step whatever the order, so the results are those of one-by-one decays.
+//    weights at once (the gaussian exps as one vector call, see exp_in_place), then applies them. Each neighbour is
+//    decayed once per step whatever the order, so the results are those of one-by-one decays.
 template <typename S>
 class SoftNmsSegment {
  public:
@@ -95,12 +133,26 @@ class SoftNmsSegment {
         for (int64_t k = backward_start_[e]; k < backward_start_[e + 1]; ++k) gather(backward_[k]);
         for (int64_t c = num_ordinary_; c < n; ++c) gather(c);
       }
-      // 2. their weights
+      // 2. their weights (gaussian: soft_nms::weight's, with the exps of the step in one vector call)
       const int64_t t = static_cast<int64_t>(targets_.size());
       weights_.resize(t);
       const double* eb = entry_box(e);
-      for (int64_t k = 0; k < t; ++k) {
-        weights_[k] = soft_nms::weight(soft_nms::iou(eb, entry_box(targets_[k])), p.method, p.iou_threshold, p.sigma);
+      if (p.method == soft_nms::kGaussian) {
+        overlaps_.resize(t);
+        for (int64_t k = 0; k < t; ++k) {
+          const double overlap = soft_nms::iou(eb, entry_box(targets_[k]));
+          overlaps_[k] = overlap;
+          weights_[k] = soft_nms::gaussian_exponent(overlap, p.sigma);
+        }
+        exp_in_place(weights_.data(), t);
+        for (int64_t k = 0; k < t; ++k) {
+          if (overlaps_[k] == 0.0) weights_[k] = 1.0;
+        }
+      } else {
+        for (int64_t k = 0; k < t; ++k) {
+          weights_[k] =
+              soft_nms::weight(soft_nms::iou(eb, entry_box(targets_[k])), p.method, p.iou_threshold, p.sigma);
+        }
       }
       // 3. the decays
       for (int64_t k = 0; k < t; ++k) {
@@ -280,7 +332,7 @@ class SoftNmsSegment {
   int64_t n_ = 0, first_ = 0, num_ordinary_ = 0;
   std::vector<int32_t> forward_, backward_, targets_;
   std::vector<int64_t> forward_start_, backward_start_, cursor_;
-  std::vector<double> weights_;
+  std::vector<double> weights_, overlaps_;
   // Pruned entries (only when prune_): a finite score <= score_threshold. Such a box can never be kept and ranks below
   // every box that can (or that has a NaN score, which ranks first), so it leaves the argmax and is no longer
   // decayed; the run stops once only such boxes remain. Kept boxes, their order and scores are unchanged.
