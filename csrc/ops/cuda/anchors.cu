@@ -16,14 +16,6 @@ namespace {
 
 using DoubleArrayRef = torch::headeronly::HeaderOnlyArrayRef<double>;
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 65535;  // grid-stride beyond this; plenty to fill any current GPU
-
-unsigned int blocks_for(int64_t rows) {
-  const int64_t wanted = (rows + kThreads - 1) / kThreads;
-  return static_cast<unsigned int>(wanted < 1 ? 1 : (wanted > kMaxBlocks ? kMaxBlocks : wanted));
-}
-
 template <typename T>
 __global__ void grid_anchors_kernel(const anchors::Levels lv, const T* __restrict__ cells, double offset, int64_t N,
                                     T* __restrict__ out) {
@@ -62,7 +54,7 @@ Tensor grid_anchors_cuda(const Tensor& table, IntArrayRef anchors_per_level, Int
     return out;
   }
   FASTDET_DISPATCH_FLOATING(out.scalar_type(), "grid_anchors_cuda", [&] {
-    grid_anchors_kernel<scalar_t><<<blocks_for(N), kThreads, 0, stream>>>(
+    grid_anchors_kernel<scalar_t><<<blocks_for(N), kBlockThreads, 0, stream>>>(
         lv, table.const_data_ptr<scalar_t>(), offset, N, out.mutable_data_ptr<scalar_t>());
     FASTDET_CUDA_LAUNCH_CHECK();
   });
@@ -85,7 +77,7 @@ Tensor ssd_default_boxes_cuda(const Tensor& table, IntArrayRef boxes_per_level, 
     using T = scalar_t;
     auto launch = [&](auto* dst) {
       using O = std::remove_pointer_t<decltype(dst)>;
-      ssd_default_boxes_kernel<T, O><<<blocks_for(N), kThreads, 0, stream>>>(
+      ssd_default_boxes_kernel<T, O><<<blocks_for(N), kBlockThreads, 0, stream>>>(
           lv, wh, static_cast<O>(image_size[1]), static_cast<O>(image_size[0]), N, dst);
       FASTDET_CUDA_LAUNCH_CHECK();
     };
@@ -109,7 +101,7 @@ Tensor grid_priors_cuda(const Tensor& table, IntArrayRef priors_per_level, IntAr
     return out;
   }
   FASTDET_DISPATCH_FLOATING(out.scalar_type(), "grid_priors_cuda", [&] {
-    grid_priors_kernel<scalar_t><<<blocks_for(N), kThreads, 0, stream>>>(
+    grid_priors_kernel<scalar_t><<<blocks_for(N), kBlockThreads, 0, stream>>>(
         lv, table.const_data_ptr<double>(), offset, xyxy, N, out.mutable_data_ptr<scalar_t>());
     FASTDET_CUDA_LAUNCH_CHECK();
   });

@@ -23,14 +23,6 @@ namespace {
 
 using coder::Params;
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 65535;
-
-unsigned int blocks_for(int64_t items) {
-  const int64_t wanted = (items + kThreads - 1) / kThreads;
-  return static_cast<unsigned int>(wanted < 1 ? 1 : (wanted > kMaxBlocks ? kMaxBlocks : wanted));
-}
-
 #define FASTDET_GRID_STRIDE(i, n)                                                                   \
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); \
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
@@ -166,7 +158,7 @@ Tensor box_decode_kernel(const Tensor& rel, const Tensor& bx, std::vector<double
   }
   FASTDET_DISPATCH_FLOATING(rel.scalar_type(), "box_decode_cuda", [&] {
     using A = opmath_t<scalar_t>;
-    decode_kernel<scalar_t><<<blocks_for(R * C), kThreads, 0, stream>>>(
+    decode_kernel<scalar_t><<<blocks_for(R * C), kBlockThreads, 0, stream>>>(
         rel.const_data_ptr<scalar_t>(), bx.const_data_ptr<scalar_t>(), R * C, C, Rb,
         coder::make_params<A>(weights, clip), out.mutable_data_ptr<scalar_t>());
     FASTDET_CUDA_LAUNCH_CHECK();
@@ -188,13 +180,13 @@ std::tuple<Tensor, Tensor> box_decode_backward_kernel(const Tensor& g, const Ten
     using A = opmath_t<scalar_t>;
     const auto p = coder::make_params<A>(weights, clip);
     if (R * C > 0) {
-      decode_backward_rel_kernel<scalar_t><<<blocks_for(R * C), kThreads, 0, stream>>>(
+      decode_backward_rel_kernel<scalar_t><<<blocks_for(R * C), kBlockThreads, 0, stream>>>(
           g.const_data_ptr<scalar_t>(), rel.const_data_ptr<scalar_t>(), bx.const_data_ptr<scalar_t>(), R * C, C, Rb,
           p, grad_rel.mutable_data_ptr<scalar_t>());
       FASTDET_CUDA_LAUNCH_CHECK();
     }
     // also writes zeros for boxes no row uses (C == 0)
-    decode_backward_boxes_kernel<scalar_t><<<blocks_for(Rb), kThreads, 0, stream>>>(
+    decode_backward_boxes_kernel<scalar_t><<<blocks_for(Rb), kBlockThreads, 0, stream>>>(
         g.const_data_ptr<scalar_t>(), rel.const_data_ptr<scalar_t>(), bx.const_data_ptr<scalar_t>(), R, C, Rb, p,
         grad_boxes.mutable_data_ptr<scalar_t>());
     FASTDET_CUDA_LAUNCH_CHECK();
@@ -212,7 +204,7 @@ Tensor box_encode_kernel(const Tensor& gt, const Tensor& ex, std::vector<double>
   }
   FASTDET_DISPATCH_FLOATING(gt.scalar_type(), "box_encode_cuda", [&] {
     using A = opmath_t<scalar_t>;
-    encode_kernel<scalar_t><<<blocks_for(N), kThreads, 0, stream>>>(
+    encode_kernel<scalar_t><<<blocks_for(N), kBlockThreads, 0, stream>>>(
         gt.const_data_ptr<scalar_t>(), ex.const_data_ptr<scalar_t>(), N, coder::make_params<A>(weights, 0.0),
         out.mutable_data_ptr<scalar_t>());
     FASTDET_CUDA_LAUNCH_CHECK();
@@ -235,7 +227,7 @@ Tensor decode_select_boxes_kernel(const Tensor& rel, const Tensor& anc, const Te
   const double* sp = image_sizes.has_value() ? image_sizes->const_data_ptr<double>() : nullptr;
   FASTDET_DISPATCH_FLOATING(rel.scalar_type(), "decode_select_boxes_cuda", [&] {
     using A = opmath_t<scalar_t>;
-    decode_select_kernel<scalar_t><<<blocks_for(B * K), kThreads, 0, stream>>>(
+    decode_select_kernel<scalar_t><<<blocks_for(B * K), kBlockThreads, 0, stream>>>(
         rel.const_data_ptr<scalar_t>(), anc.const_data_ptr<scalar_t>(), idx.const_data_ptr<int64_t>(), sp, B, N, K,
         anc.size(0) == 1, coder::make_params<A>(weights, clip), out.mutable_data_ptr<scalar_t>());
     FASTDET_CUDA_LAUNCH_CHECK();

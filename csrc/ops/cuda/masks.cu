@@ -18,13 +18,6 @@
 namespace fastdet {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 1 << 20;
-
-unsigned int blocks_for(int64_t n) {
-  return static_cast<unsigned int>(std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxBlocks));
-}
-
 template <typename T, typename B>
 __global__ void paste_kernel(const T* __restrict__ masks, const B* __restrict__ boxes, T* __restrict__ out,
                              int64_t total, int64_t mh, int64_t mw, int64_t H, int64_t W, int64_t pad, double scale) {
@@ -65,7 +58,7 @@ Tensor paste_masks_in_image_cuda(const Tensor& masks, const Tensor& boxes, int64
   FASTDET_DISPATCH_FLOATING(boxes.scalar_type(), "paste_masks_in_image_boxes", [&] {
     using B = scalar_t;
     FASTDET_DISPATCH_FLOATING(masks.scalar_type(), "paste_masks_in_image", [&] {
-      paste_kernel<scalar_t, B><<<blocks_for(total), kThreads, 0, stream>>>(
+      paste_kernel<scalar_t, B><<<blocks_for(total), kBlockThreads, 0, stream>>>(
           masks.const_data_ptr<scalar_t>(), boxes.const_data_ptr<B>(), out.mutable_data_ptr<scalar_t>(), total, mh,
           mw, H, W, padding, scale);
       FASTDET_CUDA_LAUNCH_CHECK();
@@ -124,16 +117,16 @@ Tensor project_masks_on_boxes_cuda(const Tensor& gt_masks, const Tensor& boxes, 
     T* o = out.mutable_data_ptr<T>();
     switch (gt_masks.scalar_type()) {
       case kBool:
-        project_kernel<bool, T><<<blocks_for(total), kThreads, 0, stream>>>(gt_masks.const_data_ptr<bool>(), b, ix,
-                                                                             o, total, G, H, W, M);
+        project_kernel<bool, T><<<blocks_for(total), kBlockThreads, 0, stream>>>(
+            gt_masks.const_data_ptr<bool>(), b, ix, o, total, G, H, W, M);
         break;
       case ScalarType::Byte:
-        project_kernel<uint8_t, T><<<blocks_for(total), kThreads, 0, stream>>>(gt_masks.const_data_ptr<uint8_t>(), b,
-                                                                                ix, o, total, G, H, W, M);
+        project_kernel<uint8_t, T><<<blocks_for(total), kBlockThreads, 0, stream>>>(
+            gt_masks.const_data_ptr<uint8_t>(), b, ix, o, total, G, H, W, M);
         break;
       default:
         FASTDET_DISPATCH_FLOATING(gt_masks.scalar_type(), "project_masks_on_boxes_masks", [&] {
-          project_kernel<scalar_t, T><<<blocks_for(total), kThreads, 0, stream>>>(
+          project_kernel<scalar_t, T><<<blocks_for(total), kBlockThreads, 0, stream>>>(
               gt_masks.const_data_ptr<scalar_t>(), b, ix, o, total, G, H, W, M);
         });
     }

@@ -10,9 +10,6 @@
 namespace fastdet {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = 65535;
-
 template <typename T>
 __global__ void compensation_kernel(const T* __restrict__ boxes, const int64_t* __restrict__ cat, int64_t B,
                                     int64_t N, T* __restrict__ comp) {
@@ -56,15 +53,15 @@ Tensor matrix_nms_kernel_cuda(const Tensor& boxes, const std::optional<Tensor>& 
   auto comp = aten::empty({B, N}, boxes.scalar_type(), boxes);
   const int64_t* cat = categories.has_value() ? categories->const_data_ptr<int64_t>() : nullptr;
   const cudaStream_t stream = current_stream(boxes);
-  const auto grid = static_cast<unsigned int>(std::min<int64_t>((B * N + kThreads - 1) / kThreads, kMaxBlocks));
+  const auto grid = blocks_for(B * N);
   FASTDET_DISPATCH_FLOAT_DOUBLE(boxes.scalar_type(), "matrix_nms", [&] {
-    compensation_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(boxes.const_data_ptr<scalar_t>(), cat, B, N,
-                                                                  comp.mutable_data_ptr<scalar_t>());
+    compensation_kernel<scalar_t><<<grid, kBlockThreads, 0, stream>>>(boxes.const_data_ptr<scalar_t>(), cat, B, N,
+                                                                       comp.mutable_data_ptr<scalar_t>());
     FASTDET_CUDA_LAUNCH_CHECK();
-    decay_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(boxes.const_data_ptr<scalar_t>(), cat,
-                                                           comp.const_data_ptr<scalar_t>(), B, N, kernel,
-                                                           static_cast<scalar_t>(-sigma),
-                                                           decay.mutable_data_ptr<scalar_t>());
+    decay_kernel<scalar_t><<<grid, kBlockThreads, 0, stream>>>(boxes.const_data_ptr<scalar_t>(), cat,
+                                                                comp.const_data_ptr<scalar_t>(), B, N, kernel,
+                                                                static_cast<scalar_t>(-sigma),
+                                                                decay.mutable_data_ptr<scalar_t>());
     FASTDET_CUDA_LAUNCH_CHECK();
   });
   return decay;

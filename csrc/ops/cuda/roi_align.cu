@@ -34,9 +34,7 @@
 namespace fastdet {
 namespace {
 
-constexpr int kThreads = 256;
 constexpr int kChannels = 8;  // channels per forward/backward thread
-constexpr int64_t kMaxBlocks = int64_t(1) << 20;
 
 template <typename P>
 struct LevelTable {
@@ -66,11 +64,6 @@ LevelTable<P> make_table(const std::vector<Tensor>& maps, const std::vector<doub
     t.row_begin[l + 1] = t.row_begin[l] + maps[l].size(0) * maps[l].size(1) * maps[l].size(2);
   }
   return t;
-}
-
-unsigned int blocks_for(int64_t work) {
-  const int64_t b = (work + kThreads - 1) / kThreads;
-  return static_cast<unsigned int>(b < 1 ? 1 : (b > kMaxBlocks ? kMaxBlocks : b));
 }
 
 // Decomposes a flat work index into (RoI, bin, channel block); see the file comment for the two orders.
@@ -327,7 +320,7 @@ Tensor roi_align_kernel(const std::vector<Tensor>& features, const Tensor& rois,
       ptrs.push_back(f.const_data_ptr<scalar_t>());
     }
     const auto table = make_table<const scalar_t>(features, scales, ptrs);
-    align_forward_kernel<scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
+    align_forward_kernel<scalar_t><<<blocks_for(work), kBlockThreads, 0, stream>>>(
         table, rois.const_data_ptr<T>(), levels.has_value() ? levels->const_data_ptr<int64_t>() : nullptr, K, N, C,
         PH, PW, sampling_ratio, aligned, channels_last, out.mutable_data_ptr<scalar_t>(), out.stride(0),
         out.stride(1), out.stride(2), out.stride(3));
@@ -365,14 +358,14 @@ std::vector<Tensor> roi_align_backward_kernel(const Tensor& grad, const Tensor& 
       if (deterministic) {
         const int64_t work = table.row_begin[L];
         if (work > 0) {
-          align_backward_gather_kernel<scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
+          align_backward_gather_kernel<scalar_t><<<blocks_for(work), kBlockThreads, 0, stream>>>(
               table, rois.const_data_ptr<T>(), lv, grad.const_data_ptr<scalar_t>(), grad.stride(0), grad.stride(1),
               grad.stride(2), grad.stride(3), K, N, C, PH, PW, sampling_ratio, aligned);
           FASTDET_CUDA_LAUNCH_CHECK();
         }
       } else {
         const int64_t work = K * PH * PW * ((C + kChannels - 1) / kChannels);
-        align_backward_atomic_kernel<scalar_t><<<blocks_for(work), kThreads, 0, stream>>>(
+        align_backward_atomic_kernel<scalar_t><<<blocks_for(work), kBlockThreads, 0, stream>>>(
             table, rois.const_data_ptr<T>(), lv, grad.const_data_ptr<scalar_t>(), grad.stride(0), grad.stride(1),
             grad.stride(2), grad.stride(3), K, N, C, PH, PW, sampling_ratio, aligned, channels_last);
         FASTDET_CUDA_LAUNCH_CHECK();

@@ -21,14 +21,6 @@
 namespace fastdet {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = int64_t(1) << 20;
-
-unsigned int blocks_for(int64_t work) {
-  const int64_t b = (work + kThreads - 1) / kThreads;
-  return static_cast<unsigned int>(b < 1 ? 1 : (b > kMaxBlocks ? kMaxBlocks : b));
-}
-
 struct Shape4 {
   int64_t n, c, h, w;
 };
@@ -156,7 +148,7 @@ std::tuple<Tensor, Tensor> roi_pool_kernel(const Tensor& input, const Tensor& ro
   }
   FASTDET_DISPATCH_FLOATING(input.scalar_type(), "roi_pool_cuda", [&] {
     using T = opmath_t<scalar_t>;
-    pool_forward_kernel<scalar_t><<<blocks_for(out.numel()), kThreads, 0, stream>>>(
+    pool_forward_kernel<scalar_t><<<blocks_for(out.numel()), kBlockThreads, 0, stream>>>(
         input.const_data_ptr<scalar_t>(), strides_of(input), N, C, H, W, rois.const_data_ptr<T>(), K,
         static_cast<T>(spatial_scale), PH, PW, channels_last, out.mutable_data_ptr<scalar_t>(),
         argmax.mutable_data_ptr<int32_t>(), strides_of(out));
@@ -178,12 +170,12 @@ Tensor roi_pool_backward_kernel(const Tensor& grad, const Tensor& rois, const Te
     FASTDET_DISPATCH_FLOATING(grad.scalar_type(), "roi_pool_backward_cuda", [&] {
       using T = opmath_t<scalar_t>;
       if (deterministic) {
-        pool_backward_gather_kernel<scalar_t><<<blocks_for(N * C * H), kThreads, 0, stream>>>(
+        pool_backward_gather_kernel<scalar_t><<<blocks_for(N * C * H), kBlockThreads, 0, stream>>>(
             grad.const_data_ptr<scalar_t>(), strides_of(grad), argmax.const_data_ptr<int32_t>(), strides_of(argmax),
             rois.const_data_ptr<T>(), K, N, C, H, W, PH, PW, static_cast<T>(spatial_scale),
             buf.mutable_data_ptr<T>(), strides_of(buf));
       } else {
-        pool_backward_atomic_kernel<scalar_t><<<blocks_for(K * C * PH * PW), kThreads, 0, stream>>>(
+        pool_backward_atomic_kernel<scalar_t><<<blocks_for(K * C * PH * PW), kBlockThreads, 0, stream>>>(
             grad.const_data_ptr<scalar_t>(), strides_of(grad), argmax.const_data_ptr<int32_t>(), strides_of(argmax),
             rois.const_data_ptr<T>(), K, N, C, H, W, PH, PW, buf.mutable_data_ptr<T>(), strides_of(buf));
       }

@@ -21,14 +21,6 @@
 namespace fastdet {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = int64_t(1) << 20;
-
-unsigned int blocks_for(int64_t work) {
-  const int64_t b = (work + kThreads - 1) / kThreads;
-  return static_cast<unsigned int>(b < 1 ? 1 : (b > kMaxBlocks ? kMaxBlocks : b));
-}
-
 struct Shape4 {
   int64_t n, c, h, w;
 };
@@ -150,7 +142,7 @@ std::tuple<Tensor, Tensor> roi_spp_kernel(const Tensor& input, const Tensor& roi
   }
   FASTDET_DISPATCH_FLOATING(input.scalar_type(), "roi_spp_cuda", [&] {
     using T = opmath_t<scalar_t>;
-    spp_forward_kernel<scalar_t><<<blocks_for(out.numel()), kThreads, 0, stream>>>(
+    spp_forward_kernel<scalar_t><<<blocks_for(out.numel()), kBlockThreads, 0, stream>>>(
         input.const_data_ptr<scalar_t>(), strides_of(input), N, C, H, W, rois.const_data_ptr<T>(), K,
         static_cast<T>(spatial_scale), lv, out.mutable_data_ptr<scalar_t>(), argmax.mutable_data_ptr<int32_t>());
     FASTDET_CUDA_LAUNCH_CHECK();
@@ -171,12 +163,12 @@ Tensor roi_spp_backward_kernel(const Tensor& grad, const Tensor& rois, const Ten
     FASTDET_DISPATCH_FLOATING(grad.scalar_type(), "roi_spp_backward_cuda", [&] {
       using T = opmath_t<scalar_t>;
       if (deterministic) {
-        spp_backward_gather_kernel<scalar_t><<<blocks_for(N * C * H), kThreads, 0, stream>>>(
+        spp_backward_gather_kernel<scalar_t><<<blocks_for(N * C * H), kBlockThreads, 0, stream>>>(
             grad.const_data_ptr<scalar_t>(), grad.stride(0), grad.stride(1), argmax.const_data_ptr<int32_t>(),
             argmax.stride(0), argmax.stride(1), argmax.stride(2), rois.const_data_ptr<T>(), K, N, C, H, W, lv,
             static_cast<T>(spatial_scale), buf.mutable_data_ptr<T>(), strides_of(buf));
       } else {
-        spp_backward_atomic_kernel<scalar_t><<<blocks_for(K * C * B), kThreads, 0, stream>>>(
+        spp_backward_atomic_kernel<scalar_t><<<blocks_for(K * C * B), kBlockThreads, 0, stream>>>(
             grad.const_data_ptr<scalar_t>(), grad.stride(0), grad.stride(1), argmax.const_data_ptr<int32_t>(),
             argmax.stride(0), argmax.stride(1), argmax.stride(2), rois.const_data_ptr<T>(), K, N, C, H, W, lv,
             buf.mutable_data_ptr<T>(), strides_of(buf));
