@@ -1,5 +1,6 @@
 """Ensemble / test-time-augmentation options shared by the commands that run checkpoints (``fastdet predict``; ready
-for ``fastdet eval``): repeated ``--checkpoint``, ``--ensemble wbf|nmw|nms|soft-nms``, ``--tta`` (see fastdet.ensemble)."""
+for ``fastdet eval``): repeated ``--checkpoint``, ``--ensemble wbf|nmw|nms|soft-nms``, ``--tta`` (see
+fastdet.ensemble)."""
 
 from __future__ import annotations
 
