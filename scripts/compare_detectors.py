@@ -260,8 +260,9 @@ def markdown_table(output: Path) -> str:
         r = rows[0]
         lines.append("")
         lines.append(f"{r['train_images']} training / {r['test_images']} test images of {IMAGE_SIZE} x {IMAGE_SIZE} "
-                     f"px, batch {r['batch_size']}, at most {r['budget_steps']} steps or {r['time_cap']:.0f} s of "
-                     f"training each, {r['threads']} CPU thread(s), torch {r['torch']}"
+                     f"px, batch {r['batch_size']}, at most {r['budget_steps']} steps"
+                     + (f" or {r['time_cap']:.0f} s" if r.get("time_cap") is not None else "")
+                     + f" of training each, {r['threads']} CPU thread(s), torch {r['torch']}"
                      + (" (QUICK smoke run: numbers are meaningless)" if any(x.get("quick") for x in rows) else ""))
     return "\n".join(lines)
 

@@ -75,7 +75,7 @@ def test_quick_run_writes_one_json_per_detector_resumes_and_prints_the_table(tmp
 def test_markdown_table_formats_results(tmp_path):
     script = load_script()
     common = {"kwargs": {}, "budget_steps": 300, "batch_size": 8, "threads": 2, "torch": "x", "train_images": 480,
-              "test_images": 60, "quick": False}
+              "test_images": 60, "quick": False, "time_cap": 1200.0}
     results = {
         "maskrcnn_resnet18_fpn": {"AP": 0.61234, "AP50": 0.9, "mask_AP": 0.55, "parameters": 30_910_000,
                                   "flops": 12_500_000_000, "fps": 3.25, "steps": 120, "capped": True,
@@ -96,6 +96,7 @@ def test_markdown_table_formats_results(tmp_path):
         "| `zz_new_detector` | 1.00 | 0.00 | 1.0 | - | - | - | 300 | 10 |",  # undefined AP (null) shows as -
     ]
     assert "480 training / 60 test images" in table and "QUICK" not in table
+    assert "at most 300 steps or 1200 s of training each" in table
 
 
 def test_bad_arguments_are_reported(tmp_path):
