@@ -63,3 +63,23 @@ def two_images_and_targets(seed=0, size=128):
                 "labels": torch.tensor([1, 2])},
                {"boxes": torch.tensor([[20.0, 10.0, 50.0, 60.0]]), "labels": torch.tensor([2])}]
     return images, targets
+
+
+def sgd_training_losses(model, images, targets, steps, loss_names, lr=0.01, after_backward=None):
+    """Trains ``model`` (set to train mode) for ``steps`` SGD steps on one batch and returns each step's total loss;
+    every step must return exactly the losses ``loss_names``. ``after_backward(step)``, if given, runs between the
+    backward pass and the optimiser step (to inspect gradients)."""
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    totals = []
+    for step in range(steps):
+        losses = model(images, targets=targets)
+        assert set(losses) == set(loss_names), sorted(losses)
+        total = sum(losses.values())
+        optimizer.zero_grad()
+        total.backward()
+        if after_backward is not None:
+            after_backward(step)
+        optimizer.step()
+        totals.append(float(total.detach()))
+    return totals

@@ -41,33 +41,19 @@ def _images(count=2, h=60, w=100):
     return list(images)
 
 
-def test_wbf_ensemble_matches_the_op_on_normalised_boxes():
+@pytest.mark.parametrize("method, fuse", [("wbf", ops.weighted_boxes_fusion), ("nmw", ops.non_maximum_weighted)])
+def test_fusion_ensembles_match_the_op_on_normalised_boxes(method, fuse):
     models = [_detector(1), _detector(2), _detector(3)]
     images = _images()
-    fused = EnsembleDetector(models, method="wbf", weights=[2, 1, 1], iou_threshold=0.5, max_detections=1000)(images)
+    fused = EnsembleDetector(models, method=method, weights=[2, 1, 1], iou_threshold=0.5, max_detections=1000)(images)
     h, w = images[0].shape[-2:]
     scale = torch.tensor([w, h, w, h], dtype=torch.float64)
     for b in range(len(images)):
-        eb, es, el = ops.weighted_boxes_fusion([m.boxes.double() / scale for m in models],
-                                               [m.scores.double() for m in models], [m.labels for m in models],
-                                               [2, 1, 1], 0.5)
-        assert torch.allclose(fused[b]["boxes"].double(), eb * scale, rtol=0, atol=1e-4)
-        assert torch.equal(fused[b]["scores"], es.float()) and torch.equal(fused[b]["labels"], el)
-
-
-def test_nmw_ensemble_matches_the_op_on_normalised_boxes():
-    models = [_detector(1), _detector(2), _detector(3)]
-    images = _images()
-    fused = EnsembleDetector(models, method="nmw", weights=[2, 1, 1], iou_threshold=0.5, max_detections=1000)(images)
-    h, w = images[0].shape[-2:]
-    scale = torch.tensor([w, h, w, h], dtype=torch.float64)
-    for b in range(len(images)):
-        eb, es, el = ops.non_maximum_weighted([m.boxes.double() / scale for m in models],
-                                              [m.scores.double() for m in models], [m.labels for m in models],
-                                              [2, 1, 1], 0.5)
+        eb, es, el = fuse([m.boxes.double() / scale for m in models], [m.scores.double() for m in models],
+                          [m.labels for m in models], [2, 1, 1], 0.5)
         assert len(es) < sum(len(m.scores) for m in models)  # some boxes were merged
         assert torch.allclose(fused[b]["boxes"].double(), eb.double() * scale, rtol=0, atol=1e-4)
-        assert torch.equal(fused[b]["scores"], es) and torch.equal(fused[b]["labels"], el)
+        assert torch.equal(fused[b]["scores"], es.float()) and torch.equal(fused[b]["labels"], el)
 
 
 @pytest.mark.parametrize("method", ["nms", "soft-nms"])

@@ -9,6 +9,8 @@ import json
 import pytest
 import torch
 from cli_runner import run_fastdet as fastdet
+from cli_runner import train_then_evaluate
+from detection_asserts import sgd_training_losses
 from detection_asserts import two_images_and_targets as images_and_targets
 
 import fastdet.models as models
@@ -95,17 +97,7 @@ def test_training_steps_lower_the_loss():
     # trainable batch norm keeps the randomly initialised network's steps stable; proposals from selective search
     model = small_model(norm_layer="BatchNorm2d")
     images, targets = images_and_targets()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
-    model.train()
-    totals = []
-    for _ in range(4):
-        losses = model(images, targets=targets)
-        assert set(losses) == {"loss_classifier", "loss_box_reg"}
-        total = sum(losses.values())
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
-        totals.append(float(total.detach()))
+    totals = sgd_training_losses(model, images, targets, 4, {"loss_classifier", "loss_box_reg"})
     assert totals[-1] < 0.5 * totals[0], totals
 
 
@@ -277,19 +269,10 @@ def test_cli_trains_evaluates_and_predicts_on_shapes(tmp_path):
     from fastdet.data import make_shapes_dataset
 
     make_shapes_dataset(tmp_path / "data", num_images=6, image_size=(96, 96), seed=5, max_objects=2)
-    run = fastdet("train", "--data", tmp_path / "data", "--model", "fast_rcnn_resnet18_fpn",
-                  "--model-arg", "min_size=96", "--model-arg", "max_size=96", "--model-arg", "max_proposals_train=100",
-                  "--model-arg", "max_proposals_test=100", "--output", tmp_path / "run", "--epochs", "1",
-                  "--batch-size", "2", "--lr", "1e-3", "--warmup-iters", "0", "--workers", "0", "--no-progress",
-                  "--device", "cpu")
-    assert run.returncode == 0, run.stdout + run.stderr
-    checkpoint = tmp_path / "run" / "last.pt"
-    assert checkpoint.is_file()
-    result = fastdet("eval", "--checkpoint", checkpoint, "--data", tmp_path / "data", "--split", "val", "--output",
-                     tmp_path / "eval", "--device", "cpu")
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "Average Precision" in result.stdout
-    assert (tmp_path / "eval" / "metrics.json").is_file()
+    checkpoint, _ = train_then_evaluate(
+        tmp_path, "fast_rcnn_resnet18_fpn",
+        ["min_size=96", "max_size=96", "max_proposals_train=100", "max_proposals_test=100"],
+        ["--batch-size", "2", "--lr", "1e-3"])
     images = sorted((tmp_path / "data").rglob("*.png"))[:1]
     result = fastdet("predict", "--checkpoint", checkpoint, *images, "--output", tmp_path / "pred", "--no-draw",
                      "--device", "cpu")

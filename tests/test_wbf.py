@@ -33,6 +33,53 @@ def _models(seed, num_models, classes=4, dtype=torch.float64):
     return out
 
 
+def _random_batch(seed, B, M, N):
+    """Padded batched inputs: boxes [B, M, N, 4], scores, labels (4 classes) and random counts [B, M]."""
+    g = torch.Generator().manual_seed(seed)
+    boxes = torch.stack([torch.stack([normalised_boxes(N, seed + 7 * b + m)[0] for m in range(M)]) for b in range(B)])
+    scores = torch.rand(B, M, N, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 4, (B, M, N), generator=g)
+    counts = torch.randint(0, N + 1, (B, M), generator=g)
+    return boxes, scores, labels, counts
+
+
+def _adversarial_batch(seed):
+    """_random_batch(seed, 5, 4, 70) with ties, NaN and infinite scores, zero scores, NaN, swapped and out-of-range
+    corners, and weights with a zero."""
+    boxes, scores, labels, counts = _random_batch(seed, 5, 4, 70)
+    scores[0, :, :10] = 0.5  # ties across models
+    scores[1, 0, 3] = float("nan")  # skipped
+    scores[1, 1, 4] = float("inf")  # weighted 0 below: NaN, skipped
+    scores[2, 0, :5] = 0.0  # zero-score clusters: NaN fused boxes
+    boxes[1, 2, 5] = float("nan")
+    boxes[3, 1, :4] = boxes[3, 1, :4][:, [2, 3, 0, 1]]  # swapped corners
+    boxes[4, 0, :3] += 0.6  # partly outside [0, 1]
+    return boxes, scores, labels, counts, [1.0, 0.0, 2.5, 0.75]
+
+
+def _assert_batched_matches_per_image(batched, single, boxes, scores, labels, counts, *options):
+    fb, fs, fl, num = batched(boxes, scores, labels, counts, *options)
+    B, M, N = boxes.shape[:3]
+    assert fb.shape == (B, M * N, 4) and num.shape == (B,)
+    for b in range(B):
+        k = [int(c) for c in counts[b]]
+        eb, es, el = single([boxes[b, m, : k[m]] for m in range(M)], [scores[b, m, : k[m]] for m in range(M)],
+                            [labels[b, m, : k[m]] for m in range(M)], *options)
+        n = int(num[b])
+        assert n == len(es) and torch.equal(fb[b, :n], eb) and torch.equal(fs[b, :n], es)
+        assert torch.equal(fl[b, :n], el) and (fl[b, n:] == -1).all() and (fs[b, n:] == 0).all()
+    return fb
+
+
+def _assert_cuda_matches_cpu(batched, seed, *options):
+    boxes, scores, labels, counts, weights = _adversarial_batch(seed)
+    cpu = batched(boxes, scores, labels, counts, weights, *options)
+    cuda = batched(boxes.cuda(), scores.cuda(), labels.cuda(), counts.cuda(), weights, *options)
+    for a, b in zip(cpu, cuda):
+        assert b.device.type == "cuda"
+        assert torch.equal(torch.nan_to_num(a, nan=7.0), torch.nan_to_num(b.cpu(), nan=7.0)), f"seed={seed}"
+
+
 @needs_eb
 @pytest.mark.parametrize("conf_type", CONF_TYPES)
 @pytest.mark.parametrize("allows_overflow", [False, True])
@@ -90,22 +137,8 @@ def test_matches_reference_with_adversarial_inputs(conf_type):
 
 def test_batched_form_matches_per_image_calls():
     seed = fresh_seed()
-    B, M, N = 4, 3, 30
-    g = torch.Generator().manual_seed(seed)
-    boxes = torch.stack([torch.stack([normalised_boxes(N, seed + 7 * b + m)[0] for m in range(M)]) for b in range(B)])
-    scores = torch.rand(B, M, N, generator=g, dtype=torch.float64)
-    labels = torch.randint(0, 3, (B, M, N), generator=g)
-    counts = torch.randint(0, N + 1, (B, M), generator=g)
-    fb, fs, fl, num = ops.weighted_boxes_fusion_batched(boxes, scores, labels, counts)
-    assert fb.shape == (B, M * N, 4) and num.shape == (B,)
-    for b in range(B):
-        k = [int(c) for c in counts[b]]
-        eb, es, el = ops.weighted_boxes_fusion([boxes[b, m, : k[m]] for m in range(M)],
-                                               [scores[b, m, : k[m]] for m in range(M)],
-                                               [labels[b, m, : k[m]] for m in range(M)])
-        n = int(num[b])
-        assert n == len(es) and torch.equal(fb[b, :n], eb) and torch.equal(fs[b, :n], es)
-        assert torch.equal(fl[b, :n], el) and (fl[b, n:] == -1).all() and (fs[b, n:] == 0).all()
+    _assert_batched_matches_per_image(ops.weighted_boxes_fusion_batched, ops.weighted_boxes_fusion,
+                                      *_random_batch(seed, 4, 3, 30))
 
 
 def test_empty_errors_and_opcheck():
@@ -133,27 +166,7 @@ def test_empty_errors_and_opcheck():
 @pytest.mark.parametrize("conf_type", CONF_TYPES)
 @pytest.mark.parametrize("allows_overflow", [False, True])
 def test_cuda_matches_cpu_bit_for_bit(conf_type, allows_overflow):
-    seed = fresh_seed()
-    B, M, N = 5, 4, 70
-    g = torch.Generator().manual_seed(seed)
-    boxes = torch.stack([torch.stack([normalised_boxes(N, seed + 7 * b + m)[0] for m in range(M)]) for b in range(B)])
-    scores = torch.rand(B, M, N, generator=g, dtype=torch.float64)
-    labels = torch.randint(0, 4, (B, M, N), generator=g)
-    counts = torch.randint(0, N + 1, (B, M), generator=g)
-    scores[0, :, :10] = 0.5  # ties across models
-    scores[1, 0, 3] = float("nan")  # skipped
-    scores[1, 1, 4] = float("inf")  # weighted 0 below: NaN, skipped
-    scores[2, 0, :5] = 0.0  # zero-score clusters: NaN fused boxes
-    boxes[1, 2, 5] = float("nan")
-    boxes[3, 1, :4] = boxes[3, 1, :4][:, [2, 3, 0, 1]]  # swapped corners
-    boxes[4, 0, :3] += 0.6  # partly outside [0, 1]
-    weights = [1.0, 0.0, 2.5, 0.75]
-    args = (labels, counts, weights, 0.55, 0.1, conf_type, allows_overflow)
-    cpu = ops.weighted_boxes_fusion_batched(boxes, scores, *args)
-    cuda = ops.weighted_boxes_fusion_batched(boxes.cuda(), scores.cuda(), labels.cuda(), counts.cuda(), *args[2:])
-    for a, b in zip(cpu, cuda):
-        assert b.device.type == "cuda"
-        assert torch.equal(torch.nan_to_num(a, nan=7.0), torch.nan_to_num(b.cpu(), nan=7.0)), f"seed={seed}"
+    _assert_cuda_matches_cpu(ops.weighted_boxes_fusion_batched, fresh_seed(), 0.55, 0.1, conf_type, allows_overflow)
 
 
 # --- non-maximum weighted -------------------------------------------------------------------------------------------
@@ -221,22 +234,9 @@ def test_nmw_differs_from_wbf_as_specified():
 
 def test_nmw_batched_form_matches_per_image_calls():
     seed = fresh_seed()
-    B, M, N = 4, 3, 30
-    g = torch.Generator().manual_seed(seed)
-    boxes = torch.stack([torch.stack([normalised_boxes(N, seed + 7 * b + m)[0] for m in range(M)]) for b in range(B)])
-    scores = torch.rand(B, M, N, generator=g, dtype=torch.float64)
-    labels = torch.randint(0, 3, (B, M, N), generator=g)
-    counts = torch.randint(0, N + 1, (B, M), generator=g)
-    fb, fs, fl, num = ops.non_maximum_weighted_batched(boxes, scores, labels, counts, [1.0, 2.0, 0.5])
-    assert fb.shape == (B, M * N, 4) and fb.dtype == torch.float32 and num.shape == (B,)
-    for b in range(B):
-        k = [int(c) for c in counts[b]]
-        eb, es, el = ops.non_maximum_weighted([boxes[b, m, : k[m]] for m in range(M)],
-                                              [scores[b, m, : k[m]] for m in range(M)],
-                                              [labels[b, m, : k[m]] for m in range(M)], [1.0, 2.0, 0.5])
-        n = int(num[b])
-        assert n == len(es) and torch.equal(fb[b, :n], eb) and torch.equal(fs[b, :n], es)
-        assert torch.equal(fl[b, :n], el) and (fl[b, n:] == -1).all() and (fs[b, n:] == 0).all()
+    fb = _assert_batched_matches_per_image(ops.non_maximum_weighted_batched, ops.non_maximum_weighted,
+                                           *_random_batch(seed, 4, 3, 30), [1.0, 2.0, 0.5])
+    assert fb.dtype == torch.float32
 
 
 def test_nmw_empty_errors_and_opcheck():
@@ -274,22 +274,4 @@ def test_nmw_under_compile():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device available")
 def test_nmw_cuda_matches_cpu_bit_for_bit():
-    seed = fresh_seed()
-    B, M, N = 5, 4, 70
-    g = torch.Generator().manual_seed(seed)
-    boxes = torch.stack([torch.stack([normalised_boxes(N, seed + 7 * b + m)[0] for m in range(M)]) for b in range(B)])
-    scores = torch.rand(B, M, N, generator=g, dtype=torch.float64)
-    labels = torch.randint(0, 4, (B, M, N), generator=g)
-    counts = torch.randint(0, N + 1, (B, M), generator=g)
-    scores[0, :, :10] = 0.5  # ties across models
-    scores[1, 0, 3] = float("nan")  # skipped
-    scores[2, 0, :5] = 0.0  # zero-weight clusters: NaN fused boxes
-    boxes[1, 2, 5] = float("nan")
-    boxes[3, 1, :4] = boxes[3, 1, :4][:, [2, 3, 0, 1]]  # swapped corners
-    weights = [1.0, 0.5, 2.5, 0.75]
-    cpu = ops.non_maximum_weighted_batched(boxes, scores, labels, counts, weights, 0.55, 0.1)
-    cuda = ops.non_maximum_weighted_batched(boxes.cuda(), scores.cuda(), labels.cuda(), counts.cuda(), weights, 0.55,
-                                            0.1)
-    for a, b in zip(cpu, cuda):
-        assert b.device.type == "cuda"
-        assert torch.equal(torch.nan_to_num(a, nan=7.0), torch.nan_to_num(b.cpu(), nan=7.0)), f"seed={seed}"
+    _assert_cuda_matches_cpu(ops.non_maximum_weighted_batched, fresh_seed(), 0.55, 0.1)

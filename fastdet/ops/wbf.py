@@ -83,6 +83,14 @@ def _pad_models(boxes_list, scores_list, labels_list) -> tuple[Tensor, Tensor, T
     return padded_boxes, padded_scores, padded_labels, counts
 
 
+def _one_image(batched, boxes_list, scores_list, labels_list, *options) -> tuple[Tensor, Tensor, Tensor]:
+    """A batched fusion op on one image's per-model lists: its fused boxes, scores and labels, cut to their number."""
+    padded_boxes, padded_scores, padded_labels, counts = _pad_models(boxes_list, scores_list, labels_list)
+    out_boxes, out_scores, out_labels, num = batched(padded_boxes, padded_scores, padded_labels, counts, *options)
+    k = int(num[0])
+    return out_boxes[0, :k], out_scores[0, :k], out_labels[0, :k]
+
+
 def _batched_args(boxes, scores, labels, counts) -> Tensor:
     """Checks the batched ops' tensor arguments; returns counts (all N when None)."""
     for name, t in (("boxes", boxes), ("scores", scores), ("labels", labels)):
@@ -122,13 +130,8 @@ def weighted_boxes_fusion(
     Returns:
         boxes (Tensor[K, 4] float64), scores (Tensor[K] float64), labels (Tensor[K] int64), by decreasing score.
     """
-    padded_boxes, padded_scores, padded_labels, counts = _pad_models(boxes_list, scores_list, labels_list)
-    out_boxes, out_scores, out_labels, num = weighted_boxes_fusion_batched(
-        padded_boxes, padded_scores, padded_labels, counts, weights, iou_threshold, skip_box_threshold, conf_type,
-        allows_overflow,
-    )
-    k = int(num[0])
-    return out_boxes[0, :k], out_scores[0, :k], out_labels[0, :k]
+    return _one_image(weighted_boxes_fusion_batched, boxes_list, scores_list, labels_list, weights, iou_threshold,
+                      skip_box_threshold, conf_type, allows_overflow)
 
 
 def weighted_boxes_fusion_batched(
@@ -179,12 +182,8 @@ def non_maximum_weighted(
     Returns:
         boxes (Tensor[K, 4] float32), scores (Tensor[K] float32), labels (Tensor[K] int64), by decreasing score.
     """
-    padded_boxes, padded_scores, padded_labels, counts = _pad_models(boxes_list, scores_list, labels_list)
-    out_boxes, out_scores, out_labels, num = non_maximum_weighted_batched(
-        padded_boxes, padded_scores, padded_labels, counts, weights, iou_threshold, skip_box_threshold
-    )
-    k = int(num[0])
-    return out_boxes[0, :k], out_scores[0, :k], out_labels[0, :k]
+    return _one_image(non_maximum_weighted_batched, boxes_list, scores_list, labels_list, weights, iou_threshold,
+                      skip_box_threshold)
 
 
 def non_maximum_weighted_batched(
