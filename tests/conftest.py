@@ -30,14 +30,31 @@ def device(request) -> str:
 @pytest.fixture
 def torchvision_per_category_nms(monkeypatch):
     """Make torchvision's detection models run their batched NMS category by category (torchvision's own
-    ``_batched_nms_vanilla``), the semantics fastdet implements. On small inputs (at most 1,000 boxes on CPU)
-    torchvision's ``batched_nms`` instead shifts each category's boxes by ``category * (max coordinate + 1)``; the
-    shift rounds coordinates (by up to about 5e-4 px at 80 categories of 100 px images), which can flip a decision
-    whose IoU lies within float rounding of the threshold (seen: IoU 0.500002 at threshold 0.5). Detector parity
-    tests compare against the exact per-category decisions; the op tests compare with ``torchvision.ops.batched_nms``
-    itself."""
+    ``_batched_nms_vanilla``), the semantics fastdet implements, with exactly tied scores in index order.
+
+    Two departures from torchvision's ``batched_nms``, both about decisions torchvision leaves to chance:
+
+    - On small inputs (at most 1,000 boxes on CPU) ``batched_nms`` shifts each category's boxes by
+      ``category * (max coordinate + 1)``; the shift rounds coordinates (by up to about 5e-4 px at 80 categories of
+      100 px images), which can flip a decision whose IoU lies within float rounding of the threshold (seen: IoU
+      0.500002 at threshold 0.5).
+    - The kept indices are ordered by ``scores.sort(descending=True)``, which is not stable on CPU above a few dozen
+      elements: exactly tied scores come out in an order set by the sort's internals. An RPN whose objectness
+      saturates (probability exactly 1.0 for many proposals) hands its proposals to the box head in that order, and
+      when two tied proposals then give the same class score to overlapping boxes, which one NMS keeps depends on it
+      (seen: a MobileNet Faster R-CNN whose random seeds failed parity 2 times in 3 CI runs). fastdet ranks ties by
+      index, so the reference here does too.
+
+    Detector parity tests compare against these exact per-category decisions; the op tests compare with
+    ``torchvision.ops.batched_nms`` itself."""
     boxes_module = pytest.importorskip("torchvision.ops.boxes")
-    monkeypatch.setattr(boxes_module, "batched_nms", boxes_module._batched_nms_vanilla)
+    vanilla = boxes_module._batched_nms_vanilla
+
+    def per_category_in_index_order(boxes, scores, idxs, iou_threshold):
+        keep = vanilla(boxes, scores, idxs, iou_threshold).sort().values
+        return keep[torch.sort(scores[keep], descending=True, stable=True).indices]
+
+    monkeypatch.setattr(boxes_module, "batched_nms", per_category_in_index_order)
 
 
 @pytest.fixture
