@@ -271,3 +271,27 @@ def test_evaluate_model_runs_in_eval_mode_without_grad():
     assert not detections[0]["boxes"].requires_grad
     with pytest.raises(ValueError, match="image_id"):
         evaluate_model(model, [([image(1)], [{}])], gt, "cpu")
+
+
+class _DetectorOnProposalTable(torch.nn.Module):
+    """Like R-CNN / Fast R-CNN on a proposals file: it needs the images' ids and returns its table's boxes."""
+
+    needs_image_ids = True
+
+    def __init__(self, objects):
+        super().__init__()
+        self.objects = objects
+
+    def forward(self, images, targets=None, *, image_ids=None):
+        assert image_ids is not None and len(image_ids) == len(images)
+        return [{"boxes": torch.tensor([b[:4] for b in self.objects[i]], dtype=torch.float32).reshape(-1, 4),
+                 "scores": torch.linspace(0.9, 0.5, len(self.objects[i])),
+                 "labels": torch.tensor([b[4] for b in self.objects[i]], dtype=torch.long)} for i in image_ids]
+
+
+def test_models_that_need_image_ids_get_them():
+    ids = list(OBJECTS)
+    loader = [([torch.zeros(3, 8, 8)] * 2, [{"image_id": torch.tensor(i)} for i in ids[:2]]),
+              ([torch.zeros(3, 8, 8)], [{"image_id": ids[2]}])]
+    result = evaluate_model(_DetectorOnProposalTable(OBJECTS), loader, _dataset(OBJECTS), "cpu")
+    assert result.stats["AP"] == pytest.approx(1.0)

@@ -279,6 +279,57 @@ def test_cli_trains_evaluates_and_predicts_on_shapes(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "pred" / "predictions.json").is_file()
 
+    # `fastdet eval --proposals FILE`: the checkpoint's own selective search, computed beforehand and saved by image
+    # id, gives the detections of the search run inside the model; other boxes in the file give other detections.
+    from fastdet.cli._common import load_checkpoint, load_coco
+    from fastdet.cli.evaluate import use_proposal_file
+    from fastdet.data import make_data_loader
+    from fastdet.eval import collect_detections
+
+    data = tmp_path / "data"
+    val = load_coco(data / "images", data / "annotations" / "instances_val.json")
+    search = SelectiveSearchProposals("fast", max_proposals_train=100, max_proposals_test=100).eval()
+    table = {int(target["image_id"]): search(image) for image, target in (val[i] for i in range(len(val)))}
+    save_proposals(tmp_path / "val_proposals.pt", table)
+    save_proposals(tmp_path / "whole.json", {i: torch.tensor([[0.0, 0.0, 96.0, 96.0]]) for i in table})
+    model, spec = load_checkpoint(checkpoint, torch.device("cpu"))
+    model.roi_heads.score_thresh = 0.0  # every candidate, so that the comparison sees many boxes
+    loader = make_data_loader(val, batch_size=2)
+    detections = {}
+    for source in ("own", "val_proposals.pt", "whole.json"):
+        if source != "own":
+            use_proposal_file(model, tmp_path / source, val, spec["name"])
+            assert model.needs_image_ids
+        detections[source] = collect_detections(model, loader, "cpu")
+    assert sum(len(d["boxes"]) for d in detections["own"]) > 20
+    for own, from_file, whole in zip(*detections.values()):
+        assert own["image_id"] == from_file["image_id"] == whole["image_id"]
+        assert all(torch.equal(own[k], from_file[k]) for k in ("boxes", "scores", "labels"))
+        assert len(whole["boxes"]) <= model.num_classes - 1  # one proposal: a box per foreground class at most
+    result = fastdet("eval", "--checkpoint", checkpoint, "--data", data, "--split", "val", "--proposals",
+                     tmp_path / "val_proposals.pt", "--output", tmp_path / "eval_file", "--device", "cpu")
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = [json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("eval", "eval_file")]
+    assert metrics[0]["stats"] == metrics[1]["stats"]
+    # an image without proposals, a broken file, an ensemble: exit 2 with the reason
+    missing = dict(table)
+    missing.pop(min(missing))
+    save_proposals(tmp_path / "missing.pt", missing)
+    for path, extra, message in [(tmp_path / "missing.pt", [], f"no proposals for 1 of the {len(val)} images"),
+                                 (tmp_path / "nothing.json", [], "proposals file not found"),
+                                 (tmp_path / "val_proposals.pt", ["--tta"], "one checkpoint without --tta")]:
+        result = fastdet("eval", "--checkpoint", checkpoint, "--data", data, "--split", "val", "--proposals", path,
+                         "--device", "cpu", *extra)
+        assert result.returncode == 2 and message in result.stderr, result.stdout + result.stderr
+
+
+def test_eval_proposal_files_need_a_detector_on_external_proposals():
+    from fastdet.cli._common import CommandError
+    from fastdet.cli.evaluate import use_proposal_file
+
+    with pytest.raises(CommandError, match="makes its own proposals"):
+        use_proposal_file(models.fasterrcnn_resnet18_fpn(num_classes=3), "p.json", None, "fasterrcnn_resnet18_fpn")
+
 
 def test_torchvision_weights_enum_resolves_to_the_faster_rcnn_checkpoint(monkeypatch):
     from fastdet.models.weights import WeightsNotFoundError, resolve_weights

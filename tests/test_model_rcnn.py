@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from cli_runner import train_then_evaluate
 
 import fastdet.models as models
-from fastdet.models.proposals import SelectiveSearchProposals, pad_proposals
+from fastdet.models.proposals import ProposalTable, SelectiveSearchProposals, pad_proposals, save_proposals
 from fastdet.models.rcnn import RCNN, box_regression_loss, rcnn_resnet18, rcnn_resnet50, svm_hinge_loss, warp_boxes
 
 NUM_CLASSES = 4  # background + 3 shapes
@@ -256,7 +256,7 @@ def test_inputs_are_not_modified():
 def test_bad_inputs_raise_clear_errors():
     model = tiny_model().eval()
     images, targets = shapes_batch()
-    with pytest.raises(ValueError, match="one Tensor\[K, 4\] per image"):
+    with pytest.raises(ValueError, match=r"one Tensor\[K, 4\] per image"):
         model(images, proposals=[torch.zeros(1, 4)])
     with pytest.raises(ValueError, match=r"proposals\[1\] must have shape \[K, 4\]"):
         model(images, proposals=[torch.zeros(1, 4), torch.zeros(4)])
@@ -301,6 +301,34 @@ def test_proposal_generator_caps_and_rescales():
     assert (train[0] - whole).abs().amax(dim=1).min() < 1e-3
     boxes, valid = pad_proposals([torch.zeros(0, 4), torch.ones(2, 4)])
     assert boxes.shape == (2, 2, 4) and valid.tolist() == [[False, False], [True, True]]
+
+
+def test_proposals_from_a_file_by_image_id(tmp_path):
+    """R-CNN takes Fast R-CNN's proposal sources: a file (or mapping) of boxes per image id, looked up from
+    ``image_ids=`` or the targets' ``"image_id"``, cut to the mode's cap like any other proposals."""
+    images, targets = shapes_batch()
+    table = {11: torch.tensor([[8.0, 10.0, 40.0, 44.0], [4.0, 4.0, 60.0, 60.0]]),
+             12: torch.tensor([[50.0, 40.0, 84.0, 80.0]] * 50)}  # more than the test cap (40)
+    save_proposals(tmp_path / "p.json", table)
+    model = tiny_model(proposal_generator=str(tmp_path / "p.json"), score_thresh=0.0).eval()
+    assert isinstance(model.proposal_generator, ProposalTable) and model.needs_image_ids
+    assert not tiny_model().needs_image_ids
+    with torch.no_grad():
+        by_id = model(images, image_ids=[11, 12])
+        given = model(images, proposals=[table[11], table[12][:40]])
+    for a, b in zip(by_id, given):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert by_id[0]["boxes"].shape[0] > 0
+    with pytest.raises(ValueError, match="image_ids"):
+        model(images)
+    with pytest.raises(KeyError, match="no proposals for image_id 13"):
+        model(images, image_ids=[11, 13])
+    model.train()
+    losses = model(images, [dict(t, image_id=i) for t, i in zip(targets, (11, 12))])
+    assert set(losses) == {"loss_classifier", "loss_svm", "loss_box_reg"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    with pytest.raises(TypeError, match="proposal_generator"):
+        tiny_model(proposal_generator=3)
 
 
 def test_builders_weights_and_registration(tmp_path):

@@ -104,14 +104,40 @@ def evaluate_and_report(model, dataset, device, spec_or_names, output: Path | No
     return evaluation
 
 
+def use_proposal_file(model, path: str, dataset, name: str) -> None:
+    """``--proposals FILE``: the checkpoint's detector (R-CNN, Fast R-CNN or SPP-Net) takes its proposals from the file
+    (:func:`fastdet.models.proposals.load_proposals`), looked up by the dataset's image ids, instead of its own
+    generator. Every image of ``dataset`` must have an entry."""
+    from fastdet.models.proposals import ExternalProposals, ProposalTable, load_proposals
+
+    if not isinstance(model, ExternalProposals):
+        raise CommandError(f"--proposals: the checkpoint's detector {name!r} makes its own proposals; only R-CNN, "
+                           "Fast R-CNN and SPP-Net checkpoints take external ones")
+    try:
+        table = ProposalTable(load_proposals(path))
+    except (OSError, ValueError) as exc:
+        raise CommandError(f"--proposals: {exc}") from None
+    missing = sorted({int(r.image_id) for r in dataset.records} - set(table.proposals))
+    if missing:
+        shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+        raise CommandError(f"--proposals {path}: no proposals for {len(missing)} of the {len(dataset)} images "
+                           f"(image ids {shown})")
+    model.replace_proposal_generator(table)
+
+
 def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
+    if args.proposals is not None and (len(args.checkpoint) > 1 or args.tta):
+        raise CommandError("--proposals evaluates one checkpoint without --tta (a proposal file's boxes belong to the "
+                           "images as stored, not to flipped or rescaled views)")
     model, spec = load_models(args.checkpoint, device, args)
     images, annotations = coco_paths(args, args.split)
     dataset = load_coco(images, annotations, skip_bad=args.skip_bad, what="--annotations")
     if list(dataset.class_names) != list(spec["class_names"]):
         raise CommandError(f"{annotations}: classes {list(dataset.class_names)} differ from the checkpoint's "
                            f"{spec['class_names']}")
+    if args.proposals is not None:
+        use_proposal_file(model, args.proposals, dataset, spec["name"])
     with torch.inference_mode():
         evaluate_and_report(model, dataset, device, spec, Path(args.output) if args.output else None,
                             batch_size=args.batch_size, amp=args.amp, max_detections=args.max_detections,
@@ -138,6 +164,10 @@ def add_parser(sub) -> None:
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast inference")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable samples (reported) instead of failing")
+    p.add_argument("--proposals", metavar="FILE",
+                   help="R-CNN / Fast R-CNN / SPP-Net: region proposals from this file (.json or .pt, boxes per image "
+                        "id in original pixels, as fastdet.models.proposals.save_proposals writes) instead of the "
+                        "checkpoint's own source (selective search by default)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     add_ensemble_arguments(p)
     p.set_defaults(func=run)

@@ -441,8 +441,9 @@ def collect_detections(model, data_loader, device, amp: bool = False) -> list[di
 
     ``data_loader`` yields ``(images, targets)``: a list of ``[C, H, W]`` tensors (or a batched tensor) and a list of
     dicts with ``image_id``. The model follows torchvision's detection contract: ``model(images)`` returns one dict per
-    image with boxes in original image coordinates. ``amp`` runs the forward under bfloat16 autocast. The model's
-    training flag is restored afterwards."""
+    image with boxes in original image coordinates; a model whose ``needs_image_ids`` is true (R-CNN, Fast R-CNN or
+    SPP-Net on a proposals file) is called as ``model(images, image_ids=[...])``. ``amp`` runs the forward under
+    bfloat16 autocast. The model's training flag is restored afterwards."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -461,7 +462,10 @@ def collect_detections(model, data_loader, device, amp: bool = False) -> list[di
                     raise ValueError(
                         f"batch {batch_index} has {len(images)} images but {len(targets)} targets"
                     )
-                outputs = model(images)
+                if getattr(model, "needs_image_ids", False):  # proposals looked up by image id (R-CNN family)
+                    outputs = model(images, image_ids=[_image_id(t, i) for i, t in enumerate(targets)])
+                else:
+                    outputs = model(images)
                 if len(outputs) != len(images):
                     raise ValueError(f"model returned {len(outputs)} outputs for {len(images)} images")
                 for position, (target, output) in enumerate(zip(targets, outputs)):

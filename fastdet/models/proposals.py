@@ -37,8 +37,8 @@ from fastdet.models.targets import pad_box_lists, pad_targets
 from fastdet.models.transform import IMAGENET_MEAN, IMAGENET_STD, DetectionTransform, batched_postprocess_boxes
 from fastdet.ops import selective_search
 
-__all__ = ["ProposalDetector", "ProposalTable", "SelectiveSearchProposals", "check_proposals", "load_proposals",
-           "make_proposal_source", "pad_proposals", "save_proposals"]
+__all__ = ["ExternalProposals", "ProposalDetector", "ProposalTable", "SelectiveSearchProposals", "check_proposals",
+           "load_proposals", "make_proposal_source", "pad_proposals", "save_proposals"]
 
 def _positive_int_or_none(value, name: str) -> int | None:
     if value is None:
@@ -259,7 +259,53 @@ def pad_proposals(proposals: Sequence[Tensor], max_per_image: int | None = None)
     return padded, valid
 
 
-class ProposalDetector(nn.Module):
+class ExternalProposals:
+    """What the detectors on external proposals (R-CNN, Fast R-CNN, SPP-Net) share about their
+    ``proposal_generator``: asking it for a batch's proposals, and saying whether it needs the images' ids.
+
+    A mixin for an ``nn.Module`` with a ``proposal_generator`` attribute (see :func:`make_proposal_source`).
+    """
+
+    proposal_generator: object
+
+    @property
+    def needs_image_ids(self) -> bool:
+        """True when the proposals come from a :class:`ProposalTable`: ``forward`` then needs ``image_ids=[...]`` (or
+        targets with ``"image_id"``). :func:`fastdet.eval.collect_detections` passes the ids when this is true."""
+        return isinstance(self.proposal_generator, ProposalTable)
+
+    def replace_proposal_generator(self, source) -> None:
+        """Take proposals from ``source`` from now on: a callable ``image -> Tensor[K, 4]``, a proposals file, a
+        ``{image_id: boxes}`` mapping or a :class:`ProposalTable` (see :func:`make_proposal_source`; ``None`` is not
+        accepted here: the default search's settings belong to the builder)."""
+        if source is None:
+            raise TypeError("proposal_generator must be a callable, a proposals file, a mapping or a ProposalTable, "
+                            "got None")
+        source = make_proposal_source(source)
+        if isinstance(self, nn.Module) and "proposal_generator" in self._modules and not isinstance(source, nn.Module):
+            del self._modules["proposal_generator"]  # a module slot cannot hold a table or a plain function
+        self.proposal_generator = source
+
+    def generate_proposals(self, images: Sequence[Tensor], targets=None, image_ids=None) -> list[Tensor]:
+        """The ``proposal_generator``'s boxes for each image (one call per image: selective search works on one
+        image at a time), checked as user proposals are."""
+        source = self.proposal_generator
+        if isinstance(source, ProposalTable):
+            if image_ids is None:
+                if targets is None or not all("image_id" in t for t in targets):
+                    raise ValueError("a proposal table needs the images' ids: pass image_ids=[...] (or targets with "
+                                     "'image_id'), or pass proposals= explicitly")
+                image_ids = [int(torch.as_tensor(t["image_id"]).reshape(-1)[0]) for t in targets]
+            if len(image_ids) != len(images):
+                raise ValueError(f"image_ids must have one id per image: got {len(image_ids)} for {len(images)}")
+            proposals = [source.lookup(i).to(images[0].device) for i in image_ids]
+        else:
+            proposals = [source(image) for image in images]
+        check_proposals(proposals, images)
+        return proposals
+
+
+class ProposalDetector(ExternalProposals, nn.Module):
     """Transform -> backbone -> :class:`RoIHeads` on external proposals (see the module docstring).
 
     ``model(images, proposals=None, targets=None, *, image_ids=None)``: ``images`` a list of float ``Tensor[3, H, W]``
@@ -325,24 +371,6 @@ class ProposalDetector(nn.Module):
         detections = self.detect(images, proposals)
         return split_padded(detections.num_detections, boxes=detections.boxes, labels=detections.labels,
                             scores=detections.scores)
-
-    def generate_proposals(self, images: Sequence[Tensor], targets=None, image_ids=None) -> list[Tensor]:
-        """The ``proposal_generator``'s boxes for each image (one call per image: selective search works on one
-        image at a time), checked as user proposals are."""
-        source = self.proposal_generator
-        if isinstance(source, ProposalTable):
-            if image_ids is None:
-                if targets is None or not all("image_id" in t for t in targets):
-                    raise ValueError("a proposal table needs the images' ids: pass image_ids=[...] (or targets with "
-                                     "'image_id'), or pass proposals= explicitly")
-                image_ids = [int(torch.as_tensor(t["image_id"]).reshape(-1)[0]) for t in targets]
-            if len(image_ids) != len(images):
-                raise ValueError(f"image_ids must have one id per image: got {len(image_ids)} for {len(images)}")
-            proposals = [source.lookup(i).to(images[0].device) for i in image_ids]
-        else:
-            proposals = [source(image) for image in images]
-        check_proposals(proposals, images)
-        return proposals
 
     def _padded_proposals(self, proposals: Sequence[Tensor], original_sizes, image_sizes) -> Proposals:
         """Per-image proposals -> padded :class:`Proposals` in resized-image pixels (one batched rescale and clip)."""

@@ -6,7 +6,8 @@ The pipeline, and how each step is done here:
 
 1. **Proposals**: :class:`fastdet.models.proposals.SelectiveSearchProposals` (selective search, fast mode, the paper's
    setting), at most ``max_proposals_train`` (2000) / ``max_proposals_test`` (1000) per image; or proposals given to
-   ``forward(..., proposals=...)``, or any ``proposal_generator(images, training) -> list[Tensor[K, 4]]``.
+   ``forward(..., proposals=...)``, or any ``proposal_generator(image) -> Tensor[K, 4]``, or precomputed boxes by
+   image id (a proposals file or mapping: :class:`fastdet.models.proposals.ProposalTable`).
 2. **Warping**: every region is dilated so that, once warped, ``context_padding`` pixels of image context surround it
    (the paper: 16 pixels at 227 x 227), then warped anisotropically to ``warp_size x warp_size`` by one
    :func:`fastdet.ops.roi_align` call over the normalised batch for all regions of all images (bilinear sampling,
@@ -67,7 +68,13 @@ from fastdet.models.postprocess import (
     image_sizes_tensor,
     split_padded,
 )
-from fastdet.models.proposals import SelectiveSearchProposals, check_proposals, pad_proposals
+from fastdet.models.proposals import (
+    ExternalProposals,
+    SelectiveSearchProposals,
+    check_proposals,
+    make_proposal_source,
+    pad_proposals,
+)
 from fastdet.models.targets import pad_targets
 from fastdet.models.transform import IMAGENET_MEAN, IMAGENET_STD, DetectionTransform
 from fastdet.models.weights import plan_build
@@ -177,23 +184,27 @@ def _check_non_negative(value, name: str) -> float:
     return float(value)
 
 
-class RCNN(nn.Module):
+class RCNN(ExternalProposals, nn.Module):
     """R-CNN: proposals -> warped regions -> CNN features -> per-class SVMs + box regression -> per-class NMS (see the
     module docstring for the pipeline and what is joint vs staged in training).
 
-    ``model(images, targets=None, proposals=None)``: ``images`` a list of float ``Tensor[3, H, W]`` in 0..1 (any
-    sizes; regions are warped from the image at its own resolution, nothing is resized); ``targets`` (training) a list
-    of ``{"boxes": Tensor[N, 4] xyxy pixels, "labels": Tensor[N] int64 in [1, num_classes)}``; ``proposals``
-    (optional) a list of ``Tensor[K_i, 4]`` per image replacing the proposal generator (truncated to the mode's cap).
+    ``model(images, targets=None, proposals=None, *, image_ids=None)``: ``images`` a list of float
+    ``Tensor[3, H, W]`` in 0..1 (any sizes; regions are warped from the image at its own resolution, nothing is
+    resized); ``targets`` (training) a list of ``{"boxes": Tensor[N, 4] xyxy pixels, "labels": Tensor[N] int64 in
+    [1, num_classes)}``; ``proposals`` (optional) a list of ``Tensor[K_i, 4]`` per image replacing the proposal
+    generator (truncated to the mode's cap); ``image_ids`` for a proposal table (else read from the targets).
     Training returns ``{"loss_classifier", "loss_svm", "loss_box_reg"}``; evaluation one ``{"boxes", "labels",
     "scores"}`` dict per image, boxes in image pixels.
 
     Args:
         backbone (nn.Module): ``[N, 3, S, S] -> [N, D]`` features, with an ``out_features`` attribute (D).
         num_classes (int): including background (>= 2).
-        proposal_generator (callable, optional): ``image -> Tensor[K, 4]`` (xyxy, image pixels); default
-            :class:`SelectiveSearchProposals` with ``proposal_mode``, ``max_proposals_train``, ``max_proposals_test``
-            and ``proposal_max_side`` (a module: ``train()`` / ``eval()`` switch its cap).
+        proposal_generator (optional): a callable ``image -> Tensor[K, 4]`` (xyxy, image pixels), a proposals file
+            or a ``{image_id: boxes}`` mapping (a :class:`~fastdet.models.proposals.ProposalTable`: ``forward``
+            then takes ``image_ids=`` or reads the targets' ``"image_id"``), as Fast R-CNN's
+            (:func:`~fastdet.models.proposals.make_proposal_source`); default :class:`SelectiveSearchProposals` with
+            ``proposal_mode``, ``max_proposals_train``, ``max_proposals_test`` and ``proposal_max_side`` (a module:
+            ``train()`` / ``eval()`` switch its cap). Proposals from any source are cut to the mode's cap.
         warp_size (int): side of the warped regions (227, the paper's).
         context_padding (float, optional): context pixels around a region in the warped output (default
             ``16 * warp_size / 227``, the paper's 16 at 227).
@@ -238,9 +249,7 @@ class RCNN(nn.Module):
         if proposal_generator is None:
             proposal_generator = SelectiveSearchProposals(proposal_mode, max_proposals_train, max_proposals_test,
                                                           proposal_max_side)
-        elif not callable(proposal_generator):
-            raise TypeError(f"proposal_generator must be callable, got {type(proposal_generator).__name__}")
-        self.proposal_generator = proposal_generator
+        self.proposal_generator = make_proposal_source(proposal_generator)
         self.max_proposals_train = max_proposals_train
         self.max_proposals_test = max_proposals_test
         # Only the transform's normalisation and batching are used: R-CNN warps regions at the image's resolution.
@@ -299,10 +308,11 @@ class RCNN(nn.Module):
         whatever the CNN's activation scale, so they train stably at the CNN's learning rate)."""
         return F.normalize(features.float(), dim=1) * self.feature_norm
 
-    def _proposals(self, images: list[Tensor], proposals) -> list[Tensor]:
+    def _proposals(self, images: list[Tensor], proposals, targets=None, image_ids=None) -> list[Tensor]:
         if proposals is None:
-            proposals = [self.proposal_generator(image) for image in images]
-        check_proposals(proposals, images)
+            proposals = self.generate_proposals(images, targets, image_ids)
+        else:
+            check_proposals(proposals, images)
         cap = self.max_proposals_train if self.training else self.max_proposals_test
         return [p[:cap] if cap is not None else p for p in proposals]
 
@@ -313,9 +323,10 @@ class RCNN(nn.Module):
         """Warped regions ``[B * P, 3, S, S]`` of ``boxes [B, P, 4]`` from the normalised ``batch``."""
         return warp_boxes(batch, boxes, self.warp_size, self.context_padding, self.sampling_ratio)
 
-    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None, proposals=None):
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None, proposals=None, *,
+                image_ids=None):
         check_images_and_targets(images, targets, self.training, self.num_classes, min_label=1)
-        region_proposals = self._proposals(images, proposals)
+        region_proposals = self._proposals(images, proposals, targets, image_ids)
         if self.training:
             return self.compute_losses(images, targets, region_proposals)
         detections = self.detect(images, region_proposals)
