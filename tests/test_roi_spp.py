@@ -106,14 +106,23 @@ def test_gradient_matches_composition_and_reference(device, dtype, layout, level
     assert_close(got.cpu(), want_tv, seed=seed, what="gradient vs torchvision roi_pool", **tol)
 
 
-def test_ties_send_the_gradient_to_the_first_maximum(device, seed):
-    # Small integer values: many ties inside every bin. With ones as the output gradient every sum is exact, so the
-    # gradient must equal the composition's bit for bit (first maximum in row-major order, as roi_pool).
+@pytest.mark.parametrize("levels", [(1, 2, 3, 6), (1, 2, 4), (4, 2, 1), (2, 4, 8), (6, 3, 2, 1), (2, 2), (5, 1)],
+                         ids=str)
+def test_ties_send_the_gradient_to_the_first_maximum(device, levels, seed):
+    # Small integer values: many ties inside every bin, plus values that never win (NaN, -inf, -FLT_MAX: a bin of only
+    # those pools to -FLT_MAX with no argmax). With ones as the output gradient every sum is exact, so the gradient
+    # must equal the composition's bit for bit (first maximum in row-major order, as roi_pool), whatever the levels'
+    # order, nesting or repetition.
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 3, (N, C, H, W), generator=gen).float().to(device).requires_grad_(True)
+    x = torch.randint(0, 3, (N, C, H, W), generator=gen).float()
+    never = torch.tensor([float("nan"), float("-inf"), -torch.finfo(torch.float32).max])
+    pick = torch.rand(x.shape, generator=gen)
+    x = torch.where(pick < 0.15, never[torch.randint(0, 3, x.shape, generator=gen)], x)
+    x[0, 0, : H // 2] = float("-inf")  # whole bins without a winner
+    x = x.to(device).requires_grad_(True)
     rois = adversarial_rois(gen, 30, device=device)
-    levels = (1, 2, 3, 6)
     out = ops.roi_spp(x, rois, levels, SCALE)
+    assert torch.equal(out, composition(ops.roi_pool, x, rois, levels)), f"seed={seed}"
     (got,) = torch.autograd.grad(out.sum(), x)  # grad is an expanded (stride-0) tensor: read through its strides
     (want,) = torch.autograd.grad(composition(ops.roi_pool, x, rois, levels).sum(), x)
     assert torch.equal(got, want), f"seed={seed}"
