@@ -1,13 +1,13 @@
 // CPU kernels of roi_align and multi_scale_roi_align (one implementation; a single-level call is a one-level table).
 //
-// Forward: one task per (RoI, block of channels). A task first tabulates the bilinear samples of its RoI separably:
-// for every bin row ph the valid y-samples (row offsets and weights), for every bin column pw the valid x-samples.
-// A sample of bin (ph, pw) is one y entry times one x entry, so the tables cost O(PH * grid_h + PW * grid_w) and are
-// computed once per task, never per channel. Planar (NCHW) maps then get the RoI's full sample list (offsets and
-// weights, as torchvision precomputes it) and are swept one channel plane at a time; channels-last maps (and RoIs
-// with huge sample counts) use the tables directly with the channel loop innermost, a contiguous sweep for
-// channels-last. Either way each channel sums its samples in torchvision's order, so float32/float64 results are
-// bitwise torchvision's.
+// Forward: one task per (RoI, block of channels), block by block for planar maps (roi_cpu::task_roi). A task first
+// tabulates the bilinear samples of its RoI separably: for every bin row ph the valid y-samples (row offsets and
+// weights), for every bin column pw the valid x-samples. A sample of bin (ph, pw) is one y entry times one x entry, so
+// the tables cost O(PH * grid_h + PW * grid_w) and are computed once per task, never per channel. Planar (NCHW) maps
+// then get the RoI's full sample list (offsets and weights, as torchvision precomputes it) and are swept one channel
+// plane at a time; channels-last maps (and RoIs with huge sample counts) use the tables directly with the channel loop
+// innermost, a contiguous sweep for channels-last. Either way each channel sums its samples in torchvision's order, so
+// float32/float64 results are bitwise torchvision's.
 //
 // Backward: one task per (image, block of channels). A task visits the RoIs of its image in index order and scatters
 // into the gradient planes of its own channels only, so no two threads ever write the same element, no atomics are
@@ -109,14 +109,15 @@ void align_forward_kernel(const std::vector<Level<const scalar_t>>& levels, cons
   const T* rois_ptr = rois.const_data_ptr<T>();
   const int64_t K = rois.size(0);
   const int64_t blocks = (C + kForwardBlock - 1) / kForwardBlock;
+  const bool planar = !levels.empty() && levels[0].s.c != 1;  // every level has the input's memory format
   parallel_for(0, K * blocks, grain_for(kForwardBlock * PH * PW), [&](int64_t begin, int64_t end) {
     roi::AxisTable<T> ytab, xtab;
     std::vector<Sample<T>> samples;
     std::vector<int64_t> bin_begin;
     T acc[kForwardBlock];
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t k = item / blocks;
-      const int64_t c0 = (item % blocks) * kForwardBlock;
+      const int64_t k = roi_cpu::task_roi(item, K, blocks, planar);
+      const int64_t c0 = roi_cpu::task_block(item, K, blocks, planar) * kForwardBlock;
       const int64_t nc = std::min(kForwardBlock, C - c0);
       const bool known = batch[k] >= 0 && level_of[k] >= 0;  // else pooled to 0, as a non-finite box
       const auto& lv = levels[known ? level_of[k] : 0];

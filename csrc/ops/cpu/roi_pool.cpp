@@ -1,7 +1,8 @@
-// CPU kernels of roi_pool. Forward: one task per (RoI, block of channels); each bin's pixel range is computed once
-// per task and reused by the block's channels (channel-inner for channels-last maps, plane by plane otherwise). Backward: one task per (image, block of channels), visiting the
-// image's RoIs in index order, so every gradient element is written by one thread in one fixed order (deterministic,
-// no atomics) -- the order of torchvision's sequential loop.
+// CPU kernels of roi_pool. Forward: one task per (RoI, block of channels), in roi_cpu::task_roi's order; each bin's
+// pixel range is computed once per task and reused by the block's channels (channel-inner for channels-last maps, plane
+// by plane otherwise). Backward: one task per (image, block of channels), visiting the image's RoIs in index order, so
+// every gradient element is written by one thread in one fixed order (deterministic, no atomics) -- the order of
+// torchvision's sequential loop.
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
@@ -42,8 +43,8 @@ std::tuple<Tensor, Tensor> roi_pool_kernel(const Tensor& input, const Tensor& ro
       int32_t where[kBlock];
       std::vector<int64_t> h0(PH), h1(PH), w0(PW), w1(PW);
       for (int64_t item = begin; item < end; ++item) {
-        const int64_t k = item / blocks;
-        const int64_t c0 = (item % blocks) * kBlock;
+        const int64_t k = roi_cpu::task_roi(item, K, blocks, isc != 1);
+        const int64_t c0 = roi_cpu::task_block(item, K, blocks, isc != 1) * kBlock;
         const int64_t nc = std::min(kBlock, C - c0);
         auto g = roi::pool_geometry<T>(r + k * 5 + 1, static_cast<T>(spatial_scale), PH, PW);
         g.valid = g.valid && batch[k] >= 0;  // an invalid batch index pools to 0, as a non-finite box

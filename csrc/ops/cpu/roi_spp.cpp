@@ -1,8 +1,8 @@
-// CPU kernels of roi_spp. Forward: one task per (RoI, block of channels); the pixel ranges of every bin of every level
-// are computed once per task and reused by the block's channels (channel-inner for channels-last maps, plane by plane
-// otherwise), so all levels are pooled in one pass over the RoI. Backward: one task per (image, block of channels),
-// visiting the image's RoIs in index order and each RoI's bins in (level, ph, pw) order, so every gradient element is
-// written by one thread in one fixed order (deterministic, no atomics).
+// CPU kernels of roi_spp. Forward: one task per (RoI, block of channels), in roi_cpu::task_roi's order; the pixel
+// ranges of every bin of every level are computed once per task and reused by the block's channels (channel-inner for
+// channels-last maps, plane by plane otherwise), so all levels are pooled in one pass over the RoI. Backward: one task
+// per (image, block of channels), visiting the image's RoIs in index order and each RoI's bins in (level, ph, pw)
+// order, so every gradient element is written by one thread in one fixed order (deterministic, no atomics).
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
@@ -48,8 +48,8 @@ std::tuple<Tensor, Tensor> roi_spp_kernel(const Tensor& input, const Tensor& roi
       std::vector<int64_t> h0(sides), h1(sides), w0(sides), w1(sides);
       std::vector<char> valid(lv.count);
       for (int64_t item = begin; item < end; ++item) {
-        const int64_t k = item / blocks;
-        const int64_t c0 = (item % blocks) * kBlock;
+        const int64_t k = roi_cpu::task_roi(item, K, blocks, isc != 1);
+        const int64_t c0 = roi_cpu::task_block(item, K, blocks, isc != 1) * kBlock;
         const int64_t nc = std::min(kBlock, C - c0);
         for (int32_t j = 0; j < lv.count; ++j) {
           const int64_t l = lv.size[j];

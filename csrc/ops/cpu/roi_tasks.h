@@ -20,6 +20,18 @@ inline int64_t grain_for(int64_t cells_per_item) {
   return std::max<int64_t>(1, kMinCellsPerTask / std::max<int64_t>(cells_per_item, 1));
 }
 
+// The forward kernels' tasks are (RoI, block of channels) pairs; these map a task number to the pair. Planar (NCHW)
+// maps are done block by block, every RoI within a block: one block's planes (16 x H x W values, ~220 KB at 50 x 68
+// float32) stay in cache while the RoIs read them, where RoI by RoI each RoI's rows would be fetched again from all C
+// planes (1.3-1.8x faster measured on 512 detector RoIs of a 256 x 50 x 68 map). Channels-last maps go RoI by RoI: a
+// pixel's channels share cache lines, so one RoI's blocks are best done together.
+inline int64_t task_roi(int64_t task, int64_t K, int64_t blocks, bool planar) {
+  return planar ? task % K : task / blocks;
+}
+inline int64_t task_block(int64_t task, int64_t K, int64_t blocks, bool planar) {
+  return planar ? task / K : task % blocks;
+}
+
 // Batch index of every RoI; -1 where it is not in [0, N), which the kernels treat like a non-finite box: the RoI
 // pools to 0 and passes no gradient. The schema files reject such RoIs with a clear error for the public ops, so
 // this only keeps a direct call of a private kernel op in bounds.
