@@ -170,6 +170,36 @@ def test_roi_pool_ties_go_to_the_first_maximum(device, oracle, seed):
     assert_close(grad.cpu(), want_grad, seed=seed, rtol=0, atol=0)
 
 
+@LAYOUTS
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_many_channels_match_torchvision(device, dtype, layout, seed):
+    """40 channels: the CPU kernels work in blocks of 16 channels (two full blocks and a partial one here; the other
+    tests have 3 channels), planar maps block by block and channels-last maps through a vectorised per-pixel update.
+    Ties, NaN, -inf and -FLT_MAX in the features (values that never win a maximum) and 60 boxes."""
+    gen = torch.Generator().manual_seed(seed)
+    channels = 40
+    x = torch.randint(0, 4, (N, channels, H, W), generator=gen).float()
+    never = torch.tensor([float("nan"), float("-inf"), -torch.finfo(torch.float32).max])
+    x = torch.where(torch.rand(x.shape, generator=gen) < 0.1, never[torch.randint(0, 3, x.shape, generator=gen)], x)
+    x = with_layout(x.to(dtype).to(device), layout).requires_grad_(True)
+    rois = random_rois(gen, 60, device=device)
+    tv = torchvision_ops()
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    xo = x.detach().cpu().to(acc).requires_grad_(True)
+    out = ops.roi_pool(x, rois, (3, 4), SCALE)
+    want = tv.roi_pool(xo, rois.cpu().to(acc), (3, 4), SCALE)
+    assert_close(out.cpu(), want.to(dtype), seed=seed, what="roi_pool", rtol=0, atol=0)
+    assert not torch.isnan(out).any()
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    (want_grad,) = torch.autograd.grad(want.sum(), xo)
+    assert torch.equal(grad.cpu().to(acc), want_grad), f"seed={seed}: roi_pool gradient"
+    finite = torch.nan_to_num(x.detach(), nan=0.0, neginf=-1.0, posinf=1.0)
+    xo = finite.cpu().to(acc)
+    out = ops.roi_align(finite, rois, (3, 4), SCALE, 2)
+    want = tv.roi_align(xo, rois.cpu().to(acc), (3, 4), SCALE, 2)
+    assert_close(out.cpu(), want.to(dtype), seed=seed, what="roi_align", **tolerance(dtype, device, "torchvision"))
+
+
 @pytest.mark.parametrize("boxes_as", ["tensor", "list"])
 def test_box_formats_agree(device, boxes_as, seed):
     gen = torch.Generator().manual_seed(seed)

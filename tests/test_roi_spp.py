@@ -108,18 +108,19 @@ def test_gradient_matches_composition_and_reference(device, dtype, layout, level
 
 @pytest.mark.parametrize("levels", [(1, 2, 3, 6), (1, 2, 4), (4, 2, 1), (2, 4, 8), (6, 3, 2, 1), (2, 2), (5, 1)],
                          ids=str)
-def test_ties_send_the_gradient_to_the_first_maximum(device, levels, seed):
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_ties_send_the_gradient_to_the_first_maximum(device, levels, layout, seed):
     # Small integer values: many ties inside every bin, plus values that never win (NaN, -inf, -FLT_MAX: a bin of only
     # those pools to -FLT_MAX with no argmax). With ones as the output gradient every sum is exact, so the gradient
     # must equal the composition's bit for bit (first maximum in row-major order, as roi_pool), whatever the levels'
-    # order, nesting or repetition.
+    # order, nesting or repetition. 20 channels: one full block of the CPU kernels' 16 and a partial one.
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 3, (N, C, H, W), generator=gen).float()
+    x = torch.randint(0, 3, (N, 20, H, W), generator=gen).float()
     never = torch.tensor([float("nan"), float("-inf"), -torch.finfo(torch.float32).max])
     pick = torch.rand(x.shape, generator=gen)
     x = torch.where(pick < 0.15, never[torch.randint(0, 3, x.shape, generator=gen)], x)
     x[0, 0, : H // 2] = float("-inf")  # whole bins without a winner
-    x = x.to(device).requires_grad_(True)
+    x = with_layout(x.to(device), layout).requires_grad_(True)
     rois = adversarial_rois(gen, 30, device=device)
     out = ops.roi_spp(x, rois, levels, SCALE)
     assert torch.equal(out, composition(ops.roi_pool, x, rois, levels)), f"seed={seed}"

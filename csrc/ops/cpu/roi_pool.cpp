@@ -68,13 +68,7 @@ std::tuple<Tensor, Tensor> roi_pool_kernel(const Tensor& input, const Tensor& ro
                 for (int64_t h = h0[ph]; h < h1[ph]; ++h) {
                   for (int64_t w = w0[pw]; w < w1[pw]; ++w) {
                     const scalar_t* px = base + h * ish + w * isw;
-                    const int32_t idx = static_cast<int32_t>(h * W + w);
-                    for (int64_t c = 0; c < nc; ++c) {
-                      const T v = static_cast<T>(px[c]);
-                      const bool better = v > best[c];  // branch-free, as in the planar loop below
-                      best[c] = better ? v : best[c];
-                      where[c] = better ? idx : where[c];
-                    }
+                    roi_cpu::pool_pixel<kBlock>(px, static_cast<int32_t>(h * W + w), nc, best, where);
                   }
                 }
               }

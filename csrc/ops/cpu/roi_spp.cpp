@@ -80,14 +80,8 @@ std::tuple<Tensor, Tensor> roi_spp_kernel(const Tensor& input, const Tensor& roi
                 }
                 for (int64_t h = y0; h < y1; ++h) {
                   for (int64_t w = x0; w < x1; ++w) {
-                    const scalar_t* px = base + h * ish + w * isw;
-                    const int32_t idx = static_cast<int32_t>(h * W + w);
-                    for (int64_t c = 0; c < nc; ++c) {
-                      const T v = static_cast<T>(px[c]);
-                      const bool better = v > best[c];
-                      best[c] = better ? v : best[c];
-                      where[c] = better ? idx : where[c];
-                    }
+                    roi_cpu::pool_pixel<kBlock>(base + h * ish + w * isw, static_cast<int32_t>(h * W + w), nc, best,
+                                                where);
                   }
                 }
               } else {

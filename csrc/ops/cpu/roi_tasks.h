@@ -32,6 +32,27 @@ inline int64_t task_block(int64_t task, int64_t K, int64_t blocks, bool planar) 
   return planar ? task / K : task % blocks;
 }
 
+// Channels-last max pooling: one pixel's channels c0 .. c0 + n (n <= kN, contiguous at px) into the running maxima
+// best / where of a channel block, as roi::pool_bin_max (strictly greater wins, branch-free). A full block runs a loop
+// of constant length, which the compiler vectorises.
+template <typename scalar_t, typename T>
+inline void pool_pixel_channel(const scalar_t* px, int32_t idx, int64_t c, T* best, int32_t* where) {
+  const T v = static_cast<T>(px[c]);
+  const T b = best[c];
+  const int32_t better = -static_cast<int32_t>(v > b);  // all ones where v wins (never for NaN)
+  best[c] = b < v ? v : b;
+  where[c] = (idx & better) | (where[c] & ~better);
+}
+
+template <int64_t kN, typename scalar_t, typename T>
+inline void pool_pixel(const scalar_t* px, int32_t idx, int64_t n, T* best, int32_t* where) {
+  if (n == kN) {
+    for (int64_t c = 0; c < kN; ++c) pool_pixel_channel(px, idx, c, best, where);
+  } else {
+    for (int64_t c = 0; c < n; ++c) pool_pixel_channel(px, idx, c, best, where);
+  }
+}
+
 // Batch index of every RoI; -1 where it is not in [0, N), which the kernels treat like a non-finite box: the RoI
 // pools to 0 and passes no gradient. The schema files reject such RoIs with a clear error for the public ops, so
 // this only keeps a direct call of a private kernel op in bounds.
