@@ -178,6 +178,34 @@ def test_images_without_objects_train_and_empty_detections_have_empty_masks():
     assert result["masks"].shape == (0, 1, 64, 80)
 
 
+def test_eager_cpu_inference_runs_the_mask_head_on_the_detections_only(monkeypatch):
+    """Eager CPU inference: the mask head sees the slots some image's detections fill, not all detections_per_img;
+    masks equal the fixed-size path's (CUDA, torch.compile) on those slots and are zero on the padding."""
+    from fastdet.models import postprocess
+
+    torch.manual_seed(0)
+    model = maskrcnn_resnet18_fpn(num_classes=5, **TINY, box_detections_per_img=60).eval()
+    _spread(model)
+    images = _images(3)
+    with torch.no_grad():
+        scores = model.detect(images).scores
+    # a threshold that leaves some detections but not all 60 slots of either image
+    model.roi_heads.score_thresh = float(scores[:, 20].max())
+    rows = []
+    model.roi_heads.mask_head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    with torch.no_grad():
+        trimmed = model.detect(images)
+        monkeypatch.setattr(postprocess, "_value_dependent_shapes_are_free", lambda t: False)
+        fixed = model.detect(images)
+    counts = trimmed.num_detections.tolist()
+    assert 0 < min(counts) and max(counts) < 60, counts
+    assert rows == [len(images) * max(counts), len(images) * 60]
+    assert torch.equal(trimmed.labels, fixed.labels) and torch.equal(trimmed.num_detections, fixed.num_detections)
+    for i, n in enumerate(counts):
+        torch.testing.assert_close(trimmed.masks[i, :n], fixed.masks[i, :n], rtol=0, atol=1e-6)
+        assert not trimmed.masks[i, n:].any()
+
+
 @pytest.mark.parametrize("masks, error, match", [
     (None, ValueError, "needs 'masks'"),
     (torch.zeros(2, 64, 80, dtype=torch.uint8), ValueError, r"\[N, H, W\] = \[1, 64, 80\]"),

@@ -163,7 +163,8 @@ class FasterRCNN(nn.Module):
 
     def detect(self, images: list[Tensor]) -> Detections:
         """Padded detections ``[B, K]`` in original-image pixels, without host synchronisation after the
-        transform (see :class:`fastdet.models.roi_heads.Detections`)."""
+        transform on CUDA and under torch.compile / export (see :class:`fastdet.models.roi_heads.Detections`; eager
+        CPU inference reads the proposal count to skip the padding slots, which costs nothing there)."""
         original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         batch, _ = self.transform(images, None)
         features = self._features(batch.tensors)

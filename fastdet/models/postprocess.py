@@ -34,6 +34,7 @@ __all__ = [
     "split_detections",
     "split_padded",
     "stable_top_k_mask",
+    "trim_padding",
 ]
 
 
@@ -131,6 +132,31 @@ def image_sizes_tensor(image_sizes: Sequence[tuple[int, int]], device) -> Tensor
     if torch.device(device).type == "cuda" and not torch.compiler.is_compiling():
         return sizes.pin_memory().to(device, non_blocking=True)
     return sizes.to(device)
+
+
+def _value_dependent_shapes_are_free(t: Tensor) -> bool:
+    """Eager execution on the CPU: reading a count from a tensor costs no device synchronisation and no graph break
+    (not under torch.compile / export, fx or jit tracing, not a fake tensor)."""
+    fx = torch.fx._symbolic_trace
+    fx_tracing = getattr(fx, "is_fx_symbolic_tracing", fx.is_fx_tracing)  # the former from torch 2.12
+    return (t.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+            and not torch.jit.is_tracing() and not fx_tracing() and not isinstance(t, torch._subclasses.FakeTensor))
+
+
+def trim_padding(valid: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """Drop the padding slots that no row needs: ``valid [B, P]`` (valid slots a prefix of each row) and each
+    ``tensor [B, P, ...]`` cut to ``P' = max(1, largest valid count)`` slots. Returns ``(valid, *tensors)``.
+
+    Only in eager CPU execution, where the count is free (:func:`_value_dependent_shapes_are_free`); elsewhere (CUDA,
+    torch.compile, export, tracing) everything is returned as it is, fixed-size and synchronisation-free. Used before
+    per-slot work whose results are per slot (the box and mask heads), so the kept slots' results are unchanged: an
+    RPN that keeps 250 of its 1,000 slots then costs the box head 250 rows, as torchvision's lists do."""
+    if valid.dim() != 2 or not _value_dependent_shapes_are_free(valid):
+        return (valid, *tensors)
+    keep = max(1, int(valid.sum(dim=1).max())) if valid.numel() else valid.shape[1]
+    if keep >= valid.shape[1]:
+        return (valid, *tensors)
+    return (valid[:, :keep], *(t[:, :keep] for t in tensors))
 
 
 def stable_top_k_mask(values: Tensor, k: int) -> Tensor:

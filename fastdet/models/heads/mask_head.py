@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from fastdet.models.heads.roi_heads import Detections, RoIHeads, init_conv_head
 from fastdet.models.heads.rpn import Proposals
 from fastdet.models.layers import conv_norm_activation
-from fastdet.models.postprocess import compact_mask, gather_rows
+from fastdet.models.postprocess import compact_mask, gather_rows, trim_padding
 from fastdet.models.targets import PaddedTargets
 from fastdet.ops import project_masks_on_boxes
 
@@ -107,10 +107,16 @@ class MaskRoIHeads(RoIHeads):
             return None, losses
         detections, _ = super().forward(features, proposals, image_sizes)
         B, K = detections.labels.shape
-        logits = self.mask_logits(features, detections.boxes, image_sizes)
-        probs = logits.sigmoid()
-        index = detections.labels.reshape(B * K).clamp(min=0)[:, None, None, None].expand(-1, 1, *probs.shape[-2:])
-        masks = probs.gather(1, index).reshape(B, K, 1, *probs.shape[-2:])
+        # Padding slots get zero masks; in eager CPU inference the mask head runs only on the slots some image fills.
+        filled = torch.arange(K, device=detections.labels.device) < detections.num_detections[:, None]
+        filled, boxes, labels = trim_padding(filled, detections.boxes, detections.labels)
+        k = boxes.shape[1]
+        probs = self.mask_logits(features, boxes, image_sizes).sigmoid()
+        index = labels.reshape(B * k).clamp(min=0)[:, None, None, None].expand(-1, 1, *probs.shape[-2:])
+        masks = probs.gather(1, index).reshape(B, k, 1, *probs.shape[-2:])
+        masks = torch.where(filled[:, :, None, None, None], masks, 0.0)
+        if k < K:
+            masks = torch.cat([masks, masks.new_zeros(B, K - k, *masks.shape[2:])], dim=1)
         return MaskDetections(*detections, masks), {}
 
     def compute_mask_loss(self, features, boxes: Tensor, labels: Tensor, sampled: Tensor, matched: Tensor,

@@ -32,6 +32,7 @@ from fastdet.models.postprocess import (
     compact_mask,
     gather_rows,
     image_sizes_tensor,
+    trim_padding,
 )
 from fastdet.models.targets import PaddedTargets
 from fastdet.ops import box_decode, box_encode, multiclass_nms, smooth_l1_loss
@@ -239,9 +240,11 @@ class RoIHeads(nn.Module):
             boxes, labels, regression_targets, sampled = self.select_training_samples(proposals, targets)
             class_logits, box_regression = self._predict(features, boxes.detach(), image_sizes)
             return None, self.compute_loss(class_logits, box_regression, labels, regression_targets, sampled)
-        class_logits, box_regression = self._predict(features, proposals.boxes, image_sizes)
-        sizes = image_sizes_tensor(image_sizes, proposals.boxes.device)
-        detections = select_detections(class_logits, box_regression, proposals.boxes, proposals.valid, sizes,
+        # eager CPU: no box-head work for the padding slots past the batch's largest proposal count
+        valid, boxes = trim_padding(proposals.valid, proposals.boxes)
+        class_logits, box_regression = self._predict(features, boxes, image_sizes)
+        sizes = image_sizes_tensor(image_sizes, boxes.device)
+        detections = select_detections(class_logits, box_regression, boxes, valid, sizes,
                                        self.score_thresh, self.nms_thresh, self.detections_per_img,
                                        self.bbox_reg_weights, self.pre_nms_top_k,
                                        getattr(self, "nms_method", "hard"))
