@@ -323,6 +323,38 @@ def test_cli_trains_evaluates_and_predicts_on_shapes(tmp_path):
         assert result.returncode == 2 and message in result.stderr, result.stdout + result.stderr
 
 
+def test_cli_trains_and_evaluates_on_a_proposals_file(tmp_path):
+    """`fastdet train --model-arg proposal_generator=FILE`: checked before training (flips refused, every image
+    covered), stored as an absolute path, and the checkpoint then evaluates on the file by image id."""
+    from fastdet.cli._common import load_coco
+    from fastdet.data import make_shapes_dataset
+
+    make_shapes_dataset(tmp_path / "data", num_images=6, image_size=(96, 96), seed=5, max_objects=2)
+    data = tmp_path / "data"
+    ids = [int(r.image_id) for split in ("train", "val")
+           for r in load_coco(data / "images", data / "annotations" / f"instances_{split}.json").records]
+    g = torch.Generator().manual_seed(0)
+    corners = torch.rand(len(ids), 40, 2, generator=g) * 60
+    table = {i: torch.cat([c, c + 10 + torch.rand(40, 2, generator=g) * 30], 1) for i, c in zip(ids, corners)}
+    save_proposals(tmp_path / "p.pt", table)
+    save_proposals(tmp_path / "partial.pt", dict(list(table.items())[:-1]))
+    train = ["train", "--data", data, "--model", "fast_rcnn_resnet18_fpn", "--model-arg", "min_size=96",
+             "--model-arg", "max_size=96", "--output", tmp_path / "run", "--epochs", "1", "--warmup-iters", "0",
+             "--workers", "0", "--no-progress", "--device", "cpu", "--batch-size", "2"]
+    for path, extra, message in [("p.pt", [], "train with --hflip 0"),
+                                 ("partial.pt", ["--hflip", "0"], "no proposals for 1 of the")]:
+        result = fastdet(*train, "--model-arg", f"proposal_generator={tmp_path / path}", *extra)
+        assert result.returncode == 2 and message in result.stderr, result.stdout + result.stderr
+    result = fastdet(*train, "--model-arg", "proposal_generator=p.pt", "--hflip", "0", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    checkpoint = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)
+    stored = checkpoint["config"]["extra"]["model"]["kwargs"]["proposal_generator"]
+    assert stored == str((tmp_path / "p.pt").resolve())
+    result = fastdet("eval", "--checkpoint", tmp_path / "run" / "last.pt", "--data", data, "--split", "val",
+                     "--device", "cpu")
+    assert result.returncode == 0 and "Average Precision" in result.stdout, result.stdout + result.stderr
+
+
 def test_eval_proposal_files_need_a_detector_on_external_proposals():
     from fastdet.cli._common import CommandError
     from fastdet.cli.evaluate import use_proposal_file

@@ -104,25 +104,35 @@ def evaluate_and_report(model, dataset, device, spec_or_names, output: Path | No
     return evaluation
 
 
+def load_proposal_table(path, datasets, what: str = "--proposals"):
+    """A proposals file (:func:`fastdet.models.proposals.load_proposals`) as a ``ProposalTable``, checked up front to
+    have an entry for every image of ``datasets`` (a :class:`CommandError` naming the missing ids otherwise, rather
+    than a ``KeyError`` in the middle of a run)."""
+    from fastdet.models.proposals import ProposalTable, load_proposals
+
+    try:
+        table = ProposalTable(load_proposals(path))
+    except (OSError, ValueError) as exc:
+        raise CommandError(f"{what}: {exc}") from None
+    for dataset in datasets:
+        missing = sorted({int(r.image_id) for r in dataset.records} - set(table.proposals))
+        if missing:
+            shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+            raise CommandError(f"{what} {path}: no proposals for {len(missing)} of the {len(dataset)} images "
+                               f"(image ids {shown})")
+    return table
+
+
 def use_proposal_file(model, path: str, dataset, name: str) -> None:
     """``--proposals FILE``: the checkpoint's detector (R-CNN, Fast R-CNN or SPP-Net) takes its proposals from the file
     (:func:`fastdet.models.proposals.load_proposals`), looked up by the dataset's image ids, instead of its own
     generator. Every image of ``dataset`` must have an entry."""
-    from fastdet.models.proposals import ExternalProposals, ProposalTable, load_proposals
+    from fastdet.models.proposals import ExternalProposals
 
     if not isinstance(model, ExternalProposals):
         raise CommandError(f"--proposals: the checkpoint's detector {name!r} makes its own proposals; only R-CNN, "
                            "Fast R-CNN and SPP-Net checkpoints take external ones")
-    try:
-        table = ProposalTable(load_proposals(path))
-    except (OSError, ValueError) as exc:
-        raise CommandError(f"--proposals: {exc}") from None
-    missing = sorted({int(r.image_id) for r in dataset.records} - set(table.proposals))
-    if missing:
-        shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
-        raise CommandError(f"--proposals {path}: no proposals for {len(missing)} of the {len(dataset)} images "
-                           f"(image ids {shown})")
-    model.replace_proposal_generator(table)
+    model.replace_proposal_generator(load_proposal_table(path, [dataset]))
 
 
 def run(args: argparse.Namespace) -> int:

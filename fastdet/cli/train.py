@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 from fastdet.cli._common import EXIT_OK, CommandError, build_model, load_coco, model_names, model_spec
-from fastdet.cli.evaluate import coco_paths
+from fastdet.cli.evaluate import coco_paths, load_proposal_table
 
 
 def parse_model_args(items: list[str] | None) -> dict:
@@ -77,6 +77,21 @@ def fit(model_name: str, model_kwargs: dict, train_set, val_set, config, batch_s
     return trainer
 
 
+def check_proposal_file(model_kwargs: dict, hflip: float, datasets) -> None:
+    """``--model-arg proposal_generator=FILE`` (R-CNN, Fast R-CNN, SPP-Net on precomputed proposals): the file must
+    cover every training and validation image (checked now, not at the first missing id), its path is stored absolute
+    in the checkpoint, and flips are refused: a file's boxes belong to the images as stored and would not follow a
+    mirrored image."""
+    source = model_kwargs.get("proposal_generator")
+    if not isinstance(source, str):
+        return
+    if hflip > 0:
+        raise CommandError("--model-arg proposal_generator: proposals from a file do not follow the training flips; "
+                           "train with --hflip 0")
+    load_proposal_table(source, datasets, "--model-arg proposal_generator")
+    model_kwargs["proposal_generator"] = str(Path(source).resolve())
+
+
 def run(args: argparse.Namespace) -> int:
     from fastdet.engine import TrainConfig
 
@@ -93,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
         if val_set.class_names != train_set.class_names:
             raise CommandError(f"{val_ann}: classes {list(val_set.class_names)} differ from the training set's "
                                f"{list(train_set.class_names)}")
+    model_kwargs = parse_model_args(args.model_arg)
+    check_proposal_file(model_kwargs, args.hflip, [train_set] + ([val_set] if val_set is not None else []))
     try:
         config = TrainConfig(
             epochs=args.epochs, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
@@ -104,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise CommandError(str(exc)) from None
-    trainer = fit(args.model, parse_model_args(args.model_arg), train_set, val_set, config, args.batch_size,
+    trainer = fit(args.model, model_kwargs, train_set, val_set, config, args.batch_size,
                   args.workers, args.weights, args.weights_backbone)
     if trainer.context.is_main:
         print(f"\ntrained {trainer.epoch} epoch(s); checkpoints and metrics log in {args.output}")
