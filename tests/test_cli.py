@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from cli_runner import REPO, repo_env, run_fastdet
 
-COMMANDS = ["demo", "train", "eval", "predict", "convert", "bench", "showcase"]
+COMMANDS = ["demo", "train", "eval", "predict", "proposals", "convert", "bench", "showcase"]
 
 
 def fastdet(*args, cwd=None, timeout=600):

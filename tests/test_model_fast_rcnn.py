@@ -237,6 +237,13 @@ def test_proposal_files_and_tables(tmp_path):
     for a, b in zip(by_ids, explicit):
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert by_ids[1]["boxes"].shape == (0, 4)
+    # the evaluation cap applies to a table's boxes (best-ranked first), as to the built-in search's
+    capped = small_model(proposal_generator=tmp_path / "p.json", max_proposals_test=1).eval()
+    with torch.no_grad():
+        first = capped(images, image_ids=[3, 7])
+        explicit_first = capped(images, [table[3][:1], table[7]])
+    for a, b in zip(first, explicit_first):
+        assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(KeyError, match="no proposals for image_id 4"):
         model(images, image_ids=[3, 4])
     with pytest.raises(ValueError, match="image_ids"):

@@ -1,4 +1,5 @@
-"""The ``fastdet`` command line: ``demo``, ``train``, ``eval``, ``predict``, ``convert``, ``bench``, ``showcase``.
+"""The ``fastdet`` command line: ``demo``, ``train``, ``eval``, ``predict``, ``proposals``, ``convert``, ``bench``,
+``showcase``.
 
 Thin: each sub-command parses its arguments and calls the library (fastdet.data / models / engine / eval).
 
@@ -12,10 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fastdet.cli import bench, convert, demo, evaluate, predict, showcase, train
+from fastdet.cli import bench, convert, demo, evaluate, predict, proposals, showcase, train
 from fastdet.cli._common import EXIT_INTERRUPTED, EXIT_USAGE, CommandError
 
-COMMANDS = (demo, train, evaluate, predict, convert, bench, showcase)
+COMMANDS = (demo, train, evaluate, predict, proposals, convert, bench, showcase)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,7 +36,8 @@ class FastRCNN(ProposalDetector):
         num_classes (int): background included; required unless ``box_predictor`` is given.
         proposal_generator: None (selective search, fast mode), a callable ``image -> Tensor[K, 4]``, a
             ``{image_id: boxes}`` mapping or a proposals file path (:func:`fastdet.models.proposals.load_proposals`).
-        max_proposals_train, max_proposals_test (int): caps of the default selective-search generator.
+        max_proposals_train, max_proposals_test (int): boxes per image taken from the default selective-search
+            generator or a proposal table (the best-ranked first).
         box_roi_pool, box_head, box_predictor: the box branch (Faster R-CNN's defaults).
         **kwargs: :class:`ProposalDetector` arguments (transform sizes, ``box_*`` thresholds and sampling).
     """

@@ -298,7 +298,10 @@ class ExternalProposals:
                 image_ids = [int(torch.as_tensor(t["image_id"]).reshape(-1)[0]) for t in targets]
             if len(image_ids) != len(images):
                 raise ValueError(f"image_ids must have one id per image: got {len(image_ids)} for {len(images)}")
-            proposals = [source.lookup(i).to(images[0].device) for i in image_ids]
+            # a file holds the best-ranked boxes first: the mode's cap applies to it as to the built-in search
+            cap = getattr(self, "max_proposals_train" if getattr(self, "training", False) else "max_proposals_test",
+                          None)
+            proposals = [source.lookup(i)[:cap].to(images[0].device) for i in image_ids]
         else:
             proposals = [source(image) for image in images]
         check_proposals(proposals, images)
@@ -320,7 +323,8 @@ class ProposalDetector(ExternalProposals, nn.Module):
             ``out_channels``.
         box_roi_pool, box_head, box_predictor (nn.Module): the box branch (see :func:`box_branch`).
         proposal_generator: see :func:`make_proposal_source` (default selective search, fast mode).
-        max_proposals_train, max_proposals_test (int): the default generator's caps.
+        max_proposals_train, max_proposals_test (int): boxes per image taken from the default generator or a
+            proposal table in training / evaluation (the best-ranked first).
         min_size, max_size, image_mean, image_std, size_divisible, fixed_size: :class:`DetectionTransform`.
         box_*: :class:`RoIHeads` (torchvision's Faster R-CNN defaults).
         nms_method (str): the final NMS, ``"hard"`` (default), ``"soft"`` or ``"soft_linear"`` (as Faster R-CNN's).
@@ -344,6 +348,8 @@ class ProposalDetector(ExternalProposals, nn.Module):
             box_roi_pool, box_head, box_predictor, box_fg_iou_thresh, box_bg_iou_thresh, box_batch_size_per_image,
             box_positive_fraction, bbox_reg_weights, box_score_thresh, box_nms_thresh, box_detections_per_img,
             box_pre_nms_top_k, nms_method)
+        self.max_proposals_train = _positive_int_or_none(max_proposals_train, "max_proposals_train")
+        self.max_proposals_test = _positive_int_or_none(max_proposals_test, "max_proposals_test")
         self.proposal_generator = make_proposal_source(proposal_generator, max_proposals_train, max_proposals_test)
 
     def replace_class_heads(self, num_classes: int) -> None:
