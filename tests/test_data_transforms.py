@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fastdet.data import (
+    AttachProposals,
     CocoDetection,
     ColorJitter,
     Compose,
@@ -19,7 +20,7 @@ from fastdet.data import (
     make_data_loader,
     make_shapes_dataset,
 )
-from fastdet.data.transforms import update_boxes
+from fastdet.data.transforms import moved_regions, update_boxes
 
 
 def _sample(generator=None, h=40, w=60):
@@ -119,6 +120,30 @@ def test_drop_rule():
     out = update_boxes(target, moved, 20, 20)
     assert out["boxes"].tolist() == [[0.0, 0.0, 5.0, 10.0]]
     assert out["labels"].tolist() == [2]
+
+
+def test_proposals_move_with_the_image_and_are_not_per_object():
+    """Precomputed proposals (attached by AttachProposals) follow every geometric transform like ignore regions:
+    moved, clipped, dropped only when nothing is left, and never filtered with the objects, even when there are
+    as many proposals as objects."""
+    proposals = torch.tensor([[2.0, 4.0, 12.0, 20.0], [50.0, 0.0, 70.0, 10.0], [100.0, 100.0, 120.0, 130.0]])
+    image, target = _sample()
+    image, target = AttachProposals({4: proposals, 5: torch.zeros(0, 4)})(image, target)
+    # clipped to the 60 x 40 image; the third lies wholly outside
+    assert target["proposals"].tolist() == [[2.0, 4.0, 12.0, 20.0], [50.0, 0.0, 60.0, 10.0]]
+    assert "proposals" not in _sample()[1]
+    _, flipped = RandomHorizontalFlip(1.0)(image, target)
+    assert flipped["proposals"].tolist() == [[48.0, 4.0, 58.0, 20.0], [0.0, 0.0, 10.0, 10.0]]
+    _, resized = Resize((20, 30))(image, target)
+    assert resized["proposals"].tolist() == [[1.0, 2.0, 6.0, 10.0], [25.0, 0.0, 30.0, 5.0]]
+    # as many proposals as objects: dropping objects must not drop proposals (nor the reverse)
+    target["proposals"] = torch.cat([target["proposals"], torch.tensor([[0.0, 0.0, 1.0, 1.0]])])
+    moved = torch.tensor([[-8.0, 0.0, 2.0, 10.0], [-5.0, 0.0, 5.0, 10.0], [3.0, 3.0, 3.5, 8.0]])
+    out = update_boxes(target, moved, 20, 20, regions=moved_regions(target, lambda b: b + 1.0))
+    assert out["labels"].tolist() == [2]
+    assert out["proposals"].tolist() == [[3.0, 5.0, 13.0, 20.0], [1.0, 1.0, 2.0, 2.0]]
+    with pytest.raises(KeyError, match="no proposals for image_id 4"):
+        AttachProposals({5: proposals})(image, _sample()[1])
 
 
 def test_iou_crop_keeps_objects(seed):

@@ -63,7 +63,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("proposals", help="precompute selective-search proposals of a dataset (R-CNN, Fast R-CNN)",
                        description="Run selective search on every image of one or more splits of a COCO-format "
                                    "dataset and save the boxes by image id (.json or .pt), for `fastdet train "
-                                   "--model-arg proposal_generator=FILE --hflip 0` and `fastdet eval --proposals "
+                                   "--model-arg proposal_generator=FILE` and `fastdet eval --proposals "
                                    "FILE`.")
     p.add_argument("--data", help="dataset root in fastdet's COCO layout (images/, annotations/instances_<split>.json)")
     p.add_argument("--split", nargs="+", default=["train", "val"],

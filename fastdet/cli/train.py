@@ -77,19 +77,22 @@ def fit(model_name: str, model_kwargs: dict, train_set, val_set, config, batch_s
     return trainer
 
 
-def check_proposal_file(model_kwargs: dict, hflip: float, datasets) -> None:
+def use_proposal_file(model_kwargs: dict, train_set, val_set) -> None:
     """``--model-arg proposal_generator=FILE`` (R-CNN, Fast R-CNN, SPP-Net on precomputed proposals): the file must
-    cover every training and validation image (checked now, not at the first missing id), its path is stored absolute
-    in the checkpoint, and flips are refused: a file's boxes belong to the images as stored and would not follow a
-    mirrored image."""
+    cover every training and validation image (checked now, not at the first missing id); its path is stored absolute
+    in the checkpoint (evaluation looks the boxes up by image id); and the training images get their proposals in
+    their targets ahead of the augmentation (:class:`fastdet.data.AttachProposals`), so that a flipped image trains
+    on flipped proposals."""
+    from fastdet.data import AttachProposals, Compose
+
     source = model_kwargs.get("proposal_generator")
     if not isinstance(source, str):
         return
-    if hflip > 0:
-        raise CommandError("--model-arg proposal_generator: proposals from a file do not follow the training flips; "
-                           "train with --hflip 0")
-    load_proposal_table(source, datasets, "--model-arg proposal_generator")
+    table = load_proposal_table(source, [train_set] + ([val_set] if val_set is not None else []),
+                                "--model-arg proposal_generator")
     model_kwargs["proposal_generator"] = str(Path(source).resolve())
+    attach = AttachProposals(table.proposals)
+    train_set.transforms = attach if train_set.transforms is None else Compose([attach, train_set.transforms])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -109,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(f"{val_ann}: classes {list(val_set.class_names)} differ from the training set's "
                                f"{list(train_set.class_names)}")
     model_kwargs = parse_model_args(args.model_arg)
-    check_proposal_file(model_kwargs, args.hflip, [train_set] + ([val_set] if val_set is not None else []))
+    use_proposal_file(model_kwargs, train_set, val_set)
     try:
         config = TrainConfig(
             epochs=args.epochs, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,

@@ -19,6 +19,7 @@ from fastdet.data.loader import collate_detection, make_data_loader
 from fastdet.data.split import split_counts, split_indices
 from fastdet.data.synthetic import SHAPE_KINDS, make_shapes_dataset, render_shapes_image
 from fastdet.data.transforms import (
+    AttachProposals,
     ColorJitter,
     Compose,
     Normalize,
@@ -48,6 +49,7 @@ __all__ = [
     "convert_dataset",
     "split_dataset",
     "read_dataset",
+    "AttachProposals",
     "Compose",
     "Resize",
     "RandomHorizontalFlip",

@@ -4,16 +4,17 @@
 :class:`fastdet.data.DetectionDataset`) or ``None``. No transform changes its inputs: each returns a new image and a new
 target dict (values it does not touch are shared, never written to).
 
-Geometric transforms move ``boxes`` and ``ignore_boxes``, scale ``area`` by how much each box's area changed, and apply
-one rule to boxes that (partly) leave the image, stated here once:
+Geometric transforms move ``boxes`` and the region sets ``ignore_boxes`` and ``proposals`` (precomputed region
+proposals, attached by :class:`AttachProposals`), scale ``area`` by how much each box's area changed, and apply one
+rule to boxes that (partly) leave the image, stated here once:
 
     every box is clipped to the image; it is DROPPED, together with all its per-object fields (``labels``,
     ``area``, ``iscrowd``, ``difficult``, ...), when the clipped box is narrower or shorter than ``min_size`` pixels
     (default 1) or keeps less than ``min_visible`` (default 0.25) of the area it had before clipping. Ignore regions
-    are only dropped when nothing of them is left.
+    and proposals are clipped too, and only dropped when nothing of them is left.
 
-Per-object fields are the target's tensors whose first dimension equals the number of boxes, except ``boxes``,
-``ignore_boxes`` and ``orig_size``. Instance ``masks`` (``Tensor[N, H, W]``) are per-object and also move with the
+Per-object fields are the target's tensors whose first dimension equals the number of boxes, except ``boxes``, the
+region sets and ``orig_size``. Instance ``masks`` (``Tensor[N, H, W]``) are per-object and also move with the
 image: flipped, resized and warped with nearest-neighbour sampling, cropped (so a mask stays aligned with its
 pixels). KITTI's 3-D attributes describe the scene, not the picture, and are left unchanged.
 
@@ -29,7 +30,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-_NOT_PER_OBJECT = frozenset({"boxes", "ignore_boxes", "orig_size", "image_id"})
+REGION_KEYS = ("ignore_boxes", "proposals")  # box sets that move with the image but are not objects
+_NOT_PER_OBJECT = frozenset({"boxes", "orig_size", "image_id", *REGION_KEYS})
 DEFAULT_MIN_VISIBLE = 0.25
 DEFAULT_MIN_SIZE = 1.0
 
@@ -84,11 +86,21 @@ def _resize_masks(masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return F.interpolate(masks[:, None].float(), size=(height, width), mode="nearest")[:, 0].to(masks.dtype)
 
 
+def moved_regions(target: dict | None, move) -> dict:
+    """The target's region sets (:data:`REGION_KEYS` present as tensors) moved by ``move(boxes) -> boxes``, for
+    :func:`update_boxes`."""
+    if target is None:
+        return {}
+    return {key: move(target[key]) for key in REGION_KEYS if isinstance(target.get(key), torch.Tensor)}
+
+
 def update_boxes(target: dict | None, boxes: torch.Tensor, width: int, height: int,
                  ignore_boxes: torch.Tensor | None = None, min_visible: float = DEFAULT_MIN_VISIBLE,
-                 min_size: float = DEFAULT_MIN_SIZE) -> dict | None:
+                 min_size: float = DEFAULT_MIN_SIZE, regions: dict | None = None) -> dict | None:
     """A new target with ``boxes`` (already moved, not yet clipped) clipped to ``width x height`` and filtered by the
-    module's rule; per-object fields follow, ``area`` is rescaled, ``ignore_boxes`` are replaced when given."""
+    module's rule; per-object fields follow, ``area`` is rescaled; the region sets in ``regions`` (already moved; see
+    :func:`moved_regions`) and ``ignore_boxes`` (the same for that key) replace the target's, clipped, without the
+    ones that lie wholly outside."""
     if target is None:
         return None
     old = target["boxes"]
@@ -107,11 +119,42 @@ def update_boxes(target: dict | None, boxes: torch.Tensor, width: int, height: i
                             torch.ones_like(old_area))
         out["area"] = (target["area"][keep] * ratio).to(target["area"].dtype)
     out["boxes"] = clipped[keep].to(old.dtype)
+    regions = dict(regions or {})
     if ignore_boxes is not None:
-        ignore_clipped = torch.minimum(ignore_boxes.clamp(min=0), ignore_boxes.new_tensor([width, height] * 2))
-        iwh = ignore_clipped[:, 2:] - ignore_clipped[:, :2]
-        out["ignore_boxes"] = ignore_clipped[(iwh > 0).all(dim=1)]
+        regions["ignore_boxes"] = ignore_boxes
+    for key, region in regions.items():
+        region_clipped = torch.minimum(region.clamp(min=0), region.new_tensor([width, height] * 2))
+        rwh = region_clipped[:, 2:] - region_clipped[:, :2]
+        out[key] = region_clipped[(rwh > 0).all(dim=1)]
     return out
+
+
+class AttachProposals:
+    """Put an image's precomputed region proposals into its target as ``"proposals"`` (``Tensor[K, 4]`` float32, xyxy
+    pixels of the image as stored, clipped to it; boxes wholly outside left out), looked up by the target's
+    ``"image_id"``. Place it before the geometric transforms:
+    they then move the proposals with the image (flips, resizes, crops), and R-CNN / Fast R-CNN / SPP-Net train on
+    the target's proposals. ``proposals`` maps image ids to boxes (e.g.
+    :func:`fastdet.models.proposals.load_proposals`); an image without an entry raises a ``KeyError`` naming its id."""
+
+    def __init__(self, proposals):
+        self.proposals = {int(k): torch.as_tensor(v, dtype=torch.float32).reshape(-1, 4) for k, v in proposals.items()}
+
+    def __call__(self, image, target=None):
+        target = _check_target(target)
+        if target is None:
+            return image, None
+        image_id = int(torch.as_tensor(target.get("image_id", -1)).reshape(-1)[0])
+        if image_id not in self.proposals:
+            raise KeyError(f"AttachProposals: no proposals for image_id {image_id} ({len(self.proposals)} images)")
+        boxes = self.proposals[image_id]
+        height, width = image.shape[-2:]
+        clipped = torch.minimum(boxes.clamp(min=0), boxes.new_tensor([width, height] * 2))
+        wh = clipped[:, 2:] - clipped[:, :2]
+        return image, {**target, "proposals": clipped[(wh > 0).all(dim=1)]}
+
+    def __repr__(self) -> str:
+        return f"AttachProposals({len(self.proposals)} images)"
 
 
 class Compose:
@@ -177,9 +220,8 @@ class Resize:
         target = _with_masks(target, lambda m: _resize_masks(m, new_h, new_w))
         # Pixel edges scale exactly: an edge at x in the old grid sits at x * new_w / width in the new one.
         scale = target["boxes"].new_tensor([new_w / width, new_h / height] * 2)
-        ignore = target.get("ignore_boxes")
         return resized, update_boxes(target, target["boxes"] * scale, new_w, new_h,
-                                     None if ignore is None else ignore * scale.to(ignore.dtype))
+                                     regions=moved_regions(target, lambda b: b * scale.to(b.dtype)))
 
     def __repr__(self) -> str:
         return f"Resize(size={self.size}, max_size={self.max_size})"
@@ -210,8 +252,7 @@ class RandomHorizontalFlip:
             return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
 
         out["boxes"] = mirror(target["boxes"])
-        if isinstance(target.get("ignore_boxes"), torch.Tensor):
-            out["ignore_boxes"] = mirror(target["ignore_boxes"])
+        out.update(moved_regions(target, mirror))
         return flipped, _with_masks(out, lambda m: m.flip(-1))
 
     def __repr__(self) -> str:
@@ -277,23 +318,22 @@ class RandomIoUCrop:
             cropped = _with_masks(target, lambda m: m[:, top:top + crop_h, left:left + crop_w].clone())
             if boxes is None or boxes.shape[0] == 0:
                 new_target = None if target is None else update_boxes(
-                    cropped, boxes.reshape(-1, 4), crop_w, crop_h, self._ignore(target, left, top))
+                    cropped, boxes.reshape(-1, 4), crop_w, crop_h, regions=self._regions(target, left, top))
                 return image[:, top:top + crop_h, left:left + crop_w].clone(), new_target
             crop = boxes.new_tensor([[left, top, left + crop_w, top + crop_h]])
             if _box_iou(boxes.float(), crop.float()).max() < min_iou:
                 continue
             shifted = boxes - boxes.new_tensor([left, top, left, top])
-            new_target = update_boxes(cropped, shifted, crop_w, crop_h, self._ignore(target, left, top),
-                                      self.min_visible)
+            new_target = update_boxes(cropped, shifted, crop_w, crop_h, min_visible=self.min_visible,
+                                      regions=self._regions(target, left, top))
             if new_target["boxes"].shape[0] == 0:
                 continue
             return image[:, top:top + crop_h, left:left + crop_w].clone(), new_target
         return image, target
 
     @staticmethod
-    def _ignore(target, left, top):
-        ignore = target.get("ignore_boxes") if target is not None else None
-        return None if ignore is None else ignore - ignore.new_tensor([left, top, left, top])
+    def _regions(target, left, top):
+        return moved_regions(target, lambda b: b - b.new_tensor([left, top, left, top]))
 
     def __repr__(self) -> str:
         return (f"RandomIoUCrop(scale=({self.min_scale}, {self.max_scale}), aspect=({self.min_aspect_ratio}, "
@@ -413,12 +453,12 @@ class RandomAffine:
         warped = _warp(image, torch.linalg.inv(forward), self.fill)
         if target is None:
             return warped, None
-        ignore = target.get("ignore_boxes")
         inverse = torch.linalg.inv(forward)
         target = _with_masks(target, lambda m: m.clone() if m.shape[0] == 0 else
                              _warp(m.float(), inverse, 0.0, mode="nearest").round().to(m.dtype))
         return warped, update_boxes(target, _transform_boxes(target["boxes"], forward), width, height,
-                                    None if ignore is None else _transform_boxes(ignore, forward), self.min_visible)
+                                    min_visible=self.min_visible,
+                                    regions=moved_regions(target, lambda b: _transform_boxes(b, forward)))
 
     def __repr__(self) -> str:
         return (f"RandomAffine(degrees={self.degrees}, translate={self.translate}, scale={self.scale}, "

@@ -108,8 +108,9 @@ class ProposalTable:
     """Precomputed proposals by image id: ``table.lookup(image_id) -> Tensor[K, 4]`` (xyxy, original pixels).
 
     The detector finds an image's id in ``forward(..., image_ids=...)`` or in its target's ``"image_id"``; an image
-    without an entry raises a ``KeyError`` naming it. The boxes must match the image as the model sees it: with data
-    augmentation that moves pixels (flips, crops), pass proposals transformed alongside instead.
+    without an entry raises a ``KeyError`` naming it. The boxes must match the image as the model sees it: to train
+    with augmentation that moves pixels (flips, crops), attach them to the targets ahead of it instead
+    (:class:`fastdet.data.AttachProposals`; the detectors use the targets' ``"proposals"`` first).
     """
 
     def __init__(self, proposals: Mapping[int, Tensor]):
@@ -287,10 +288,15 @@ class ExternalProposals:
         self.proposal_generator = source
 
     def generate_proposals(self, images: Sequence[Tensor], targets=None, image_ids=None) -> list[Tensor]:
-        """The ``proposal_generator``'s boxes for each image (one call per image: selective search works on one
-        image at a time), checked as user proposals are."""
+        """The proposals of each image, checked as user proposals are: the targets' ``"proposals"`` when every target
+        has them (precomputed boxes moved with the image by the data transforms, see
+        :class:`fastdet.data.AttachProposals`), else the ``proposal_generator``'s (one call per image: selective
+        search works on one image at a time). A table's boxes and the targets' are cut to the mode's cap."""
         source = self.proposal_generator
-        if isinstance(source, ProposalTable):
+        cap = getattr(self, "max_proposals_train" if getattr(self, "training", False) else "max_proposals_test", None)
+        if targets is not None and targets and all(isinstance(t.get("proposals"), Tensor) for t in targets):
+            proposals = [t["proposals"][:cap].to(images[0].device, torch.float32) for t in targets]
+        elif isinstance(source, ProposalTable):
             if image_ids is None:
                 if targets is None or not all("image_id" in t for t in targets):
                     raise ValueError("a proposal table needs the images' ids: pass image_ids=[...] (or targets with "
@@ -299,8 +305,6 @@ class ExternalProposals:
             if len(image_ids) != len(images):
                 raise ValueError(f"image_ids must have one id per image: got {len(image_ids)} for {len(images)}")
             # a file holds the best-ranked boxes first: the mode's cap applies to it as to the built-in search
-            cap = getattr(self, "max_proposals_train" if getattr(self, "training", False) else "max_proposals_test",
-                          None)
             proposals = [source.lookup(i)[:cap].to(images[0].device) for i in image_ids]
         else:
             proposals = [source(image) for image in images]
