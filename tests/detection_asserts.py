@@ -83,3 +83,20 @@ def sgd_training_losses(model, images, targets, steps, loss_names, lr=0.01, afte
         optimizer.step()
         totals.append(float(total.detach()))
     return totals
+
+
+def detect_trimmed_and_fixed(model, images, head, monkeypatch):
+    """``model.detect(images)`` twice: as eager CPU inference runs it (padding slots trimmed before the heads) and on
+    the fixed-size path CUDA and torch.compile take (forced by declaring value-dependent shapes unaffordable). Returns
+    ``(trimmed, fixed, rows)``, ``rows`` the batch sizes ``head`` saw in the two calls."""
+    from fastdet.models import postprocess
+
+    rows = []
+    hook = head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    with torch.no_grad():
+        trimmed = model.detect(images)
+        with monkeypatch.context() as patch:
+            patch.setattr(postprocess, "_value_dependent_shapes_are_free", lambda t: False)
+            fixed = model.detect(images)
+    hook.remove()
+    return trimmed, fixed, rows

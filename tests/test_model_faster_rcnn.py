@@ -7,6 +7,7 @@ import io
 
 import pytest
 import torch
+from detection_asserts import detect_trimmed_and_fixed
 
 from fastdet.models import backbones
 from fastdet.models._validation import check_images_and_targets
@@ -339,19 +340,12 @@ def test_detect_padded_output_agrees_with_forward_and_survives_save_load():
 def test_eager_cpu_inference_skips_padding_slots(monkeypatch):
     """Eager CPU inference runs the box head on the slots some image fills (an RPN keeping fewer proposals than
     post_nms_top_n leaves the rest padding), with the detections of the fixed-size path that CUDA and torch.compile
-    take (forced here by declaring value-dependent shapes unaffordable)."""
-    from fastdet.models import postprocess
-
+    take."""
     torch.manual_seed(0)
     model = fasterrcnn_resnet18_fpn(num_classes=5, **{**TINY, "rpn_post_nms_top_n_test": 400},
                                     box_score_thresh=0.0).eval()
     images = _images(4)[1:]
-    rows = []
-    model.roi_heads.box_head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
-    with torch.no_grad():
-        trimmed = model.detect(images)
-        monkeypatch.setattr(postprocess, "_value_dependent_shapes_are_free", lambda t: False)
-        fixed = model.detect(images)
+    trimmed, fixed, rows = detect_trimmed_and_fixed(model, images, model.roi_heads.box_head, monkeypatch)
     assert rows[1] == len(images) * 400 and len(images) <= rows[0] < rows[1]
     assert int(trimmed.num_detections.min()) > 0
     for a, b in zip(trimmed, fixed):

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from detection_asserts import detect_trimmed_and_fixed
 
 from fastdet.models import maskrcnn_resnet18_fpn, maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2
 from fastdet.models.mask_rcnn import MaskRCNN, mask_loss
@@ -181,8 +182,6 @@ def test_images_without_objects_train_and_empty_detections_have_empty_masks():
 def test_eager_cpu_inference_runs_the_mask_head_on_the_detections_only(monkeypatch):
     """Eager CPU inference: the mask head sees the slots some image's detections fill, not all detections_per_img;
     masks equal the fixed-size path's (CUDA, torch.compile) on those slots and are zero on the padding."""
-    from fastdet.models import postprocess
-
     torch.manual_seed(0)
     model = maskrcnn_resnet18_fpn(num_classes=5, **TINY, box_detections_per_img=60).eval()
     _spread(model)
@@ -191,12 +190,7 @@ def test_eager_cpu_inference_runs_the_mask_head_on_the_detections_only(monkeypat
         scores = model.detect(images).scores
     # a threshold that leaves some detections but not all 60 slots of either image
     model.roi_heads.score_thresh = float(scores[:, 20].max())
-    rows = []
-    model.roi_heads.mask_head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
-    with torch.no_grad():
-        trimmed = model.detect(images)
-        monkeypatch.setattr(postprocess, "_value_dependent_shapes_are_free", lambda t: False)
-        fixed = model.detect(images)
+    trimmed, fixed, rows = detect_trimmed_and_fixed(model, images, model.roi_heads.mask_head, monkeypatch)
     counts = trimmed.num_detections.tolist()
     assert 0 < min(counts) and max(counts) < 60, counts
     assert rows == [len(images) * max(counts), len(images) * 60]

@@ -86,6 +86,13 @@ def _resize_masks(masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return F.interpolate(masks[:, None].float(), size=(height, width), mode="nearest")[:, 0].to(masks.dtype)
 
 
+def clip_regions(boxes: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Region boxes (ignore regions, proposals) clipped to ``width x height``, those wholly outside left out."""
+    clipped = torch.minimum(boxes.clamp(min=0), boxes.new_tensor([width, height] * 2))
+    wh = clipped[:, 2:] - clipped[:, :2]
+    return clipped[(wh > 0).all(dim=1)]
+
+
 def moved_regions(target: dict | None, move) -> dict:
     """The target's region sets (:data:`REGION_KEYS` present as tensors) moved by ``move(boxes) -> boxes``, for
     :func:`update_boxes`."""
@@ -123,9 +130,7 @@ def update_boxes(target: dict | None, boxes: torch.Tensor, width: int, height: i
     if ignore_boxes is not None:
         regions["ignore_boxes"] = ignore_boxes
     for key, region in regions.items():
-        region_clipped = torch.minimum(region.clamp(min=0), region.new_tensor([width, height] * 2))
-        rwh = region_clipped[:, 2:] - region_clipped[:, :2]
-        out[key] = region_clipped[(rwh > 0).all(dim=1)]
+        out[key] = clip_regions(region, width, height)
     return out
 
 
@@ -147,11 +152,8 @@ class AttachProposals:
         image_id = int(torch.as_tensor(target.get("image_id", -1)).reshape(-1)[0])
         if image_id not in self.proposals:
             raise KeyError(f"AttachProposals: no proposals for image_id {image_id} ({len(self.proposals)} images)")
-        boxes = self.proposals[image_id]
         height, width = image.shape[-2:]
-        clipped = torch.minimum(boxes.clamp(min=0), boxes.new_tensor([width, height] * 2))
-        wh = clipped[:, 2:] - clipped[:, :2]
-        return image, {**target, "proposals": clipped[(wh > 0).all(dim=1)]}
+        return image, {**target, "proposals": clip_regions(self.proposals[image_id], width, height)}
 
     def __repr__(self) -> str:
         return f"AttachProposals({len(self.proposals)} images)"
